@@ -1,0 +1,145 @@
+"""qvd-node demo: a working node from one command, without root.
+
+In DIR (default ./qvd-demo): an embedded PostgreSQL, the deployed schema, a self-signed
+certificate, this machine registered as a host, user `demo` (password `demo`) with one VM
+on the `process` hypervisor whose image is `qvd-vm-init`; then the node runs. It writes
+DIR/node.conf, so `qvd-admin --config DIR/node.conf ...` administers it while it runs.
+Run again, it reuses DIR.
+"""
+import argparse
+import os
+import secrets
+import shutil
+import socket
+import sys
+
+from ..config import Config, ConfigError
+
+DEMO_USER, DEMO_PASSWORD, DEMO_DB, DEMO_DB_USER = "demo", "demo", "qvd", "qvd"
+
+
+def _say(text):
+    print(f"[demo] {text}", flush=True)
+
+
+def _admin(conf, *args):
+    from ..admin.cli import main as admin_main
+    code = admin_main(["--config", str(conf), "-q", *args])
+    if code != 0:
+        raise RuntimeError(f"qvd-admin {' '.join(args)} failed (exit {code})")
+
+
+def write_node_conf(path, pg, password, directory, port, nodename, metrics_port):
+    lines = [
+        "# node.conf written by `qvd-node demo`",
+        f"nodename = {nodename}",
+        *pg.node_conf_lines(DEMO_DB, DEMO_DB_USER, password),
+        f"path.run = {directory}/run",
+        f"path.log = {directory}/log",
+        f"path.storage.root = {directory}/storage",
+        "log.preset = stderr",
+        f"l7r.port = {port}",
+        f"l7r.metrics.address = 127.0.0.1:{metrics_port}",
+        "# process VMs live on loopback: no bridge, no DHCP, no node address check",
+        "internal.hkd.address_check.enabled = 0",
+        "vm.network.use_dhcp = 0",
+    ]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def provision(directory, conf, desktop):
+    """Schema, certificate, host, OSF, DI, user and VM: once per DIR."""
+    from ..db import Database
+    from ..db.deploy import deploy
+    from .certs import make_self_signed
+    cfg = Config.load(str(conf))
+    db = Database.from_config(cfg)
+    try:
+        if deploy(db) == 0:
+            _say("schema deployed")
+    finally:
+        db.close()
+    ssl_dir = directory / "ssl"
+    ssl_dir.mkdir(mode=0o700, exist_ok=True)
+    cert, key = ssl_dir / "cert.pem", ssl_dir / "key.pem"
+    if not cert.exists():
+        make_self_signed(str(cert), str(key), dns_names=("localhost", socket.gethostname()))
+        _say(f"self-signed certificate {cert}")
+    init = shutil.which("qvd-vm-init")
+    if not init:
+        raise RuntimeError("qvd-vm-init is not on PATH; install the package first")
+    _admin(conf, "config", "ssl", f"key={key}", f"cert={cert}")
+    _admin(conf, "config", "set", "vm.hypervisor=process", "vm.network.ip.start=10.240.0.10",
+           "vm.network.netmask=16", "vm.network.gateway=10.240.0.1")
+    _admin(conf, "host", "add", f"name={cfg.get('nodename')}", "address=127.0.0.1")
+    _admin(conf, "osf", "add", "name=demo", "memory=256")
+    _admin(conf, "di", "add", f"path={init}", "osf=demo")
+    _admin(conf, "user", "add", f"login={DEMO_USER}", f"password={DEMO_PASSWORD}")
+    _admin(conf, "vm", "add", "name=demo", f"user={DEMO_USER}", "osf=demo")
+    if desktop == "nx":
+        _admin(conf, "vm", "propset", "qvd.vm.desktop=nx")
+    (directory / ".provisioned").write_text("1\n")
+
+
+def demo_vm_id(conf):
+    from ..db import Database
+    db = Database.from_config(Config.load(str(conf)))
+    try:
+        row = db.query_one("SELECT v.id FROM vms v JOIN users u ON u.id = v.user_id "
+                           "WHERE u.login = %s ORDER BY v.id LIMIT 1", (DEMO_USER,))
+        return row[0] if row else None
+    finally:
+        db.close()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="qvd-node demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default="qvd-demo", help="folder for the demo's database and files (default ./qvd-demo)")
+    parser.add_argument("--port", type=int, default=8443, help="L7R port (default 8443)")
+    parser.add_argument("--desktop", choices=("echo", "nx"), default="echo",
+                        help="echo: a line-echo desktop; nx: a real nxagent desktop")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from ..db.embedded import EmbeddedPostgres, EmbeddedPostgresError
+    directory = Path(args.dir).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    conf = directory / "node.conf"
+    try:
+        pg = EmbeddedPostgres(directory / "pg").start()
+        _say(f"PostgreSQL running on {pg.host}:{pg.port} (data in {pg.pgdata})")
+        password_file = directory / "db.password"
+        if not password_file.exists():
+            fd = os.open(password_file, os.O_WRONLY | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(18))
+        password = password_file.read_text().strip()
+        pg.create_database(DEMO_DB, DEMO_DB_USER, password)
+        nodename = "demo-" + socket.gethostname().split(".")[0]
+        write_node_conf(conf, pg, password, directory, args.port, nodename, args.port + 1000)
+        if not (directory / ".provisioned").exists():
+            provision(directory, conf, args.desktop)
+    except (EmbeddedPostgresError, RuntimeError, ConfigError, OSError) as exc:
+        print(f"qvd-node demo: {exc}", file=sys.stderr)
+        return 1
+    vm_id = demo_vm_id(conf)
+    cert = directory / "ssl" / "cert.pem"
+    _say(f"node.conf: {conf}  (try: qvd-admin --config {conf} vm list)")
+    _say(f"L7R: https://127.0.0.1:{args.port}/qvd/   metrics: http://127.0.0.1:{args.port + 1000}/metrics")
+    _say("list your VMs:")
+    print(f"  qvd-client --host 127.0.0.1 --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
+          f"--ca {cert} list", flush=True)
+    client = (f"qvd-client --host 127.0.0.1 --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
+              f"--ca {cert} connect --vm {vm_id}")
+    _say("connect to the demo VM: its desktop echoes every line, so this prints the line back:")
+    print(f"  {client} --exec sh -c 'echo hello from the demo VM; head -n 1 >&2'", flush=True)
+    _say("or keep a local port open for any client (e.g. nxproxy with --desktop nx):")
+    print(f"  {client} --listen 127.0.0.1:4040", flush=True)
+    from .logsetup import setup_logging
+    from .main import raise_file_limit, run_node
+    cfg = Config.load(str(conf))
+    setup_logging(cfg)
+    raise_file_limit()
+    return run_node(cfg)

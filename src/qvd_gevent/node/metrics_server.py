@@ -1,0 +1,34 @@
+"""Serves node/metrics.render() as GET /metrics on l7r.metrics.address (off the public port)."""
+import logging
+
+from gevent.pywsgi import WSGIServer
+
+from . import metrics
+
+log = logging.getLogger("qvd.node.metrics")
+
+
+def _app(environ, start_response):
+    if environ.get("PATH_INFO") != "/metrics" or environ.get("REQUEST_METHOD") != "GET":
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found\n"]
+    body = metrics.render().encode()
+    start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def parse_address(text):
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"l7r.metrics.address {text!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def start_metrics_server(address_text):
+    """Start and return the server, or None when the address is empty."""
+    if not address_text:
+        return None
+    server = WSGIServer(parse_address(address_text), _app, log=None, error_log=log)
+    server.start()
+    log.info("metrics on http://%s:%d/metrics", server.server_host, server.server_port)
+    return server
