@@ -29,6 +29,12 @@ def _admin(conf, *args):
         raise RuntimeError(f"qvd-admin {' '.join(args)} failed (exit {code})")
 
 
+def installed_script(name):
+    """The console script beside this interpreter (a venv), else the one on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    return beside if os.access(beside, os.X_OK) else shutil.which(name)
+
+
 def write_node_conf(path, pg, password, directory, port, nodename, metrics_port):
     lines = [
         "# node.conf written by `qvd-node demo`",
@@ -67,7 +73,7 @@ def provision(directory, conf, desktop):
     if not cert.exists():
         make_self_signed(str(cert), str(key), dns_names=("localhost", socket.gethostname()))
         _say(f"self-signed certificate {cert}")
-    init = shutil.which("qvd-vm-init")
+    init = installed_script("qvd-vm-init")
     if not init:
         raise RuntimeError("qvd-vm-init is not on PATH; install the package first")
     _admin(conf, "config", "ssl", f"key={key}", f"cert={cert}")
@@ -131,7 +137,7 @@ def main(argv=None):
     _say("list your VMs:")
     print(f"  qvd-client --host 127.0.0.1 --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
           f"--ca {cert} list", flush=True)
-    client = (f"qvd-client --host 127.0.0.1 --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
+    client = (f"{installed_script('qvd-client') or 'qvd-client'} --host 127.0.0.1 --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
               f"--ca {cert} connect --vm {vm_id}")
     _say("connect to the demo VM: its desktop echoes every line, so this prints the line back:")
     print(f"  {client} --exec sh -c 'echo hello from the demo VM; head -n 1 >&2'", flush=True)
