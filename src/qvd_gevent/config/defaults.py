@@ -177,6 +177,12 @@ _TABLE = [
     ("internal.nxagent.timeout.starting", 20, "int", "seconds an X session may take to start (the original's unused 'initiating' timeout)"),
     ("internal.nxagent.timeout.suspending", 20, "int", "seconds an X session may take to suspend"),
     ("internal.nxagent.timeout.stopping", 20, "int", "seconds an X session may take to stop"),
+    ("internal.vma.nxagent.tolerancechecks", "risky", "str", "nxagent tolerancechecks option"),
+    ("command.nxagent", "nxagent", "str", "ours: nxagent executable of the nx desktop"),
+    ("command.x-session", "", "str", "X session the nx desktop starts on its display (original: /usr/bin/startlubuntu); empty: none"),
+    ("vma.poweroff.command", "poweroff", "str", "ours: command the VMA runs on poweroff (unless it runs as qvd-vm-init)"),
+    ("client.timeout.connect", 30, "int", "ours: qvd-client seconds to open the TCP+TLS connection to the L7R"),
+    ("client.timeout.linger", 2, "float", "ours: qvd-client seconds to wait for the server's last bytes after the local side closed"),
 ]
 
 DEFAULTS = {name: Key(name, default, typ, meaning) for name, default, typ, meaning in _TABLE}

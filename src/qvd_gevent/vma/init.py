@@ -1,0 +1,48 @@
+"""qvd-vm-init: the init of `process` and `netns` VMs (CONTRACT.md section 5).
+
+Environment (set by the hypervisor): QVD_VM_ID, QVD_VM_NAME, QVD_VM_ADDRESS (bind
+address, default 0.0.0.0), optionally QVD_VM_DESKTOP (echo or nx) and QVD_VMA_CONFIG
+(a vma.conf).
+
+It runs the VMA in this same process (no second interpreter per VM) with poweroff
+meaning "this VM's init exits". The desktop: QVD_VM_DESKTOP when set; otherwise it is
+chosen at the first x_start from the VM property qvd.vm.desktop in the params the L7R
+sends (nx -> nxagent, anything else -> the echo desktop), because a VM's properties
+reach the VM only through x_start. SIGTERM and SIGINT stop the VMA and exit 0.
+"""
+import logging
+import os
+import sys
+
+from .server import build_parser, run
+
+
+def vma_args_from_env(env):
+    desktop = env.get("QVD_VM_DESKTOP", "").strip().lower() or "auto"
+    argv = ["--address", env.get("QVD_VM_ADDRESS", "").strip() or "0.0.0.0",
+            "--desktop", desktop, "--poweroff-exits"]
+    if env.get("QVD_VMA_CONFIG"):
+        argv += ["--config", env["QVD_VMA_CONFIG"]]
+    if env.get("QVD_VMA_PORT"):
+        argv += ["--port", env["QVD_VMA_PORT"]]
+    return argv
+
+
+def main(argv=None):
+    from gevent import monkey
+    monkey.patch_all()
+    vm_id = os.environ.get("QVD_VM_ID", "?")
+    vm_name = os.environ.get("QVD_VM_NAME", "")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s vm {vm_id} %(name)s %(levelname)s %(message)s")
+    logging.getLogger("qvd.vm-init").info("init of VM %s (%s), pid %d", vm_id, vm_name, os.getpid())
+    parser = build_parser(prog="qvd-vm-init")
+    args = parser.parse_args(vma_args_from_env(os.environ) + list(argv if argv is not None else sys.argv[1:]))
+    if args.desktop not in ("echo", "nx", "auto"):
+        print(f"qvd-vm-init: QVD_VM_DESKTOP must be echo or nx, not {args.desktop!r}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(run(args))
+
+
+if __name__ == "__main__":
+    main()

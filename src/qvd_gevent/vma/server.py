@@ -1,0 +1,233 @@
+"""qvd-vma: the agent inside a VM (reference/qvd-l7r-protocol.md section 3).
+
+Plain HTTP SimpleRPC on --address:--port (internal.vm.port.vma, 3030) with the methods
+ping, x_state, x_start, x_suspend, x_stop, poweroff and expire. The desktop is the
+line-echo service (``echo``), nxagent (``nx``), or ``auto``: chosen at the first x_start
+from the VM property ``qvd.vm.desktop`` in its params (``nx`` -> nx, anything else ->
+echo) and kept for the VMA's life.
+
+One greenlet per HTTP connection, no per-VM threads; a VMA holds a few hundred KB on top
+of the interpreter, so qvd-vm-init runs it in its own process for hundreds of VMs.
+"""
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+
+import gevent
+import gevent.event
+from gevent.server import StreamServer
+
+from . import rpc
+from .desktop import DesktopError, EchoDesktop
+from .xstate import TIMEOUT_KEYS
+
+log = logging.getLogger("qvd.vma")
+
+METHODS = ("ping", "x_state", "x_start", "x_suspend", "x_stop", "poweroff", "expire")
+
+
+class VmaService:
+    """The RPC methods over one desktop. on_poweroff() is called after the answer went out."""
+
+    def __init__(self, cfg, address="0.0.0.0", port=None, desktop="echo", run_dir=None,
+                 on_poweroff=None):
+        self.cfg = cfg
+        self.address = address
+        self.port = cfg.get("internal.vm.port.vma") if port is None else port
+        self.display = cfg.get("internal.nxagent.display")
+        self.desktop_kind = desktop
+        self.run_dir = run_dir
+        self.on_poweroff = on_poweroff
+        self.timeouts = {state: cfg.get(key) for state, key in TIMEOUT_KEYS.items()}
+        self.desktop = None if desktop == "auto" else self._make_desktop(desktop)
+        self.server = None
+
+    # --- desktops ----------------------------------------------------------------------
+    def _make_desktop(self, kind):
+        if kind == "echo":
+            return EchoDesktop(self.address, self.display + 4000, self.timeouts)
+        if kind == "nx":
+            from .nx import NxDesktop  # only VMs with a real desktop pay for it
+            if self.run_dir is None:
+                self.run_dir = tempfile.mkdtemp(prefix="qvd-vma-")
+            return NxDesktop(self.cfg, self.run_dir, self.display, self.timeouts)
+        raise ValueError(f"unknown desktop {kind!r} (echo, nx or auto)")
+
+    # --- methods -------------------------------------------------------------------------
+    def call(self, method, params):
+        """Returns (result, error_message); exactly one of them is meaningful."""
+        if method not in METHODS:
+            raise KeyError(method)
+        try:
+            return getattr(self, "rpc_" + method)(params), None
+        except DesktopError as exc:
+            return None, str(exc)
+
+    def rpc_ping(self, params):
+        return 1
+
+    def rpc_x_state(self, params):
+        return self.desktop.x_state() if self.desktop else "stopped"
+
+    def rpc_x_start(self, params):
+        if self.desktop is None:
+            kind = "nx" if params.get("qvd.vm.desktop") == "nx" else "echo"
+            log.info("desktop %s chosen by the first x_start", kind)
+            self.desktop = self._make_desktop(kind)
+        log.info("x_start %s", rpc.mask_params(params))
+        return self.desktop.x_start(params)
+
+    def rpc_x_suspend(self, params):
+        return self.desktop.x_suspend() if self.desktop else "stopped"
+
+    def rpc_x_stop(self, params):
+        return self.desktop.x_stop() if self.desktop else "stopped"
+
+    def rpc_poweroff(self, params):
+        log.info("poweroff requested")
+        gevent.spawn_later(0.05, self._poweroff)
+        return 1
+
+    def rpc_expire(self, params):
+        log.info("expire: soft %s hard %s", params.get("vm.expiration.soft"), params.get("vm.expiration.hard"))
+        return 1
+
+    def _poweroff(self):
+        if self.on_poweroff is not None:
+            self.on_poweroff()
+            return
+        command = self.cfg.get("vma.poweroff.command")
+        log.info("running %s", command)
+        os.system(command)  # noqa: S605 - the operator's configured command
+
+    # --- HTTP ----------------------------------------------------------------------------
+    def start(self):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.address, self.port))
+        listener.listen(64)
+        self.server = StreamServer(listener, self._handle)
+        self.server.start()
+        self.port = listener.getsockname()[1]
+        log.info("VMA listening on %s:%d", self.address, self.port)
+        return self
+
+    def stop(self):
+        if self.server is not None:
+            self.server.stop(timeout=1)
+            self.server = None
+        if self.desktop is not None:
+            self.desktop.close()
+
+    def _handle(self, conn, peer):
+        conn.settimeout(self.cfg.get("internal.l7r.timeout.vma") * 5)
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
+                    if len(buf) > rpc.MAX_HEAD:
+                        conn.sendall(rpc.response(b"request too large\r\n", 431, content_type="text/plain"))
+                        return
+                    data = conn.recv(8192)
+                    if not data:
+                        return
+                    buf += data
+                end, sep_len = _head_end(buf)
+                head, buf = buf[:end], buf[end + sep_len:]
+                try:
+                    request = rpc.parse_request_head(head)
+                except rpc.BadRequest as exc:
+                    conn.sendall(rpc.response(f"{exc}\r\n".encode(), exc.status, content_type="text/plain"))
+                    return
+                keep = request.keep_alive
+                conn.sendall(self._answer(request, keep))
+                if not keep:
+                    return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def _answer(self, request, keep):
+        method = request.rpc_method
+        if request.method != "GET" or method not in METHODS:
+            return rpc.response(b"Not Found\r\n", 404, keep, content_type="text/plain")
+        try:
+            result, error = self.call(method, request.params)
+        except Exception as exc:  # noqa: BLE001 - an RPC error, not a dead agent
+            log.exception("VMA method %s failed", method)
+            result, error = None, f"internal error: {exc}"
+        body = rpc.encode_error(error) if error is not None else rpc.encode_result(result)
+        return rpc.response(body, 200, keep)
+
+
+def _head_end(buf):
+    crlf = buf.find(b"\r\n\r\n")
+    lf = buf.find(b"\n\n")
+    if crlf >= 0 and (lf < 0 or crlf <= lf):
+        return crlf, 4
+    return lf, 2
+
+
+def load_vma_config(path):
+    """vma.conf (the original's /etc/qvd/vma.conf) if given or present, else defaults."""
+    from ..config import Config
+    if path:
+        return Config.load(path)
+    default = "/etc/qvd/vma.conf"
+    return Config.load(default) if os.path.exists(default) else Config({}, None)
+
+
+def build_parser(prog="qvd-vma"):
+    p = argparse.ArgumentParser(prog=prog, description="QVD VM agent (SimpleRPC on HTTP)")
+    p.add_argument("--config", help="vma.conf (default /etc/qvd/vma.conf when present)")
+    p.add_argument("--address", default="0.0.0.0", help="bind address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=None, help="port (default internal.vm.port.vma, 3030)")
+    p.add_argument("--desktop", choices=("echo", "nx", "auto"), default="echo",
+                   help="echo: line echo on the display port; nx: nxagent; auto: chosen by qvd.vm.desktop at x_start")
+    p.add_argument("--run-dir", help="folder for nxagent's options file and log (default: a new temp folder)")
+    p.add_argument("--poweroff-exits", action="store_true",
+                   help="poweroff ends this process instead of running vma.poweroff.command")
+    return p
+
+
+def run(args, on_ready=None):
+    """Runs the VMA until SIGTERM/SIGINT (exit 0) or, with --poweroff-exits, poweroff."""
+    from ..config import ConfigError
+    try:
+        cfg = load_vma_config(args.config)
+        done = gevent.event.Event()
+        service = VmaService(cfg, args.address, args.port, args.desktop, args.run_dir,
+                             on_poweroff=done.set if args.poweroff_exits else None)
+        service.start()
+    except (ConfigError, ValueError) as exc:
+        print(f"qvd-vma: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"qvd-vma: cannot listen on {args.address}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, done.set)
+    if on_ready:
+        on_ready(service)
+    done.wait()
+    log.info("VMA stopping")
+    service.stop()
+    return 0
+
+
+def main(argv=None):
+    from gevent import monkey
+    monkey.patch_all()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    sys.exit(run(args))
+
+
+if __name__ == "__main__":
+    main()
