@@ -27,8 +27,9 @@ class DesktopError(Exception):
 class EchoDesktop:
     kind = "echo"
 
-    def __init__(self, address, port, timeouts, clock=time.monotonic):
+    def __init__(self, address, port, timeouts, validate=None, clock=time.monotonic):
         self.address = address
+        self.validate = validate  # params -> None or raises DesktopError (same checks as nx)
         self.port = port
         self.clock = clock
         self.tracker = StateTracker(timeouts, clock())
@@ -45,6 +46,8 @@ class EchoDesktop:
         return state
 
     def x_start(self, params):
+        if self.validate is not None:
+            self.validate(params)
         state = self.x_state()
         if state == "connected":
             self._drop_client()

@@ -23,7 +23,7 @@ from gevent.server import StreamServer
 
 from . import rpc
 from .desktop import DesktopError, EchoDesktop
-from .xstate import TIMEOUT_KEYS
+from .xstate import TIMEOUT_KEYS, InvalidOption, nxagent_options
 
 log = logging.getLogger("qvd.vma")
 
@@ -49,13 +49,19 @@ class VmaService:
     # --- desktops ----------------------------------------------------------------------
     def _make_desktop(self, kind):
         if kind == "echo":
-            return EchoDesktop(self.address, self.display + 4000, self.timeouts)
+            return EchoDesktop(self.address, self.display + 4000, self.timeouts, validate=self._validate)
         if kind == "nx":
             from .nx import NxDesktop  # only VMs with a real desktop pay for it
             if self.run_dir is None:
                 self.run_dir = tempfile.mkdtemp(prefix="qvd-vma-")
             return NxDesktop(self.cfg, self.run_dir, self.display, self.timeouts)
         raise ValueError(f"unknown desktop {kind!r} (echo, nx or auto)")
+
+    def _validate(self, params):
+        try:
+            nxagent_options(params, self.cfg.get, self.display)
+        except InvalidOption as exc:
+            raise DesktopError(str(exc)) from None
 
     # --- methods -------------------------------------------------------------------------
     def call(self, method, params):

@@ -1,0 +1,87 @@
+"""qvd-vm-init as the process/netns hypervisors run it: a child process with QVD_VM_* env."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qvd_gevent.vma.client import VmaClient, VmaError
+
+
+def start_init(address, **env):
+    full = dict(os.environ, QVD_VM_ID="7", QVD_VM_NAME="vm7", QVD_VM_ADDRESS=address, **env)
+    full.pop("QVD_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "-c", "from qvd_gevent.vma.init import main; main()"],
+                            env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    client = VmaClient(address, 3030, timeout=2)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            client.ping()
+            return proc, client
+        except VmaError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                out = proc.communicate()[0].decode(errors="replace")
+                raise AssertionError(f"qvd-vm-init did not come up: {out}")
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def init_address():
+    procs = []
+    yield f"127.102.{os.getpid() % 250 + 1}.{len(procs) + 1}", procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def echo_once(address, payload):
+    with socket.create_connection((address, 4100), timeout=5) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+
+
+def test_answers_ping_and_echo_and_exits_cleanly_on_sigterm(init_address):
+    address, procs = init_address
+    proc, client = start_init(address)
+    procs.append(proc)
+    assert client.x_state() == "stopped"
+    assert client.x_start(**{"qvd.vm.user.name": "qvd", "qvd.client.geometry": "1024x768"}) == "starting"
+    assert client.x_state() == "listening"
+    assert echo_once(address, b"hello vm 7\n") == b"hello vm 7\n"
+    assert echo_once(address, b"second line\n") == b"second line\n"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out
+    assert b"init of VM 7 (vm7)" in out
+    with pytest.raises(OSError):
+        socket.create_connection((address, 3030), timeout=1)
+
+
+def test_poweroff_makes_the_init_exit(init_address):
+    address, procs = init_address
+    proc, client = start_init(address)
+    procs.append(proc)
+    assert client.call("poweroff") == 1
+    proc.communicate(timeout=10)
+    assert proc.returncode == 0
+
+
+def test_bad_desktop_env_is_a_clear_error(init_address):
+    address, _ = init_address
+    env = dict(os.environ, QVD_VM_ADDRESS=address, QVD_VM_DESKTOP="kde")
+    proc = subprocess.run([sys.executable, "-c", "from qvd_gevent.vma.init import main; main()"],
+                          env=env, capture_output=True, timeout=20)
+    assert proc.returncode == 2
+    assert b"invalid choice: 'kde'" in proc.stderr
