@@ -1,0 +1,475 @@
+"""`netns` hypervisor: a VM is its init command in its own network namespace on the bridge.
+
+start(spec):
+  1. named namespace ``<vm.network.netns.prefix>-vm<id>`` (``ip netns add``, so it appears
+     in ``ip netns list`` and outlives a node restart);
+  2. a veth pair made in the node's CURRENT namespace: host side ``<prefix>v<id>`` enslaved
+     to vm.network.bridge and up; the peer is created directly inside the VM namespace as
+     ``eth0`` with spec.mac (pyroute2);
+  3. the DHCP client (vm.network.netns.udhcpc, busybox udhcpc) in the VM namespace with a
+     script of ours (udhcpc itself configures nothing: the script brings lo and eth0 up on
+     deconfig, applies address and default route on bound, and prints the lease). It quits
+     once it has the lease (-q): the static lease reserves the address, so no renewals are
+     needed, and 200 VMs do not keep 200 DHCP clients around. Bounded by
+     vm.network.netns.dhcp_timeout;
+  4. the DI executable (spec.di_path) as the VM's init, entering the namespace with setns()
+     in the child before exec, in a new session (so the whole tree can be signalled), with
+     QVD_VM_ID, QVD_VM_NAME, QVD_VM_ADDRESS=<leased address>, QVD_NODE, QVD_VMA_PORT; its
+     output goes to ``${path.run}/netns/<namespace>.log``.
+The state (init pid, address) is kept in ``${path.run}/netns/<namespace>.json`` so that
+list_running() can adopt the VM after a node restart.
+
+Because the bridge side lives in the current namespace, the whole thing works when the
+node itself runs inside a test namespace (``ip netns exec qvdtest-x qvd-node``), which is
+how the tests keep every private address away from the machine's network.
+The host-side work per VM is constant (no scan over other VMs) except kill/cleanup, which
+scans /proc once to find every process of the VM's namespace.
+"""
+import ctypes
+import ctypes.util
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import time
+
+import gevent
+import gevent.socket
+from gevent import subprocess
+
+from ..hkd.network import shared_netlink
+from .base import Hypervisor, HypervisorError, VmHandle, VmSpec  # noqa: F401
+
+log = logging.getLogger("qvd.hypervisors.netns")
+
+CLONE_NEWNET = 0x40000000
+MS_BIND = 4096
+NETNS_DIR = "/run/netns"
+MAX_PREFIX = 8          # prefix + "v" + 6-digit id must fit in IFNAMSIZ-1 = 15
+SAFE_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "HOME")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+UDHCPC_SCRIPT = """#!/bin/sh
+# Written by qvd-gevent's netns hypervisor. udhcpc configures nothing itself: this does.
+case "$1" in
+  deconfig)
+    ip link set lo up
+    ip link set "$interface" up
+    ;;
+  bound|renew)
+    ip addr replace "$ip/${mask:-24}" dev "$interface"
+    for r in $router; do
+      ip route replace default via "$r" dev "$interface"
+      break
+    done
+    echo "qvd-lease $ip"
+    ;;
+esac
+exit 0
+"""
+
+_libc = None
+
+
+def _setns_function():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc.setns
+
+
+def _netns_inode(name):
+    try:
+        st = os.stat(os.path.join(NETNS_DIR, name))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _pid_netns(pid):
+    try:
+        st = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def pids_in_netns(name):
+    """Every pid whose network namespace is the named one (one pass over /proc)."""
+    target = _netns_inode(name)
+    if target is None:
+        return []
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _pid_netns(entry) == target:
+            found.append(int(entry))
+    return found
+
+
+def netns_dir_is_private():
+    """True when /run/netns is not a shared mount here (the node runs under ``ip netns exec``).
+
+    ``ip netns exec`` gives its command a slave mount namespace: a namespace the node adds
+    there is bound only in that private copy of /run/netns. Other processes see an empty
+    file, and a restarted node must re-attach it (list_running does, from the init's pid).
+    ``nsenter --net=/run/netns/<ns>`` enters only the network namespace and avoids this.
+    """
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) > 6 and fields[4] == NETNS_DIR:
+                    return not any(f.startswith("shared:") for f in fields[6:fields.index("-")])
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def _attach(name, pid):
+    """Bind /proc/<pid>/ns/net onto /run/netns/<name> (what ``ip netns attach`` does)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    path = os.path.join(NETNS_DIR, name)
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0))
+    if libc.mount(f"/proc/{pid}/ns/net".encode(), path.encode(), b"none", MS_BIND, None) != 0:
+        raise OSError(ctypes.get_errno(), f"cannot bind the namespace of pid {pid} to {path}")
+
+
+def _environ_has(pid, entry):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return entry.encode() in fh.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _parse_lease(stdout):
+    for line in stdout.decode("utf-8", "replace").splitlines():
+        if line.startswith("qvd-lease "):
+            return line.split()[1]
+    return None
+
+
+class NetnsHypervisor(Hypervisor):
+    name = "netns"
+    needs_root = True
+    uses_bridge = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.prefix = cfg.get_str("vm.network.netns.prefix")
+        self.bridge = cfg.get_str("vm.network.bridge")
+        self.state_dir = os.path.join(cfg.get_str("path.run"), "netns")
+        self.netlink = shared_netlink()
+        self._children = {}         # vm_id -> Popen of the init we started
+        self._name_re = re.compile(r"^" + re.escape(self.prefix) + r"-vm(\d+)$")
+
+    # --- names ------------------------------------------------------------------------------
+    def netns_name(self, vm_id):
+        return f"{self.prefix}-vm{vm_id}"
+
+    def veth_name(self, vm_id):
+        return f"{self.prefix}v{vm_id}"
+
+    def _state_path(self, ns):
+        return os.path.join(self.state_dir, ns + ".json")
+
+    # --- checks -----------------------------------------------------------------------------
+    def check(self):
+        if os.geteuid() != 0:
+            raise HypervisorError("the netns hypervisor needs root (network namespaces, veth pairs); "
+                                  "run qvd-node as root or use vm.hypervisor=process")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,%d}" % (MAX_PREFIX - 1), self.prefix):
+            raise HypervisorError(f"vm.network.netns.prefix {self.prefix!r} must be 1-{MAX_PREFIX} letters/digits "
+                                  f"(interface names are at most 15 characters)")
+        link = self.netlink.link(self.bridge)
+        if link is None or link["kind"] != "bridge":
+            raise HypervisorError(f"bridge {self.bridge} (vm.network.bridge) does not exist in this network "
+                                  f"namespace; create it or set vm.network.setup=1")
+        if netns_dir_is_private():
+            log.warning("%s is a private mount here (node started with 'ip netns exec'?): VM namespaces will "
+                        "not show in 'ip netns list' outside this process; prefer 'nsenter --net=...'", NETNS_DIR)
+        udhcpc = shlex.split(self.cfg.get_str("vm.network.netns.udhcpc"))[0]
+        from shutil import which
+        if which(udhcpc) is None:
+            raise HypervisorError(f"DHCP client {udhcpc!r} (vm.network.netns.udhcpc) not found")
+
+    # --- start --------------------------------------------------------------------------------
+    def start(self, spec: VmSpec) -> VmHandle:
+        if not spec.mac:
+            raise HypervisorError(f"VM {spec.vm_id} has no MAC address (it needs vms.ip)")
+        if not os.access(spec.di_path, os.X_OK):
+            raise HypervisorError(f"DI {spec.di_path} of VM {spec.vm_id} is not an executable file")
+        ns = self.netns_name(spec.vm_id)
+        veth = self.veth_name(spec.vm_id)
+        if len(veth) > 15:
+            raise HypervisorError(f"interface name {veth} is too long (shorten vm.network.netns.prefix)")
+        handle = VmHandle(vm_id=spec.vm_id, address="", name=ns, extra={"veth": veth})
+        os.makedirs(self.state_dir, exist_ok=True)
+        started = time.monotonic()
+        try:
+            if _netns_inode(ns) is not None:
+                log.warning("VM %s: namespace %s left from an earlier run; removing it", spec.vm_id, ns)
+                self.cleanup(handle)
+            self._run(["ip", "netns", "add", ns])
+            bridge_index = self.netlink.index(self.bridge)
+            if bridge_index is None:
+                raise HypervisorError(f"bridge {self.bridge} (vm.network.bridge) does not exist")
+            with self.netlink as ipr:
+                ipr.link("add", ifname=veth, kind="veth",
+                         peer={"ifname": "eth0", "net_ns_fd": ns, "address": spec.mac})
+                index = ipr.link_lookup(ifname=veth)[0]
+                ipr.link("set", index=index, master=bridge_index, state="up")
+            address = self._dhcp(spec, ns)
+            if spec.ip and address != spec.ip:
+                log.warning("VM %s leased %s, expected %s", spec.vm_id, address, spec.ip)
+            handle.address = address
+            popen = self._spawn_init(spec, ns, address)
+            handle.pid = popen.pid
+            self._children[spec.vm_id] = popen
+            self._save_state(handle)
+        except BaseException as exc:
+            self.cleanup(handle)
+            if isinstance(exc, HypervisorError):
+                raise
+            if isinstance(exc, Exception):
+                raise HypervisorError(f"VM {spec.vm_id}: netns start failed: {exc}") from exc
+            raise
+        log.info("VM %s started in %s at %s (pid %s, %.2f s)", spec.vm_id, ns, handle.address, handle.pid,
+                 time.monotonic() - started)
+        return handle
+
+    def _run(self, argv):
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=30)
+        if proc.returncode != 0:
+            raise HypervisorError(f"{' '.join(argv)} failed: {proc.stderr.decode(errors='replace').strip()}")
+        return proc
+
+    def _preexec(self, ns):
+        """A preexec_fn entering namespace ns (the fd is opened here, before the fork)."""
+        fd = os.open(os.path.join(NETNS_DIR, ns), os.O_RDONLY | os.O_CLOEXEC)
+        setns = _setns_function()
+
+        def enter():
+            if setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {ns} failed")
+        return fd, enter
+
+    def _spawn_in(self, ns, argv, **kwargs):
+        fd, enter = self._preexec(ns)
+        try:
+            return subprocess.Popen(argv, preexec_fn=enter, close_fds=True, **kwargs)
+        finally:
+            os.close(fd)
+
+    def _dhcp(self, spec, ns):
+        timeout = self.cfg.get_int("vm.network.netns.dhcp_timeout")
+        script = os.path.join(self.state_dir, "udhcpc.script")
+        if not os.path.exists(script):
+            tmp = f"{script}.{os.getpid()}"
+            with open(tmp, "w") as fh:
+                fh.write(UDHCPC_SCRIPT)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, script)
+        argv = shlex.split(self.cfg.get_str("vm.network.netns.udhcpc")) + [
+            "-f", "-q", "-n", "-i", "eth0", "-s", script, "-t", str(max(timeout, 1)), "-T", "1"]
+        env = {"PATH": os.environ.get("PATH", DEFAULT_PATH)}
+        proc = self._spawn_in(ns, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env)
+        try:
+            out, err = proc.communicate(timeout=timeout + 2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise HypervisorError(f"VM {spec.vm_id}: no DHCP lease for {spec.mac} within {timeout} s "
+                                  f"(is the node's dnsmasq running on {self.bridge}?)") from None
+        address = _parse_lease(out)
+        if proc.returncode != 0 or not address:
+            last = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+            raise HypervisorError(f"VM {spec.vm_id}: no DHCP lease for {spec.mac} within {timeout} s "
+                                  f"(udhcpc: {last[0]})")
+        return address
+
+    def _spawn_init(self, spec, ns, address):
+        env = {k: os.environ[k] for k in SAFE_ENV if k in os.environ}
+        env.setdefault("PATH", DEFAULT_PATH)
+        env.update(QVD_VM_ID=str(spec.vm_id), QVD_VM_NAME=spec.name, QVD_VM_ADDRESS=address,
+                   QVD_NODE=self.cfg.get_str("nodename", "") or "", QVD_VMA_PORT=str(spec.vma_port))
+        logfile = os.path.join(self.state_dir, ns + ".log")
+        with open(logfile, "ab") as out:
+            return self._spawn_in(ns, [spec.di_path], stdin=subprocess.DEVNULL, stdout=out,
+                                  stderr=subprocess.STDOUT, env=env, cwd="/", start_new_session=True)
+
+    def _save_state(self, handle):
+        path = self._state_path(handle.name)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"vm_id": handle.vm_id, "pid": handle.pid, "address": handle.address,
+                       "veth": handle.extra.get("veth")}, fh)
+        os.replace(tmp, path)
+
+    # --- running VMs --------------------------------------------------------------------------
+    def _init_alive(self, handle):
+        """The init pid still runs in the VM's namespace (guards against pid reuse)."""
+        popen = self._children.get(handle.vm_id)
+        if popen is not None and popen.pid == handle.pid:
+            return popen.poll() is None
+        if not handle.pid:
+            return False
+        target = _netns_inode(handle.name)
+        return target is not None and _pid_netns(handle.pid) == target and _not_zombie(handle.pid)
+
+    def is_running(self, handle):
+        return self._init_alive(handle)
+
+    def _signal_group(self, handle, sig):
+        if not handle.pid or not self._init_alive(handle):
+            return False
+        try:
+            os.killpg(handle.pid, sig)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            os.kill(handle.pid, sig)
+        return True
+
+    def shutdown(self, handle):
+        """SIGTERM to the init's process group (a shell init would not pass it on)."""
+        self._signal_group(handle, signal.SIGTERM)
+
+    def kill(self, handle):
+        """SIGKILL to every process in the VM's namespace (escaped daemons included)."""
+        self._signal_group(handle, signal.SIGKILL)
+        for pid in pids_in_netns(handle.name):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def wait_exit(self, handle, timeout=None):
+        popen = self._children.get(handle.vm_id)
+        if popen is not None and popen.pid == handle.pid:
+            try:
+                popen.wait(timeout=timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        # An adopted VM is not our child: watch it through a pidfd (readable when it exits).
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            pidfd = os.pidfd_open(handle.pid)
+        except (OSError, AttributeError, TypeError):
+            pidfd = None
+        try:
+            while self._init_alive(handle):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if pidfd is not None:
+                    try:
+                        gevent.socket.wait_read(pidfd, timeout=min(left, 1.0) if left is not None else 1.0)
+                    except gevent.socket.timeout:
+                        pass
+                else:
+                    gevent.sleep(min(left, 0.2) if left is not None else 0.2)
+            return True
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def cleanup(self, handle):
+        """Kill what is left in the namespace, delete veth and namespace, forget state. Idempotent."""
+        ns = handle.name or self.netns_name(handle.vm_id)
+        veth = handle.extra.get("veth") or self.veth_name(handle.vm_id)
+        for _ in range(50):                     # bounded: processes vanish right after SIGKILL
+            pids = pids_in_netns(ns)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            gevent.sleep(0.02)
+        popen = self._children.pop(handle.vm_id, None)
+        if popen is not None:
+            try:
+                popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                log.warning("VM %s: init %s did not die", handle.vm_id, popen.pid)
+        index = self.netlink.index(veth)
+        if index is not None:
+            with self.netlink as ipr:
+                try:
+                    ipr.link("del", index=index)
+                except Exception as exc:    # gone meanwhile
+                    log.debug("veth %s: %s", veth, exc)
+        if _netns_inode(ns) is not None:
+            proc = subprocess.run(["ip", "netns", "del", ns], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
+            if proc.returncode != 0 and _netns_inode(ns) is not None:
+                raise HypervisorError(f"cannot delete namespace {ns}: {proc.stderr.decode(errors='replace')}")
+        try:
+            os.unlink(self._state_path(ns))
+        except FileNotFoundError:
+            pass
+
+    def list_running(self):
+        """{vm_id: VmHandle} of our namespaces whose init still runs (after a node restart)."""
+        found = {}
+        try:
+            names = os.listdir(NETNS_DIR)
+        except FileNotFoundError:
+            return found
+        for ns in names:
+            match = self._name_re.match(ns)
+            if not match:
+                continue
+            vm_id = int(match.group(1))
+            try:
+                with open(self._state_path(ns)) as fh:
+                    state = json.load(fh)
+            except (OSError, ValueError):
+                continue
+            handle = VmHandle(vm_id=vm_id, address=state.get("address", ""), pid=state.get("pid"), name=ns,
+                              extra={"veth": state.get("veth") or self.veth_name(vm_id)})
+            self._reattach(handle)
+            if self._init_alive(handle):
+                found[vm_id] = handle
+        return found
+
+    def _reattach(self, handle):
+        """A namespace added by a node in a private mount namespace: bind it again from its init."""
+        pid = handle.pid
+        if not pid or _pid_netns(pid) is None or _pid_netns(pid) == _netns_inode(handle.name):
+            return
+        if not _environ_has(pid, f"QVD_VM_ID={handle.vm_id}") or not _not_zombie(pid):
+            return      # not our init (pid reused)
+        try:
+            _attach(handle.name, pid)
+            log.info("VM %s: re-attached namespace %s from its init %s", handle.vm_id, handle.name, pid)
+        except OSError as exc:
+            log.warning("VM %s: %s", handle.vm_id, exc)
+
+    def list_leftovers(self):
+        """Names of our namespaces without a live init (the HKD cleans them)."""
+        running = {h.name for h in self.list_running().values()}
+        try:
+            names = os.listdir(NETNS_DIR)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if self._name_re.match(n) and n not in running)
+
+    def close(self):
+        self._children.clear()
+
+
+def _not_zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

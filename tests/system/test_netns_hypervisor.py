@@ -1,0 +1,123 @@
+"""netns VMs on a bridge inside a test namespace: DHCP lease from our dnsmasq, reachable, cleaned up.
+
+Everything (bridge, 10.77.x addresses, dnsmasq, VM namespaces) lives in a namespace the test
+made, with no route out; the driver runs inside it (helpers/netns.py).
+"""
+import pytest
+
+from helpers.netns import processes_mentioning, run_driver, test_host, write_http_di  # noqa: F401
+
+pytestmark = pytest.mark.root
+
+
+def test_vm_gets_lease_answers_http_and_leaves_nothing(test_host, tmp_path):
+    di = write_http_di(tmp_path)
+    result, _ = run_driver(test_host, tmp_path, """
+        boot()
+        h = start_vm(7, "10.77.0.107")
+        status, body = wait_http(h.address)
+        running = hv.is_running(h)
+        listed = {k: v.address for k, v in hv.list_running().items()}
+        in_ns = sorted(pids_in_netns(h.name))
+        hv.shutdown(h)
+        exited = hv.wait_exit(h, timeout=10)
+        hv.cleanup(h)
+        hv.cleanup(h)                    # idempotent
+        links = os.popen("ip -o link show").read()
+        dns.remove_host(vm_spec(7, "10.77.0.107").mac)
+        hosts_after = open(cfg.get_str("internal.vm.network.dhcp-hostsfile")).read()
+        dns.stop()
+        setup.remove()
+        report(dict(address=h.address, pid=h.pid, name=h.name, status=status, body=body, running=running,
+                    listed=listed, in_ns=in_ns, exited=exited, links=links, hosts_after=hosts_after,
+                    still_running=hv.is_running(h)))
+    """, di=di)
+    assert result["address"] == "10.77.0.107"
+    assert result["name"] == f"{test_host.vm_prefix}-vm7"
+    assert (result["status"], result["body"]) == (200, "pong\n")
+    assert result["running"] and result["listed"] == {"7": "10.77.0.107"}
+    assert result["pid"] in result["in_ns"]
+    assert result["exited"] and not result["still_running"]
+    assert f"{test_host.vm_prefix}v7" not in result["links"]
+    assert result["hosts_after"] == ""
+    # nothing left: no VM namespace, no bridge, no process of ours
+    assert test_host.vm_namespaces() == []
+    assert "qvdbr0" not in test_host.links()
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_vm_is_unreachable_from_outside_the_test_namespace(test_host, tmp_path):
+    """The safety rule itself: the VM address exists only inside the test namespace."""
+    import subprocess
+    di = write_http_di(tmp_path)
+    result, _ = run_driver(test_host, tmp_path, """
+        boot()
+        h = start_vm(3, "10.77.0.103")
+        wait_http(h.address)
+        route = os.popen("ip netns exec %s ip -4 route show" % h.name).read()
+        report(dict(address=h.address, route=route))
+        # leave it running: the fixture must clean a crashed node's leftovers
+    """, di=di)
+    assert result["route"].startswith("default via 10.77.0.1 dev eth0")
+    root_routes = subprocess.run(["ip", "-4", "route", "get", "10.77.0.103"], capture_output=True, text=True)
+    assert "qvdbr0" not in root_routes.stdout
+
+
+@pytest.mark.parametrize("mode", ["nsenter", "exec"])
+def test_adopt_after_node_restart_then_kill(test_host, tmp_path, mode):
+    """A node dies leaving its VM running; a new node process lists it, and kill+cleanup remove all.
+
+    mode "exec": the node runs under ``ip netns exec`` (a private mount namespace), so the
+    restarted node must re-attach the VM's namespace from its init.
+    """
+    di = write_http_di(tmp_path)
+    first, _ = run_driver(test_host, tmp_path, """
+        boot()
+        h = start_vm(12, "10.77.0.112")
+        wait_http(h.address)
+        report(dict(pid=h.pid, address=h.address))
+        os._exit(0)                      # a crash: no cleanup, dnsmasq orphaned
+    """, di=di, mode=mode)
+    second, _ = run_driver(test_host, tmp_path, """
+        boot(network=False, dhcp=False)
+        found = hv.list_running()
+        h = found[12]
+        status, _ = wait_http(h.address)
+        hv.kill(h)
+        exited = hv.wait_exit(h, timeout=10)
+        leftovers_before = hv.list_leftovers()
+        hv.cleanup(h)
+        report(dict(ids=sorted(found), pid=h.pid, address=h.address, status=status, exited=exited,
+                    leftovers_before=leftovers_before, leftovers_after=hv.list_leftovers(),
+                    running=hv.list_running()))
+    """, di=di, mode=mode)
+    assert second["ids"] == [12]
+    assert (second["pid"], second["address"]) == (first["pid"], first["address"])
+    assert second["status"] == 200 and second["exited"]
+    assert second["leftovers_before"] == [f"{test_host.vm_prefix}-vm12"]
+    assert second["leftovers_after"] == [] and second["running"] == {}
+    assert test_host.vm_namespaces() == []
+
+
+def test_start_without_lease_fails_cleanly(test_host, tmp_path):
+    """No hosts entry -> no lease -> HypervisorError and nothing left of the half-made VM."""
+    di = write_http_di(tmp_path)
+    settings_extra = {"vm.network.netns.dhcp_timeout": "2"}
+    from helpers.netns import node_settings
+    result, _ = run_driver(test_host, tmp_path, """
+        from qvd_gevent.hypervisors.base import HypervisorError
+        boot()
+        spec = vm_spec(5, "10.77.0.105")          # not registered with dnsmasq
+        try:
+            hv.start(spec)
+            error = None
+        except HypervisorError as exc:
+            error = str(exc)
+        links = os.popen("ip -o link show").read()
+        dns.stop()
+        setup.remove()
+        report(dict(error=error, links=links))
+    """, settings=node_settings(test_host, tmp_path, **settings_extra), di=di)
+    assert result["error"] and "no DHCP lease" in result["error"]
+    assert f"{test_host.vm_prefix}v5" not in result["links"]
+    assert test_host.vm_namespaces() == []
