@@ -151,6 +151,7 @@ _TABLE = [
     ("vm.network.firewall.nat.iface", "", "str", "MASQUERADE VM traffic out of this interface"),
     ("vm.network.netns.prefix", "qvd", "str", "ours: name prefix of netns VMs' namespaces and veths"),
     ("vm.network.netns.udhcpc", "busybox udhcpc", "str", "ours: DHCP client run inside a netns VM"),
+    ("vm.network.netns.dhcp_timeout", 20, "int", "ours: seconds a netns VM may take to get its DHCP lease"),
     ("vm.process.address.base", "127.100.0.0/16", "str", "ours: loopback range for process VMs"),
     ("internal.vm.network.dhcp-hostsfile", "${path.run}/dhcp-hostsfile", "path", "dnsmasq static leases"),
     ("command.dhcpd", "dnsmasq", "str", "dnsmasq executable"),
