@@ -1,1 +1,8 @@
+"""The house-keeping daemon: host lifecycle, VMs, heartbeat, lost nodes (reference/qvd-hkd.md).
 
+``HKD(cfg, db, listener).start()`` returns once the host is running (or raises HkdError);
+``.stop(timeout=None)`` stops the VMs and marks the host stopped.
+"""
+from .host import HKD, HkdError
+
+__all__ = ["HKD", "HkdError"]

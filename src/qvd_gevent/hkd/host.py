@@ -1,0 +1,533 @@
+"""The HKD: host lifecycle, heartbeat, host and VM command intake, reconcile, agents.
+
+The lifecycle is the pure HostMachine (host_machine.py); this module runs its steps with
+real I/O. Per-VM work is done by VmRunner (vm_runner.py), lost-node detection by
+ClusterMonitor (cluster.py). Everything is driven by LISTEN/NOTIFY with the original's
+slow polls as a safety net (reference/qvd-hkd.md sections 1.4-1.7).
+"""
+import fcntl
+import logging
+import os
+import random
+import socket
+import time
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.queue
+import psycopg2
+
+from ..db import SCHEMA_VERSION, DatabaseError
+from ..hypervisors import HypervisorError, get_hypervisor
+from ..hypervisors.base import VmHandle
+from ..node import metrics
+from . import host_machine as H
+from . import vm_machine as M
+from .cluster import ClusterMonitor
+from .vm_runner import VmRunner
+
+log = logging.getLogger("qvd.hkd")
+
+_DB_ERRORS = (DatabaseError, psycopg2.Error)
+
+
+class HkdError(Exception):
+    """The HKD cannot start; one line for the operator."""
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def usable_ram_mb(meminfo="/proc/meminfo"):
+    """MemTotal in kB / 1000, as the original."""
+    with open(meminfo) as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 1000
+    return 0.0
+
+
+def usable_cpu(cpuinfo="/proc/cpuinfo"):
+    """0.8 x the sum of bogomips; cpu count x 1000 where the kernel shows no bogomips."""
+    total = 0.0
+    try:
+        with open(cpuinfo) as fh:
+            for line in fh:
+                if line.lower().startswith("bogomips"):
+                    total += float(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        total = 0.0
+    if total <= 0:
+        return float((os.cpu_count() or 1) * 1000)
+    return 0.8 * total
+
+
+class HKD:
+    def __init__(self, cfg, db, listener):
+        self.cfg = cfg
+        self.db = db
+        self.listener = listener
+        self.nodename = cfg.get_str("nodename")
+        self.host_id = None
+        self.address = None
+        self.vms = {}                       # vm_id -> VmRunner
+        self.hypervisor = None
+        self.dnsmasq = None
+        self.network_setup = None
+        self.vm_settings = M.Settings()
+        self.heavy = gevent.lock.Semaphore(max(1, cfg.get_int("internal.hkd.max_heavy")))
+        self.machine = H.HostMachine(cfg.get_float("internal.hkd.stopping.vms.timeout"),
+                                     cfg.get_float("internal.hkd.killing.vms.retry.timeout"))
+        self.stopped = gevent.event.Event()     # set when the host reached stopped (or never started)
+        self.lost = False
+        self.on_stop_command = None         # the node sets this to stop L7R and HKD together
+        self._ready = gevent.event.AsyncResult()
+        self._events = gevent.queue.Queue()
+        self._loop = None
+        self._lock_fd = None
+        self._agents = []                   # greenlets to kill at stop_agents
+        self._unsubscribe = []
+        self._vm_wake = gevent.event.Event()
+        self._cmd_wake = gevent.event.Event()
+        self._intake = None
+        self._cluster = None
+        self._timer = None
+        self._last_tick = None
+
+    # --- public API ----------------------------------------------------------------------
+    def start(self):
+        """Run the startup sequence; return once the host is running, else raise HkdError."""
+        self._loop = gevent.spawn(self._run_loop)
+        self._events.put(H.Run())
+        reason = self._ready.get()
+        if reason is not True:
+            raise HkdError(reason)
+        metrics.register_gauge_function("qvd_hkd_vms", self._vm_gauge)
+        return self
+
+    def stop(self, timeout=None):
+        """Graceful stop: VMs stopped by the reference's rules, host stopping -> stopped."""
+        if self._loop is None or self.machine.state in ("new", "failed", "stopped"):
+            self._release_everything()
+            self.stopped.set()
+            return
+        if timeout is not None:
+            self.machine.stopping_vms_timeout = timeout
+        self._events.put(H.CmdStop("stop requested"))
+        bound = (self.machine.stopping_vms_timeout + 3 * self.machine.killing_retry_timeout
+                 + self.vm_settings.timeouts["zombie.reap"] + 60)
+        if not self.stopped.wait(bound):
+            log.error("HKD did not reach stopped within %.0f s; giving up", bound)
+            self._release_everything()
+
+    # --- host loop -----------------------------------------------------------------------
+    def _run_loop(self):
+        while True:
+            event = self._events.get()
+            for action in self.machine.handle(event):
+                self._execute(action)
+            if self.machine.state in ("stopped", "failed"):
+                break
+
+    def _execute(self, action):
+        if isinstance(action, H.Step):
+            gevent.spawn(self._run_step, action.name)
+        elif isinstance(action, H.Log):
+            log.info("%s", action.text)
+        elif isinstance(action, H.Ready):
+            log.info("host %s (id %s) running with hypervisor %s, %d VMs adopted",
+                     self.nodename, self.host_id, self.hypervisor.name, len(self.vms))
+            self._ready.set(True)
+        elif isinstance(action, H.Fail):
+            log.error("HKD start failed: %s", action.reason)
+            if not self._ready.ready():
+                self._ready.set(action.reason)
+            if self.machine.state == "failed":
+                self._release_everything()
+                self.stopped.set()
+        elif isinstance(action, H.StopAllVms):
+            for runner in list(self.vms.values()):
+                runner.send(M.HkdStop())
+            self._check_all_stopped()
+        elif isinstance(action, H.KillAllVms):
+            for runner in list(self.vms.values()):
+                runner.send(M.HkdKill())
+        elif isinstance(action, H.ArmTimer):
+            if self._timer is not None:
+                self._timer.kill(block=False)
+            self._timer = gevent.spawn_later(action.seconds, self._events.put, H.Timeout(action.name))
+        elif isinstance(action, H.Stopped):
+            if self._timer is not None:
+                self._timer.kill(block=False)
+            self._release_everything()
+            log.info("HKD stopped")
+            self.stopped.set()
+
+    def _run_step(self, name):
+        try:
+            getattr(self, "_step_" + name)()
+        except gevent.GreenletExit:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, (HkdError, HypervisorError) + _DB_ERRORS):
+                log.exception("HKD step %s crashed", name)
+            self._events.put(H.StepFailed(name, _first_line(exc)))
+            return
+        self._events.put(H.StepDone(name))
+
+    def _check_all_stopped(self):
+        if not self.vms and self.machine.state == "stopping" and self.machine.phase == "vms":
+            self._events.put(H.AllVmsStopped())
+
+    def _runner_finished(self, runner):
+        if self.vms.get(runner.vm_id) is runner:
+            del self.vms[runner.vm_id]
+        self._check_all_stopped()
+
+    def _vm_gauge(self):
+        counts = {}
+        for runner in list(self.vms.values()):
+            key = (("state", runner.state),)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    # --- startup checks ------------------------------------------------------------------
+    def _step_check_schema(self):
+        lock_path = self.cfg.get_str("internal.hkd.lock.path")
+        os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise HkdError(f"another HKD holds {lock_path}") from None
+        self._lock_fd = fd
+        row = self.db.query_one("SELECT version FROM versions WHERE component = 'schema'")
+        if row is None or row[0] != SCHEMA_VERSION:
+            found = row[0] if row else "none"
+            raise HkdError(f"database schema version is {found}, this node needs {SCHEMA_VERSION} (run qvd-deploy-db)")
+
+    def _step_load_host(self):
+        row = self.db.query_one("SELECT id, address FROM hosts WHERE name = %s", (self.nodename,))
+        if row is None:
+            raise HkdError(f"node {self.nodename!r} is not registered in hosts "
+                           f"(qvd-admin host add name={self.nodename} address=<its address>)")
+        self.host_id, self.address = row
+        self.db.execute("INSERT INTO host_runtimes (host_id, state, blocked) VALUES (%s, 'stopped', false) "
+                        "ON CONFLICT (host_id) DO NOTHING", (self.host_id,))
+
+    def _step_check_hypervisor(self):
+        name = self.cfg.get_str("vm.hypervisor")
+        allowed = self.cfg.get_list("internal.hkd.hypervisor_list")
+        if name not in allowed:
+            raise HkdError(f"vm.hypervisor {name!r} is not in internal.hkd.hypervisor_list ({', '.join(allowed)})")
+        try:
+            hv = get_hypervisor(name, self.cfg)
+            hv.check()
+        except HypervisorError as exc:
+            raise HkdError(f"hypervisor check failed: {exc}") from None
+        self.hypervisor = hv
+        self.vm_settings = M.settings_from_config(self.cfg, name)
+
+    def _step_check_address(self):
+        if not self.cfg.get_bool("internal.hkd.address_check.enabled"):
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind((self.address, 0))
+        except OSError:
+            raise HkdError(f"host address {self.address} (hosts.address of {self.nodename}) is not an address "
+                           "of this machine") from None
+        finally:
+            sock.close()
+        if self.hypervisor.uses_bridge:
+            net = self.cfg.vm_network()
+            if not net.is_node_address(self.address):
+                raise HkdError(f"host address {self.address} is outside the node range of the VM network "
+                               f"({net.network.network_address} < address < {net.start})")
+
+    def _step_check_network(self):
+        if not self.hypervisor.uses_bridge:
+            return
+        from .network import NetworkSetup, check_network
+        if self.cfg.get_bool("vm.network.setup"):
+            self.network_setup = NetworkSetup(self.cfg)
+            self.network_setup.apply()
+        for warning in check_network(self.cfg):
+            log.warning("network: %s", warning)
+        if self.cfg.get_bool("vm.network.use_dhcp"):
+            from .dnsmasq import DnsmasqError, check_dhcp_ports
+            try:
+                check_dhcp_ports(self.cfg)
+            except DnsmasqError as exc:
+                raise HkdError(str(exc)) from None
+
+    # --- setup -------------------------------------------------------------------------
+    def _save_host_state(self, state):
+        self.db.execute("UPDATE host_runtimes SET state = %s WHERE host_id = %s", (state, self.host_id))
+
+    def _step_save_starting(self):
+        # a stale `stop` left from an earlier run must not stop this one
+        self.db.execute("UPDATE host_runtimes SET state = 'starting', pid = %s, cmd = NULL WHERE host_id = %s",
+                        (os.getpid(), self.host_id))
+
+    def _step_save_loadbal(self):
+        ram, cpu = usable_ram_mb(), usable_cpu()
+        self.db.execute("UPDATE host_runtimes SET usable_ram = %s, usable_cpu = %s WHERE host_id = %s",
+                        (ram, cpu, self.host_id))
+        log.info("host %s: usable_ram %.0f MB, usable_cpu %.0f", self.nodename, ram, cpu)
+
+    def _step_first_tick(self):
+        if not self._tick():
+            raise HkdError("first heartbeat failed")
+        self._agents.append(gevent.spawn(self._ticker))
+
+    def _step_reset_sessions(self):
+        count = self.db.execute("UPDATE vm_runtimes SET user_cmd = NULL, l7r_host_id = NULL, l7r_pid = NULL, "
+                                "user_state = 'disconnected', user_state_ts = %s WHERE l7r_host_id = %s",
+                                (int(time.time()), self.host_id))
+        if count:
+            log.info("reset %d sessions left by this node", count)
+
+    def _step_reconcile(self):
+        rows = self.db.query("SELECT r.vm_id, r.vm_state, v.ip FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id "
+                             "WHERE r.host_id = %s AND r.vm_state <> 'stopped'", (self.host_id,))
+        running = self.hypervisor.list_running()
+        zombies = []
+        for vm_id, state, ip in rows:
+            runner = VmRunner(self, vm_id)
+            self.vms[vm_id] = runner
+            if vm_id in running:
+                runner.handle = running[vm_id]
+                runner.adopted_ip = ip
+                log.info("VM %s: still running (pid %s), adopted in state %s", vm_id, runner.handle.pid, state)
+                runner.send(M.Adopt(state))
+            else:
+                log.info("VM %s: was %s here but is not running; cleaning up", vm_id, state)
+                runner.send(M.CatchZombie())
+                zombies.append(runner)
+        known = {row[0] for row in rows}
+        for vm_id, handle in running.items():
+            if vm_id not in known:
+                log.warning("VM %s runs here but the database no longer assigns it to this node; killing it", vm_id)
+                try:
+                    self.hypervisor.kill(handle)
+                    self.hypervisor.wait_exit(handle, timeout=self.vm_settings.timeouts["zombie.reap"])
+                    self.hypervisor.cleanup(handle)
+                except HypervisorError as exc:
+                    log.error("VM %s: cannot kill: %s", vm_id, exc)
+        bound = self.vm_settings.timeouts["zombie.reap"] + self.vm_settings.timeouts["zombie.delaying"]
+        for runner in zombies:
+            if not runner.finished.wait(bound):
+                log.warning("VM %s: zombie not cleaned up yet; continuing", runner.vm_id)
+
+    def _step_start_agents(self):
+        hid = self.host_id
+        if self.hypervisor.uses_bridge and self.cfg.get_bool("vm.network.use_dhcp"):
+            from .dnsmasq import DnsmasqSupervisor
+            self.dnsmasq = DnsmasqSupervisor(self.cfg)
+            self.dnsmasq.start()
+            from .vm_runner import mac_from_ip
+            prefix = self.cfg.get_str("vm.network.mac.prefix")
+            for runner in list(self.vms.values()):
+                ip = getattr(runner, "adopted_ip", None)
+                if ip and runner.handle is not None:
+                    runner.dhcp_registered = mac_from_ip(prefix, ip)
+                    self.dnsmasq.add_host(runner.dhcp_registered, ip)
+        self._unsubscribe.append(self.listener.subscribe(f"qvd_cmd_for_host{hid}", lambda c, p: self._cmd_wake.set()))
+        self.listener.on_reconnect(self._cmd_wake.set)
+        self.listener.on_reconnect(self._vm_wake.set)
+        self._agents.append(gevent.spawn(self._command_handler))
+        self._agents.append(gevent.spawn(self._expiration_monitor))
+        self._cluster = ClusterMonitor(self.cfg, self.db, hid).start()
+
+    def _step_save_running(self):
+        self._save_host_state("running")
+
+    def _step_start_vm_intake(self):
+        self._unsubscribe.append(self.listener.subscribe(f"qvd_cmd_for_vm_on_host{self.host_id}",
+                                                         lambda c, p: self._vm_wake.set()))
+        self._intake = gevent.spawn(self._vm_command_handler)
+
+    # --- stopping ------------------------------------------------------------------------
+    def _step_stop_vm_intake(self):
+        if self._intake is not None:
+            self._intake.kill(block=True, timeout=5)
+            self._intake = None
+
+    def _step_save_stopping(self):
+        self._save_host_state("stopping")
+
+    def _step_stop_agents(self):
+        self._stop_agents()
+
+    def _step_save_stopped(self):
+        self._save_host_state("stopped")
+
+    def _stop_agents(self):
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
+        if self._cluster is not None:
+            self._cluster.stop()
+            self._cluster = None
+        for g in self._agents:
+            g.kill(block=True, timeout=5)
+        self._agents = []
+        if self.dnsmasq is not None:
+            try:
+                self.dnsmasq.stop()
+            except Exception as exc:
+                log.warning("dnsmasq stop: %s", _first_line(exc))
+            self.dnsmasq = None
+        if self.network_setup is not None:
+            try:
+                self.network_setup.remove()
+            except Exception as exc:
+                log.warning("network teardown: %s", _first_line(exc))
+            self.network_setup = None
+        if self.hypervisor is not None:
+            self.hypervisor.close()
+
+    def _release_everything(self):
+        """Last resort on failed start or stuck stop: agents down, lock released."""
+        if self._intake is not None:
+            self._intake.kill(block=False)
+            self._intake = None
+        self._stop_agents()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- agents --------------------------------------------------------------------------
+    def _tick(self):
+        """Heartbeat. True on success; on `lost`, kills the VMs the cluster released."""
+        try:
+            row = self.db.query_one("UPDATE host_runtimes SET ok_ts = now() AT TIME ZONE 'UTC', pid = %s "
+                                    "WHERE host_id = %s AND state <> 'lost' RETURNING 1", (os.getpid(), self.host_id))
+        except _DB_ERRORS as exc:
+            metrics.inc("qvd_hkd_heartbeats_total", result="error")
+            log.warning("heartbeat failed: %s", _first_line(exc))
+            timeout = self.cfg.get_float("internal.hkd.agent.ticker.timeout")
+            if self._last_tick is not None and time.monotonic() - self._last_tick > timeout:
+                self._events.put(H.TickerDead())
+            return False
+        if row is None:
+            metrics.inc("qvd_hkd_heartbeats_total", result="lost")
+            if not self.lost:
+                self.lost = True
+                log.error("this node (host %s) was marked lost by the cluster, which released its VMs: "
+                          "killing the %d VMs still running here; restart the node to rejoin", self.host_id, len(self.vms))
+                for runner in list(self.vms.values()):
+                    runner.send(M.RowLost())
+            return False
+        metrics.inc("qvd_hkd_heartbeats_total", result="ok")
+        self._last_tick = time.monotonic()
+        return True
+
+    def _ticker(self):
+        while True:
+            gevent.sleep(self.cfg.get_float("internal.hkd.agent.ticker.delay"))
+            self._tick()
+
+    def _command_handler(self):
+        """Host commands: host_runtimes.cmd, woken by NOTIFY qvd_cmd_for_host<id>, polled as safety net."""
+        self._cmd_wake.set()
+        while True:
+            self._cmd_wake.wait(self.cfg.get_float("internal.hkd.agent.command_handler.delay"))
+            self._cmd_wake.clear()
+            try:
+                row = self.db.query_one("SELECT cmd FROM host_runtimes WHERE host_id = %s", (self.host_id,))
+                cmd = row[0] if row else None
+                if cmd is None:
+                    continue
+                self.db.execute("UPDATE host_runtimes SET cmd = NULL WHERE host_id = %s AND cmd = %s",
+                                (self.host_id, cmd))
+            except _DB_ERRORS as exc:
+                log.warning("host command check failed: %s", _first_line(exc))
+                continue
+            if cmd == "stop":
+                log.info("host command stop received")
+                if self.on_stop_command is not None:
+                    gevent.spawn(self.on_stop_command)
+                else:
+                    gevent.spawn(self.stop)
+                return
+            log.warning("unknown host command %r ignored", cmd)
+
+    def _new_runner(self, vm_id):
+        runner = VmRunner(self, vm_id)
+        self.vms[vm_id] = runner
+        return runner
+
+    def process_vm_commands(self):
+        """The reference's atomic UPDATE ... RETURNING: stops first, then starts."""
+        hid = self.host_id
+        stops = self.db.query("UPDATE vm_runtimes SET vm_cmd = NULL WHERE host_id = %s AND vm_cmd = 'stop' "
+                              "RETURNING vm_id", (hid,))
+        for (vm_id,) in stops:
+            log.info("VM %s: stop command", vm_id)
+            runner = self.vms.get(vm_id) or self._new_runner(vm_id)
+            runner.send(M.CmdStop())
+        starts = self.db.query("UPDATE vm_runtimes SET vm_cmd = NULL, vm_state = 'starting', vm_state_ts = %s "
+                               "WHERE host_id = %s AND vm_cmd = 'start' AND vm_state = 'stopped' RETURNING vm_id",
+                               (int(time.time()), hid))
+        for (vm_id,) in starts:
+            if vm_id in self.vms:
+                continue
+            log.info("VM %s: start command", vm_id)
+            runner = self._new_runner(vm_id)
+            if self.machine.state == "running" and not self.lost:
+                runner.send(M.CmdStart())
+            else:
+                runner.send(M.CmdStop())
+        # a runner whose row went to another node (or none) must not keep its VM
+        ids = [vm_id for vm_id, r in self.vms.items() if r.state not in ("new", "stopped")]
+        if ids:
+            mine = {r[0] for r in self.db.query("SELECT vm_id FROM vm_runtimes WHERE vm_id = ANY(%s) AND host_id = %s",
+                                                (ids, hid))}
+            for vm_id in ids:
+                if vm_id not in mine and vm_id in self.vms:
+                    self.vms[vm_id].send(M.RowLost())
+
+    def _vm_command_handler(self):
+        self._vm_wake.set()
+        while True:
+            self._vm_wake.wait(self.cfg.get_float("internal.hkd.agent.vm_command_handler.delay"))
+            self._vm_wake.clear()
+            try:
+                self.process_vm_commands()
+            except _DB_ERRORS as exc:
+                log.warning("VM command intake failed: %s", _first_line(exc))
+
+    def check_expirations(self):
+        rows = self.db.query(
+            "SELECT vm_id, vm_expiration_soft, vm_expiration_hard, "
+            "vm_expiration_hard IS NOT NULL AND vm_expiration_hard < now() AT TIME ZONE 'UTC' "
+            "FROM vm_runtimes WHERE host_id = %s AND vm_state = 'running' "
+            "AND (vm_expiration_soft < now() AT TIME ZONE 'UTC' OR vm_expiration_hard < now() AT TIME ZONE 'UTC')",
+            (self.host_id,))
+        for vm_id, soft, hard, hard_expired in rows:
+            runner = self.vms.get(vm_id)
+            if runner is None:
+                continue
+            if hard_expired:
+                log.info("VM %s: hard expiration reached; stopping", vm_id)
+                runner.send(M.CmdStop())
+            else:
+                log.info("VM %s: soft expiration reached; telling the VMA", vm_id)
+                runner.send(M.Expired(soft=soft, hard=hard))
+
+    def _expiration_monitor(self):
+        while True:
+            gevent.sleep(self.cfg.get_float("internal.hkd.agent.expiration_monitor.delay") * random.uniform(0.95, 1.0))
+            try:
+                self.check_expirations()
+            except _DB_ERRORS as exc:
+                log.warning("expiration check failed: %s", _first_line(exc))
+
+
+__all__ = ["HKD", "HkdError", "VmHandle"]

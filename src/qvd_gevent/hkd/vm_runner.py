@@ -1,0 +1,317 @@
+"""Runs one VM's state machine with real I/O: DB rows, the hypervisor, the VMA.
+
+One greenlet per VM consumes events from a queue, asks the pure VmMachine for actions and
+executes them; steps run in their own greenlet and report back as StepDone/StepFailed.
+Every write to vm_runtimes is guarded by ``host_id = me``: a write that hits no row means
+the cluster gave the VM away (this node was marked lost), and the VM is killed at once.
+"""
+import logging
+import os
+import time
+
+import gevent
+import gevent.event
+import gevent.queue
+
+from ..hypervisors.base import HypervisorError, VmHandle, VmSpec
+from ..node import metrics
+from ..vma.client import VmaClient, VmaError
+from . import vm_machine as M
+
+log = logging.getLogger("qvd.hkd.vm")
+
+
+class RowLostError(Exception):
+    pass
+
+
+def di_full_path(cfg, di_path):
+    """dis.path is relative to path.storage.images unless absolute."""
+    if os.path.isabs(di_path):
+        return di_path
+    return os.path.join(cfg.get_str("path.storage.images"), di_path)
+
+
+def mac_from_ip(prefix, ip):
+    octets = [int(x) for x in ip.split(".")]
+    return prefix.lower() + ":" + ":".join(f"{o:02x}" for o in octets[1:])
+
+
+class VmRunner:
+    def __init__(self, hkd, vm_id):
+        self.hkd = hkd
+        self.cfg = hkd.cfg
+        self.db = hkd.db
+        self.vm_id = vm_id
+        self.machine = M.VmMachine(vm_id, hkd.vm_settings)
+        self.events = gevent.queue.Queue()
+        self.spec = None
+        self.handle = None
+        self.dhcp_registered = None
+        self.holds_heavy = False
+        self._timer = None
+        self._monitor = None
+        self._exit_watch = None
+        self._steps = set()
+        self.finished = gevent.event.Event()
+        self._greenlet = gevent.spawn(self._run)
+
+    # --- public ----------------------------------------------------------------------
+    @property
+    def state(self):
+        return self.machine.main_state
+
+    def send(self, event):
+        self.events.put(event)
+
+    def kill_greenlets(self):
+        for g in [self._timer, self._monitor, self._exit_watch, self._greenlet, *self._steps]:
+            if g is not None:
+                g.kill(block=False)
+
+    # --- loop ------------------------------------------------------------------------
+    def _run(self):
+        try:
+            while not self.finished.is_set():
+                event = self.events.get()
+                for action in self.machine.handle(event):
+                    self._execute(action)
+        except gevent.GreenletExit:
+            raise
+        except Exception:
+            log.exception("VM %s: runner crashed", self.vm_id)
+        finally:
+            self._release_heavy()
+            for g in (self._timer, self._monitor, self._exit_watch):
+                if g is not None:
+                    g.kill(block=False)
+            self.finished.set()
+            self.hkd._runner_finished(self)
+
+    def _execute(self, action):
+        if isinstance(action, M.Step):
+            g = gevent.spawn(self._run_step, action)
+            self._steps.add(g)
+            g.link(lambda g: self._steps.discard(g))
+        elif isinstance(action, M.Log):
+            log.info("%s", action.text)
+        elif isinstance(action, M.ArmTimer):
+            self._cancel_timer()
+            self._timer = gevent.spawn_later(action.seconds, self.send, M.Timeout(action.name))
+        elif isinstance(action, M.CancelTimer):
+            self._cancel_timer()
+        elif isinstance(action, M.StartMonitor):
+            self._stop_monitor()
+            self._monitor = gevent.spawn(self._vma_monitor, action.mode)
+        elif isinstance(action, M.StopMonitor):
+            self._stop_monitor()
+        elif isinstance(action, M.WatchExit):
+            if self._exit_watch is None:
+                self._exit_watch = gevent.spawn(self._watch_exit)
+        elif isinstance(action, M.ReleaseHeavy):
+            self._release_heavy()
+        elif isinstance(action, M.Finished):
+            self.finished.set()
+
+    def _cancel_timer(self):
+        if self._timer is not None:
+            self._timer.kill(block=False)
+            self._timer = None
+
+    def _stop_monitor(self):
+        if self._monitor is not None:
+            self._monitor.kill(block=False)
+            self._monitor = None
+
+    def _release_heavy(self):
+        if self.holds_heavy:
+            self.holds_heavy = False
+            self.hkd.heavy.release()
+
+    def _run_step(self, step):
+        method = getattr(self, "_step_" + type(step).__name__)
+        try:
+            result = method(step)
+        except RowLostError:
+            self.send(M.StepFailed(step.serial, "runtime row lost"))
+            self.send(M.RowLost())
+            return
+        except gevent.GreenletExit:
+            raise
+        except Exception as exc:  # every failure is an event for the machine
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if not isinstance(exc, (HypervisorError, VmaError)):
+                log.debug("VM %s: step %s failed", self.vm_id, type(step).__name__, exc_info=True)
+            self.send(M.StepFailed(step.serial, reason))
+            return
+        self.send(M.StepDone(step.serial, result))
+
+    # --- DB helpers ------------------------------------------------------------------
+    def _guarded_update(self, sql, params):
+        """UPDATE ... WHERE vm_id = %s AND host_id = me; no row -> RowLostError."""
+        count = self.db.execute(sql + " WHERE vm_id = %s AND host_id = %s", (*params, self.vm_id, self.hkd.host_id))
+        if count != 1:
+            raise RowLostError()
+
+    # --- steps -----------------------------------------------------------------------
+    def _step_Prepare(self, step):
+        cfg = self.cfg
+
+        def load(cur):
+            cur.execute("SELECT v.name, v.user_id, v.osf_id, v.di_tag, v.ip, v.storage, u.login "
+                        "FROM vms v JOIN users u ON u.id = v.user_id WHERE v.id = %s", (self.vm_id,))
+            row = cur.fetchone()
+            if row is None:
+                raise HypervisorError(f"VM {self.vm_id} does not exist")
+            name, _user_id, osf_id, di_tag, ip, _storage, login = row
+            cur.execute("SELECT d.id, d.path, o.use_overlay, o.user_storage_size, o.memory "
+                        "FROM di_tags t JOIN dis d ON d.id = t.di_id JOIN osfs o ON o.id = d.osf_id "
+                        "WHERE d.blocked = false AND o.id = %s AND t.tag = %s", (osf_id, di_tag))
+            dis = cur.fetchall()
+            if len(dis) != 1:
+                raise HypervisorError(f"VM {self.vm_id}: {len(dis)} usable DIs with tag {di_tag!r} in OSF {osf_id}")
+            di_id, di_path, use_overlay, user_storage, memory = dis[0]
+            cur.execute("SELECT p.key, v.value FROM vm_properties v "
+                        "JOIN qvd_object_properties_list q ON q.id = v.property_id "
+                        "JOIN properties_list p ON p.id = q.property_id WHERE v.vm_id = %s", (self.vm_id,))
+            props = dict(cur.fetchall())
+            vma_port = cfg.get_int("internal.vm.port.vma")
+            x_port = cfg.get_int("internal.nxagent.display") + 4000
+            ssh_port = cfg.get_int("internal.vm.port.ssh")
+            cur.execute("UPDATE vm_runtimes SET vm_address = %s, vm_vma_port = %s, vm_x_port = %s, vm_ssh_port = %s, "
+                        "vm_vnc_port = 0, vm_serial_port = 0, vm_mon_port = 0, vm_pid = NULL, current_di_id = %s, "
+                        "current_osf_id = %s WHERE vm_id = %s AND host_id = %s",
+                        (ip, vma_port, x_port, ssh_port, di_id, osf_id, self.vm_id, self.hkd.host_id))
+            if cur.rowcount != 1:
+                raise RowLostError()
+            cur.execute("INSERT INTO vm_counters (vm_id, run_attempts, run_ok) VALUES (%s, 1, 0) "
+                        "ON CONFLICT (vm_id) DO UPDATE SET run_attempts = vm_counters.run_attempts + 1",
+                        (self.vm_id,))
+            mac = mac_from_ip(cfg.get_str("vm.network.mac.prefix"), ip) if ip else None
+            return VmSpec(vm_id=self.vm_id, name=name, ip=ip, mac=mac, memory=memory, di_id=di_id,
+                          di_path=di_full_path(cfg, di_path), use_overlay=use_overlay,
+                          user_storage_size=user_storage, login=login, vma_port=vma_port, x_port=x_port,
+                          properties=props)
+        self.spec = self.db.transaction(load)
+        log.info("VM %s (%s): starting with DI %s", self.vm_id, self.spec.name, self.spec.di_path)
+
+    def _step_AcquireHeavy(self, step):
+        if not self.holds_heavy:
+            self.hkd.heavy.acquire()
+            self.holds_heavy = True
+
+    def _step_StartVm(self, step):
+        spec = self.spec
+        hv = self.hkd.hypervisor
+        if hv.uses_bridge and self.hkd.dnsmasq is not None and spec.mac and spec.ip:
+            self.hkd.dnsmasq.add_host(spec.mac, spec.ip)
+            self.dhcp_registered = spec.mac
+        try:
+            self.handle = hv.start(spec)
+        except Exception:
+            metrics.inc("qvd_hkd_vm_starts_total", result="error")
+            raise
+        self._guarded_update("UPDATE vm_runtimes SET vm_address = %s, vm_pid = %s",
+                             (self.handle.address, self.handle.pid))
+        log.info("VM %s: launched (pid %s, address %s)", self.vm_id, self.handle.pid, self.handle.address)
+
+    def _step_WriteState(self, step):
+        if step.run_ok:
+            def write(cur):
+                cur.execute("UPDATE vm_runtimes SET vm_state = %s, vm_state_ts = %s WHERE vm_id = %s AND host_id = %s",
+                            (step.state, int(time.time()), self.vm_id, self.hkd.host_id))
+                if cur.rowcount != 1:
+                    raise RowLostError()
+                cur.execute("UPDATE vm_counters SET run_ok = run_ok + 1 WHERE vm_id = %s", (self.vm_id,))
+            self.db.transaction(write)
+            metrics.inc("qvd_hkd_vm_starts_total", result="ok")
+        else:
+            self._guarded_update("UPDATE vm_runtimes SET vm_state = %s, vm_state_ts = %s",
+                                 (step.state, int(time.time())))
+
+    def _vma(self):
+        address = self.handle.address if self.handle else (self.spec.ip if self.spec else None)
+        return VmaClient(address, self.cfg.get_int("internal.vm.port.vma"),
+                         timeout=self.cfg.get_float("internal.hkd.agent.rpc.timeout"))
+
+    def _step_Poweroff(self, step):
+        try:
+            self._vma().call("poweroff")
+            log.info("VM %s: VMA poweroff sent", self.vm_id)
+        except VmaError as exc:
+            log.info("VM %s: VMA poweroff failed (%s); asking the hypervisor", self.vm_id, exc)
+            self.hkd.hypervisor.shutdown(self._handle())
+
+    def _handle(self):
+        return self.handle or VmHandle(vm_id=self.vm_id, address="", pid=None)
+
+    def _step_Shutdown(self, step):
+        self.hkd.hypervisor.shutdown(self._handle())
+
+    def _step_Kill(self, step):
+        if self.handle is not None:
+            self.hkd.hypervisor.kill(self.handle)
+
+    def _step_Cleanup(self, step):
+        if self.dhcp_registered and self.hkd.dnsmasq is not None:
+            self.hkd.dnsmasq.remove_host(self.dhcp_registered)
+            self.dhcp_registered = None
+        self.hkd.hypervisor.cleanup(self._handle())
+
+    def _step_ClearRuntimeRow(self, step):
+        # exactly the reference's _clear_runtime_row columns; no row-count check there either
+        self.db.execute("UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL, vm_vma_port = NULL, "
+                        "vm_x_port = NULL, vm_ssh_port = NULL, vm_vnc_port = NULL, vm_serial_port = NULL, "
+                        "vm_mon_port = NULL, vm_address = NULL, vm_cmd = NULL, vm_expiration_soft = NULL, "
+                        "vm_expiration_hard = NULL, current_di_id = NULL WHERE vm_id = %s AND host_id = %s",
+                        (self.vm_id, self.hkd.host_id))
+
+    def _step_ExpireVma(self, step):
+        params = {}
+        if step.soft is not None:
+            params["vm.expiration.soft"] = str(step.soft)
+        if step.hard is not None:
+            params["vm.expiration.hard"] = str(step.hard)
+        try:
+            self._vma().call("expire", **params)
+        except VmaError as exc:
+            log.info("VM %s: VMA expire failed: %s", self.vm_id, exc)
+
+    # --- watchers --------------------------------------------------------------------
+    def _watch_exit(self):
+        handle = self.handle
+        if handle is None:
+            return
+        try:
+            self.hkd.hypervisor.wait_exit(handle)
+        except Exception as exc:
+            log.warning("VM %s: cannot watch the hypervisor: %s", self.vm_id, exc)
+            return
+        log.info("VM %s: hypervisor reports the VM exited", self.vm_id)
+        self.send(M.VmExited())
+
+    def _vma_monitor(self, mode):
+        """Ping the VMA; VmaAlive on success, VmaFailed(count, since) on failure."""
+        cfg = self.cfg
+        client = self._vma()
+        failures = 0
+        last_ok = time.monotonic()
+        while True:
+            try:
+                client.ping()
+                ok = True
+            except VmaError:
+                ok = False
+            if ok:
+                failures = 0
+                last_ok = time.monotonic()
+                self.send(M.VmaAlive())
+                if mode == "starting":
+                    mode = "running"       # the machine switches us anyway; avoid double alive
+                delay = cfg.get_float("internal.hkd.vmhandler.vma_monitor.delay.after.ok")
+            else:
+                failures += 1
+                self.send(M.VmaFailed(failures, time.monotonic() - last_ok))
+                delay = (cfg.get_float("internal.hkd.vmhandler.vma_monitor.delay.starting") if mode == "starting"
+                         else cfg.get_float("internal.hkd.vmhandler.vma_monitor.delay.after.error"))
+            gevent.sleep(delay)

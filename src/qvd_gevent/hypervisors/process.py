@@ -1,0 +1,229 @@
+"""The `process` hypervisor: a VM is the DI executable run as a child process, no root.
+
+Each VM gets its own loopback address (vm.process.address.base, derived from the vm id)
+so every VM's VMA and display listen on the same ports at different addresses, as in a
+real VM network. The init runs in its own session/process group: shutdown is SIGTERM to
+the group, kill is SIGKILL. QVD_NODE=<nodename> in its environment lets a restarted node
+find its VMs again in /proc (adoption after a crash of the node).
+"""
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import gevent
+import gevent.socket
+
+from .base import Hypervisor, HypervisorError, VmHandle, VmSpec
+
+log = logging.getLogger("qvd.hkd.process")
+
+
+def vm_loopback_address(base, vm_id):
+    """A stable per-VM address inside the loopback range `base` (e.g. 127.100.0.0/16)."""
+    net = ipaddress.ip_network(base, strict=False)
+    usable = net.num_addresses - 2
+    if usable < 1 or not net.is_loopback:
+        raise HypervisorError(f"vm.process.address.base {base} must be a loopback range with room for VMs")
+    return str(net.network_address + 1 + (int(vm_id) % usable))
+
+
+def _read_environ(pid):
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        raw = fh.read()
+    env = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+    return env
+
+
+def _proc_state(pid):
+    """The one-letter state from /proc/<pid>/stat, or None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    return data[data.rfind(")") + 2:].split(" ", 1)[0]
+
+
+class ProcessHypervisor(Hypervisor):
+    name = "process"
+    needs_root = False
+    uses_bridge = False
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.nodename = cfg.get_str("nodename")
+        self.base = cfg.get_str("vm.process.address.base")
+        self.log_dir = os.path.join(cfg.get_str("path.run"), "process-vms")
+        self._children = {}      # vm_id -> Popen (started by this process)
+
+    # --- helpers -----------------------------------------------------------------------
+    def address_for(self, vm_id):
+        return vm_loopback_address(self.base, vm_id)
+
+    def _belongs(self, pid, vm_id):
+        """pid is still the init of vm_id on this node (guards against pid reuse)."""
+        if _proc_state(pid) in (None, "Z", "X"):
+            return False
+        try:
+            env = _read_environ(pid)
+        except OSError:
+            return False
+        return env.get("QVD_NODE") == self.nodename and env.get("QVD_VM_ID") == str(vm_id)
+
+    # --- interface ---------------------------------------------------------------------
+    def check(self):
+        address = self.address_for(1)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind((address, 0))
+        except OSError as exc:
+            raise HypervisorError(f"cannot bind loopback address {address} for process VMs: {exc.strerror}") from None
+        finally:
+            sock.close()
+        os.makedirs(self.log_dir, exist_ok=True)
+
+    def start(self, spec: VmSpec) -> VmHandle:
+        path = spec.di_path
+        if not os.path.isfile(path) or not os.access(path, os.X_OK):
+            raise HypervisorError(f"DI {path} of VM {spec.vm_id} is not an executable file")
+        address = self.address_for(spec.vm_id)
+        env = {k: v for k, v in os.environ.items()
+               if k.lower() not in ("http_proxy", "https_proxy") and not k.startswith("QVD_")}
+        env.update({
+            "QVD_VM_ID": str(spec.vm_id),
+            "QVD_VM_NAME": spec.name,
+            "QVD_VM_ADDRESS": address,
+            "QVD_VMA_PORT": str(spec.vma_port),
+            "QVD_X_PORT": str(spec.x_port),
+            "QVD_NODE": self.nodename,
+        })
+        for key, value in (spec.properties or {}).items():
+            env["QVD_PROP_" + "".join(c if c.isalnum() else "_" for c in key).upper()] = str(value)
+        os.makedirs(self.log_dir, exist_ok=True)
+        log_path = os.path.join(self.log_dir, f"vm-{spec.vm_id}.log")
+        with open(log_path, "ab") as out:
+            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {path}\n".encode())
+            out.flush()
+            try:
+                child = subprocess.Popen([path], env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         cwd=self.log_dir, close_fds=True)
+            except OSError as exc:
+                raise HypervisorError(f"cannot run DI {path} for VM {spec.vm_id}: {exc.strerror}") from None
+        self._children[spec.vm_id] = child
+        return VmHandle(vm_id=spec.vm_id, address=address, pid=child.pid, name=f"vm-{spec.vm_id}",
+                        extra={"log": log_path})
+
+    def _signal_group(self, handle, signum):
+        if not handle.pid:
+            return
+        child = self._children.get(handle.vm_id)
+        if child is None and not self._belongs(handle.pid, handle.vm_id):
+            return
+        if child is not None and child.poll() is not None:
+            # the init is gone; its group may still hold stragglers
+            pass
+        try:
+            os.killpg(handle.pid, signum)
+        except ProcessLookupError:
+            pass
+        except PermissionError as exc:
+            raise HypervisorError(f"cannot signal VM {handle.vm_id} (pid {handle.pid}): {exc.strerror}") from None
+
+    def shutdown(self, handle: VmHandle):
+        self._signal_group(handle, signal.SIGTERM)
+
+    def kill(self, handle: VmHandle):
+        self._signal_group(handle, signal.SIGKILL)
+
+    def is_running(self, handle: VmHandle) -> bool:
+        child = self._children.get(handle.vm_id)
+        if child is not None and child.pid == handle.pid:
+            return child.poll() is None
+        return bool(handle.pid) and self._belongs(handle.pid, handle.vm_id)
+
+    def wait_exit(self, handle: VmHandle, timeout=None) -> bool:
+        child = self._children.get(handle.vm_id)
+        if child is not None and child.pid == handle.pid:
+            try:
+                child.wait(timeout=timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        if not handle.pid:
+            return True
+        # Adopted VM (not our child): a pidfd becomes readable when the process ends.
+        try:
+            pidfd = os.pidfd_open(handle.pid)
+        except ProcessLookupError:
+            return True
+        except (OSError, AttributeError):
+            return self._poll_exit(handle, timeout)
+        try:
+            if not self._belongs(handle.pid, handle.vm_id):
+                return True
+            try:
+                gevent.socket.wait_read(pidfd, timeout=timeout)
+                return True
+            except gevent.socket.timeout:
+                return False
+        finally:
+            os.close(pidfd)
+
+    def _poll_exit(self, handle, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._belongs(handle.pid, handle.vm_id):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            gevent.sleep(0.5)
+        return True
+
+    def cleanup(self, handle: VmHandle):
+        child = self._children.pop(handle.vm_id, None)
+        if child is not None and child.poll() is None:
+            # cleanup of a VM still running means the caller gave up on it: no orphans
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                log.warning("VM %s: init pid %s did not die after SIGKILL", handle.vm_id, child.pid)
+        elif handle.pid and self._belongs(handle.pid, handle.vm_id):
+            try:
+                os.killpg(handle.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def list_running(self) -> dict:
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                env = _read_environ(pid)
+                if env.get("QVD_NODE") != self.nodename or "QVD_VM_ID" not in env:
+                    continue
+                if os.getpgid(pid) != pid:    # a process inside a VM, not its init
+                    continue
+            except (OSError, ValueError):
+                continue
+            if _proc_state(pid) in (None, "Z", "X"):
+                continue
+            try:
+                vm_id = int(env["QVD_VM_ID"])
+            except ValueError:
+                continue
+            found[vm_id] = VmHandle(vm_id=vm_id, address=env.get("QVD_VM_ADDRESS", ""), pid=pid,
+                                    name=f"vm-{vm_id}")
+        return found

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""A minimal VM init for `process` hypervisor tests (stands in for qvd-vm-init).
+
+Serves the VMA's SimpleRPC calls the HKD and the L7R use on QVD_VM_ADDRESS:QVD_VMA_PORT
+(GET /vma/ping, /vma/x_state, /vma/x_start, /vma/poweroff) and echoes lines on the
+display port. Exits on SIGTERM and after answering poweroff.
+Env knobs for tests: TINY_VM_NO_VMA=1 (never answer: a VM whose agent is dead),
+TINY_VM_IGNORE_TERM=1 (ignore SIGTERM: forces the HKD to SIGKILL).
+"""
+import json
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ADDRESS = os.environ.get("QVD_VM_ADDRESS", "127.0.0.1")
+VMA_PORT = int(os.environ.get("QVD_VMA_PORT", "3030"))
+X_PORT = int(os.environ.get("QVD_X_PORT", "4100"))
+x_state = {"value": "stopped"}
+
+
+class Vma(BaseHTTPRequestHandler):
+    def log_message(self, fmt, *args):
+        sys.stderr.write("vma: " + (fmt % args) + "\n")
+
+    def _answer(self, result):
+        body = json.dumps(result).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        method = self.path.split("?", 1)[0]
+        if method == "/vma/ping":
+            self._answer(1)
+        elif method == "/vma/x_state":
+            self._answer(x_state["value"])
+        elif method == "/vma/x_start":
+            x_state["value"] = "listening"
+            self._answer(1)
+        elif method == "/vma/poweroff":
+            self._answer(1)
+            threading.Timer(0.1, lambda: os._exit(0)).start()
+        elif method == "/vma/expire":
+            self._answer(1)
+        else:
+            self.send_error(404)
+
+
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line)
+
+
+class EchoServer(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+def main():
+    if os.environ.get("TINY_VM_IGNORE_TERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    echo = EchoServer((ADDRESS, X_PORT), Echo)
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    if os.environ.get("TINY_VM_NO_VMA") == "1":
+        threading.Event().wait()
+    ThreadingHTTPServer.allow_reuse_address = True
+    ThreadingHTTPServer.daemon_threads = True
+    server = ThreadingHTTPServer((ADDRESS, VMA_PORT), Vma)
+    print(f"tiny vm {os.environ.get('QVD_VM_ID')} on {ADDRESS}:{VMA_PORT}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except OSError as exc:
+        print(f"tiny vm: {exc}", file=sys.stderr)
+        sys.exit(1)
