@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(
   dnsmasq-base busybox-static iproute2 iptables procps psmisc   # netns VMs, DHCP, NAT
-  nxagent nxproxy x11-apps xauth                                 # the NX desktop test
+  nxagent nxproxy x11-apps x11-utils xauth xvfb                  # the NX desktop test (Xvfb: the user's screen)
   haproxy socat                                                  # benchmark references
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-lxc libvirt-clients
   libvirt-dev pkg-config gcc qemu-system-x86 qemu-utils cpio     # kvm/lxc hypervisors

@@ -1,0 +1,155 @@
+"""A real NX session on the VMA's nx desktop, with Debian's nx-libs (issue 5, item 5 groundwork).
+
+Chain (all on this machine, loopback only):
+    xlogo --X11--> nxagent :D (started by qvd-vma on x_start, listens on tcp *:4000+D)
+          <--NX--> nxproxy -S localhost:D (client side, connects to 127.0.0.1:4000+D)
+          --X11--> Xvfb :X (stands in for the user's screen)
+
+Invocations found by experiment with nx-libs 3.5.99.26:
+    nxagent :D -ac -name QVD -nolisten tcp -display nx/nx,options=<file>:D
+        <file> = "nx/nx,keyboard=pc105/us,link=adsl,geometry=800x600,tolerancechecks=risky:D"
+        logs "Session: Starting session at ..." then waits on tcp:*:4000+D;
+        "Session: Session started at ..." when nxproxy has connected;
+        "Session: Suspending session" / "Session suspended" when the proxy goes away.
+    DISPLAY=:X nxproxy -S localhost:D     (the client side; ":D" means port 4000+D)
+The test uses D and X away from 100 so it never collides with a VMA on port 4100.
+"""
+import os
+import re
+import shutil
+import struct
+import subprocess
+import time
+
+import gevent
+import pytest
+
+from qvd_gevent.config import Config
+from qvd_gevent.vma.client import VmaClient
+from qvd_gevent.vma.server import VmaService
+
+pytestmark = pytest.mark.slow
+
+NEEDED = ("nxagent", "nxproxy", "Xvfb", "xlogo", "xwininfo", "xwd")
+
+
+def wait_for(predicate, limit, what):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        gevent.sleep(0.1)
+    raise AssertionError(f"timed out after {limit}s waiting for {what}")
+
+
+def x_output(argv, env):
+    return subprocess.run(argv, capture_output=True, env=env, timeout=10).stdout.decode(errors="replace")
+
+
+def screenshot(display, env):
+    """The client's screen as (bytes_per_line, bytes_per_pixel, pixels) from xwd."""
+    data = subprocess.run(["xwd", "-root", "-silent", "-display", f":{display}"], capture_output=True,
+                          env=env, timeout=10).stdout
+    header_size, = struct.unpack(">I", data[0:4])
+    width, = struct.unpack(">I", data[16:20])
+    bytes_per_line, = struct.unpack(">I", data[48:52])
+    ncolors, = struct.unpack(">I", data[76:80])
+    return bytes_per_line, bytes_per_line // width, data[header_size + 12 * ncolors:]
+
+
+def count_pixels(shot, x0, y0, width, height):
+    """(white, black) pixels in a rectangle of a 32-bpp TrueColor screenshot."""
+    bytes_per_line, bytes_per_pixel, pixels = shot
+    assert bytes_per_pixel == 4, bytes_per_pixel
+    white = black = 0
+    for y in range(y0, y0 + height):
+        row = pixels[y * bytes_per_line + 4 * x0: y * bytes_per_line + 4 * (x0 + width)]
+        for i in range(0, len(row), 4):
+            rgb = row[i:i + 4]
+            if rgb in (b"\xff\xff\xff\xff", b"\xff\xff\xff\x00", b"\x00\xff\xff\xff"):
+                white += 1
+            elif rgb in (b"\x00\x00\x00\x00", b"\x00\x00\x00\xff", b"\xff\x00\x00\x00"):
+                black += 1
+    return white, black
+
+
+def stop(proc):
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def displays():
+    missing = [tool for tool in NEEDED if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"NX test needs {', '.join(missing)} (scripts/install-test-deps.sh installs them)")
+    base = 150 + os.getpid() % 40 * 2
+    agent, screen = base, base + 1
+    for d in (agent, screen):
+        if os.path.exists(f"/tmp/.X{d}-lock"):
+            pytest.skip(f"display :{d} is in use on this machine")
+    return agent, screen
+
+
+def test_nx_session_comes_up_and_an_x_client_draws(displays, tmp_path):
+    agent_display, screen_display = displays
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), NX_HOME=str(home))
+    xvfb = proxy = None
+    cfg = Config({"internal.nxagent.display": str(agent_display), "command.x-session": "xlogo"}, None)
+    vma = VmaService(cfg, "127.0.0.1", port=0, desktop="nx", run_dir=str(tmp_path)).start()
+    client = VmaClient("127.0.0.1", vma.port, timeout=4)
+    try:
+        xvfb = subprocess.Popen(["Xvfb", f":{screen_display}", "-nolisten", "tcp", "-screen", "0", "1024x768x24"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: os.path.exists(f"/tmp/.X11-unix/X{screen_display}"), 10, "Xvfb")
+
+        assert client.x_state() == "stopped"
+        assert client.x_start(**{"qvd.client.geometry": "800x600", "qvd.client.keyboard": "pc105/us",
+                                 "qvd.client.link": "adsl", "qvd.vm.user.name": "qvd"}) == "starting"
+        options = (tmp_path / "nxagent.conf").read_text().strip()
+        assert options == (f"nx/nx,keyboard=pc105/us,link=adsl,geometry=800x600,"
+                           f"tolerancechecks=risky:{agent_display}")
+        wait_for(lambda: client.x_state() == "listening", 15, "x_state listening")
+
+        proxy = subprocess.Popen(["nxproxy", "-S", f"localhost:{agent_display}"],
+                                 env=dict(env, DISPLAY=f":{screen_display}"),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: client.x_state() == "connected", 20, "x_state connected")
+        log = (tmp_path / "nxagent.log").read_text(errors="replace")
+        assert "Session: Starting session at" in log
+        assert "Session: Session started at" in log
+
+        # xlogo runs on nxagent's display inside the "VM" (100x100, black logo on white);
+        # nxagent mirrors its window into its own "QVD" window on the client's X server
+        # and the pixels get there only through the NX link.
+        def xlogo_window_on_the_users_screen():
+            tree = x_output(["xwininfo", "-root", "-tree", "-display", f":{screen_display}"], env)
+            if '"QVD": ("NXAgent" "NXAgent")' not in tree:
+                return None
+            match = re.search(r"100x100\+-?\d+\+-?\d+\s+\+(\d+)\+(\d+)", tree)
+            return (int(match.group(1)), int(match.group(2))) if match else None
+        x, y = wait_for(xlogo_window_on_the_users_screen, 20, "xlogo's window on the client's X server")
+
+        def xlogo_pixels_drawn():
+            white, black = count_pixels(screenshot(screen_display, env), x, y, 100, 100)
+            return white > 1000 and black > 300
+        wait_for(xlogo_pixels_drawn, 20, "xlogo's black-on-white pixels on the client's X server")
+
+        stop(proxy)  # the user goes away: nxagent suspends by itself
+        wait_for(lambda: client.x_state() == "suspended", 20, "x_state suspended")
+
+        assert client.call("x_stop") == "stopping"
+        wait_for(lambda: client.x_state() == "stopped", 25, "x_state stopped")
+        assert "Session: Session terminated at" in (tmp_path / "nxagent.log").read_text(errors="replace")
+    finally:
+        stop(proxy)
+        vma.stop()
+        stop(xvfb)
