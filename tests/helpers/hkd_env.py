@@ -1,0 +1,140 @@
+"""Shared set-up for HKD tests: node.conf with short timeouts, rows for hosts/users/VMs,
+commands sent the way the admin CLI and the L7R send them, bounded waits."""
+import os
+import random
+import sys
+import time
+
+TINY_VM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_vm.py")
+
+
+def fast_hkd_settings(tmp_path, nodename="test-node", **extra):
+    """node.conf extras: process hypervisor, a private loopback range, short timers."""
+    base = f"127.{random.randint(101, 250)}.0.0/16"
+    values = {
+        "nodename": nodename,
+        "path.run": tmp_path / f"run-{nodename}",
+        "path.storage.root": tmp_path / "storage",
+        "vm.hypervisor": "process",
+        "vm.process.address.base": base,
+        "internal.hkd.vmhandler.vma_monitor.delay.starting": 0.2,
+        "internal.hkd.vmhandler.vma_monitor.delay.after.ok": 1,
+        "internal.hkd.vmhandler.vma_monitor.delay.after.error": 0.3,
+        "internal.hkd.timeout.on_state.stopping.shutdown": 3,
+        "internal.hkd.timeout.on_state.stopping.stop": 3,
+        "internal.hkd.timeout.on_state.zombie.reap": 3,
+        "internal.hkd.timeout.on_state.zombie.delaying": 1,
+        "internal.hkd.agent.ticker.delay": 1,
+        "internal.hkd.agent.vm_command_handler.delay": 2,
+        "internal.hkd.agent.command_handler.delay": 2,
+        "internal.hkd.agent.cluster_monitor.long_delay": 1,
+        "internal.hkd.agent.cluster_monitor.delay": 1,
+        "internal.hkd.agent.cluster_monitor.fuzzy_delay": 0,
+        "internal.hkd.agent.rpc.timeout": 1,
+        "internal.hkd.stopping.vms.timeout": 10,
+        "internal.hkd.killing.vms.retry.timeout": 3,
+    }
+    values.update(extra)
+    return values
+
+
+def write_conf(path, server, dbname, values):
+    from conftest import write_node_conf
+    write_node_conf(path, server, dbname, {})
+    text = path.read_text().replace("nodename = test-node\n", "")
+    text += "".join(f"{k} = {v}\n" for k, v in values.items())
+    path.write_text(text)
+    return path
+
+
+def add_host(db, name="test-node", address="127.0.0.1"):
+    def run(cur):
+        cur.execute("INSERT INTO hosts (name, address, frontend, backend) VALUES (%s, %s, true, true) RETURNING id",
+                    (name, address))
+        host_id = cur.fetchone()[0]
+        cur.execute("INSERT INTO host_runtimes (host_id, state, blocked) VALUES (%s, 'stopped', false)", (host_id,))
+        return host_id
+    return db.transaction(run)
+
+
+def write_di_script(path, env=None):
+    """An executable DI that runs tiny_vm.py with extra environment."""
+    lines = ["#!/bin/sh"]
+    for k, v in (env or {}).items():
+        lines.append(f"export {k}={v}")
+    lines.append(f"exec {sys.executable} {TINY_VM}")
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def add_vms(db, count=1, di_path=TINY_VM, login="user1"):
+    def run(cur):
+        cur.execute("INSERT INTO users (tenant_id, login, password) VALUES (1, %s, 'x') "
+                    "ON CONFLICT (login, tenant_id) DO UPDATE SET login = EXCLUDED.login RETURNING id", (login,))
+        user_id = cur.fetchone()[0]
+        cur.execute("INSERT INTO osfs (tenant_id, name, memory, use_overlay) VALUES (1, %s, 256, false) RETURNING id",
+                    (f"osf-{random.randint(0, 10**9)}",))
+        osf_id = cur.fetchone()[0]
+        cur.execute("INSERT INTO dis (osf_id, path, version) VALUES (%s, %s, '1') RETURNING id", (osf_id, di_path))
+        di_id = cur.fetchone()[0]
+        cur.execute("INSERT INTO di_tags (di_id, tag) VALUES (%s, 'default'), (%s, 'head')", (di_id, di_id))
+        ids = []
+        for i in range(count):
+            cur.execute("INSERT INTO vms (name, user_id, osf_id, di_tag, ip) VALUES (%s, %s, %s, 'default', %s) "
+                        "RETURNING id", (f"vm-{osf_id}-{i}", user_id, osf_id, f"10.0.{osf_id % 200}.{100 + i}"))
+            vm_id = cur.fetchone()[0]
+            cur.execute("INSERT INTO vm_runtimes (vm_id, vm_state, user_state, blocked) "
+                        "VALUES (%s, 'stopped', 'disconnected', false)", (vm_id,))
+            ids.append(vm_id)
+        return ids
+    return db.transaction(run)
+
+
+def start_vm(db, vm_id, host_id):
+    """What the L7R does: assign the VM to a host, vm_cmd=start, NOTIFY the host."""
+    def run(cur):
+        cur.execute("UPDATE vm_runtimes SET host_id = %s, vm_cmd = 'start' WHERE vm_id = %s", (host_id, vm_id))
+        cur.execute("SELECT pg_notify(%s, '')", (f"qvd_cmd_for_vm_on_host{host_id}",))
+    db.transaction(run)
+
+
+def stop_vm(db, vm_id):
+    def run(cur):
+        cur.execute("UPDATE vm_runtimes SET vm_cmd = 'stop' WHERE vm_id = %s RETURNING host_id", (vm_id,))
+        host_id = cur.fetchone()[0]
+        cur.execute("SELECT pg_notify(%s, '')", (f"qvd_cmd_for_vm_on_host{host_id}",))
+    db.transaction(run)
+
+
+def vm_row(db, vm_id):
+    row = db.query_one("SELECT vm_state, host_id, vm_address, vm_vma_port, vm_x_port, vm_pid, current_di_id, vm_cmd "
+                       "FROM vm_runtimes WHERE vm_id = %s", (vm_id,))
+    keys = ("vm_state", "host_id", "vm_address", "vm_vma_port", "vm_x_port", "vm_pid", "current_di_id", "vm_cmd")
+    return dict(zip(keys, row))
+
+
+def wait_for(predicate, timeout=20.0, interval=0.1, what="condition"):
+    import gevent
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        gevent.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def wait_vm_state(db, vm_id, state, timeout=20.0):
+    return wait_for(lambda: vm_row(db, vm_id)["vm_state"] == state and vm_row(db, vm_id),
+                    timeout, what=f"VM {vm_id} {state}")
+
+
+def pid_alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except OSError:
+        return False

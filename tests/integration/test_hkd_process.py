@@ -1,0 +1,238 @@
+"""The HKD against a real PostgreSQL with `process` VMs (tiny_vm.py as the DI)."""
+import os
+import signal
+import socket
+
+import gevent
+import pytest
+
+from qvd_gevent.config import Config
+from qvd_gevent.db import Database
+from qvd_gevent.db.listen import Listener
+from qvd_gevent.hkd import HKD, HkdError
+from qvd_gevent.vma.client import VmaClient
+
+from helpers.hkd_env import (add_host, add_vms, fast_hkd_settings, pid_alive, start_vm, stop_vm, vm_row,
+                             wait_for, wait_vm_state, write_conf, write_di_script)
+
+
+class Node:
+    """One HKD with its own Database and Listener, stopped at teardown."""
+
+    def __init__(self, conf_path):
+        self.cfg = Config.load(str(conf_path))
+        self.db = Database.from_config(self.cfg)
+        self.listener = Listener(self.db).start()
+        self.listener.wait_connected(10)
+        self.hkd = HKD(self.cfg, self.db, self.listener)
+
+    def close(self):
+        try:
+            self.hkd.stop(timeout=5)
+        finally:
+            self.listener.stop()
+            self.db.close()
+
+
+@pytest.fixture
+def make_node(tmp_path, pg_server, fresh_db_name):
+    nodes = []
+
+    def make(nodename="test-node", **extra):
+        conf = write_conf(tmp_path / f"{nodename}.conf", pg_server, fresh_db_name,
+                          fast_hkd_settings(tmp_path, nodename, **extra))
+        node = Node(conf)
+        nodes.append(node)
+        return node
+    yield make
+    for node in nodes:
+        node.close()
+
+
+@pytest.fixture
+def admin_db(tmp_path, pg_server, fresh_db_name):
+    conf = write_conf(tmp_path / "admin.conf", pg_server, fresh_db_name, {"nodename": "admin"})
+    db = Database.from_config(Config.load(str(conf)))
+    yield db
+    db.close()
+
+
+def host_row(db, host_id):
+    return db.query_one("SELECT state, usable_ram, usable_cpu, ok_ts, pid, cmd FROM host_runtimes WHERE host_id = %s",
+                        (host_id,))
+
+
+def echo_roundtrip(address, port):
+    with socket.create_connection((address, port), timeout=5) as sock:
+        sock.sendall(b"hello\n")
+        return sock.recv(100)
+
+
+def test_start_refused_when_node_not_registered(make_node):
+    node = make_node()
+    with pytest.raises(HkdError, match="not registered in hosts"):
+        node.hkd.start()
+
+
+def test_start_refused_on_schema_version(make_node, admin_db):
+    add_host(admin_db)
+    admin_db.execute("UPDATE versions SET version = '4.2.0' WHERE component = 'schema'")
+    node = make_node()
+    with pytest.raises(HkdError, match="schema version is 4.2.0"):
+        node.hkd.start()
+
+
+def test_start_refused_when_address_not_local(make_node, admin_db):
+    add_host(admin_db, address="192.0.2.77")
+    node = make_node()
+    with pytest.raises(HkdError, match="not an address of this machine"):
+        node.hkd.start()
+    assert host_row(admin_db, node.hkd.host_id)[0] == "stopped"
+
+
+def test_host_lifecycle_and_vm_start_stop(make_node, admin_db):
+    host_id = add_host(admin_db)
+    (vm_id,) = add_vms(admin_db)
+    node = make_node()
+    node.hkd.start()
+    state, ram, cpu, ok_ts, pid, _ = host_row(admin_db, host_id)
+    assert (state, pid) == ("running", os.getpid())
+    assert ram > 0 and cpu > 0 and ok_ts is not None
+
+    start_vm(admin_db, vm_id, host_id)
+    row = wait_vm_state(admin_db, vm_id, "running")
+    assert row["vm_address"].startswith("127.") and row["vm_vma_port"] == 3030 and row["vm_x_port"] == 4100
+    assert row["current_di_id"] is not None and pid_alive(row["vm_pid"])
+    assert VmaClient(row["vm_address"], 3030, timeout=2).ping()
+    assert echo_roundtrip(row["vm_address"], 4100) == b"hello\n"
+    counters = admin_db.query_one("SELECT run_attempts, run_ok FROM vm_counters WHERE vm_id = %s", (vm_id,))
+    assert counters == (1, 1)
+    assert node.hkd.vms[vm_id].state == "running"
+
+    stop_vm(admin_db, vm_id)
+    row = wait_vm_state(admin_db, vm_id, "stopped")
+    assert row["host_id"] is None and row["vm_address"] is None and row["vm_cmd"] is None
+    wait_for(lambda: not pid_alive(row["vm_pid"] or 0) and vm_id not in node.hkd.vms, 5, what="VM process gone")
+
+    node.hkd.stop()
+    assert host_row(admin_db, host_id)[0] == "stopped"
+
+
+def test_running_only_after_vma_answers(make_node, admin_db, tmp_path):
+    host_id = add_host(admin_db)
+    di = write_di_script(tmp_path / "mute-vm", {"TINY_VM_NO_VMA": "1"})
+    (vm_id,) = add_vms(admin_db, di_path=di)
+    node = make_node(**{"internal.hkd.vmhandler.vma.failed.max_count.on.starting": 3,
+                        "internal.hkd.vmhandler.vma.failed.max_time.on.starting": 2})
+    node.hkd.start()
+    start_vm(admin_db, vm_id, host_id)
+    wait_for(lambda: vm_row(admin_db, vm_id)["vm_pid"], 10, what="launch")
+    pid = vm_row(admin_db, vm_id)["vm_pid"]
+    gevent.sleep(1)
+    assert vm_row(admin_db, vm_id)["vm_state"] == "starting"
+    # the VMA never answers: after the limits the VM is stopped (internal.vm.debug.enable off)
+    wait_vm_state(admin_db, vm_id, "stopped", timeout=20)
+    assert not pid_alive(pid)
+
+
+def test_dead_vma_goes_to_debugging_when_enabled(make_node, admin_db, tmp_path):
+    host_id = add_host(admin_db)
+    di = write_di_script(tmp_path / "mute-vm", {"TINY_VM_NO_VMA": "1"})
+    (vm_id,) = add_vms(admin_db, di_path=di)
+    node = make_node(**{"internal.hkd.vmhandler.vma.failed.max_count.on.starting": 3,
+                        "internal.hkd.vmhandler.vma.failed.max_time.on.starting": 1,
+                        "internal.vm.debug.enable": 1})
+    node.hkd.start()
+    start_vm(admin_db, vm_id, host_id)
+    row = wait_vm_state(admin_db, vm_id, "debugging", timeout=15)
+    assert pid_alive(row["vm_pid"])
+    stop_vm(admin_db, vm_id)
+    wait_vm_state(admin_db, vm_id, "stopped", timeout=15)
+    assert not pid_alive(row["vm_pid"])
+
+
+def test_crash_detected(make_node, admin_db):
+    host_id = add_host(admin_db)
+    (vm_id,) = add_vms(admin_db)
+    node = make_node()
+    node.hkd.start()
+    start_vm(admin_db, vm_id, host_id)
+    row = wait_vm_state(admin_db, vm_id, "running")
+    os.kill(row["vm_pid"], signal.SIGKILL)
+    row = wait_vm_state(admin_db, vm_id, "stopped", timeout=10)
+    assert row["host_id"] is None
+    wait_for(lambda: vm_id not in node.hkd.vms, 5, what="runner dropped")
+
+
+def test_sigterm_ignored_vm_is_killed(make_node, admin_db, tmp_path):
+    host_id = add_host(admin_db)
+    di = write_di_script(tmp_path / "stubborn-vm", {"TINY_VM_IGNORE_TERM": "1"})
+    (vm_id,) = add_vms(admin_db, di_path=di)
+    node = make_node()
+    node.hkd.start()
+    start_vm(admin_db, vm_id, host_id)
+    row = wait_vm_state(admin_db, vm_id, "running")
+    # no VMA poweroff path: the HKD kill escalation (SIGTERM ignored -> SIGKILL) must end it
+    node.hkd.vms[vm_id].send(__import__("qvd_gevent.hkd.vm_machine", fromlist=["HkdKill"]).HkdKill())
+    wait_vm_state(admin_db, vm_id, "stopped", timeout=15)
+    assert not pid_alive(row["vm_pid"])
+
+
+def test_host_stop_command_stops_vms_and_host(make_node, admin_db):
+    host_id = add_host(admin_db)
+    vm_ids = add_vms(admin_db, count=2)
+    node = make_node()
+    node.hkd.start()
+    for vm_id in vm_ids:
+        start_vm(admin_db, vm_id, host_id)
+    rows = [wait_vm_state(admin_db, vm_id, "running") for vm_id in vm_ids]
+
+    def send_stop(cur):
+        cur.execute("UPDATE host_runtimes SET cmd = 'stop' WHERE host_id = %s", (host_id,))
+        cur.execute("SELECT pg_notify(%s, '')", (f"qvd_cmd_for_host{host_id}",))
+    admin_db.transaction(send_stop)
+    assert node.hkd.stopped.wait(20)
+    assert host_row(admin_db, host_id)[0] == "stopped"
+    assert host_row(admin_db, host_id)[5] is None
+    for vm_id, row in zip(vm_ids, rows):
+        assert vm_row(admin_db, vm_id)["vm_state"] == "stopped"
+        assert not pid_alive(row["vm_pid"])
+
+
+def test_start_resets_sessions_of_this_node(make_node, admin_db):
+    host_id = add_host(admin_db)
+    (vm_id,) = add_vms(admin_db)
+    admin_db.execute("UPDATE vm_runtimes SET l7r_host_id = %s, l7r_pid = 4242, user_state = 'connected' "
+                     "WHERE vm_id = %s", (host_id, vm_id))
+    node = make_node()
+    node.hkd.start()
+    row = admin_db.query_one("SELECT user_state, l7r_host_id, l7r_pid FROM vm_runtimes WHERE vm_id = %s", (vm_id,))
+    assert row == ("disconnected", None, None)
+
+
+def test_lost_node_releases_vms_and_the_lost_node_kills_them(make_node, admin_db):
+    host1 = add_host(admin_db, "node-one", "127.0.0.1")
+    host2 = add_host(admin_db, "node-two", "127.0.0.2")
+    (vm_id,) = add_vms(admin_db)
+    timing = {"internal.hkd.cluster.node.timeout": 2}
+    one = make_node("node-one", **timing)
+    one.hkd.start()
+    start_vm(admin_db, vm_id, host1)
+    old = wait_vm_state(admin_db, vm_id, "running")
+    # node one freezes (its heartbeat stops) but its process and VM keep running: a partition
+    for g in one.hkd._agents:
+        g.kill()
+    one.hkd._cluster.stop()
+    two = make_node("node-two", **timing)
+    two.hkd.start()
+    wait_for(lambda: host_row(admin_db, host1)[0] == "lost", 15, what="node one lost")
+    row = wait_vm_state(admin_db, vm_id, "stopped", timeout=10)
+    assert row["host_id"] is None and row["vm_address"] is None
+    # node one must not keep a VM the cluster gave away: its VM intake notices the row
+    wait_for(lambda: not pid_alive(old["vm_pid"]), 15, what="old VM killed by the lost node")
+    assert one.hkd._tick() is False and one.hkd.lost
+    # the VM can now start on node two
+    start_vm(admin_db, vm_id, host2)
+    new = wait_vm_state(admin_db, vm_id, "running")
+    assert new["host_id"] == host2 and pid_alive(new["vm_pid"])
+    assert VmaClient(new["vm_address"], 3030, timeout=2).ping()
