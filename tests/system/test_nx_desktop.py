@@ -12,6 +12,9 @@ Invocations found by experiment with nx-libs 3.5.99.26:
         "Session: Session started at ..." when nxproxy has connected;
         "Session: Suspending session" / "Session suspended" when the proxy goes away.
     DISPLAY=:X nxproxy -S localhost:D     (the client side; ":D" means port 4000+D)
+A VMA bound to one address runs nxagent on a free local display L with ``loopback=1``
+in its options (it then listens on 127.0.0.1:4000+L only) and relays its own
+<address>:4000+D to it; this test goes through that relay.
 The test uses D and X away from 100 so it never collides with a VMA on port 4100.
 """
 import os
@@ -115,8 +118,12 @@ def test_nx_session_comes_up_and_an_x_client_draws(displays, tmp_path):
         assert client.x_start(**{"qvd.client.geometry": "800x600", "qvd.client.keyboard": "pc105/us",
                                  "qvd.client.link": "adsl", "qvd.vm.user.name": "qvd"}) == "starting"
         options = (tmp_path / "nxagent.conf").read_text().strip()
-        assert options == (f"nx/nx,keyboard=pc105/us,link=adsl,geometry=800x600,"
-                           f"tolerancechecks=risky:{agent_display}")
+        # Bound to one address, the VMA runs nxagent on a free local display (loopback
+        # only) and relays 127.0.0.1:4000+D to it; the client still dials 4000+D.
+        local = vma.desktop.agent_display
+        assert local != agent_display
+        assert options == (f"nx/nx,keyboard=pc105/us,link=adsl,geometry=800x600,loopback=1,"
+                           f"tolerancechecks=risky:{local}")
         wait_for(lambda: client.x_state() == "listening", 15, "x_state listening")
 
         proxy = subprocess.Popen(["nxproxy", "-S", f"localhost:{agent_display}"],

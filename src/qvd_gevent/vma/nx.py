@@ -6,6 +6,12 @@ the original, nxagent runs as the VMA's own user (no user provisioning, no xinit
 optional X session command (``command.x-session``) is started with DISPLAY=:<display>
 once nxagent announces its session.
 
+Ports: a VMA bound to a wildcard address lets nxagent listen on *:4000+display itself
+(the original's layout, one VM per kernel). A VMA bound to one address (the `process`
+hypervisor's 127.x.y.z, several VMs sharing one network stack and one /tmp/.X11-unix)
+runs nxagent on a free local display with ``loopback=1`` and relays
+<address>:4000+display to it, so VMs never fight over port 4100 or display :100.
+
 Invocation found by experiment (nx-libs 3.5.99.26):
     nxagent :100 -ac -name QVD -nolisten tcp -display nx/nx,options=<file>:100
 with <file> holding one line ``nx/nx,keyboard=...,link=...,geometry=...:100``; it logs
@@ -16,10 +22,12 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import time
 
 import gevent
 from gevent import subprocess
+from gevent.server import StreamServer
 
 from .desktop import DesktopError
 from .xstate import InvalidOption, StateTracker, nxagent_options
@@ -30,10 +38,14 @@ log = logging.getLogger("qvd.vma.nx")
 class NxDesktop:
     kind = "nx"
 
-    def __init__(self, cfg, run_dir, display, timeouts, clock=time.monotonic):
+    def __init__(self, cfg, run_dir, display, timeouts, address="0.0.0.0", clock=time.monotonic):
         self.cfg = cfg
         self.run_dir = run_dir
-        self.display = display
+        self.display = display  # the public one: clients reach it on port 4000+display
+        self.address = address
+        self.relayed = address not in ("0.0.0.0", "", "*")
+        self.agent_display = None  # where nxagent runs; chosen at the first start
+        self.relay = None
         self.clock = clock
         self.tracker = StateTracker(timeouts, clock())
         self.options_path = os.path.join(run_dir, "nxagent.conf")
@@ -66,8 +78,13 @@ class NxDesktop:
             return "starting"
         if state != "stopped":
             raise DesktopError(f"Unable to start/resume X session in state {state}, try again in a few minutes")
+        if self.agent_display is None:
+            self.agent_display = free_local_display(self.cfg.get("vma.nxagent.display.first")) \
+                if self.relayed else self.display
         self._write_options(params)
         self.tracker.set("initiating", self.clock())
+        if self.relayed and self.relay is None:
+            self._start_relay()
         self._spawn_agent()
         return "starting"
 
@@ -85,6 +102,9 @@ class NxDesktop:
         return "stopping"
 
     def close(self):
+        if self.relay is not None:
+            self.relay.stop(timeout=1)
+            self.relay = None
         grace = self.tracker.timeouts.get("stopping", 20)
         for proc in (self.session, self.agent):
             if proc is None or proc.poll() is not None:
@@ -101,7 +121,7 @@ class NxDesktop:
     # --- nxagent ---------------------------------------------------------------------
     def _write_options(self, params):
         try:
-            line = nxagent_options(params, self.cfg.get, self.display)
+            line = nxagent_options(params, self.cfg.get, self.agent_display, loopback=self.relayed)
         except InvalidOption as exc:
             raise DesktopError(str(exc)) from None
         tmp = self.options_path + ".tmp"
@@ -110,7 +130,9 @@ class NxDesktop:
         os.replace(tmp, self.options_path)
 
     def _spawn_agent(self):
-        d = self.display
+        if self.session is not None and self.session.poll() is not None:
+            self.session = None  # the previous session's X client is gone; start a new one
+        d = self.agent_display
         argv = [self.cfg.get("command.nxagent"), f":{d}", "-ac", "-name", "QVD", "-nolisten", "tcp",
                 "-display", f"nx/nx,options={self.options_path}:{d}"]
         env = dict(os.environ, NX_HOME=self.run_dir, HOME=os.environ.get("HOME", self.run_dir))
@@ -145,7 +167,7 @@ class NxDesktop:
         command = self.cfg.get("command.x-session")
         if not command:
             return
-        env = dict(os.environ, DISPLAY=f":{self.display}")
+        env = dict(os.environ, DISPLAY=f":{self.agent_display}")
         try:
             self.session = subprocess.Popen(shlex.split(command), stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -154,9 +176,72 @@ class NxDesktop:
         except OSError as exc:
             log.error("cannot start X session %r: %s", command, exc.strerror)
 
+    # --- the relay from <address>:4000+display to nxagent on 127.0.0.1 ------------------
+    def _start_relay(self):
+        port = self.display + 4000
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((self.address, port))
+            listener.listen(4)
+        except OSError as exc:
+            listener.close()
+            raise DesktopError(f"cannot listen on display port {self.address}:{port}: {exc.strerror}") from None
+        self.relay = StreamServer(listener, self._relay_one, spawn=1)
+        self.relay.start()
+
+    def _relay_one(self, conn, peer):
+        try:
+            agent = socket.create_connection(("127.0.0.1", 4000 + self.agent_display), timeout=5)
+        except OSError as exc:
+            log.info("display relay: nxagent not reachable: %s", exc)
+            conn.close()
+            return
+        agent.settimeout(None)
+        for s in (conn, agent):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pumps = [gevent.spawn(_pump, conn, agent), gevent.spawn(_pump, agent, conn)]
+        try:
+            gevent.joinall(pumps)
+        finally:
+            gevent.killall(pumps)
+            conn.close()
+            agent.close()
+
     def _signal(self, signum):
         if self._alive():
             try:
                 self.agent.send_signal(signum)
             except OSError:
                 pass
+
+
+def _pump(src, dst):
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def free_local_display(first, tries=200):
+    """A display number with no X lock file and its NX port free on 127.0.0.1."""
+    for display in range(first, first + tries):
+        if os.path.exists(f"/tmp/.X{display}-lock") or os.path.exists(f"/tmp/.X11-unix/X{display}"):
+            continue
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            probe.bind(("127.0.0.1", 4000 + display))
+        except OSError:
+            continue
+        finally:
+            probe.close()
+        return display
+    raise DesktopError(f"no free X display in {first}..{first + tries - 1}")

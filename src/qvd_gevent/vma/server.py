@@ -54,7 +54,7 @@ class VmaService:
             from .nx import NxDesktop  # only VMs with a real desktop pay for it
             if self.run_dir is None:
                 self.run_dir = tempfile.mkdtemp(prefix="qvd-vma-")
-            return NxDesktop(self.cfg, self.run_dir, self.display, self.timeouts)
+            return NxDesktop(self.cfg, self.run_dir, self.display, self.timeouts, address=self.address)
         raise ValueError(f"unknown desktop {kind!r} (echo, nx or auto)")
 
     def _validate(self, params):

@@ -101,7 +101,7 @@ class InvalidOption(ValueError):
     pass
 
 
-def nxagent_options(params, cfg_get, display):
+def nxagent_options(params, cfg_get, display, loopback=False):
     """The one-line nxagent options file ``nx/nx,<opts>:<display>`` for x_start params.
 
     cfg_get(key) reads configuration. Client values must match ``^[\\w/\\-+]+$`` (else
@@ -130,6 +130,8 @@ def nxagent_options(params, cfg_get, display):
         opts.append("media=1")
     if cfg_get("vma.slave.enable"):
         opts.append("slave=1")
+    if loopback:
+        opts.append("loopback=1")  # nxagent listens on 127.0.0.1 only; the VMA relays to it
     tolerance = cfg_get("internal.vma.nxagent.tolerancechecks")
     if tolerance:
         opts.append(f"tolerancechecks={tolerance}")
