@@ -1,0 +1,54 @@
+"""qvd-admin as a command: dispatch, help, options anywhere, and one-line errors."""
+from conftest import write_node_conf
+from admin_helpers import Admin, admin  # noqa: F401
+
+
+def test_no_object_or_verb_lists_subcommands(admin):
+    res = admin()
+    assert res.rc == 1 and res.out.startswith("Valid command expected, available subcommands:\n   config del\n")
+    res = admin("vm")
+    assert res.rc == 1 and res.out.startswith("vm: Valid command expected, available subcommands:\n   vm add\n")
+    assert "host add" not in res.out and "vm disconnect_user" in res.out
+
+
+def test_unknown_object_and_verb_are_one_line_errors(admin):
+    assert admin.fails("bogus", "list") == "Error: unknown object 'bogus'"
+    assert admin.fails("vm", "explode") == "Error: vm: 'explode' not implemented"
+    res = admin("vm", "explode")
+    assert "available subcommands" in res.out and "vm start" in res.out
+
+
+def test_help(admin):
+    res = admin("vm", "add", "-h")
+    assert res.rc == 0 and res.out.startswith("vm add: ") and "usage: vm add name=<name>" in res.out
+
+
+def test_options_anywhere_and_quiet(admin, db):
+    admin.ok("-q", "host", "add", "name=a", "address=10.0.0.1")
+    assert db.query("SELECT name FROM hosts") == [("a",)]
+    res = admin("host", "-f", "name=a", "list", "-q")
+    assert (res.rc, res.out) == (0, "10000 a    10.0.0.1 -   -          -          0            0       stopped\n")
+    res = admin("-q", "host", "add", "name=a", "address=10.0.0.2")
+    assert (res.rc, res.out, res.err) == (1, "", "")  # -q silences even the error line, as the original
+
+
+def test_unreachable_database_is_one_line(tmp_path):
+    conf = tmp_path / "node.conf"
+    conf.write_text("database.host = 127.0.0.1\ndatabase.port = 1\ndatabase.password = x\n"
+                    "internal.database.client.connect.timeout = 2\n")
+    res = Admin(conf, None)("host", "list")
+    assert res.rc == 1 and res.err.count("\n") == 1
+    assert res.err.startswith("Error: cannot connect to database") and "Traceback" not in res.err
+
+
+def test_database_without_schema(tmp_path, pg_server, empty_db_name):
+    conf = write_node_conf(tmp_path / "node.conf", pg_server, empty_db_name)
+    res = Admin(conf, None)("host", "list")
+    assert (res.rc, res.err) == (1, "Error: the database has no QVD schema; run qvd-deploy-db first\n")
+
+
+def test_malformed_node_conf_value(tmp_path, pg_server, fresh_db_name):
+    conf = write_node_conf(tmp_path / "node.conf", pg_server, fresh_db_name,
+                           {"internal.database.client.connect.timeout": "soon"})
+    res = Admin(conf, None)("host", "list")
+    assert res.rc == 1 and res.err.count("\n") == 1 and "internal.database.client.connect.timeout" in res.err
