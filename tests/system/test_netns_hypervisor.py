@@ -87,10 +87,12 @@ def test_adopt_after_node_restart_then_kill(test_host, tmp_path, mode):
         exited = hv.wait_exit(h, timeout=10)
         leftovers_before = hv.list_leftovers()
         hv.cleanup(h)
-        report(dict(ids=sorted(found), pid=h.pid, address=h.address, status=status, exited=exited,
+        from qvd_gevent.hypervisors.netns import netns_dir_is_private
+        report(dict(private=netns_dir_is_private(), ids=sorted(found), pid=h.pid, address=h.address, status=status, exited=exited,
                     leftovers_before=leftovers_before, leftovers_after=hv.list_leftovers(),
                     running=hv.list_running()))
     """, di=di, mode=mode)
+    assert second["private"] == (mode == "exec")
     assert second["ids"] == [12]
     assert (second["pid"], second["address"]) == (first["pid"], first["address"])
     assert second["status"] == 200 and second["exited"]

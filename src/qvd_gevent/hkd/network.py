@@ -204,7 +204,7 @@ class NetworkSetup:
         except BaseException:
             self.remove()
             raise
-        return self.changes
+        return list(self.changes)
 
     def _apply(self):
         cfg = self.cfg
