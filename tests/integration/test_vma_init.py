@@ -85,3 +85,35 @@ def test_bad_desktop_env_is_a_clear_error(init_address):
                           env=env, capture_output=True, timeout=20)
     assert proc.returncode == 2
     assert b"invalid choice: 'kde'" in proc.stderr
+
+
+def test_env_chooses_desktop_and_ports():
+    from qvd_gevent.vma.init import vma_args_from_env
+    assert vma_args_from_env({}) == ["--address", "0.0.0.0", "--desktop", "auto", "--poweroff-exits"]
+    args = vma_args_from_env({"QVD_VM_ADDRESS": "127.0.0.9", "QVD_PROP_QVD_VM_DESKTOP": "NX",
+                              "QVD_X_PORT": "4200", "QVD_VMA_PORT": "3031"})
+    assert args == ["--address", "127.0.0.9", "--desktop", "nx", "--poweroff-exits", "--x-port", "4200",
+                    "--port", "3031"]
+    assert vma_args_from_env({"QVD_VM_DESKTOP": "echo", "QVD_PROP_QVD_VM_DESKTOP": "nx"})[3] == "echo"
+
+
+def test_ports_from_the_hypervisors_env(init_address):
+    address, procs = init_address
+    full = dict(os.environ, QVD_VM_ID="8", QVD_VM_NAME="vm8", QVD_VM_ADDRESS=address,
+                QVD_VMA_PORT="3039", QVD_X_PORT="4139")
+    proc = subprocess.Popen([sys.executable, "-c", "from qvd_gevent.vma.init import main; main()"],
+                            env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(proc)
+    client = VmaClient(address, 3039, timeout=2)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            client.ping()
+            break
+        except VmaError:
+            assert time.monotonic() < deadline and proc.poll() is None, "qvd-vm-init did not come up"
+            time.sleep(0.05)
+    assert client.x_start() == "starting"
+    with socket.create_connection((address, 4139), timeout=5) as s:
+        s.sendall(b"port 4139\n")
+        assert s.recv(100) == b"port 4139\n"

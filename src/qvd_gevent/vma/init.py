@@ -1,14 +1,16 @@
 """qvd-vm-init: the init of `process` and `netns` VMs (CONTRACT.md section 5).
 
 Environment (set by the hypervisor): QVD_VM_ID, QVD_VM_NAME, QVD_VM_ADDRESS (bind
-address, default 0.0.0.0), optionally QVD_VM_DESKTOP (echo or nx) and QVD_VMA_CONFIG
-(a vma.conf).
+address, default 0.0.0.0), optionally QVD_VMA_PORT and QVD_X_PORT (default 3030 and
+4100), QVD_VM_DESKTOP (echo or nx), QVD_PROP_QVD_VM_DESKTOP (the VM property
+qvd.vm.desktop as the process hypervisor exports properties) and QVD_VMA_CONFIG (a
+vma.conf).
 
 It runs the VMA in this same process (no second interpreter per VM) with poweroff
-meaning "this VM's init exits". The desktop: QVD_VM_DESKTOP when set; otherwise it is
-chosen at the first x_start from the VM property qvd.vm.desktop in the params the L7R
-sends (nx -> nxagent, anything else -> the echo desktop), because a VM's properties
-reach the VM only through x_start. SIGTERM and SIGINT stop the VMA and exit 0.
+meaning "this VM's init exits". The desktop: QVD_VM_DESKTOP when set, else
+QVD_PROP_QVD_VM_DESKTOP; otherwise it is chosen at the first x_start from
+qvd.vm.desktop in the params the L7R sends (VM properties travel there too; nx ->
+nxagent, anything else -> the echo desktop). SIGTERM and SIGINT stop the VMA, exit 0.
 """
 import logging
 import os
@@ -18,9 +20,14 @@ from .server import build_parser, run
 
 
 def vma_args_from_env(env):
-    desktop = env.get("QVD_VM_DESKTOP", "").strip().lower() or "auto"
+    # QVD_VM_DESKTOP wins; then the VM property qvd.vm.desktop as the process hypervisor
+    # passes properties (QVD_PROP_QVD_VM_DESKTOP); else decided at the first x_start.
+    desktop = (env.get("QVD_VM_DESKTOP", "").strip() or env.get("QVD_PROP_QVD_VM_DESKTOP", "").strip()
+               or "auto").lower()
     argv = ["--address", env.get("QVD_VM_ADDRESS", "").strip() or "0.0.0.0",
             "--desktop", desktop, "--poweroff-exits"]
+    if env.get("QVD_X_PORT"):
+        argv += ["--x-port", env["QVD_X_PORT"]]
     if env.get("QVD_VMA_CONFIG"):
         argv += ["--config", env["QVD_VMA_CONFIG"]]
     if env.get("QVD_VMA_PORT"):

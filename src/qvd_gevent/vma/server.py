@@ -34,11 +34,12 @@ class VmaService:
     """The RPC methods over one desktop. on_poweroff() is called after the answer went out."""
 
     def __init__(self, cfg, address="0.0.0.0", port=None, desktop="echo", run_dir=None,
-                 on_poweroff=None):
+                 on_poweroff=None, x_port=None):
         self.cfg = cfg
         self.address = address
         self.port = cfg.get("internal.vm.port.vma") if port is None else port
-        self.display = cfg.get("internal.nxagent.display")
+        # The display port is 4000 + display (reference 2.7); x_port overrides it.
+        self.display = cfg.get("internal.nxagent.display") if x_port is None else x_port - 4000
         self.desktop_kind = desktop
         self.run_dir = run_dir
         self.on_poweroff = on_poweroff
@@ -195,6 +196,8 @@ def build_parser(prog="qvd-vma"):
     p.add_argument("--port", type=int, default=None, help="port (default internal.vm.port.vma, 3030)")
     p.add_argument("--desktop", choices=("echo", "nx", "auto"), default="echo",
                    help="echo: line echo on the display port; nx: nxagent; auto: chosen by qvd.vm.desktop at x_start")
+    p.add_argument("--x-port", type=int, default=None,
+                   help="display port (default 4000 + internal.nxagent.display = 4100)")
     p.add_argument("--run-dir", help="folder for nxagent's options file and log (default: a new temp folder)")
     p.add_argument("--poweroff-exits", action="store_true",
                    help="poweroff ends this process instead of running vma.poweroff.command")
@@ -207,8 +210,10 @@ def run(args, on_ready=None):
     try:
         cfg = load_vma_config(args.config)
         done = gevent.event.Event()
+        if args.x_port is not None and not 4000 < args.x_port < 65536:
+            raise ValueError(f"--x-port {args.x_port}: must be above 4000")
         service = VmaService(cfg, args.address, args.port, args.desktop, args.run_dir,
-                             on_poweroff=done.set if args.poweroff_exits else None)
+                             on_poweroff=done.set if args.poweroff_exits else None, x_port=args.x_port)
         service.start()
     except (ConfigError, ValueError) as exc:
         print(f"qvd-vma: {exc}", file=sys.stderr)
