@@ -214,8 +214,9 @@ def settings_from_config(cfg, hypervisor_name):
     return s
 
 
-# Commands that wait while a step is in flight (the original's `delay`).
-_DELAYABLE = (CmdStop, HkdStop, HkdKill, VmExited, Expired, RowLost)
+# Commands that wait while a step is in flight (the original's `delay`). RowLost does not
+# wait: the step in flight is abandoned (its outcome becomes stale) and the VM is killed.
+_DELAYABLE = (CmdStop, HkdStop, HkdKill, VmExited, Expired)
 
 
 class VmMachine:

@@ -53,6 +53,7 @@ class VmRunner:
         self._monitor = None
         self._exit_watch = None
         self._steps = set()
+        self._launching = None
         self.finished = gevent.event.Event()
         self._greenlet = gevent.spawn(self._run)
 
@@ -133,8 +134,7 @@ class VmRunner:
         try:
             result = method(step)
         except RowLostError:
-            self.send(M.StepFailed(step.serial, "runtime row lost"))
-            self.send(M.RowLost())
+            self.send(M.RowLost())          # preempts; this step's outcome is dropped
             return
         except gevent.GreenletExit:
             raise
@@ -201,6 +201,13 @@ class VmRunner:
             self.holds_heavy = True
 
     def _step_StartVm(self, step):
+        self._launching = gevent.event.Event()
+        try:
+            self._launch()
+        finally:
+            self._launching.set()
+
+    def _launch(self):
         spec = self.spec
         hv = self.hkd.hypervisor
         if hv.uses_bridge and self.hkd.dnsmasq is not None and spec.mac and spec.ip:
@@ -249,6 +256,8 @@ class VmRunner:
         self.hkd.hypervisor.shutdown(self._handle())
 
     def _step_Kill(self, step):
+        if self._launching is not None:
+            self._launching.wait(60)        # a launch in flight must not leave an orphan
         if self.handle is not None:
             self.hkd.hypervisor.kill(self.handle)
 
