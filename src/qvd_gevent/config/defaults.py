@@ -68,6 +68,7 @@ _TABLE = [
     ("l7r.auth.plugin.default.tenant", "default", "str", "tenant of a login without separator"),
     ("l7r.auth.throttle.max_failures", 5, "int", "ours: failed logins per address or login before throttling"),
     ("l7r.auth.throttle.window", 300, "int", "ours: seconds failures are remembered and a throttle lasts"),
+    ("l7r.auth.throttle.burst", 10, "int", "ours: identical failed credentials from one address within this many seconds count once (the original client retries 5 times)"),
     ("l7r.loadbalancer.plugin", "default", "str", "load balancer plugin"),
     ("l7r.loadbalancer.plugin.default.weight.ram", 1.0, "float", "weight of usable RAM in node choice"),
     ("l7r.loadbalancer.plugin.default.weight.cpu", 1.0, "float", "weight of usable CPU in node choice"),

@@ -1,0 +1,430 @@
+"""`kvm` hypervisor: a VM is a libvirt domain on the qemu driver (reference qvd-hkd.md 3.1).
+
+- Domain ``qvd-<vm_id>``, transient (createXML): once it stops, libvirt forgets it, so a
+  stopped VM leaves no definition behind; a leftover persistent definition of that name is
+  removed before a start and at cleanup.
+- Disk: the DI image directly (read-only) when the OSF has no overlay, else a qcow2 overlay
+  ``<path.storage.overlays>/<di_id>-<vm_id>-overlay.qcow2`` on it, made with
+  ``qemu-img create -f qcow2 -F <image format> -b <image>`` (the original gave no -F;
+  current qemu refuses that), reused only with ``vm.overlay.persistent`` and deleted at
+  cleanup otherwise.
+- ``vm.kvm.kernel`` set: direct kernel boot (kernel, vm.kvm.initrd, vm.kvm.cmdline): that
+  is how tiny test guests boot.
+- NIC on ``vm.network.bridge`` with the MAC derived from the VM's IP (spec.mac); virtio
+  with ``vm.kvm.virtio``, else e1000 (the original gave no device model at all: a BUG).
+  The guest takes spec.ip from our dnsmasq by that MAC, so VmHandle.address = spec.ip.
+- Serial console to ``<path.serial.captures>/qvd-<vm_id>-serial.txt``.
+- Accelerator (``vm.kvm.accel``): ``kvm`` (domain type kvm), ``tcg`` (domain type qemu), or
+  ``auto``: a probe guest of three instructions runs on /dev/kvm in a child process; if it
+  does not come back within ``internal.hkd.kvm.probe.timeout`` (nested virtualisation that
+  only pretends, as on our CI machines) KVM counts as broken and TCG is used when
+  ``vm.kvm.allow_tcg`` is on.
+- shutdown = ACPI power button, kill = virDomainDestroy, wait_exit = lifecycle events
+  with a state check every ``internal.hkd.libvirt.state_check.interval`` seconds.
+- What the node needs to adopt a domain after a restart (IP, DI, overlay) is kept in the
+  domain's <metadata>, read back by list_running().
+"""
+import ctypes
+import json
+import logging
+import mmap
+import os
+import re
+import subprocess as _std_subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from gevent import subprocess
+
+from .base import Hypervisor, HypervisorError, VmHandle, VmSpec
+from .libvirt_common import LibvirtConnection, require_libvirt
+
+log = logging.getLogger("qvd.hypervisors.kvm")
+
+METADATA_NS = "https://qvd-gevent.invalid/libvirt/vm/1"
+DOMAIN_PREFIX = "qvd-"
+_DOMAIN_NAME = re.compile(r"^qvd-(\d+)$")
+
+
+def domain_name(vm_id):
+    return f"{DOMAIN_PREFIX}{vm_id}"
+
+
+def vm_id_of(name):
+    match = _DOMAIN_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class KvmDomainSettings:
+    """Everything the domain XML depends on besides the VmSpec (from config and disk prep)."""
+    domain_type: str = "qemu"            # "kvm" or "qemu" (TCG)
+    cpus: int = 1
+    virtio: bool = True
+    bridge: str = "qvdnet"
+    disk_path: str | None = None
+    disk_format: str = "qcow2"
+    disk_readonly: bool = False
+    kernel: str = ""
+    initrd: str = ""
+    cmdline: str = ""
+    serial_log: str | None = None
+    overlay: str | None = None           # recorded in the metadata for cleanup after adoption
+
+
+def _sub(parent, tag, text=None, **attrs):
+    el = ET.SubElement(parent, tag, {k.rstrip("_"): str(v) for k, v in attrs.items()})
+    if text is not None:
+        el.text = str(text)
+    return el
+
+
+def _metadata(domain, spec, settings):
+    meta = _sub(domain, "metadata")
+    ET.register_namespace("qvd", METADATA_NS)
+    _sub(meta, f"{{{METADATA_NS}}}vm", vm_id=spec.vm_id, ip=spec.ip or "", mac=spec.mac or "",
+         di_id=spec.di_id, overlay=settings.overlay or "", vma_port=spec.vma_port, x_port=spec.x_port)
+
+
+def kvm_domain_xml(spec: VmSpec, settings: KvmDomainSettings) -> str:
+    """The libvirt domain XML of a VM. Pure: no I/O, no libvirt."""
+    if settings.domain_type not in ("kvm", "qemu"):
+        raise HypervisorError(f"kvm domain type must be kvm or qemu, not {settings.domain_type!r}")
+    if spec.memory <= 0:
+        raise HypervisorError(f"VM {spec.vm_id}: memory must be positive, not {spec.memory}")
+    if not settings.kernel and not settings.disk_path:
+        raise HypervisorError(f"VM {spec.vm_id}: neither a disk image nor vm.kvm.kernel to boot")
+    domain = ET.Element("domain", type=settings.domain_type)
+    _sub(domain, "name", domain_name(spec.vm_id))
+    _sub(domain, "title", spec.name)
+    _metadata(domain, spec, settings)
+    _sub(domain, "memory", spec.memory, unit="MiB")
+    _sub(domain, "vcpu", max(1, settings.cpus))
+    os_el = _sub(domain, "os")
+    _sub(os_el, "type", "hvm")
+    if settings.kernel:
+        _sub(os_el, "kernel", settings.kernel)
+        if settings.initrd:
+            _sub(os_el, "initrd", settings.initrd)
+        if settings.cmdline:
+            _sub(os_el, "cmdline", settings.cmdline)
+    else:
+        _sub(os_el, "boot", dev="hd")
+    features = _sub(domain, "features")
+    _sub(features, "acpi")               # the ACPI power button is how shutdown() asks
+    _sub(features, "apic")
+    if settings.domain_type == "kvm":
+        _sub(domain, "cpu", mode="host-passthrough")
+    _sub(domain, "on_poweroff", "destroy")
+    _sub(domain, "on_reboot", "restart")
+    _sub(domain, "on_crash", "destroy")
+    devices = _sub(domain, "devices")
+    if settings.disk_path:
+        disk = _sub(devices, "disk", type="file", device="disk")
+        _sub(disk, "driver", name="qemu", type=settings.disk_format)
+        _sub(disk, "source", file=settings.disk_path)
+        if settings.virtio:
+            _sub(disk, "target", dev="vda", bus="virtio")
+        elif settings.disk_readonly:
+            _sub(disk, "target", dev="sda", bus="scsi")     # qemu's IDE disks cannot be read-only
+        else:
+            _sub(disk, "target", dev="hda", bus="ide")
+        if settings.disk_readonly:
+            _sub(disk, "readonly")
+    nic = _sub(devices, "interface", type="bridge")
+    _sub(nic, "source", bridge=settings.bridge)
+    if spec.mac:
+        _sub(nic, "mac", address=spec.mac)
+    _sub(nic, "model", type="virtio" if settings.virtio else "e1000")
+    if settings.serial_log:
+        serial = _sub(devices, "serial", type="file")
+        _sub(serial, "source", path=settings.serial_log, append="on")
+        _sub(serial, "target", port=0)
+        console = _sub(devices, "console", type="file")
+        _sub(console, "source", path=settings.serial_log, append="on")
+        _sub(console, "target", type="serial", port=0)
+    _sub(devices, "memballoon", model="none")
+    return ET.tostring(domain, encoding="unicode")
+
+
+def parse_domain_metadata(xml_text):
+    """{vm_id, ip, mac, di_id, overlay, ...} from a domain XML we wrote, or {} for others."""
+    try:
+        root = ET.fromstring(xml_text)
+    except ET.ParseError:
+        return {}
+    el = root.find(f"metadata/{{{METADATA_NS}}}vm")
+    return dict(el.attrib) if el is not None else {}
+
+
+# --- the /dev/kvm probe --------------------------------------------------------------
+# Real-mode guest at 0x1000: `mov al, 0x2a; out 0x10, al; hlt`. A working KVM returns from
+# KVM_RUN at once with an I/O exit on port 0x10; a broken nested setup hangs in KVM_RUN.
+_PROBE_CODE = bytes([0xB0, 0x2A, 0xE6, 0x10, 0xF4])
+
+
+def _kvm_probe_main():
+    """Runs in a child process (it may hang): exit 0 when a vCPU really executed code."""
+    import fcntl
+    KVM_GET_API_VERSION, KVM_CREATE_VM, KVM_CREATE_VCPU = 0xAE00, 0xAE01, 0xAE41
+    KVM_GET_VCPU_MMAP_SIZE, KVM_RUN = 0xAE04, 0xAE80
+    KVM_SET_USER_MEMORY_REGION, KVM_GET_SREGS, KVM_SET_SREGS, KVM_SET_REGS = \
+        0x4020AE46, 0x8138AE83, 0x4138AE84, 0x4090AE82
+    KVM_EXIT_IO, KVM_GET_SUPPORTED_CPUID = 2, 0xC008AE05
+    kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    if fcntl.ioctl(kvm, KVM_GET_API_VERSION) != 12:
+        sys.exit(2)
+    # Every CPU with hardware virtualisation has SSE3; a KVM that offers guests none is a
+    # crippled nested setup (seen on our CI machines: SeaBIOS runs, Linux then hangs).
+    cpuid = bytearray(8 + 40 * 256)
+    cpuid[0:4] = (256).to_bytes(4, "little")
+    fcntl.ioctl(kvm, KVM_GET_SUPPORTED_CPUID, cpuid)
+    for i in range(int.from_bytes(cpuid[0:4], "little")):
+        entry = cpuid[8 + 40 * i: 8 + 40 * (i + 1)]
+        if int.from_bytes(entry[0:4], "little") == 1 and not int.from_bytes(entry[20:24], "little") & 1:
+            print("KVM offers guests no SSE3 (CPUID 1 ECX bit 0): nested virtualisation is crippled",
+                  file=sys.stderr)
+            sys.exit(4)
+    vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+    mem = mmap.mmap(-1, 0x1000)
+    mem[:len(_PROBE_CODE)] = _PROBE_CODE
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    region = ctypes.create_string_buffer(32)
+    ctypes.memmove(region, (ctypes.c_uint32 * 2)(0, 0), 8)
+    ctypes.memmove(ctypes.addressof(region) + 8, (ctypes.c_uint64 * 3)(0x1000, 0x1000, addr), 24)
+    fcntl.ioctl(vm, KVM_SET_USER_MEMORY_REGION, region)
+    vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
+    size = fcntl.ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0)
+    run = mmap.mmap(vcpu, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    sregs = bytearray(0x138)
+    fcntl.ioctl(vcpu, KVM_GET_SREGS, sregs)
+    sregs[0:8] = (0).to_bytes(8, "little")          # cs.base
+    sregs[12:14] = (0).to_bytes(2, "little")        # cs.selector
+    fcntl.ioctl(vcpu, KVM_SET_SREGS, bytes(sregs))
+    regs = (ctypes.c_uint64 * 18)()
+    regs[16], regs[17] = 0x1000, 0x2                # rip, rflags
+    fcntl.ioctl(vcpu, KVM_SET_REGS, bytes(regs))
+    fcntl.ioctl(vcpu, KVM_RUN, 0)
+    exit_reason = int.from_bytes(run[8:12], "little")
+    sys.exit(0 if exit_reason == KVM_EXIT_IO else 3)
+
+
+def probe_kvm(timeout):
+    """(works, reason). Blocking: call it from the threadpool or a child greenlet."""
+    if not os.path.exists("/dev/kvm"):
+        return False, "/dev/kvm does not exist"
+    code = "from qvd_gevent.hypervisors.kvm import _kvm_probe_main; _kvm_probe_main()"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except _std_subprocess.TimeoutExpired:
+        return False, f"a probe guest on /dev/kvm did not run within {timeout} s (nested virtualisation broken?)"
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return False, f"the /dev/kvm probe failed: {last}"
+    return True, "a probe guest ran on /dev/kvm"
+
+
+class KvmHypervisor(Hypervisor):
+    name = "kvm"
+    needs_root = True
+    uses_bridge = True
+    uri_key = "vm.libvirt.uri.kvm"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.uri = cfg.get_str(self.uri_key)
+        self._domain_type = None
+
+    @property
+    def connection(self) -> LibvirtConnection:
+        require_libvirt()
+        return LibvirtConnection.get(self.uri)
+
+    # --- decisions ---
+    def domain_type(self):
+        if self._domain_type is None:
+            accel = self.cfg.get_str("vm.kvm.accel").strip().lower()
+            allow_tcg = self.cfg.get_bool("vm.kvm.allow_tcg")
+            if accel == "kvm":
+                self._domain_type = "kvm"
+            elif accel == "tcg":
+                if not allow_tcg:
+                    raise HypervisorError("vm.kvm.accel = tcg but vm.kvm.allow_tcg is off")
+                self._domain_type = "qemu"
+            elif accel == "auto":
+                works, reason = probe_kvm(self.cfg.get_int("internal.hkd.kvm.probe.timeout"))
+                if works:
+                    self._domain_type = "kvm"
+                elif allow_tcg:
+                    log.warning("KVM cannot run guests here (%s): using qemu TCG (vm.kvm.allow_tcg)", reason)
+                    self._domain_type = "qemu"
+                else:
+                    raise HypervisorError(f"KVM cannot run guests here ({reason}) and vm.kvm.allow_tcg is off")
+            else:
+                raise HypervisorError(f"vm.kvm.accel must be kvm, tcg or auto, not {accel!r}")
+            log.info("kvm VMs run as libvirt domain type %s", self._domain_type)
+        return self._domain_type
+
+    def check(self):
+        require_libvirt()
+        self.connection.conn            # opens it: fails here with libvirt's reason
+        self.domain_type()
+        if not _which("qemu-img"):
+            raise HypervisorError("qemu-img is not installed (package qemu-utils)")
+
+    # --- disks ---
+    def overlay_path(self, spec):
+        return os.path.join(self.cfg.get_str("path.storage.overlays"), f"{spec.di_id}-{spec.vm_id}-overlay.qcow2")
+
+    def _image_format(self, image):
+        proc = subprocess.run(["qemu-img", "info", "--output=json", image], capture_output=True, text=True,
+                              timeout=60)
+        if proc.returncode != 0:
+            raise HypervisorError(f"qemu-img info {image}: {proc.stderr.strip()}")
+        return json.loads(proc.stdout).get("format", "raw")
+
+    def _prepare_disk(self, spec, settings):
+        if settings.kernel and not spec.di_path:
+            return
+        image = spec.di_path
+        if not os.path.isfile(image):
+            raise HypervisorError(f"VM {spec.vm_id}: disk image {image} is not a regular file")
+        image_format = self._image_format(image)
+        if not spec.use_overlay:
+            settings.disk_path, settings.disk_format, settings.disk_readonly = image, image_format, True
+            return
+        overlay = self.overlay_path(spec)
+        persistent = self.cfg.get_bool("vm.overlay.persistent")
+        if not (persistent and os.path.exists(overlay)):
+            os.makedirs(os.path.dirname(overlay), exist_ok=True)
+            _unlink(overlay)
+            proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", image_format, "-b", image,
+                                   overlay], capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:
+                raise HypervisorError(f"qemu-img create {overlay}: {proc.stderr.strip()}")
+        settings.disk_path, settings.disk_format, settings.overlay = overlay, "qcow2", overlay
+
+    def settings_for(self, spec):
+        captures = self.cfg.get_str("path.serial.captures")
+        return KvmDomainSettings(
+            domain_type=self.domain_type(),
+            cpus=self.cfg.get_int("vm.kvm.cpus"),
+            virtio=self.cfg.get_bool("vm.kvm.virtio"),
+            bridge=self.cfg.get_str("vm.network.bridge"),
+            kernel=self.cfg.get_str("vm.kvm.kernel"),
+            initrd=self.cfg.get_str("vm.kvm.initrd"),
+            cmdline=self.cfg.get_str("vm.kvm.cmdline"),
+            serial_log=os.path.join(captures, f"qvd-{spec.vm_id}-serial.txt") if captures else None,
+        )
+
+    def domain_xml(self, spec, settings):
+        return kvm_domain_xml(spec, settings)
+
+    # --- lifecycle ---
+    def start(self, spec: VmSpec) -> VmHandle:
+        lv = require_libvirt()
+        conn = self.connection
+        name = domain_name(spec.vm_id)
+        if conn.is_active(name):
+            raise HypervisorError(f"VM {spec.vm_id}: domain {name} already runs")
+        self._undefine(name)
+        settings = self.settings_for(spec)
+        self._prepare_disk(spec, settings)
+        if settings.serial_log:
+            os.makedirs(os.path.dirname(settings.serial_log), exist_ok=True)
+        xml = self.domain_xml(spec, settings)
+        conn.arm_stop_event(name)
+        log.info("VM %s: starting domain %s (type %s)", spec.vm_id, name, settings.domain_type)
+        try:
+            conn.call(conn.conn.createXML, xml, lv.VIR_DOMAIN_NONE)
+        except HypervisorError:
+            self._remove_overlay(settings.overlay)
+            raise
+        return VmHandle(vm_id=spec.vm_id, address=spec.ip or "", name=name,
+                        extra={"overlay": settings.overlay or "", "serial_log": settings.serial_log or "",
+                               "domain_type": settings.domain_type, "uri": self.uri})
+
+    def _domain_or_none(self, handle):
+        return self.connection.lookup(handle.name or domain_name(handle.vm_id))
+
+    def shutdown(self, handle: VmHandle):
+        lv = require_libvirt()
+        dom = self._domain_or_none(handle)
+        if dom is None:
+            return
+        try:
+            self.connection.call(dom.shutdownFlags, lv.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+        except HypervisorError:
+            if self.is_running(handle):
+                raise
+
+    def kill(self, handle: VmHandle):
+        dom = self._domain_or_none(handle)
+        if dom is None:
+            return
+        try:
+            self.connection.call(dom.destroy)
+        except HypervisorError:
+            if self.is_running(handle):
+                raise
+
+    def is_running(self, handle: VmHandle) -> bool:
+        return self.connection.is_active(handle.name or domain_name(handle.vm_id))
+
+    def wait_exit(self, handle: VmHandle, timeout=None) -> bool:
+        return self.connection.wait_stopped(handle.name or domain_name(handle.vm_id), timeout,
+                                            self.cfg.get_int("internal.hkd.libvirt.state_check.interval"))
+
+    def cleanup(self, handle: VmHandle):
+        name = handle.name or domain_name(handle.vm_id)
+        if self.connection.is_active(name):
+            log.warning("VM %s: cleanup of a running domain %s: destroying it", handle.vm_id, name)
+            self.kill(handle)
+        self._undefine(name)
+        if not self.cfg.get_bool("vm.overlay.persistent"):
+            self._remove_overlay(handle.extra.get("overlay"))
+
+    def _undefine(self, name):
+        dom = self.connection.lookup(name)
+        if dom is None:
+            return
+        try:
+            if not self.connection.call(dom.isActive) and self.connection.call(dom.isPersistent):
+                self.connection.call(dom.undefine)
+        except HypervisorError as exc:
+            if self.connection.lookup(name) is not None:
+                raise HypervisorError(f"cannot remove the definition of {name}: {exc}") from None
+
+    def _remove_overlay(self, overlay):
+        if overlay:
+            _unlink(overlay)
+
+    def list_running(self) -> dict:
+        conn = self.connection
+        running = {}
+        for name in conn.domain_names(DOMAIN_PREFIX):
+            vm_id = vm_id_of(name)
+            dom = conn.lookup(name) if vm_id is not None else None
+            if dom is None:
+                continue
+            meta = parse_domain_metadata(conn.call(dom.XMLDesc, 0))
+            running[vm_id] = VmHandle(vm_id=vm_id, address=meta.get("ip", ""), name=name,
+                                      extra={"overlay": meta.get("overlay", ""), "uri": self.uri, "adopted": True})
+        return running
+
+    def close(self):
+        if self.uri in LibvirtConnection._by_uri:
+            LibvirtConnection._by_uri[self.uri].close()
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _which(program):
+    from shutil import which
+    return which(program)

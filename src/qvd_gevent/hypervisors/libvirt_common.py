@@ -1,0 +1,245 @@
+"""libvirt under gevent: one connection per URI, blocking calls in the threadpool, events to the hub.
+
+Why this shape (CONTRACT.md section 2): every libvirt call blocks in C, so each one runs in
+gevent's threadpool and the hub keeps serving. libvirt delivers domain lifecycle events
+only to a process that runs an event loop: a native thread (not a greenlet) runs libvirt's
+default implementation (virEventRegisterDefaultImpl + virEventRunDefaultImpl) and does
+nothing but append the event to a thread-safe deque and wake the hub through a gevent
+async watcher; the hub then sets the waiters' events and calls subscribers. The embedded
+qemu driver (``qemu:///embed?root=...``) needs that loop too: it runs its own timers on it.
+
+API:
+    conn = LibvirtConnection.get(uri)     # shared per URI (opened lazily, in the threadpool)
+    conn.call(fn, *args)                  # run fn in the threadpool, libvirtError -> HypervisorError
+    conn.lookup(name) -> virDomain | None
+    conn.domain_names(prefix) -> [names of active domains]
+    conn.wait_stopped(name, timeout, state_check_interval) -> bool
+    conn.subscribe(callback(name, event, detail))   # on the hub
+    conn.close()
+"""
+import collections
+import logging
+
+import gevent
+import gevent.event
+import gevent.lock
+from gevent import monkey
+
+from .base import HypervisorError
+
+try:
+    import libvirt
+except ImportError:          # the `libvirt` extra is not installed; get_hypervisor says so
+    libvirt = None
+
+log = logging.getLogger("qvd.hypervisors.libvirt")
+
+_native_start_new_thread = monkey.get_original("_thread", "start_new_thread")
+_native_lock = monkey.get_original("_thread", "allocate_lock")
+
+# libvirt lifecycle events after which the domain no longer runs
+STOPPED_EVENTS = ("STOPPED", "UNDEFINED")
+
+
+def require_libvirt():
+    if libvirt is None:
+        raise HypervisorError("libvirt-python is not installed (pip install 'qvd-gevent[libvirt]')")
+    return libvirt
+
+
+def event_name(event, detail=None):
+    """Readable name of a lifecycle event (VIR_DOMAIN_EVENT_*)."""
+    names = {0: "DEFINED", 1: "UNDEFINED", 2: "STARTED", 3: "SUSPENDED", 4: "RESUMED",
+             5: "STOPPED", 6: "SHUTDOWN", 7: "PMSUSPENDED", 8: "CRASHED"}
+    name = names.get(event, f"EVENT{event}")
+    # SHUTDOWN detail 0 = the guest finished its shutdown (the process may still exit)
+    if name == "SHUTDOWN" and detail == 0:
+        return "SHUTDOWN_FINISHED"
+    return name
+
+
+class _EventLoop:
+    """libvirt's default event loop on one native thread, feeding the hub that started it."""
+
+    _instance = None
+    _guard = _native_lock()
+
+    @classmethod
+    def ensure(cls):
+        with cls._guard:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def __init__(self):
+        lv = require_libvirt()
+        lv.virEventRegisterDefaultImpl()
+        # libvirt prints every error to stderr by default; we raise and log them ourselves.
+        lv.registerErrorHandler(lambda _ctx, _err: None, None)
+        self.queue = collections.deque()          # appended by the native thread, drained by the hub
+        self.handlers = []                        # callables(conn_key, name, event, detail), on the hub
+        self.hub = gevent.get_hub()
+        self.wakeup = self.hub.loop.async_()
+        self.wakeup.ref = False                   # the watcher alone must not keep the hub alive
+        self.wakeup.start(self._drain)
+        self.running = True
+        self.thread_id = _native_start_new_thread(self._run, ())
+
+    def _run(self):
+        lv = libvirt
+        while self.running:
+            try:
+                lv.virEventRunDefaultImpl()
+            except Exception:        # noqa: BLE001 - the loop must survive one bad callback
+                log.exception("libvirt event loop iteration failed")
+
+    def push(self, item):
+        """Called on the native thread: queue and wake the hub. Nothing else happens here."""
+        self.queue.append(item)
+        self.wakeup.send()
+
+    def _drain(self):
+        while self.queue:
+            item = self.queue.popleft()
+            for handler in list(self.handlers):
+                try:
+                    handler(*item)
+                except Exception:    # noqa: BLE001
+                    log.exception("libvirt event handler failed")
+
+
+class LibvirtConnection:
+    _by_uri = {}
+
+    @classmethod
+    def get(cls, uri):
+        conn = cls._by_uri.get(uri)
+        if conn is None:
+            conn = cls._by_uri[uri] = cls(uri)
+        return conn
+
+    def __init__(self, uri):
+        require_libvirt()
+        self.uri = uri
+        self.loop = _EventLoop.ensure()
+        self._conn = None
+        self._opening = gevent.lock.Semaphore()
+        self._callback_id = None
+        self._stopped = {}            # domain name -> gevent Event, set when it stops
+        self._subscribers = []
+        self.loop.handlers.append(self._on_event)
+
+    # --- plumbing ---
+    def _pool_call(self, fn, *args):
+        try:
+            return gevent.get_hub().threadpool.apply(fn, args)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"libvirt ({self.uri}): {exc.get_error_message() or exc}") from None
+
+    @property
+    def conn(self):
+        if self._conn is None:
+            with self._opening:
+                if self._conn is None:
+                    self._open()
+        return self._conn
+
+    def _open(self):
+        conn = self._pool_call(libvirt.open, self.uri)
+        if conn is None:
+            raise HypervisorError(f"libvirt: cannot open {self.uri}")
+
+        def lifecycle(_conn, dom, event, detail, _opaque):
+            # native thread: queue only
+            self.loop.push((self, dom.name(), event, detail))
+
+        self._callback_id = self._pool_call(conn.domainEventRegisterAny, None,
+                                            libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None)
+        self._conn = conn
+        log.info("libvirt connection to %s open", self.uri)
+
+    def call(self, fn, *args):
+        """Run fn(*args) in the threadpool; libvirt errors become HypervisorError."""
+        return self._pool_call(fn, *args)
+
+    # --- events (on the hub) ---
+    def _on_event(self, conn, name, event, detail):
+        if conn is not self:
+            return
+        what = event_name(event, detail)
+        log.debug("libvirt %s: domain %s %s", self.uri, name, what)
+        if what in STOPPED_EVENTS:
+            self._stopped.setdefault(name, gevent.event.Event()).set()
+        for callback in list(self._subscribers):
+            callback(name, what, detail)
+
+    def subscribe(self, callback):
+        """callback(domain_name, event_name, detail) on the hub for every lifecycle event."""
+        self._subscribers.append(callback)
+
+    def unsubscribe(self, callback):
+        if callback in self._subscribers:
+            self._subscribers.remove(callback)
+
+    def arm_stop_event(self, name):
+        """Forget an old stop of this domain name: call before (re)starting it."""
+        self._stopped[name] = gevent.event.Event()
+
+    # --- queries ---
+    def lookup(self, name):
+        try:
+            return gevent.get_hub().threadpool.apply(self.conn.lookupByName, (name,))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise HypervisorError(f"libvirt ({self.uri}): {exc.get_error_message()}") from None
+
+    def is_active(self, name):
+        dom = self.lookup(name)
+        if dom is None:
+            return False
+        try:
+            return bool(gevent.get_hub().threadpool.apply(dom.isActive))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise HypervisorError(f"libvirt ({self.uri}): {exc.get_error_message()}") from None
+
+    def domain_names(self, prefix="", active_only=True):
+        flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE if active_only else 0
+        doms = self.call(self.conn.listAllDomains, flags)
+        return sorted(d.name() for d in doms if d.name().startswith(prefix))
+
+    def wait_stopped(self, name, timeout, state_check_interval):
+        """True once the domain is not running, False after timeout seconds.
+
+        Lifecycle events are the fast path; every state_check_interval seconds the state is
+        also read, so a lost event (reconnect, adoption) costs at most one interval.
+        """
+        event = self._stopped.setdefault(name, gevent.event.Event())
+        deadline = None if timeout is None else gevent.get_hub().loop.now() + timeout
+        while True:
+            event.clear()       # cleared before the check, so a stop after it still wakes us
+            if not self.is_active(name):
+                return True
+            wait = state_check_interval
+            if deadline is not None:
+                left = deadline - gevent.get_hub().loop.now()
+                if left <= 0:
+                    return False
+                wait = min(wait, left)
+            event.wait(wait)
+
+    def close(self):
+        if self._conn is None:
+            return
+        conn, self._conn = self._conn, None
+        try:
+            if self._callback_id is not None:
+                self._pool_call(conn.domainEventDeregisterAny, self._callback_id)
+            self._pool_call(conn.close)
+        except HypervisorError as exc:
+            log.warning("closing %s: %s", self.uri, exc)
+        self._by_uri.pop(self.uri, None)
+        if self._on_event in self.loop.handlers:
+            self.loop.handlers.remove(self._on_event)
