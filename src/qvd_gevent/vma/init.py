@@ -36,8 +36,8 @@ def vma_args_from_env(env):
 
 
 def main(argv=None):
-    from gevent import monkey
-    monkey.patch_all()
+    from .server import patch_for_vma
+    patch_for_vma()
     vm_id = os.environ.get("QVD_VM_ID", "?")
     vm_name = os.environ.get("QVD_VM_NAME", "")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,

@@ -231,9 +231,15 @@ def run(args, on_ready=None):
     return 0
 
 
-def main(argv=None):
+def patch_for_vma():
+    """Cooperative sockets, signals, subprocesses and sleeps. The VMA needs neither TLS
+    nor threads; leaving those unpatched spares about 1.7 MB private memory per VM."""
     from gevent import monkey
-    monkey.patch_all()
+    monkey.patch_all(ssl=False, thread=False)
+
+
+def main(argv=None):
+    patch_for_vma()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     args = build_parser().parse_args(argv)
