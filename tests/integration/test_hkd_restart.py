@@ -1,0 +1,115 @@
+"""A node killed with SIGKILL and restarted reconciles with what really runs: no orphans."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from qvd_gevent.config import Config
+from qvd_gevent.db import Database
+from qvd_gevent.vma.client import VmaClient
+
+from helpers.hkd_env import (add_host, add_vms, fast_hkd_settings, pid_alive, start_vm, stop_vm, vm_row, wait_for,
+                             wait_vm_state, write_conf)
+
+
+class NodeProcess:
+    def __init__(self, conf, log_path):
+        self.conf = conf
+        self.log_path = log_path
+        self.proc = None
+
+    def start(self):
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "qvd_gevent.hkd", "--config", str(self.conf)],
+                                     stdout=subprocess.PIPE, stderr=self.log)
+        line = self.proc.stdout.readline()
+        assert line.strip() == b"READY", f"HKD did not start: {line!r}; log: {self.log_path.read_text()[-2000:]}"
+
+    def kill9(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def terminate(self):
+        self.proc.terminate()
+        return self.proc.wait(30)
+
+    def cleanup(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_and_restart_adopts_cleans_and_kills(tmp_path, pg_server, fresh_db_name):
+    conf = write_conf(tmp_path / "node.conf", pg_server, fresh_db_name, fast_hkd_settings(tmp_path))
+    db = Database.from_config(Config.load(str(conf)))
+    node = NodeProcess(conf, tmp_path / "hkd.log")
+    pids = []
+    try:
+        host_id = add_host(db)
+        keep, crash, released = add_vms(db, count=3)
+        node.start()
+        for vm_id in (keep, crash, released):
+            start_vm(db, vm_id, host_id)
+        rows = {vm_id: wait_vm_state(db, vm_id, "running") for vm_id in (keep, crash, released)}
+        pids = [r["vm_pid"] for r in rows.values()]
+
+        node.kill9()
+        assert all(pid_alive(p) for p in pids), "VMs must survive the node's death"
+        os.kill(rows[crash]["vm_pid"], signal.SIGKILL)          # died while the node was down
+        db.execute("UPDATE vm_runtimes SET host_id = NULL, vm_state = 'stopped' WHERE vm_id = %s", (released,))
+
+        node.start()
+        assert db.query_one("SELECT state FROM host_runtimes WHERE host_id = %s", (host_id,))[0] == "running"
+        # adopted: same process, row untouched, still monitored
+        row = vm_row(db, keep)
+        assert row["vm_state"] == "running" and row["vm_pid"] == rows[keep]["vm_pid"] and row["host_id"] == host_id
+        assert pid_alive(row["vm_pid"]) and VmaClient(row["vm_address"], 3030, timeout=2).ping()
+        # the VM that died meanwhile: row cleaned
+        row = vm_row(db, crash)
+        assert row["vm_state"] == "stopped" and row["host_id"] is None and row["vm_address"] is None
+        # the VM the database no longer gives us: killed
+        wait_for(lambda: not pid_alive(rows[released]["vm_pid"]), 10, what="released VM killed")
+
+        # the adopted VM still obeys commands (exit watched through a pidfd: not our child)
+        stop_vm(db, keep)
+        wait_vm_state(db, keep, "stopped", timeout=15)
+        wait_for(lambda: not pid_alive(rows[keep]["vm_pid"]), 5, what="adopted VM gone")
+
+        assert node.terminate() == 0
+        assert db.query_one("SELECT state FROM host_runtimes WHERE host_id = %s", (host_id,))[0] == "stopped"
+    finally:
+        node.cleanup()
+        for pid in pids:
+            if pid_alive(pid):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        db.close()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_stops_running_vms_gracefully(tmp_path, pg_server, fresh_db_name):
+    conf = write_conf(tmp_path / "node.conf", pg_server, fresh_db_name, fast_hkd_settings(tmp_path))
+    db = Database.from_config(Config.load(str(conf)))
+    node = NodeProcess(conf, tmp_path / "hkd.log")
+    try:
+        host_id = add_host(db)
+        vm_ids = add_vms(db, count=2)
+        node.start()
+        for vm_id in vm_ids:
+            start_vm(db, vm_id, host_id)
+        rows = [wait_vm_state(db, vm_id, "running") for vm_id in vm_ids]
+        assert node.terminate() == 0
+        for vm_id, row in zip(vm_ids, rows):
+            assert vm_row(db, vm_id)["vm_state"] == "stopped"
+            assert not pid_alive(row["vm_pid"])
+        assert db.query_one("SELECT state FROM host_runtimes WHERE host_id = %s", (host_id,))[0] == "stopped"
+        assert "VMA poweroff sent" in (tmp_path / "hkd.log").read_text()
+    finally:
+        node.cleanup()
+        db.close()
