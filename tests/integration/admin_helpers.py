@@ -2,7 +2,6 @@
 import datetime
 import io
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -71,7 +70,7 @@ class Admin:
 def self_signed(tmp_path, cn="qvd.test", days=30, not_before=None, name="server"):
     """A key and a self-signed certificate written as PEM files; returns (key_path, cert_path)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start = not_before or now - datetime.timedelta(minutes=5)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
@@ -83,8 +82,3 @@ def self_signed(tmp_path, cn="qvd.test", days=30, not_before=None, name="server"
                                            serialization.NoEncryption()))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
-
-
-@pytest.fixture
-def admin(node_conf, db):
-    return Admin(node_conf, db)

@@ -1,6 +1,12 @@
 """qvd-admin as a command: dispatch, help, options anywhere, and one-line errors."""
+import pytest
+from admin_helpers import Admin
 from conftest import write_node_conf
-from admin_helpers import Admin, admin  # noqa: F401
+
+
+@pytest.fixture
+def admin(node_conf, db):
+    return Admin(node_conf, db)
 
 
 def test_no_object_or_verb_lists_subcommands(admin):

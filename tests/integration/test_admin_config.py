@@ -3,10 +3,15 @@ import datetime
 
 import gevent
 import gevent.event
+import pytest
+from admin_helpers import Admin, self_signed
 
 from qvd_gevent.db.listen import Listener
 
-from admin_helpers import admin, self_signed  # noqa: F401
+
+@pytest.fixture
+def admin(node_conf, db):
+    return Admin(node_conf, db)
 
 
 def configs(db, tenant=-1):
@@ -92,7 +97,7 @@ def test_ssl_stores_checked_material_and_notifies(admin, db, tmp_path):
         assert listener.wait_connected(10)
         gevent.sleep(0.2)
         key, cert = self_signed(tmp_path)
-        ca_key, ca = self_signed(tmp_path, cn="ca", name="ca")
+        _, ca = self_signed(tmp_path, cn="ca", name="ca")
         admin.ok("config", "ssl", f"key={key}", f"cert={cert}", f"ca={ca}")
         got.get(timeout=5)
     finally:
@@ -108,9 +113,9 @@ def test_ssl_stores_checked_material_and_notifies(admin, db, tmp_path):
 
 def test_ssl_refuses_bad_material(admin, tmp_path):
     key, cert = self_signed(tmp_path)
-    other_key, other_cert = self_signed(tmp_path, name="other")
+    other_key, _ = self_signed(tmp_path, name="other")
     expired_key, expired_cert = self_signed(tmp_path, name="old", days=1,
-                                            not_before=datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc))
+                                            not_before=datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC))
     missing = tmp_path / "nope.pem"
     admin.fails("config", "ssl", f"key={missing}", f"cert={cert}", contains=f"{missing}: Unable to read key file")
     admin.fails("config", "ssl", f"key={key}", f"cert={missing}", contains=f"{missing}: Unable to read cert file")

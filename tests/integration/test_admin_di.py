@@ -4,8 +4,12 @@ import os
 import stat
 
 import pytest
+from admin_helpers import Admin
 
-from admin_helpers import admin  # noqa: F401
+
+@pytest.fixture
+def admin(node_conf, db):
+    return Admin(node_conf, db)
 
 TODAY = datetime.date.today().strftime("%Y-%m-%d")
 
@@ -94,10 +98,10 @@ def test_di_tag_sets_expirations_of_running_vms_on_another_di(admin, db, image):
     db.execute("UPDATE vm_runtimes SET vm_state = 'running', current_di_id = 10000")
     admin.ok("di", "tag", "di_id=10001", "tag=stable", "expire-soft=now", "expire-hard=now + 1 hour")
     [(soft, hard)] = db.query("SELECT vm_expiration_soft, vm_expiration_hard FROM vm_runtimes")
-    now = datetime.datetime.utcnow()
+    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
     assert abs((soft - now).total_seconds()) < 60 and abs((hard - now).total_seconds() - 3600) < 60
     out = admin.ok("vm", "list").out
-    assert soft.replace(tzinfo=datetime.timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M") in out
+    assert soft.replace(tzinfo=datetime.UTC).astimezone().strftime("%Y-%m-%d %H:%M") in out
 
 
 def test_di_del_moves_head_and_default_and_keeps_running_dis(admin, db, image, tmp_path):

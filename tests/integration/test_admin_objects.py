@@ -1,7 +1,13 @@
 """qvd-admin host / user / osf verbs: good input, bad input, the DB unchanged after a failure."""
+import pytest
+from admin_helpers import Admin
+
 from qvd_gevent.db.passwords import is_legacy, verify_password
 
-from admin_helpers import admin  # noqa: F401
+
+@pytest.fixture
+def admin(node_conf, db):
+    return Admin(node_conf, db)
 
 EVIL = "x'); DROP TABLE vms;--"
 

@@ -1,7 +1,11 @@
 """propset / propget / propdel for every object, on QVD 4's property tables."""
 import pytest
+from admin_helpers import Admin
 
-from admin_helpers import admin  # noqa: F401
+
+@pytest.fixture
+def admin(node_conf, db):
+    return Admin(node_conf, db)
 
 EVIL = "x'); DROP TABLE vms;--"
 

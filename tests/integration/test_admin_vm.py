@@ -2,10 +2,14 @@
 import gevent
 import gevent.event
 import pytest
+from admin_helpers import Admin
 
 from qvd_gevent.db.listen import Listener
 
-from admin_helpers import admin  # noqa: F401
+
+@pytest.fixture
+def admin(node_conf, db):
+    return Admin(node_conf, db)
 
 EVIL = "x'); DROP TABLE vms;--"
 

@@ -85,7 +85,7 @@ def test_property_and_tag_filters_are_subqueries():
 
 
 def test_hosts_ignore_the_tenant_and_reject_unknown_filter_keys():
-    sql, params = where_clause(HOST, [("id", "10000")], 7)
+    _, params = where_clause(HOST, [("id", "10000")], 7)
     assert params == [10000]
     with pytest.raises(AdminError, match="unknown filter key 'colour' for host"):
         where_clause(HOST, [("colour", "red")], None)
@@ -106,7 +106,7 @@ def test_storage_sizes():
 
 def test_dates_are_local_time_turned_to_utc():
     now = datetime.datetime(2030, 5, 1, 10, 0, 0)
-    local_to_utc = now.astimezone(datetime.timezone.utc).replace(tzinfo=None) - now
+    local_to_utc = now.astimezone(datetime.UTC).replace(tzinfo=None) - now
     assert parse_when("now + 2 hours", now) == now + datetime.timedelta(hours=2) + local_to_utc
     assert parse_when("2030-06-01 12:30", now) == datetime.datetime(2030, 6, 1, 12, 30) + local_to_utc
     assert parse_when("09:00", now) == datetime.datetime(2030, 5, 2, 9, 0) + local_to_utc
@@ -115,7 +115,7 @@ def test_dates_are_local_time_turned_to_utc():
 
 
 def _cert(key, days=30, start=None):
-    start = start or datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=1)
+    start = start or datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t")])
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(1).not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
@@ -133,7 +133,7 @@ def test_tls_pair_checks():
     check_pair(_key_pem(key), _cert(key))
     with pytest.raises(AdminError, match="does not match"):
         check_pair(_key_pem(other), _cert(key))
-    old = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    old = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
     with pytest.raises(AdminError, match="expired on 2020-01-31"):
         check_pair(_key_pem(key), _cert(key, start=old))
     with pytest.raises(AdminError, match="not a PEM certificate"):

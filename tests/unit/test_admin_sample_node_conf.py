@@ -23,7 +23,7 @@ def test_sample_parses_with_the_mandatory_keys():
 
 
 def test_commented_keys_show_their_defaults():
-    shown = re.findall(r"^#([a-z][\w.\-]+) = ?(.*)$", SAMPLE.read_text(), re.M)
+    shown = re.findall(r"^#([a-z][\w.\-]+) = ?(.*)$", SAMPLE.read_text(), re.MULTILINE)
     assert len(shown) > 30
     for key, value in shown:
         assert key in DEFAULTS, f"{key} is not in the defaults table"

@@ -12,12 +12,12 @@ import psycopg2
 
 from ..config import Config, ConfigError
 from ..db import Database, DatabaseError
+
+# Importing the verb modules fills the registry.
+from . import config_verbs, di, host, osf, props, user, vm  # noqa: F401
 from .context import AdminError, Context, Invocation
 from .errors import describe
 from .registry import OBJECTS, VERBS, verbs_of
-
-# Importing the verb modules fills the registry.
-from . import config_verbs, host, user, osf, di, vm, props  # noqa: F401,E402
 
 _VALUE_OPTIONS = {"-f": "filter", "--filter": "filter", "-t": "tenant", "--tenant": "tenant",
                   "--config": "config", "-c": "config"}
@@ -105,7 +105,8 @@ def check_syntax(spec, inv):
     if spec.allowed is not None:
         extra = sorted({k for k, _ in inv.args if k not in spec.allowed})
         if extra:
-            raise AdminError("Syntax error: too many arguments: '%s' (usage: %s)" % ("', '".join(extra), spec.usage))
+            shown = "', '".join(extra)
+            raise AdminError(f"Syntax error: too many arguments: '{shown}' (usage: {spec.usage})")
 
 
 def _subcommands(obj=None):
@@ -179,6 +180,12 @@ def run(argv, out, err, stdin):
         message = describe(exc)
     except KeyboardInterrupt:
         message = "interrupted"
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:  # a bug of ours, not the operator's mistake: one line unless --debug
+        if inv.debug:
+            raise
+        message = f"internal error ({type(exc).__name__}: {exc}); run again with --debug for details"
     if not inv.quiet:
         err.write(f"Error: {message}\n")
         err.flush()

@@ -17,7 +17,7 @@ _HM = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
 
 
 def _local_to_utc(local_naive):
-    return local_naive.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return local_naive.astimezone(datetime.UTC).replace(tzinfo=None)
 
 
 def parse_when(text, now=None):

@@ -47,7 +47,7 @@ def host_del(ctx):
 
 def _timespan(seconds):
     seconds = max(0, int(seconds))
-    return "%02d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 @verb("host", "list", FILTER_USAGE, "Lists hosts.")

@@ -2,6 +2,7 @@
 import datetime
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from .context import AdminError
@@ -32,7 +33,7 @@ def check_pair(key_pem, cert_pem, key_path="key", cert_path="cert", now=None):
         key = serialization.load_pem_private_key(key_pem.encode(), password=None)
     except TypeError:
         raise AdminError(f"{key_path}: the private key is encrypted; the L7R needs it unencrypted") from None
-    except (ValueError, Exception) as exc:  # cryptography raises ValueError or UnsupportedAlgorithm
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise AdminError(f"{key_path}: not a PEM private key ({type(exc).__name__})") from None
     try:
         cert = x509.load_pem_x509_certificate(cert_pem.encode())
@@ -40,7 +41,7 @@ def check_pair(key_pem, cert_pem, key_path="key", cert_path="cert", now=None):
         raise AdminError(f"{cert_path}: not a PEM certificate") from None
     if _public_der(key.public_key()) != _public_der(cert.public_key()):
         raise AdminError(f"{key_path}: the private key does not match the certificate {cert_path}")
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     not_after = cert.not_valid_after_utc
     not_before = cert.not_valid_before_utc
     if not_after < now:

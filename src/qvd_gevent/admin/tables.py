@@ -29,7 +29,7 @@ def cell_text(value):
     if value is False:
         return "0"
     if isinstance(value, float):
-        return "%.15g" % value
+        return f"{value:.15g}"
     return str(value)
 
 

@@ -9,6 +9,7 @@ the sessions of the VMs that have one even when other matched VMs have none.
 """
 import datetime
 
+from ..config import ConfigError
 from ..config.network import NetworkError
 from ..db import notify
 from ..db.placement import NoHostAvailable, pick_host
@@ -27,7 +28,7 @@ MAX_BULK = 10000
 def vm_network(ctx):
     try:
         return ctx.cfg.vm_network()
-    except Exception as exc:  # ConfigError with the key's name
+    except ConfigError as exc:  # names the key
         raise AdminError(str(exc)) from None
 
 
@@ -130,7 +131,7 @@ def vm_del(ctx):
 def _local(ts):
     if ts is None:
         return None
-    return ts.replace(tzinfo=datetime.timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return ts.replace(tzinfo=datetime.UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 @verb("vm", "list", FILTER_USAGE, "Lists virtual machines.")
