@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import subprocess
 import time
 
@@ -77,6 +78,24 @@ def count_pixels(shot, x0, y0, width, height):
     return white, black
 
 
+def wait_xlogo_on_screen(screen_display, env):
+    """xlogo runs on nxagent's display inside the "VM" (100x100, black logo on white);
+    nxagent mirrors its window into its own "QVD" window on the client's X server, and
+    the pixels get there only through the NX link."""
+    def xlogo_window():
+        tree = x_output(["xwininfo", "-root", "-tree", "-display", f":{screen_display}"], env)
+        if '"QVD": ("NXAgent" "NXAgent")' not in tree:
+            return None
+        match = re.search(r"100x100\+-?\d+\+-?\d+\s+\+(\d+)\+(\d+)", tree)
+        return (int(match.group(1)), int(match.group(2))) if match else None
+    x, y = wait_for(xlogo_window, 20, "xlogo's window on the client's X server")
+
+    def xlogo_pixels_drawn():
+        white, black = count_pixels(screenshot(screen_display, env), x, y, 100, 100)
+        return white > 1000 and black > 300
+    wait_for(xlogo_pixels_drawn, 20, "xlogo's black-on-white pixels on the client's X server")
+
+
 def stop(proc):
     if proc is not None and proc.poll() is None:
         proc.terminate()
@@ -92,9 +111,9 @@ def displays():
     missing = [tool for tool in NEEDED if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"NX test needs {', '.join(missing)} (scripts/install-test-deps.sh installs them)")
-    base = 150 + os.getpid() % 40 * 2
+    base = 150 + os.getpid() % 30 * 3
     agent, screen = base, base + 1
-    for d in (agent, screen):
+    for d in (agent, screen, base + 2):
         if os.path.exists(f"/tmp/.X{d}-lock"):
             pytest.skip(f"display :{d} is in use on this machine")
     return agent, screen
@@ -134,21 +153,7 @@ def test_nx_session_comes_up_and_an_x_client_draws(displays, tmp_path):
         assert "Session: Starting session at" in log
         assert "Session: Session started at" in log
 
-        # xlogo runs on nxagent's display inside the "VM" (100x100, black logo on white);
-        # nxagent mirrors its window into its own "QVD" window on the client's X server
-        # and the pixels get there only through the NX link.
-        def xlogo_window_on_the_users_screen():
-            tree = x_output(["xwininfo", "-root", "-tree", "-display", f":{screen_display}"], env)
-            if '"QVD": ("NXAgent" "NXAgent")' not in tree:
-                return None
-            match = re.search(r"100x100\+-?\d+\+-?\d+\s+\+(\d+)\+(\d+)", tree)
-            return (int(match.group(1)), int(match.group(2))) if match else None
-        x, y = wait_for(xlogo_window_on_the_users_screen, 20, "xlogo's window on the client's X server")
-
-        def xlogo_pixels_drawn():
-            white, black = count_pixels(screenshot(screen_display, env), x, y, 100, 100)
-            return white > 1000 and black > 300
-        wait_for(xlogo_pixels_drawn, 20, "xlogo's black-on-white pixels on the client's X server")
+        wait_xlogo_on_screen(screen_display, env)
 
         stop(proxy)  # the user goes away: nxagent suspends by itself
         wait_for(lambda: client.x_state() == "suspended", 20, "x_state suspended")
@@ -158,5 +163,58 @@ def test_nx_session_comes_up_and_an_x_client_draws(displays, tmp_path):
         assert "Session: Session terminated at" in (tmp_path / "nxagent.log").read_text(errors="replace")
     finally:
         stop(proxy)
+        vma.stop()
+        stop(xvfb)
+
+
+def test_nx_session_through_qvd_client(displays, tmp_path):
+    """nxproxy -> qvd-client --listen -> (TLS, connect_to_vm, 102s, 101) -> L7R -> nxagent.
+
+    The L7R here is the scripted one of tests/helpers/scripted_l7r.py (the original's
+    bytes, then a splice to the VM's display port), as the project's L7R was not there
+    to test against when this was written. nxproxy is started as the original client
+    starts it: ``nxproxy -S localhost:P`` against qvd-client listening on 4000+P.
+    """
+    from helpers.scripted_l7r import ScriptedL7R, make_cert
+    agent_display, screen_display = displays
+    proxy_port = agent_display + 2  # nxproxy dials 4000 + this, where qvd-client listens
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), NX_HOME=str(home))
+    xvfb = proxy = qvd_client = None
+    cfg = Config({"internal.nxagent.display": str(agent_display), "command.x-session": "xlogo"}, None)
+    vma = VmaService(cfg, "127.0.0.1", port=0, desktop="nx", run_dir=str(tmp_path)).start()
+    vma_client = VmaClient("127.0.0.1", vma.port, timeout=4)
+    cert, key = make_cert(str(tmp_path))
+    l7r = ScriptedL7R(cert, key, vma, x_port=4000 + agent_display,
+                      x_start_params={"qvd.client.geometry": "800x600", "qvd.client.link": "adsl"})
+    try:
+        xvfb = subprocess.Popen(["Xvfb", f":{screen_display}", "-nolisten", "tcp", "-screen", "0", "1024x768x24"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: os.path.exists(f"/tmp/.X11-unix/X{screen_display}"), 10, "Xvfb")
+        qvd_client = subprocess.Popen(
+            [sys.executable, "-c", "from qvd_gevent.client.cli import main; main()",
+             "--host", "127.0.0.1", "--port", str(l7r.port), "--user", "qvd", "--password", "qvd", "--ca", cert,
+             "connect", "--vm", "10", "--listen", f"127.0.0.1:{4000 + proxy_port}", "--count", "1"],
+            env=env, stderr=subprocess.PIPE)
+        line = b""
+        with gevent.Timeout(15):
+            while b"listening on" not in line:
+                line = qvd_client.stderr.readline()
+                assert line, "qvd-client exited before listening"
+        proxy = subprocess.Popen(["nxproxy", "-S", f"localhost:{proxy_port}"],
+                                 env=dict(env, DISPLAY=f":{screen_display}"),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: vma_client.x_state() == "connected", 30, "x_state connected")
+        assert "Session: Session started at" in (tmp_path / "nxagent.log").read_text(errors="replace")
+        wait_xlogo_on_screen(screen_display, env)
+        stop(proxy)
+        wait_for(lambda: vma_client.x_state() == "suspended", 20, "x_state suspended")
+        assert qvd_client.wait(timeout=15) == 0
+        assert b"Connection established" in qvd_client.stderr.read()
+    finally:
+        stop(proxy)
+        stop(qvd_client)
+        l7r.stop()
         vma.stop()
         stop(xvfb)
