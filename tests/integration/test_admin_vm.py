@@ -224,3 +224,13 @@ def test_vm_del_removes_only_stopped_vms_with_their_rows(world, db):
     assert db.query("SELECT vm_id FROM vm_counters") == [(10001,)]
     assert db.query("SELECT vm_id FROM vm_properties") == [(10001,)]
     world.fails("vm", "del", "-f", "name=zzz", contains="matches no vm")
+
+
+def test_concurrent_vm_adds_get_distinct_addresses(world, db):
+    """Two operators adding VMs at once: SERIALIZABLE plus retry, never the same IP twice."""
+    jobs = [gevent.spawn(world, "vm", "add", f"name=c{i}", "user=qvd", "osf=desktop", "bulk=3") for i in range(4)]
+    gevent.joinall(jobs, timeout=60)
+    assert [job.value.rc for job in jobs] == [0, 0, 0, 0], [job.value for job in jobs]
+    ips = [r[0] for r in db.query("SELECT ip FROM vms")]
+    assert len(ips) == 12 and len(set(ips)) == 12
+    assert sorted(ips) == [f"10.3.15.{n}" for n in range(243, 255)]
