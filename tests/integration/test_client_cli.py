@@ -19,6 +19,7 @@ from helpers.scripted_l7r import PROGRESS, ScriptedL7R, make_cert
 from qvd_gevent.config import Config
 from qvd_gevent.vma.server import VmaService
 
+
 @pytest.fixture
 def l7r(tmp_path):
     vma = VmaService(Config({}, None), f"127.103.{os.getpid() % 250 + 1}.1").start()
@@ -38,7 +39,7 @@ def qvd_client(l7r, *args, password="qvd", ca=True, extra_env=None, timeout=30):
     if ca:
         argv += ["--ca", l7r.cert]
     env = dict(os.environ, **(extra_env or {}))
-    return subprocess.run(argv + list(args), capture_output=True, timeout=timeout, env=env)
+    return subprocess.run(check=False, args=argv + list(args), capture_output=True, timeout=timeout, env=env)
 
 
 def test_list_prints_the_users_vms_and_sends_the_original_request(l7r):
@@ -138,10 +139,10 @@ def test_password_sources_and_usage_errors(l7r, tmp_path):
     # an empty QVD_PASSWORD is a password (empty): the server rejects it
     assert missing.returncode == 1
     env = {k: v for k, v in os.environ.items() if k != "QVD_PASSWORD"}
-    none = subprocess.run([sys.executable, "-c", "from qvd_gevent.client.cli import main; main()",
+    none = subprocess.run(check=False, args=[sys.executable, "-c", "from qvd_gevent.client.cli import main; main()",
                            "--host", "127.0.0.1", "--user", "qvd", "list"], capture_output=True, env=env, timeout=20)
     assert none.returncode == 2 and b"no password" in none.stderr
-    closed = subprocess.run([sys.executable, "-c", "from qvd_gevent.client.cli import main; main()",
+    closed = subprocess.run(check=False, args=[sys.executable, "-c", "from qvd_gevent.client.cli import main; main()",
                              "--host", "127.0.0.1", "--port", "1", "--user", "qvd", "--password", "x", "list"],
                             capture_output=True, env=env, timeout=20)
     assert closed.returncode == 1 and b"cannot connect to 127.0.0.1:1" in closed.stderr

@@ -81,7 +81,7 @@ def test_poweroff_makes_the_init_exit(init_address):
 def test_bad_desktop_env_is_a_clear_error(init_address):
     address, _ = init_address
     env = dict(os.environ, QVD_VM_ADDRESS=address, QVD_VM_DESKTOP="kde")
-    proc = subprocess.run([sys.executable, "-c", "from qvd_gevent.vma.init import main; main()"],
+    proc = subprocess.run(check=False, args=[sys.executable, "-c", "from qvd_gevent.vma.init import main; main()"],
                           env=env, capture_output=True, timeout=20)
     assert proc.returncode == 2
     assert b"invalid choice: 'kde'" in proc.stderr

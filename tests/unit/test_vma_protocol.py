@@ -5,8 +5,14 @@ import pytest
 
 from qvd_gevent.config import Config
 from qvd_gevent.vma import rpc
-from qvd_gevent.vma.xstate import (NX_TO_X, InvalidOption, StateTracker, nx_state_from_log_line,
-                                   nxagent_options, x_state_of)
+from qvd_gevent.vma.xstate import (
+    NX_TO_X,
+    InvalidOption,
+    StateTracker,
+    nx_state_from_log_line,
+    nxagent_options,
+    x_state_of,
+)
 
 
 def client_decode(body):

@@ -164,7 +164,7 @@ def client_params(args):
         params.append(("qvd.client.keyboard", args.keyboard))
     for item in args.param or []:
         key, sep, value = item.partition("=")
-        if not sep or not (key.startswith("qvd.client.") or key.startswith("custom.")):
+        if not sep or not key.startswith(("qvd.client.", "custom.")):
             raise UsageError(f"--param {item!r}: expected qvd.client.KEY=VALUE or custom.KEY=VALUE")
         params.append((key, value))
     return params

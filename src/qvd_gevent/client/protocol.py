@@ -28,7 +28,7 @@ class ProtocolError(Exception):
 
 
 def basic_auth(login, password):
-    raw = f"{login}:{password}".encode("utf-8")
+    raw = f"{login}:{password}".encode()
     return "Basic " + base64.b64encode(raw).decode("ascii")
 
 

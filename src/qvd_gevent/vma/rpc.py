@@ -27,7 +27,7 @@ class BadRequest(Exception):
 
 
 class Request:
-    __slots__ = ("method", "path", "params", "headers", "version")
+    __slots__ = ("headers", "method", "params", "path", "version")
 
     def __init__(self, method, path, params, headers, version):
         self.method = method
@@ -99,4 +99,4 @@ def response(body, status=200, keep_alive=False, content_type=CONTENT_TYPE):
 
 def mask_params(params):
     """A copy fit for a log line: values of password-like keys hidden (as the original)."""
-    return {k: ("*****" if re.search(r"passw(or)?d", k, re.I) else v) for k, v in params.items()}
+    return {k: ("*****" if re.search(r"passw(or)?d", k, re.IGNORECASE) else v) for k, v in params.items()}

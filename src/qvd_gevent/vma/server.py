@@ -109,7 +109,7 @@ class VmaService:
             return
         command = self.cfg.get("vma.poweroff.command")
         log.info("running %s", command)
-        os.system(command)  # noqa: S605 - the operator's configured command
+        os.system(command)
 
     # --- HTTP ----------------------------------------------------------------------------
     def start(self):
@@ -165,7 +165,7 @@ class VmaService:
             return rpc.response(b"Not Found\r\n", 404, keep, content_type="text/plain")
         try:
             result, error = self.call(method, request.params)
-        except Exception as exc:  # noqa: BLE001 - an RPC error, not a dead agent
+        except Exception as exc:
             log.exception("VMA method %s failed", method)
             result, error = None, f"internal error: {exc}"
         body = rpc.encode_error(error) if error is not None else rpc.encode_result(result)
