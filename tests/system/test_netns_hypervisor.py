@@ -123,3 +123,53 @@ def test_start_without_lease_fails_cleanly(test_host, tmp_path):
     assert result["error"] and "no DHCP lease" in result["error"]
     assert f"{test_host.vm_prefix}v5" not in result["links"]
     assert test_host.vm_namespaces() == []
+
+
+def test_qvd_vm_init_vma_answers_ping_and_stops_on_sigterm(test_host, tmp_path):
+    """The project's own init (qvd-vm-init: the VMA) as a netns VM's DI: VmaClient ping works."""
+    import sysconfig
+    from pathlib import Path
+    init = Path(sysconfig.get_path("scripts")) / "qvd-vm-init"
+    if not init.exists():
+        pytest.skip(f"qvd-vm-init is not installed at {init} (pip install -e .)")
+    result, _ = run_driver(test_host, tmp_path, """
+        from qvd_gevent.vma.client import VmaClient
+        boot()
+        h = start_vm(21, "10.77.0.121")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                pong = VmaClient(h.address, 3030, timeout=2).ping()
+                break
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise
+                gevent.sleep(0.2)
+        hv.shutdown(h)
+        exited = hv.wait_exit(h, timeout=15)
+        code = hv._children[21].returncode
+        hv.cleanup(h)
+        dns.stop()
+        setup.remove()
+        report(dict(pong=repr(pong), exited=exited, code=code))
+    """, di=str(init))
+    assert result["exited"] and result["code"] == 0
+    assert test_host.vm_namespaces() == []
+
+
+def test_static_address_when_dhcp_is_off(test_host, tmp_path):
+    """vm.network.use_dhcp=0: no dnsmasq; the VM gets vms.ip directly and answers on it."""
+    from helpers.netns import node_settings
+    di = write_http_di(tmp_path)
+    result, _ = run_driver(test_host, tmp_path, """
+        boot(dhcp=False)
+        h = hv.start(vm_spec(9, "10.77.0.109"))
+        status, _ = wait_http(h.address)
+        route = os.popen("ip netns exec %s ip -4 route show" % h.name).read()
+        hv.kill(h); hv.cleanup(h)
+        setup.remove()
+        report(dict(address=h.address, status=status, route=route))
+    """, settings=node_settings(test_host, tmp_path, **{"vm.network.use_dhcp": "0"}), di=di)
+    assert result["address"] == "10.77.0.109" and result["status"] == 200
+    assert "default via 10.77.0.1 dev eth0" in result["route"]
+    assert test_host.vm_namespaces() == []
