@@ -19,7 +19,8 @@ def configs(db, tenant=-1):
 
 
 def test_set_get_del_round_trip(admin, db):
-    admin.ok("config", "set", "vm.network.ip.start=10.3.15.50", "vm.network.netmask=24", "l7r.port=9443")
+    admin.ok("config", "set", "vm.network.ip.start=10.3.15.50", "vm.network.netmask=24", "l7r.port=9443",
+             "vm.hypervisor=process")
     assert configs(db)["vm.network.ip.start"] == "10.3.15.50"
     assert admin.ok("config", "get", "l7r.port", "vm.network.netmask").out == "l7r.port=9443\nvm.network.netmask=24\n"
     admin.ok("config", "set", "l7r.port=9444")
@@ -56,6 +57,7 @@ def test_bad_config_set_changes_nothing(admin):
     admin.fails("config", "set", "l7r.port=many", contains="l7r.port")
     admin.fails("config", "set", "l7r.use_ssl=perhaps", contains="l7r.use_ssl")
     admin.fails("config", "set", "vm.network.gateway=10.3.15", contains="vm.network.gateway")
+    admin.fails("config", "set", "vm.hypervisor=vmware", contains="unknown hypervisor 'vmware'")
     admin.fails("config", "set", "database.host=elsewhere", contains="only from node.conf")
     admin.fails("config", "set", "nodename=other", contains="only from node.conf")
     admin.fails("config", "set", "l7r.ssl.key=x", contains="config ssl")

@@ -50,6 +50,10 @@ def check_value(cfg, key, value):
         cfg.validate(key, value)
     except ConfigError as exc:
         raise AdminError(str(exc)) from None
+    if key == "vm.hypervisor":
+        known = cfg.get_list("internal.hkd.hypervisor_list")
+        if value.strip() not in known:
+            raise AdminError(f"vm.hypervisor: unknown hypervisor {value!r} (one of: {', '.join(known)})")
     if key in IP_KEYS and value.strip():
         try:
             parse_ip(value, key)
