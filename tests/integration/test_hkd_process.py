@@ -236,3 +236,34 @@ def test_lost_node_releases_vms_and_the_lost_node_kills_them(make_node, admin_db
     new = wait_vm_state(admin_db, vm_id, "running")
     assert new["host_id"] == host2 and pid_alive(new["vm_pid"])
     assert VmaClient(new["vm_address"], 3030, timeout=2).ping()
+
+
+def test_vm_gauge_reports_states(make_node, admin_db):
+    from qvd_gevent.node import metrics
+    host_id = add_host(admin_db)
+    (vm_id,) = add_vms(admin_db)
+    node = make_node()
+    node.hkd.start()
+    start_vm(admin_db, vm_id, host_id)
+    wait_vm_state(admin_db, vm_id, "running")
+    assert 'qvd_hkd_vms{state="running"} 1' in metrics.render()
+
+
+def test_expirations_soft_tells_vma_hard_stops(make_node, admin_db):
+    host_id = add_host(admin_db)
+    soft_vm, hard_vm = add_vms(admin_db, count=2)
+    node = make_node(**{"internal.hkd.agent.expiration_monitor.delay": 1})
+    node.hkd.start()
+    for vm_id in (soft_vm, hard_vm):
+        start_vm(admin_db, vm_id, host_id)
+    soft_row = wait_vm_state(admin_db, soft_vm, "running")
+    wait_vm_state(admin_db, hard_vm, "running")
+    admin_db.execute("UPDATE vm_runtimes SET vm_expiration_soft = (now() AT TIME ZONE 'UTC') - interval '1 minute', "
+                     "vm_expiration_hard = (now() AT TIME ZONE 'UTC') + interval '1 hour' WHERE vm_id = %s", (soft_vm,))
+    admin_db.execute("UPDATE vm_runtimes SET vm_expiration_hard = (now() AT TIME ZONE 'UTC') - interval '1 minute' "
+                     "WHERE vm_id = %s", (hard_vm,))
+    row = wait_vm_state(admin_db, hard_vm, "stopped", timeout=15)
+    assert row["host_id"] is None
+    log_path = os.path.join(str(node.cfg.get_str("path.run")), "process-vms", f"vm-{soft_vm}.log")
+    wait_for(lambda: "/vma/expire?vm.expiration.soft=" in open(log_path).read(), 10, what="expire RPC at the VMA")
+    assert vm_row(admin_db, soft_vm)["vm_state"] == "running" and pid_alive(soft_row["vm_pid"])

@@ -254,8 +254,12 @@ class HKD:
             return
         from .network import NetworkSetup, check_network
         if self.cfg.get_bool("vm.network.setup"):
-            self.network_setup = NetworkSetup(self.cfg)
-            self.network_setup.apply()
+            setup = NetworkSetup(self.cfg)
+            try:
+                setup.apply()
+            except Exception as exc:
+                raise HkdError(f"network setup failed: {_first_line(exc)}") from None
+            self.network_setup = setup
         for warning in check_network(self.cfg):
             log.warning("network: %s", warning)
         if self.cfg.get_bool("vm.network.use_dhcp"):
@@ -431,7 +435,10 @@ class HKD:
     def _ticker(self):
         while True:
             gevent.sleep(self.cfg.get_float("internal.hkd.agent.ticker.delay"))
-            self._tick()
+            try:
+                self._tick()
+            except Exception:
+                log.exception("heartbeat crashed")
 
     def _command_handler(self):
         """Host commands: host_runtimes.cmd, woken by NOTIFY qvd_cmd_for_host<id>, polled as safety net."""
@@ -502,6 +509,8 @@ class HKD:
                 self.process_vm_commands()
             except _DB_ERRORS as exc:
                 log.warning("VM command intake failed: %s", _first_line(exc))
+            except Exception:
+                log.exception("VM command intake crashed; retrying at the next poll")
 
     def check_expirations(self):
         rows = self.db.query(
@@ -528,6 +537,8 @@ class HKD:
                 self.check_expirations()
             except _DB_ERRORS as exc:
                 log.warning("expiration check failed: %s", _first_line(exc))
+            except Exception:
+                log.exception("expiration check crashed")
 
 
 __all__ = ["HKD", "HkdError", "VmHandle"]
