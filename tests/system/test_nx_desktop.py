@@ -12,9 +12,10 @@ Invocations found by experiment with nx-libs 3.5.99.26:
         "Session: Session started at ..." when nxproxy has connected;
         "Session: Suspending session" / "Session suspended" when the proxy goes away.
     DISPLAY=:X nxproxy -S localhost:D     (the client side; ":D" means port 4000+D)
-A VMA bound to one address runs nxagent on a free local display L with ``loopback=1``
-in its options (it then listens on 127.0.0.1:4000+L only) and relays its own
-<address>:4000+D to it; this test goes through that relay.
+By default the VMA runs nxagent on a free local display L with ``loopback=1`` in its
+options (it then listens on 127.0.0.1:4000+L only) and relays its own <address>:4000+D
+to it; the first two tests go through that relay, the last one checks the original's
+direct layout (vma.nxagent.direct).
 The test uses D and X away from 100 so it never collides with a VMA on port 4100.
 """
 import os
@@ -137,8 +138,8 @@ def test_nx_session_comes_up_and_an_x_client_draws(displays, tmp_path):
         assert client.x_start(**{"qvd.client.geometry": "800x600", "qvd.client.keyboard": "pc105/us",
                                  "qvd.client.link": "adsl", "qvd.vm.user.name": "qvd"}) == "starting"
         options = (tmp_path / "nxagent.conf").read_text().strip()
-        # Bound to one address, the VMA runs nxagent on a free local display (loopback
-        # only) and relays 127.0.0.1:4000+D to it; the client still dials 4000+D.
+        # nxagent runs on a free local display (loopback only) behind the VMA's relay
+        # of 127.0.0.1:4000+D; the client still dials 4000+D.
         local = vma.desktop.agent_display
         assert local != agent_display
         assert options == (f"nx/nx,keyboard=pc105/us,link=adsl,geometry=800x600,loopback=1,"
@@ -218,3 +219,22 @@ def test_nx_session_through_qvd_client(displays, tmp_path):
         l7r.stop()
         vma.stop()
         stop(xvfb)
+
+
+def test_direct_layout_nxagent_listens_itself(displays, tmp_path):
+    agent_display, _ = displays
+    cfg = Config({"internal.nxagent.display": str(agent_display), "vma.nxagent.direct": "1"}, None)
+    vma = VmaService(cfg, "127.0.0.1", port=0, desktop="nx", run_dir=str(tmp_path)).start()
+    client = VmaClient("127.0.0.1", vma.port, timeout=4)
+    try:
+        assert client.x_start(**{"qvd.client.geometry": "640x480"}) == "starting"
+        assert (tmp_path / "nxagent.conf").read_text().strip() == \
+            f"nx/nx,keyboard=pc105/en,link=adsl,geometry=640x480,tolerancechecks=risky:{agent_display}"
+        wait_for(lambda: client.x_state() == "listening", 15, "x_state listening")
+        assert vma.desktop.relay is None
+        listening = x_output(["ss", "-ltnp", f"sport = :{4000 + agent_display}"], os.environ)
+        assert "nxagent" in listening
+        assert client.call("x_stop") == "stopping"
+        wait_for(lambda: client.x_state() == "stopped", 25, "x_state stopped")
+    finally:
+        vma.stop()

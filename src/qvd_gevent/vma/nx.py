@@ -6,11 +6,12 @@ the original, nxagent runs as the VMA's own user (no user provisioning, no xinit
 optional X session command (``command.x-session``) is started with DISPLAY=:<display>
 once nxagent announces its session.
 
-Ports: a VMA bound to a wildcard address lets nxagent listen on *:4000+display itself
-(the original's layout, one VM per kernel). A VMA bound to one address (the `process`
-hypervisor's 127.x.y.z, several VMs sharing one network stack and one /tmp/.X11-unix)
-runs nxagent on a free local display with ``loopback=1`` and relays
-<address>:4000+display to it, so VMs never fight over port 4100 or display :100.
+Ports: by default nxagent runs on a free local display with ``loopback=1`` and the VMA
+relays <address>:4000+display to it. VMs of the `process` and `netns` hypervisors share
+one /tmp/.X11-unix (and, for `process`, one network stack), so a fixed display :100
+would let only one of them run. ``vma.nxagent.direct`` restores the original layout
+(nxagent itself on :display, listening on *:4000+display), for images with one VMA per
+kernel.
 
 Invocation found by experiment (nx-libs 3.5.99.26):
     nxagent :100 -ac -name QVD -nolisten tcp -display nx/nx,options=<file>:100
@@ -43,7 +44,7 @@ class NxDesktop:
         self.run_dir = run_dir
         self.display = display  # the public one: clients reach it on port 4000+display
         self.address = address
-        self.relayed = address not in ("0.0.0.0", "", "*")
+        self.relayed = not cfg.get("vma.nxagent.direct")
         self.agent_display = None  # where nxagent runs; chosen at the first start
         self.relay = None
         self.clock = clock
