@@ -267,3 +267,23 @@ def test_expirations_soft_tells_vma_hard_stops(make_node, admin_db):
     log_path = os.path.join(str(node.cfg.get_str("path.run")), "process-vms", f"vm-{soft_vm}.log")
     wait_for(lambda: "/vma/expire?vm.expiration.soft=" in open(log_path).read(), 10, what="expire RPC at the VMA")
     assert vm_row(admin_db, soft_vm)["vm_state"] == "running" and pid_alive(soft_row["vm_pid"])
+
+
+def test_vm_with_the_real_qvd_vm_init(make_node, admin_db):
+    import shutil
+    import sys
+    init = os.path.join(os.path.dirname(sys.executable), "qvd-vm-init")
+    if not os.access(init, os.X_OK):
+        init = shutil.which("qvd-vm-init")
+    if not init:
+        pytest.skip("qvd-vm-init is not installed (pip install -e .)")
+    host_id = add_host(admin_db)
+    (vm_id,) = add_vms(admin_db, di_path=init)
+    node = make_node()
+    node.hkd.start()
+    start_vm(admin_db, vm_id, host_id)
+    row = wait_vm_state(admin_db, vm_id, "running", timeout=30)
+    assert VmaClient(row["vm_address"], 3030, timeout=2).x_state() is not None
+    stop_vm(admin_db, vm_id)
+    wait_vm_state(admin_db, vm_id, "stopped", timeout=20)
+    wait_for(lambda: not pid_alive(row["vm_pid"]), 5, what="init gone")

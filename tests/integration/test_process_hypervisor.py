@@ -1,0 +1,136 @@
+"""The `process` hypervisor on its own: launch, environment, signals, exit watch, adoption."""
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import gevent
+import pytest
+
+from qvd_gevent.config import Config
+from qvd_gevent.hypervisors import HypervisorError, VmSpec, get_hypervisor
+from qvd_gevent.hypervisors.process import ProcessHypervisor, vm_loopback_address
+from qvd_gevent.vma.client import VmaClient
+
+from helpers.hkd_env import TINY_VM, pid_alive, wait_for, write_di_script
+
+
+@pytest.fixture
+def hv(tmp_path):
+    conf = tmp_path / "node.conf"
+    base = f"127.{random.randint(101, 250)}.0.0/16"
+    conf.write_text(f"nodename = hv-test-{os.getpid()}\npath.run = {tmp_path}/run\nvm.process.address.base = {base}\n")
+    hypervisor = get_hypervisor("process", Config.load(str(conf)))
+    hypervisor.check()
+    started = []
+    original_start = hypervisor.start
+
+    def tracking_start(spec):
+        handle = original_start(spec)
+        started.append(handle)
+        return handle
+    hypervisor.start = tracking_start
+    yield hypervisor
+    for handle in started:
+        try:
+            os.killpg(handle.pid, 9)
+        except OSError:
+            pass
+        hypervisor.cleanup(handle)
+
+
+def spec(vm_id, path=TINY_VM, **kw):
+    return VmSpec(vm_id=vm_id, name=f"vm{vm_id}", ip=None, mac=None, memory=256, di_id=1, di_path=path, **kw)
+
+
+def test_address_is_stable_per_vm_and_inside_the_range():
+    assert vm_loopback_address("127.100.0.0/16", 10000) == vm_loopback_address("127.100.0.0/16", 10000)
+    assert vm_loopback_address("127.100.0.0/16", 10000) != vm_loopback_address("127.100.0.0/16", 10001)
+    assert vm_loopback_address("127.100.0.0/16", 10000).startswith("127.100.")
+    with pytest.raises(HypervisorError):
+        vm_loopback_address("10.1.0.0/16", 1)
+
+
+def test_start_sets_environment_and_vma_answers(hv):
+    handle = hv.start(spec(10001, properties={"qvd.vm.desktop": "echo"}))
+    assert handle.address == hv.address_for(10001) and hv.is_running(handle)
+    env = dict(item.split("=", 1) for item in open(f"/proc/{handle.pid}/environ").read().split("\0") if "=" in item)
+    assert env["QVD_VM_ID"] == "10001" and env["QVD_VM_NAME"] == "vm10001"
+    assert env["QVD_VM_ADDRESS"] == handle.address and env["QVD_NODE"] == hv.nodename
+    assert env["QVD_PROP_QVD_VM_DESKTOP"] == "echo"
+    assert os.getpgid(handle.pid) == handle.pid          # its own process group
+    wait_for(lambda: _pings(handle.address), 10, what="VMA up")
+    hv.shutdown(handle)
+    assert hv.wait_exit(handle, timeout=5)
+    assert not hv.is_running(handle)
+    assert os.path.exists(handle.extra["log"])
+
+
+def _pings(address):
+    try:
+        return VmaClient(address, 3030, timeout=1).ping()
+    except Exception:
+        return False
+
+
+def test_kill_ends_a_vm_that_ignores_sigterm(hv, tmp_path):
+    handle = hv.start(spec(10002, write_di_script(tmp_path / "stubborn", {"TINY_VM_IGNORE_TERM": "1"})))
+    wait_for(lambda: _pings(handle.address), 10, what="VMA up")
+    hv.shutdown(handle)
+    assert not hv.wait_exit(handle, timeout=1)
+    hv.kill(handle)
+    assert hv.wait_exit(handle, timeout=5)
+
+
+def test_not_executable_di_is_refused(hv, tmp_path):
+    path = tmp_path / "plain.txt"
+    path.write_text("not a program")
+    with pytest.raises(HypervisorError, match="not an executable"):
+        hv.start(spec(10003, str(path)))
+
+
+def test_list_running_finds_vms_of_a_previous_node_process(hv, tmp_path):
+    """Adoption: a VM started by another process with our nodename is found and controllable."""
+    env = dict(os.environ, QVD_NODE=hv.nodename, QVD_VM_ID="10004", QVD_VM_NAME="vm10004",
+               QVD_VM_ADDRESS=hv.address_for(10004), QVD_VMA_PORT="3030", QVD_X_PORT="4100")
+    # a detached grandchild, like a VM left behind by a node killed with SIGKILL
+    launcher = subprocess.run([sys.executable, "-c",
+                               "import subprocess,sys,os;p=subprocess.Popen([sys.argv[1]],start_new_session=True,"
+                               "stdout=subprocess.DEVNULL,stderr=subprocess.DEVNULL);print(p.pid)", TINY_VM],
+                              env=env, capture_output=True, text=True, check=True)
+    pid = int(launcher.stdout.strip())
+    try:
+        found = wait_for(lambda: hv.list_running().get(10004), 5, what="adoptable VM")
+        assert found.pid == pid and found.address == hv.address_for(10004)
+        assert hv.is_running(found)
+        waiter = gevent.spawn(hv.wait_exit, found, 10)
+        gevent.sleep(0.3)
+        assert not waiter.ready()
+        hv.shutdown(found)
+        assert waiter.get(timeout=10) is True
+        wait_for(lambda: not pid_alive(pid), 5, what="adopted VM gone")
+        assert 10004 not in hv.list_running()
+    finally:
+        if pid_alive(pid):
+            os.killpg(pid, 9)
+
+
+def test_real_qvd_vm_init_as_di(hv):
+    init = os.path.join(os.path.dirname(sys.executable), "qvd-vm-init")
+    if not os.access(init, os.X_OK):
+        init = shutil.which("qvd-vm-init")
+    if not init:
+        pytest.skip("qvd-vm-init is not installed (pip install -e .)")
+    handle = hv.start(spec(10005, init))
+    try:
+        wait_for(lambda: _pings(handle.address), 20, what="qvd-vm-init's VMA up")
+        VmaClient(handle.address, 3030, timeout=2).call("poweroff")
+        assert hv.wait_exit(handle, timeout=10)
+    finally:
+        hv.kill(handle)
+
+
+def test_class_is_registered():
+    assert ProcessHypervisor.name == "process" and not ProcessHypervisor.needs_root
+    assert not ProcessHypervisor.uses_bridge
