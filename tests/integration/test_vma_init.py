@@ -117,3 +117,23 @@ def test_ports_from_the_hypervisors_env(init_address):
     with socket.create_connection((address, 4139), timeout=5) as s:
         s.sendall(b"port 4139\n")
         assert s.recv(100) == b"port 4139\n"
+
+
+def test_qvd_vma_command_line_errors_are_one_line():
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        run = [sys.executable, "-c", "from qvd_gevent.vma.server import main; main()", "--address", "127.0.0.1"]
+        taken = subprocess.run(check=False, args=run + ["--port", str(port)], capture_output=True, timeout=20)
+        assert taken.returncode == 1
+        assert taken.stderr.decode().strip().endswith(f"cannot listen on 127.0.0.1:{port}: Address already in use")
+        bad = subprocess.run(check=False, args=run + ["--x-port", "80"], capture_output=True, timeout=20)
+        assert bad.returncode == 2 and b"--x-port 80: must be above 4000" in bad.stderr
+        missing = subprocess.run(check=False, args=run + ["--config", "/nonexistent/vma.conf"],
+                                 capture_output=True, timeout=20)
+        assert missing.returncode == 2 and b"does not exist" in missing.stderr
+        assert b"Traceback" not in taken.stderr + bad.stderr + missing.stderr
+    finally:
+        busy.close()
