@@ -86,9 +86,9 @@ def test_adopt_after_node_restart_then_kill(test_host, tmp_path, mode):
         hv.kill(h)
         exited = hv.wait_exit(h, timeout=10)
         leftovers_before = hv.list_leftovers()
-        hv.cleanup(h)
+        removed = hv.cleanup_leftovers()
         from qvd_gevent.hypervisors.netns import netns_dir_is_private
-        report(dict(private=netns_dir_is_private(), ids=sorted(found), pid=h.pid, address=h.address, status=status, exited=exited,
+        report(dict(private=netns_dir_is_private(), removed=removed, ids=sorted(found), pid=h.pid, address=h.address, status=status, exited=exited,
                     leftovers_before=leftovers_before, leftovers_after=hv.list_leftovers(),
                     running=hv.list_running()))
     """, di=di, mode=mode)
@@ -96,7 +96,7 @@ def test_adopt_after_node_restart_then_kill(test_host, tmp_path, mode):
     assert second["ids"] == [12]
     assert (second["pid"], second["address"]) == (first["pid"], first["address"])
     assert second["status"] == 200 and second["exited"]
-    assert second["leftovers_before"] == [f"{test_host.vm_prefix}-vm12"]
+    assert second["leftovers_before"] == second["removed"] == [f"{test_host.vm_prefix}-vm12"]
     assert second["leftovers_after"] == [] and second["running"] == {}
     assert test_host.vm_namespaces() == []
 

@@ -511,6 +511,15 @@ class NetnsHypervisor(Hypervisor):
             return []
         return sorted(n for n in names if self._name_re.match(n) and n not in running)
 
+    def cleanup_leftovers(self):
+        """Remove our namespaces that have no live init (after a crash); returns their names."""
+        removed = []
+        for ns in self.list_leftovers():
+            vm_id = int(self._name_re.match(ns).group(1))
+            self.cleanup(VmHandle(vm_id=vm_id, address="", name=ns, extra={"veth": self.veth_name(vm_id)}))
+            removed.append(ns)
+        return removed
+
     def close(self):
         self._children.clear()
 
