@@ -33,3 +33,11 @@ def test_check_rejects_a_prefix_too_long_for_interface_names(monkeypatch):
     with pytest.raises(HypervisorError, match="must be 1-8 letters/digits"):
         NetnsHypervisor(Config({"vm.network.netns.prefix": "muchtoolong"})).check()
 
+
+
+def test_check_wants_the_bridge_unless_setup_makes_it(monkeypatch):
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    settings = {"vm.network.bridge": "qvdnobridge9", "vm.network.netns.udhcpc": "busybox udhcpc"}
+    with pytest.raises(HypervisorError, match="^bridge qvdnobridge9 .* does not exist"):
+        NetnsHypervisor(Config(settings)).check()
+    NetnsHypervisor(Config(dict(settings, **{"vm.network.setup": "1"}))).check()

@@ -205,7 +205,8 @@ class NetnsHypervisor(Hypervisor):
             raise HypervisorError(f"vm.network.netns.prefix {self.prefix!r} must be 1-{MAX_PREFIX} letters/digits "
                                   f"(interface names are at most 15 characters)")
         link = self.netlink.link(self.bridge)
-        if link is None or link["kind"] != "bridge":
+        # with vm.network.setup the HKD creates the bridge after this check
+        if not self.cfg.get_bool("vm.network.setup") and (link is None or link["kind"] != "bridge"):
             raise HypervisorError(f"bridge {self.bridge} (vm.network.bridge) does not exist in this network "
                                   f"namespace; create it or set vm.network.setup=1")
         if netns_dir_is_private():
