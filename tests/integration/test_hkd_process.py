@@ -287,3 +287,20 @@ def test_vm_with_the_real_qvd_vm_init(make_node, admin_db):
     stop_vm(admin_db, vm_id)
     wait_vm_state(admin_db, vm_id, "stopped", timeout=20)
     wait_for(lambda: not pid_alive(row["vm_pid"]), 5, what="init gone")
+
+
+def test_restart_right_after_stop_many_times(make_node, admin_db):
+    """What an L7R does when a user reconnects at once: start as soon as the row says stopped."""
+    host_id = add_host(admin_db)
+    (vm_id,) = add_vms(admin_db)
+    node = make_node()
+    node.hkd.start()
+    pids = set()
+    for _ in range(3):
+        start_vm(admin_db, vm_id, host_id)
+        row = wait_vm_state(admin_db, vm_id, "running")
+        pids.add(row["vm_pid"])
+        stop_vm(admin_db, vm_id)
+        wait_vm_state(admin_db, vm_id, "stopped")
+    assert len(pids) == 3 and not any(pid_alive(p) for p in pids)
+    assert admin_db.query_one("SELECT run_attempts, run_ok FROM vm_counters WHERE vm_id = %s", (vm_id,)) == (3, 3)

@@ -483,14 +483,14 @@ class HKD:
                                "WHERE host_id = %s AND vm_cmd = 'start' AND vm_state = 'stopped' RETURNING vm_id",
                                (int(time.time()), hid))
         for (vm_id,) in starts:
-            if vm_id in self.vms:
-                continue
             log.info("VM %s: start command", vm_id)
-            runner = self._new_runner(vm_id)
-            if self.machine.state == "running" and not self.lost:
-                runner.send(M.CmdStart())
-            else:
-                runner.send(M.CmdStop())
+            existing = self.vms.get(vm_id)
+            if existing is not None:
+                # the row is 'stopped' again, so the old handler is finishing (cleared row,
+                # or a lost VM being killed): start once it is gone, never two at once
+                gevent.spawn(self._start_after, existing, vm_id)
+                continue
+            self._dispatch_start(self._new_runner(vm_id))
         # a runner whose row went to another node (or none) must not keep its VM
         ids = [vm_id for vm_id, r in self.vms.items() if r.state not in ("new", "stopped")]
         if ids:
@@ -499,6 +499,26 @@ class HKD:
             for vm_id in ids:
                 if vm_id not in mine and vm_id in self.vms:
                     self.vms[vm_id].send(M.RowLost())
+
+    def _dispatch_start(self, runner):
+        if self.machine.state == "running" and not self.lost:
+            runner.send(M.CmdStart())
+        else:
+            runner.send(M.CmdStop())        # the reference: no starts unless the host runs
+
+    def _start_after(self, old, vm_id):
+        bound = self.vm_settings.timeouts["stopping.stop"] + self.vm_settings.timeouts["zombie.reap"]
+        if not old.finished.wait(bound):
+            log.error("VM %s: previous handler still busy after %.0f s; start refused", vm_id, bound)
+            old = None
+        if self.vms.get(vm_id) not in (None, old):
+            return
+        self.vms.pop(vm_id, None)
+        runner = self._new_runner(vm_id)
+        if old is None:
+            runner.send(M.CmdStop())
+        else:
+            self._dispatch_start(runner)
 
     def _vm_command_handler(self):
         self._vm_wake.set()

@@ -179,9 +179,9 @@ class VmRunner:
             x_port = cfg.get_int("internal.nxagent.display") + 4000
             ssh_port = cfg.get_int("internal.vm.port.ssh")
             cur.execute("UPDATE vm_runtimes SET vm_address = %s, vm_vma_port = %s, vm_x_port = %s, vm_ssh_port = %s, "
-                        "vm_vnc_port = 0, vm_serial_port = 0, vm_mon_port = 0, vm_pid = NULL, current_di_id = %s, "
-                        "current_osf_id = %s WHERE vm_id = %s AND host_id = %s",
-                        (ip, vma_port, x_port, ssh_port, di_id, osf_id, self.vm_id, self.hkd.host_id))
+                        "vm_vnc_port = 0, vm_serial_port = 0, vm_mon_port = 0, vm_pid = NULL, current_di_id = %s "
+                        "WHERE vm_id = %s AND host_id = %s",
+                        (ip, vma_port, x_port, ssh_port, di_id, self.vm_id, self.hkd.host_id))
             if cur.rowcount != 1:
                 raise RowLostError()
             cur.execute("INSERT INTO vm_counters (vm_id, run_attempts, run_ok) VALUES (%s, 1, 0) "
