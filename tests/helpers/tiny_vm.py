@@ -10,7 +10,6 @@ TINY_VM_IGNORE_TERM=1 (ignore SIGTERM: forces the HKD to SIGKILL).
 import json
 import os
 import signal
-import socket
 import socketserver
 import sys
 import threading

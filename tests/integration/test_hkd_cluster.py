@@ -1,11 +1,9 @@
 """Cluster monitor pass against a real PostgreSQL (reference/qvd-hkd.md section 1.7)."""
 import select
 
-import psycopg2
+from helpers.hkd_env import add_host, add_vms
 
 from qvd_gevent.hkd.cluster import scan
-
-from helpers.hkd_env import add_host, add_vms
 
 
 def test_scan_marks_stale_hosts_lost_and_frees_their_vms_and_sessions(db):

@@ -5,15 +5,25 @@ import socket
 
 import gevent
 import pytest
+from helpers.hkd_env import (
+    add_host,
+    add_vms,
+    fast_hkd_settings,
+    pid_alive,
+    start_vm,
+    stop_vm,
+    vm_row,
+    wait_for,
+    wait_vm_state,
+    write_conf,
+    write_di_script,
+)
 
 from qvd_gevent.config import Config
 from qvd_gevent.db import Database
 from qvd_gevent.db.listen import Listener
 from qvd_gevent.hkd import HKD, HkdError
 from qvd_gevent.vma.client import VmaClient
-
-from helpers.hkd_env import (add_host, add_vms, fast_hkd_settings, pid_alive, start_vm, stop_vm, vm_row,
-                             wait_for, wait_vm_state, write_conf, write_di_script)
 
 
 class Node:

@@ -5,13 +5,22 @@ import subprocess
 import sys
 
 import pytest
+from helpers.hkd_env import (
+    add_host,
+    add_vms,
+    fast_hkd_settings,
+    pid_alive,
+    start_vm,
+    stop_vm,
+    vm_row,
+    wait_for,
+    wait_vm_state,
+    write_conf,
+)
 
 from qvd_gevent.config import Config
 from qvd_gevent.db import Database
 from qvd_gevent.vma.client import VmaClient
-
-from helpers.hkd_env import (add_host, add_vms, fast_hkd_settings, pid_alive, start_vm, stop_vm, vm_row, wait_for,
-                             wait_vm_state, write_conf)
 
 
 class NodeProcess:

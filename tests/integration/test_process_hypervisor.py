@@ -7,13 +7,12 @@ import sys
 
 import gevent
 import pytest
+from helpers.hkd_env import TINY_VM, pid_alive, wait_for, write_di_script
 
 from qvd_gevent.config import Config
 from qvd_gevent.hypervisors import HypervisorError, VmSpec, get_hypervisor
 from qvd_gevent.hypervisors.process import ProcessHypervisor, vm_loopback_address
-from qvd_gevent.vma.client import VmaClient
-
-from helpers.hkd_env import TINY_VM, pid_alive, wait_for, write_di_script
+from qvd_gevent.vma.client import VmaClient, VmaError
 
 
 @pytest.fixture
@@ -70,7 +69,7 @@ def test_start_sets_environment_and_vma_answers(hv):
 def _pings(address):
     try:
         return VmaClient(address, 3030, timeout=1).ping()
-    except Exception:
+    except VmaError:
         return False
 
 
@@ -96,8 +95,8 @@ def test_list_running_finds_vms_of_a_previous_node_process(hv, tmp_path):
                QVD_VM_ADDRESS=hv.address_for(10004), QVD_VMA_PORT="3030", QVD_X_PORT="4100")
     # a detached grandchild, like a VM left behind by a node killed with SIGKILL
     launcher = subprocess.run([sys.executable, "-c",
-                               "import subprocess,sys,os;p=subprocess.Popen([sys.argv[1]],start_new_session=True,"
-                               "stdout=subprocess.DEVNULL,stderr=subprocess.DEVNULL);print(p.pid)", TINY_VM],
+                               ("import subprocess,sys,os;p=subprocess.Popen([sys.argv[1]],start_new_session=True,"
+                                "stdout=subprocess.DEVNULL,stderr=subprocess.DEVNULL);print(p.pid)"), TINY_VM],
                               env=env, capture_output=True, text=True, check=True)
     pid = int(launcher.stdout.strip())
     try:

@@ -1,7 +1,22 @@
 """The host lifecycle without I/O (reference/qvd-hkd.md section 1.3)."""
 from qvd_gevent.hkd import host_machine as H
-from qvd_gevent.hkd.host_machine import (AllVmsStopped, ArmTimer, CmdStop, Fail, HostMachine, KillAllVms, Ready,
-                                         Run, Step, StepDone, StepFailed, StopAllVms, Stopped, TickerDead, Timeout)
+from qvd_gevent.hkd.host_machine import (
+    AllVmsStopped,
+    ArmTimer,
+    CmdStop,
+    Fail,
+    HostMachine,
+    KillAllVms,
+    Ready,
+    Run,
+    Step,
+    StepDone,
+    StepFailed,
+    StopAllVms,
+    Stopped,
+    TickerDead,
+    Timeout,
+)
 
 
 def steps(actions):

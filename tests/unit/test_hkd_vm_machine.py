@@ -1,10 +1,37 @@
 """The VM state machine without I/O: events in, actions out (reference/qvd-hkd.md section 2)."""
 from qvd_gevent.hkd import vm_machine as M
-from qvd_gevent.hkd.vm_machine import (AcquireHeavy, Adopt, ArmTimer, CatchZombie, Cleanup, ClearRuntimeRow,
-                                       CmdStart, CmdStop, Expired, ExpireVma, Finished, HkdKill, HkdStop, Kill,
-                                       Poweroff, Prepare, RowLost, Shutdown, StartMonitor, StartVm, StepDone,
-                                       StepFailed, StopMonitor, Timeout, VmaAlive, VmaFailed, VmExited, VmMachine,
-                                       WatchExit, WriteState)
+from qvd_gevent.hkd.vm_machine import (
+    AcquireHeavy,
+    Adopt,
+    ArmTimer,
+    CatchZombie,
+    Cleanup,
+    ClearRuntimeRow,
+    CmdStart,
+    CmdStop,
+    Expired,
+    ExpireVma,
+    Finished,
+    HkdKill,
+    HkdStop,
+    Kill,
+    Poweroff,
+    Prepare,
+    RowLost,
+    Shutdown,
+    StartMonitor,
+    StartVm,
+    StepDone,
+    StepFailed,
+    StopMonitor,
+    Timeout,
+    VmaAlive,
+    VmaFailed,
+    VmExited,
+    VmMachine,
+    WatchExit,
+    WriteState,
+)
 
 
 class Play:

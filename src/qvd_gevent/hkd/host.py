@@ -257,7 +257,7 @@ class HKD:
             setup = NetworkSetup(self.cfg)
             try:
                 setup.apply()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - reported, then the agent goes on
                 raise HkdError(f"network setup failed: {_first_line(exc)}") from None
             self.network_setup = setup
         for warning in check_network(self.cfg):
@@ -384,13 +384,13 @@ class HKD:
         if self.dnsmasq is not None:
             try:
                 self.dnsmasq.stop()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - reported, then the agent goes on
                 log.warning("dnsmasq stop: %s", _first_line(exc))
             self.dnsmasq = None
         if self.network_setup is not None:
             try:
                 self.network_setup.remove()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - reported, then the agent goes on
                 log.warning("network teardown: %s", _first_line(exc))
             self.network_setup = None
         if self.hypervisor is not None:

@@ -243,7 +243,6 @@ class VmMachine:
         if isinstance(event, (StepDone, StepFailed)):
             if self.in_flight is None or event.serial != self.in_flight[0]:
                 return out                      # stale outcome
-            _, step = self.in_flight
             self.in_flight = None
             then = self._after.pop(event.serial)
             ok = isinstance(event, StepDone)

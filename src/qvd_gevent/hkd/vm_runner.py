@@ -293,7 +293,7 @@ class VmRunner:
             return
         try:
             self.hkd.hypervisor.wait_exit(handle)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to watch is logged
             log.warning("VM %s: cannot watch the hypervisor: %s", self.vm_id, exc)
             return
         log.info("VM %s: hypervisor reports the VM exited", self.vm_id)
