@@ -1,0 +1,228 @@
+"""Authentication of L7R requests (reference/qvd-l7r-protocol.md section 1.4).
+
+Basic ``login@tenant`` / ``login#tenant`` against ``users.password`` (the original's
+salted SHA-256 form, upgraded to scrypt on the next good login, or scrypt), bearer tokens
+from ``user_tokens`` (expiry, ``multi_use`` honoured), ``Auth-<hex>`` extra variables,
+blocked tenants and users, and throttling of failures. Password hashing runs in gevent's
+threadpool (scrypt takes tens of milliseconds and releases the GIL), never on the hub.
+
+Deliberate differences from the original: tokens honour ``multi_use``; the tenant is
+validated by its normalised name (Q5); a throttled login gets 429.
+"""
+import base64
+import binascii
+import json
+import logging
+import time
+
+import gevent
+
+from ..db import now_epoch
+from ..db.passwords import hash_password, is_legacy, verify_password
+from ..node import metrics
+
+log = logging.getLogger("qvd.l7r.auth")
+
+
+class AuthFailed(Exception):
+    """401. reason is a metrics label; never contains a secret."""
+
+    def __init__(self, reason, login=None):
+        super().__init__(reason)
+        self.reason = reason
+        self.login = login
+
+
+class Throttled(Exception):
+    def __init__(self, what):
+        super().__init__(what)
+        self.what = what
+
+
+class AuthResult:
+    __slots__ = ("user_id", "login", "tenant_id", "params", "token_vm_id", "method")
+
+    def __init__(self, user_id, login, tenant_id, params, token_vm_id=None, method="basic"):
+        self.user_id = user_id
+        self.login = login
+        self.tenant_id = tenant_id
+        self.params = params
+        self.token_vm_id = token_vm_id
+        self.method = method
+
+
+# --- pure parsing ---------------------------------------------------------------------
+def parse_authorization(value):
+    """('basic', login, password) | ('bearer', token) | None."""
+    if not value:
+        return None
+    scheme, _, rest = value.strip().partition(" ")
+    rest = rest.strip()
+    scheme = scheme.lower()
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(rest, validate=False).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return None
+        login, sep, password = decoded.partition(":")
+        if not sep or not login:
+            return None
+        return ("basic", login, password)
+    if scheme == "bearer":
+        # create_auth_token's value may come back with or without its trailing newline
+        try:
+            token = base64.b64decode(rest.strip(), validate=False).decode("utf-8").strip()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return None
+        return ("bearer", token) if token else None
+    return None
+
+
+def parse_auth_headers(headers):
+    """Auth-<hex name>: <base64 value> headers -> {name: value} (bad ones skipped)."""
+    out = {}
+    for name, value in headers:
+        if name.lower().startswith("auth-"):
+            try:
+                key = bytes.fromhex(name[5:]).decode("utf-8")
+                out[key] = base64.b64decode(value.strip()).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                continue
+    return out
+
+
+def split_tenant(login, separators, default_tenant):
+    """The default plugin's find_tenant: split at the first separator character."""
+    for i, ch in enumerate(login):
+        if ch in separators:
+            return login[:i], login[i + 1:]
+    return login, default_tenant
+
+
+def normalize(name, case_sensitive):
+    name = name.strip()
+    return name if case_sensitive else name.lower()
+
+
+def encode_token_for_client(token):
+    """What create_auth_token returns: base64 of the raw token with Perl's trailing newline."""
+    return base64.b64encode(token.encode("ascii")).decode("ascii") + "\n"
+
+
+# --- the authenticator -------------------------------------------------------------------
+def in_threadpool(fn, *args):
+    return gevent.get_hub().threadpool.apply(fn, args)
+
+
+class Authenticator:
+    def __init__(self, cfg, db, throttle, host_id_fn, counters):
+        self.cfg = cfg
+        self.db = db
+        self.throttle = throttle
+        self.host_id_fn = host_id_fn
+        self.counters = counters
+        self._warned_plugins = set()
+
+    def _check_plugins(self):
+        plugins = (self.cfg.get_list("l7r.auth.plugins.head") + self.cfg.get_list("l7r.auth.plugins")
+                   + self.cfg.get_list("l7r.auth.plugins.tail"))
+        for name in plugins:
+            if name.lower() != "default" and name not in self._warned_plugins:
+                self._warned_plugins.add(name)
+                log.warning("authentication plugin %r is not available in qvd-gevent; ignored", name)
+
+    def authenticate(self, request, peer_ip, cache):
+        """Return AuthResult or raise AuthFailed / Throttled. cache: per-connection dict."""
+        creds = parse_authorization(request.header("authorization"))
+        if creds is None:
+            metrics.inc("qvd_l7r_auth_failures_total", reason="no_credentials")
+            raise AuthFailed("no_credentials")
+        fp = self.throttle.fingerprint(*creds)
+        cached = cache.get("auth")
+        if cached is not None and cached[0] == fp:
+            return cached[1]
+        now = time.monotonic()
+        login_key = None
+        if creds[0] == "basic":
+            login, tenant = split_tenant(creds[1], self.cfg.get_str("l7r.auth.plugin.default.separators"),
+                                         self.cfg.get_str("l7r.auth.plugin.default.tenant"))
+            cs = self.cfg.get_bool("model.user.login.case-sensitive")
+            login, tenant = normalize(login, cs), normalize(tenant, cs)
+            login_key = f"{login}@{tenant}"
+        what = self.throttle.blocked(peer_ip, login_key, now)
+        if what:
+            metrics.inc("qvd_l7r_auth_failures_total", reason="throttled")
+            raise Throttled(what)
+        self.counters("auth_attempts")
+        try:
+            if creds[0] == "basic":
+                result = self._basic(login, tenant, creds[2])
+            else:
+                result = self._bearer(creds[1])
+        except AuthFailed as exc:
+            metrics.inc("qvd_l7r_auth_failures_total", reason=exc.reason)
+            if exc.reason not in ("user_blocked", "tenant_blocked"):
+                self.throttle.record_failure(peer_ip, login_key, fp, now)
+            raise
+        self.throttle.record_success(peer_ip, login_key)
+        cache["auth"] = (fp, result)
+        cache["auth_headers"] = parse_auth_headers(request.raw_headers)
+        self.counters("auth_ok")
+        return result
+
+    def _basic(self, login, tenant, password):
+        self._check_plugins()
+        if not password:
+            raise AuthFailed("empty_password", login)
+        row = self.db.query_one(
+            "SELECT t.id, t.blocked, u.id, u.password, u.blocked FROM tenants t "
+            "LEFT JOIN users u ON u.tenant_id = t.id AND u.login = %s WHERE t.name = %s",
+            (login, tenant))
+        salt = self.cfg.get_str("l7r.auth.plugin.default.salt")
+        if row is None or row[0] in (0, -1):
+            in_threadpool(verify_password, password, "", salt)  # same cost either way
+            raise AuthFailed("unknown_tenant", login)
+        tenant_id, tenant_blocked, user_id, stored, user_blocked = row
+        if user_id is None or not stored:
+            raise AuthFailed("unknown_user", login)
+        if not in_threadpool(verify_password, password, stored, salt):
+            raise AuthFailed("bad_password", login)
+        if tenant_blocked:
+            raise AuthFailed("tenant_blocked", login)
+        if user_blocked:
+            raise AuthFailed("user_blocked", login)
+        if is_legacy(stored):
+            fresh = in_threadpool(hash_password, password)
+            self.db.execute("UPDATE users SET password = %s WHERE id = %s AND password = %s",
+                            (fresh, user_id, stored))
+            log.info("password hash of user %s upgraded to scrypt", login)
+        return AuthResult(user_id, login, tenant_id, {"qvd.vm.user.name": login})
+
+    def _bearer(self, token):
+        def run(cur):
+            cur.execute("SELECT t.user_id, t.vm_id, t.expiration, t.multi_use, p.parameters, "
+                        "u.login, u.tenant_id, u.blocked, tn.blocked "
+                        "FROM user_tokens t JOIN users u ON u.id = t.user_id JOIN tenants tn ON tn.id = u.tenant_id "
+                        "LEFT JOIN user_auth_parameters p ON p.id = t.auth_params_id WHERE t.token = %s", (token,))
+            row = cur.fetchone()
+            if row is None:
+                return "unknown_token", None
+            user_id, vm_id, expiration, multi_use, params, login, tenant_id, user_blocked, tenant_blocked = row
+            if now_epoch() > expiration:
+                cur.execute("DELETE FROM user_tokens WHERE token = %s", (token,))
+                return "expired_token", None
+            if tenant_blocked:
+                return "tenant_blocked", None
+            if user_blocked:
+                return "user_blocked", None
+            if not multi_use:
+                cur.execute("UPDATE user_tokens SET expiration = 0 WHERE token = %s", (token,))
+            if isinstance(params, str):
+                params = json.loads(params)
+            merged = {"qvd.vm.user.name": login}
+            merged.update(params or {})
+            return None, AuthResult(user_id, login, tenant_id, merged, vm_id, "bearer")
+        error, result = self.db.transaction(run)
+        if error:
+            raise AuthFailed(error)
+        return result

@@ -1,0 +1,403 @@
+"""connect_to_vm and stop_vm: claim the session, start the VM, start X, connect, splice.
+
+The decisions are pure functions over a ``vm_runtimes`` row (``decide_claim``,
+``vm_start_progress``, ``x_state_progress``), tested without sockets; ``ConnectRunner``
+executes them with the database, LISTEN, the VMA and sockets, and streams the 102 lines
+in the reference's order (reference/qvd-l7r-protocol.md sections 1.8 and 2).
+
+Waiting is by LISTEN on ``qvd_vm_runtime`` (payload vm_id) with a slow safety re-check,
+never by sleep-polling alone. The session row is always left ``disconnected`` by us when
+a session ends or its setup fails (the original's Q9), guarded by l7r_host_id = this host
+AND l7r_pid = this process.
+"""
+import logging
+import os
+import secrets
+import string
+import time
+
+import gevent
+import gevent.socket
+
+from ..db import notify, now_epoch
+from ..db.placement import NoHostAvailable, pick_host
+from ..node import metrics
+from ..vma.client import VmaClient, VmaError
+from .splice import tune_socket
+
+log = logging.getLogger("qvd.l7r.broker")
+
+_ALNUM = string.ascii_letters + string.digits
+
+
+def slave_key():
+    """64 characters [A-Za-z0-9] from a CSPRNG (the original used Perl's rand, Q15)."""
+    return "".join(secrets.choice(_ALNUM) for _ in range(64))
+
+
+def new_token():
+    """~256 bits in base62, like the original's Session::Token."""
+    return "".join(secrets.choice(_ALNUM) for _ in range(43))
+
+
+class SetupFailed(Exception):
+    """Session setup failed; the client gets 503 with this message."""
+
+
+class SessionAborted(BaseException):
+    """Raised into a setup greenlet whose session was taken over (BaseException: not caught by accident)."""
+
+
+# --- pure decisions ------------------------------------------------------------------------
+def decide_claim(row, me_host, me_pid, live_here):
+    """row = (user_state, l7r_host_id, l7r_pid, user_cmd). Returns 'claim', 'abort' or 'wait'.
+
+    'claim' also when the holder is provably dead: this host held it from another process
+    (a previous run), or from this process with no live session (a lost greenlet).
+    """
+    user_state, holder_host, holder_pid, user_cmd = row
+    if user_state == "disconnected":
+        return "claim"
+    if holder_host == me_host and (holder_pid != me_pid or not live_here):
+        return "claim"
+    if holder_host is None:
+        return "claim"
+    if user_cmd == "abort":
+        return "wait"
+    return "abort"
+
+
+def vm_start_progress(vm_state, vm_cmd, user_cmd, now, deadline, vm_id):
+    """While waiting for 'running': ('ready'|'wait', None) or ('fail', message) or ('aborted', msg)."""
+    if user_cmd == "abort":
+        return "aborted", f"Aborted by contending session VM_ID: {vm_id}"
+    if vm_state == "running":
+        return "ready", None
+    if vm_state == "stopped" and vm_cmd is None:
+        return "fail", f"Failed to start virtual machine {vm_id}"
+    if now > deadline:
+        return "fail", "VM didn't reach state 'running'. Timeout"
+    return "wait", None
+
+
+def x_state_progress(state, now, deadline, hard_deadline, vm_id):
+    """While waiting for X: 'ready', 'wait' or ('fail', message)."""
+    if state == "listening":
+        return "ready", None
+    if state == "provisioning":
+        if now > hard_deadline:
+            return "fail", f"Unable to start X session on VM {vm_id}: provisioning took too long"
+        return "wait", None
+    if state in (None, "starting", "stopped", "suspended", "initiating", "connected"):
+        # stopped/suspended: x_start was just accepted and the desktop has not caught up
+        if now > deadline:
+            return "fail", f"Unable to start X session on VM {vm_id}: operation timed out!"
+        return "wait", None
+    return "fail", f"Unable to start X session on VM {vm_id}, state went to {state}"
+
+
+def merge_vma_params(client_params, properties, auth_params, slave):
+    """client < VM combined properties < auth params < qvd.slave.key (section 2.5)."""
+    merged = dict(client_params)
+    merged.update(properties)
+    merged.update(auth_params)
+    merged["qvd.slave.key"] = slave
+    return merged
+
+
+def release_row(cur, vm_id, host_id, pid):
+    cur.execute("UPDATE vm_runtimes SET user_state = 'disconnected', user_state_ts = %s, user_cmd = NULL, "
+                "l7r_host_id = NULL, l7r_pid = NULL WHERE vm_id = %s AND l7r_host_id = %s AND l7r_pid = %s",
+                (now_epoch(), vm_id, host_id, pid))
+    return cur.rowcount
+
+
+_PROPS_SQL = ("SELECT l.key, p.value FROM {table} p JOIN qvd_object_properties_list q ON q.id = p.property_id "
+              "JOIN properties_list l ON l.id = q.property_id WHERE p.{col} = %s")
+
+
+def combined_properties(cur, vm_id):
+    """OSF < current DI < user < VM properties."""
+    cur.execute("SELECT v.osf_id, v.user_id, vr.current_di_id, v.di_tag FROM vms v "
+                "JOIN vm_runtimes vr ON vr.vm_id = v.id WHERE v.id = %s", (vm_id,))
+    row = cur.fetchone()
+    if row is None:
+        return {}
+    osf_id, user_id, di_id, di_tag = row
+    if di_id is None:
+        cur.execute("SELECT d.id FROM dis d JOIN di_tags t ON t.di_id = d.id WHERE d.osf_id = %s AND t.tag = %s "
+                    "ORDER BY d.id DESC LIMIT 1", (osf_id, di_tag))
+        found = cur.fetchone()
+        di_id = found[0] if found else None
+    out = {}
+    for table, col, value in (("osf_properties", "osf_id", osf_id), ("di_properties", "di_id", di_id),
+                              ("user_properties", "user_id", user_id), ("vm_properties", "vm_id", vm_id)):
+        if value is None:
+            continue
+        cur.execute(_PROPS_SQL.format(table=table, col=col), (value,))
+        out.update(dict(cur.fetchall()))
+    return out
+
+
+class ConnectRunner:
+    """Runs one connect_to_vm after its pre-checks. ``info(text)`` sends a 102 line."""
+
+    def __init__(self, service, session, auth, client_params, info):
+        self.svc = service
+        self.cfg = service.cfg
+        self.db = service.db
+        self.session = session
+        self.vm_id = session.vm_id
+        self.auth = auth
+        self.client_params = client_params
+        self.info = info
+        self.host_id = service.host_id
+        self.pid = service.pid
+
+    # --- helpers -------------------------------------------------------------------------
+    def _row(self):
+        return self.db.query_one(
+            "SELECT vm_state, vm_cmd, user_state, user_cmd, host_id, l7r_host_id, l7r_pid, vm_address, "
+            "vm_vma_port, vm_x_port FROM vm_runtimes WHERE vm_id = %s", (self.vm_id,))
+
+    def _check_abort(self):
+        row = self.db.query_one("SELECT user_cmd, l7r_host_id, l7r_pid FROM vm_runtimes WHERE vm_id = %s",
+                                (self.vm_id,))
+        if row is None or row[0] == "abort" or (row[1], row[2]) != (self.host_id, self.pid):
+            raise SetupFailed(f"Aborted by contending session VM_ID: {self.vm_id}")
+
+    # --- the sequence ----------------------------------------------------------------------
+    def run(self, slave):
+        self.claim()
+        self.ensure_running()
+        row = self._row()
+        vm_address, vma_port, x_port = row[7], row[8], row[9]
+        if not vm_address or not x_port:
+            raise SetupFailed(f"VM {self.vm_id} has no address yet")
+        params = self.vma_params(slave)
+        self.start_x(vm_address, vma_port or self.cfg.get_int("internal.vm.port.vma"), params)
+        vm_sock = self.connect_x(vm_address, x_port)
+        try:
+            self.mark_connected()
+        except BaseException:
+            vm_sock.close()
+            raise
+        return vm_sock
+
+    def claim(self):
+        timeout = self.cfg.get_float("internal.l7r.timeout.takeover")
+        poll = self.cfg.get_float("internal.l7r.poll_time.vm")
+        deadline = time.monotonic() + timeout
+        attempts = 0
+        while True:
+            attempts += 1
+            live_here = self.svc.has_live_session(self.vm_id, exclude=self.session)
+            outcome, holder = self.db.transaction(self._claim_tx, live_here)
+            if outcome == "claim":
+                self.session.claimed = True
+                self.svc.sessions[self.vm_id] = self.session
+                self.info(f"Session acquired for VM_ID: {self.vm_id}")
+                return
+            if outcome == "gone":
+                raise SetupFailed("The requested virtual machine does not exist")
+            if attempts == 1 or outcome == "abort":
+                log.info("VM %s: session held by host %s pid %s; asking it to let go", self.vm_id, holder[0], holder[1])
+            self.info(f"Aborting contending session for VM_ID: {self.vm_id}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SetupFailed("Unable to acquire VM, close other clients")
+            self.svc.wait_vm_event(self.vm_id, min(poll, remaining))
+
+    def _claim_tx(self, cur, live_here):
+        cur.execute("SELECT user_state, l7r_host_id, l7r_pid, user_cmd FROM vm_runtimes WHERE vm_id = %s FOR UPDATE",
+                    (self.vm_id,))
+        row = cur.fetchone()
+        if row is None:
+            return "gone", None
+        decision = decide_claim(row, self.host_id, self.pid, live_here)
+        if decision == "claim":
+            cur.execute("UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = %s, l7r_pid = %s, "
+                        "l7r_host_id = %s, user_cmd = NULL, real_user_id = %s WHERE vm_id = %s",
+                        (now_epoch(), self.pid, self.host_id, self.auth.user_id, self.vm_id))
+        elif decision == "abort":
+            cur.execute("UPDATE vm_runtimes SET user_cmd = 'abort' WHERE vm_id = %s", (self.vm_id,))
+            notify(cur, f"qvd_cmd_for_user_on_host{row[1]}", str(self.vm_id))
+        elif decision == "wait" and row[1] is not None:
+            # re-announce: the holder may have missed the first NOTIFY (LISTEN reconnect)
+            notify(cur, f"qvd_cmd_for_user_on_host{row[1]}", str(self.vm_id))
+        return decision, (row[1], row[2])
+
+    def ensure_running(self):
+        row = self._row()
+        if row is None:
+            raise SetupFailed("The requested virtual machine does not exist")
+        vm_state, host_id = row[0], row[4]
+        if vm_state == "stopped":
+            if host_id is None:
+                self.info(f"Assigning VM {self.vm_id} to host")
+            self.info("Starting virtual machine")
+            self.db.transaction(self._assign_and_start_tx)
+        elif host_id is None:
+            raise SetupFailed(f"Unable to start VM {self.vm_id}, state changed unexpectedly")
+        self.wait_running()
+
+    def _assign_and_start_tx(self, cur):
+        """Node assignment and the start command in one transaction (the original's FIXME)."""
+        cur.execute("SELECT vm_state, vm_cmd, host_id FROM vm_runtimes WHERE vm_id = %s FOR UPDATE", (self.vm_id,))
+        vm_state, vm_cmd, host_id = cur.fetchone()
+        if vm_state != "stopped":
+            return host_id
+        if host_id is None:
+            try:
+                host_id = pick_host(cur, self.cfg)
+            except NoHostAvailable as exc:
+                raise SetupFailed(str(exc)) from None
+        if vm_cmd is None:
+            cur.execute("UPDATE vm_runtimes SET host_id = %s, vm_cmd = 'start' WHERE vm_id = %s", (host_id, self.vm_id))
+            notify(cur, f"qvd_cmd_for_vm_on_host{host_id}", str(self.vm_id))
+        elif vm_cmd == "start":
+            cur.execute("UPDATE vm_runtimes SET host_id = %s WHERE vm_id = %s", (host_id, self.vm_id))
+            notify(cur, f"qvd_cmd_for_vm_on_host{host_id}", str(self.vm_id))
+        return host_id
+
+    def wait_running(self):
+        poll = self.cfg.get_float("internal.l7r.poll_time.vm")
+        deadline = time.monotonic() + self.cfg.get_float("internal.l7r.timeout.vm_start")
+        for _ in range(100000):
+            row = self._row()
+            if row is None:
+                raise SetupFailed("The requested virtual machine does not exist")
+            if (row[5], row[6]) != (self.host_id, self.pid):
+                raise SetupFailed(f"Aborted by contending session VM_ID: {self.vm_id}")
+            verdict, message = vm_start_progress(row[0], row[1], row[3], time.monotonic(), deadline, self.vm_id)
+            if verdict == "ready":
+                return
+            if verdict in ("fail", "aborted"):
+                raise SetupFailed(message)
+            self.info("Waiting for VM to reach state 'running'")
+            self.svc.wait_vm_event(self.vm_id, max(0.05, min(poll * 5, deadline - time.monotonic() + 0.05)))
+        raise SetupFailed("VM didn't reach state 'running'. Timeout")
+
+    def vma_params(self, slave):
+        host_row = self.db.query_one("SELECT address FROM hosts WHERE id = %s", (self.host_id,))
+        token = new_token()
+
+        def tx(cur):
+            import json
+            cur.execute("INSERT INTO user_auth_parameters (parameters) VALUES (%s) RETURNING id",
+                        (json.dumps(self.auth.params),))
+            params_id = cur.fetchone()[0]
+            cur.execute("INSERT INTO user_tokens (token, user_id, vm_id, expiration, auth_params_id, multi_use) "
+                        "VALUES (%s, %s, NULL, %s, %s, true)",
+                        (token, self.auth.user_id, now_epoch() + self.cfg.get_int("l7r.token.lifetime"), params_id))
+            return combined_properties(cur, self.vm_id)
+        properties = self.db.transaction(tx)
+        client = dict(self.client_params)
+        client["auth_token"] = token
+        client["host_address"] = host_row[0] if host_row else ""
+        return merge_vma_params(client, properties, self.auth.params, slave)
+
+    def start_x(self, address, port, params):
+        vma = VmaClient(address, port, timeout=self.cfg.get_float("internal.l7r.timeout.vma"))
+        poll = self.cfg.get_float("internal.l7r.poll_time.x")
+        self.info(f"Starting X session at VM {self.vm_id}")
+        tries = self.cfg.get_int("internal.l7r.retry.x_start") + 1
+        for attempt in range(1, tries + 1):
+            try:
+                vma.x_start(**params)
+                break
+            except VmaError as exc:
+                if attempt == tries:
+                    raise SetupFailed(f"Unable to start X session on VM {self.vm_id}: {exc}") from None
+                gevent.sleep(poll)
+                self._check_abort()
+        self.info(f"Waiting for X session to come up on VM {self.vm_id}")
+        start = time.monotonic()
+        deadline = start + self.cfg.get_float("internal.l7r.timeout.x_start")
+        hard = start + self.cfg.get_float("internal.l7r.timeout.vm_start")
+        for _ in range(100000):
+            try:
+                state = vma.x_state()
+            except VmaError:
+                state = None
+            verdict, message = x_state_progress(state, time.monotonic(), deadline, hard, self.vm_id)
+            if verdict == "ready":
+                return
+            if verdict == "fail":
+                raise SetupFailed(message)
+            gevent.sleep(poll)
+        raise SetupFailed(f"Unable to start X session on VM {self.vm_id}: operation timed out!")
+
+    def connect_x(self, address, port):
+        self.info(f"Connecting X session for VM_ID: {self.vm_id}")
+        self.svc.count("nx_attempts")
+        try:
+            sock = gevent.socket.create_connection((address, int(port)),
+                                                   timeout=self.cfg.get_float("internal.l7r.timeout.vma"))
+        except OSError as exc:
+            raise SetupFailed(f"Unable to connect X session for VM_ID: {self.vm_id}: {exc.strerror or exc}") from None
+        tune_socket(sock)
+        self.svc.count("nx_ok")
+        return sock
+
+    def mark_connected(self):
+        def tx(cur):
+            cur.execute("SELECT user_state, user_cmd, l7r_host_id, l7r_pid FROM vm_runtimes WHERE vm_id = %s FOR UPDATE",
+                        (self.vm_id,))
+            row = cur.fetchone()
+            if row is None or row[1] == "abort" or (row[2], row[3]) != (self.host_id, self.pid):
+                return f"Aborted by contending session VM_ID: {self.vm_id}"
+            if row[0] != "connecting":
+                return f"User state unexpectedly went to {row[0]}"
+            cur.execute("UPDATE vm_runtimes SET user_state = 'connected', user_state_ts = %s WHERE vm_id = %s",
+                        (now_epoch(), self.vm_id))
+            return None
+        error = self.db.transaction(tx)
+        if error:
+            raise SetupFailed(error)
+
+
+class StopRunner:
+    """stop_vm after its pre-checks (section 1.9); returns (status, body) of the final answer."""
+
+    def __init__(self, service, vm_id, info):
+        self.svc = service
+        self.cfg = service.cfg
+        self.db = service.db
+        self.vm_id = vm_id
+        self.info = info
+
+    def run(self):
+        row = self.db.query_one("SELECT vm_state FROM vm_runtimes WHERE vm_id = %s", (self.vm_id,))
+        if row[0] == "stopped":
+            return 200, "Machine stopped\r\n"
+        self.info("Stopping virtual machine")
+
+        def tx(cur):
+            cur.execute("SELECT vm_state, host_id FROM vm_runtimes WHERE vm_id = %s FOR UPDATE", (self.vm_id,))
+            state, host_id = cur.fetchone()
+            if state in ("starting", "running", "debugging"):
+                cur.execute("UPDATE vm_runtimes SET vm_cmd = 'stop' WHERE vm_id = %s", (self.vm_id,))
+                notify(cur, f"qvd_cmd_for_vm_on_host{host_id}", str(self.vm_id))
+                return None
+            if state not in ("stopping", "stopped"):
+                return state
+            return None
+        bad = self.db.transaction(tx)
+        if bad:
+            return 503, f"The requested virtual machine is in an unstoppable state ({bad})"
+        poll = self.cfg.get_float("internal.l7r.poll_time.vm")
+        deadline = time.monotonic() + self.cfg.get_float("internal.l7r.timeout.vm_stop")
+        for _ in range(100000):
+            row = self.db.query_one("SELECT vm_state FROM vm_runtimes WHERE vm_id = %s", (self.vm_id,))
+            if row is None or row[0] == "stopped":
+                return 200, "Machine stopped\r\n"
+            if time.monotonic() > deadline:
+                return 408, "VM didn't reach state 'stopped'. Timeout"
+            self.info("Waiting for VM to reach state 'stopped'")
+            self.svc.wait_vm_event(self.vm_id, max(0.05, min(poll * 5, deadline - time.monotonic() + 0.05)))
+        return 408, "VM didn't reach state 'stopped'. Timeout"
+
+
+def current_pid():
+    return os.getpid()

@@ -1,0 +1,269 @@
+"""Moving bytes between a client and a VM's display port once the 101 went out.
+
+Memory is the point: an idle spliced session must cost little. So a session has no
+greenlet and no buffer of its own while idle: each direction is an event-loop watcher
+whose callback runs on the hub, reads into ONE process-wide scratch buffer
+(``recv_into``), writes straight on, and keeps at most one pending chunk (a copy of what
+the destination did not take yet) while it waits for the destination to drain; reading
+from that source stops meanwhile, so a slow side holds back the fast one (TCP flow
+control end to end).
+
+When both legs are plaintext (``l7r.use_ssl = 0`` behind a TLS-terminating balancer) the
+bytes go through a pipe with ``os.splice`` and never enter user space.
+
+Half-close: EOF from one side is passed on as ``shutdown(SHUT_WR)`` to the other once its
+pending chunk is written; the session ends when both directions are finished, on any
+error, or on ``close()`` (takeover, drain). ``on_done(reason)`` is called once, on the
+hub: it must not block (spawn a greenlet for database work).
+"""
+import errno
+import logging
+import os
+import socket
+import ssl
+
+import gevent
+import gevent.ssl
+
+from ..node import metrics
+
+log = logging.getLogger("qvd.l7r.splice")
+
+_SCRATCH = bytearray(65536)
+_VIEW = memoryview(_SCRATCH)
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
+_BURST = 16  # reads per callback before yielding to other sessions
+
+
+def tune_socket(sock, keepalive=True):
+    """TCP_NODELAY and keepalives on a session leg."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:
+        pass
+
+
+class _Pump:
+    """One direction, src -> dst."""
+
+    def __init__(self, splice, src, dst, label, use_pipe):
+        self.splice = splice
+        self.src = src
+        self.dst = dst
+        self.label = label
+        loop = gevent.get_hub().loop
+        self.reader = loop.io(src.fileno(), 1)
+        self.writer = loop.io(dst.fileno(), 2)
+        self.pending = None          # bytes not yet taken by dst (user-space path)
+        self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) if use_pipe else None
+        self.in_pipe = 0             # bytes sitting in the pipe (splice path)
+        self.eof = False
+        self.finished = False
+        self.moved = 0
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def start(self, initial=b""):
+        if initial:
+            self._write(memoryview(initial), copy=True)
+        if self.pending is None and not self.in_pipe:
+            self.reader.start(self._safe, self._on_readable)
+
+    def close(self):
+        for w in (self.reader, self.writer):
+            w.stop()
+            w.close()
+        if self.pipe:
+            for fd in self.pipe:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self.pipe = None
+
+    def _safe(self, fn):
+        try:
+            fn()
+        except Exception as exc:  # a callback on the hub must never raise
+            self.splice._finish(f"error: {exc}")
+
+    # --- reading -----------------------------------------------------------------------
+    def _on_readable(self):
+        if self.splice.closed:
+            return
+        for _ in range(_BURST):
+            if self.pipe is not None:
+                if not self._splice_in():
+                    return
+            else:
+                try:
+                    n = self.src.recv_into(_VIEW)
+                except _WOULD_BLOCK:
+                    return
+                except OSError as exc:
+                    self.splice._finish(f"{self.label} read error: {exc.strerror or exc}")
+                    return
+                if n == 0:
+                    self._on_eof()
+                    return
+                self.moved += n
+                metrics.inc("qvd_l7r_splice_bytes_total", n, direction=self.label)
+                self._write(_VIEW[:n], copy=True)
+            if self.pending is not None or self.in_pipe:
+                return
+        # more may wait inside the TLS object (already read off the fd): come back soon
+        gevent.get_hub().loop.run_callback(self._safe, self._on_readable)
+
+    def _splice_in(self):
+        try:
+            n = os.splice(self.src.fileno(), self.pipe[1], 65536, flags=_SPLICE_FLAGS)
+        except _WOULD_BLOCK:
+            return False
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                return False
+            self.splice._finish(f"{self.label} read error: {exc.strerror}")
+            return False
+        if n == 0:
+            self._on_eof()
+            return False
+        self.moved += n
+        metrics.inc("qvd_l7r_splice_bytes_total", n, direction=self.label)
+        self.in_pipe += n
+        self._flush_pipe()
+        return True
+
+    def _on_eof(self):
+        self.eof = True
+        self.reader.stop()
+        if self.pending is None and not self.in_pipe:
+            self._shutdown_dst()
+
+    # --- writing -----------------------------------------------------------------------
+    def _write(self, view, copy):
+        """Write view to dst now; keep what it does not take as the one pending chunk."""
+        sent = 0
+        try:
+            while sent < len(view):
+                n = self.dst.send(view[sent:])
+                if not n:
+                    break
+                sent += n
+        except _WOULD_BLOCK:
+            pass
+        except OSError as exc:
+            self.splice._finish(f"{self.label} write error: {exc.strerror or exc}")
+            return
+        if sent < len(view):
+            self.pending = bytes(view[sent:]) if copy else view[sent:]
+            self.reader.stop()
+            self.writer.start(self._safe, self._on_writable)
+
+    def _flush_pipe(self):
+        while self.in_pipe:
+            try:
+                n = os.splice(self.pipe[0], self.dst.fileno(), self.in_pipe, flags=_SPLICE_FLAGS)
+            except _WOULD_BLOCK:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:
+                    break
+                self.splice._finish(f"{self.label} write error: {exc.strerror}")
+                return
+            self.in_pipe -= n
+        if self.in_pipe:
+            self.reader.stop()
+            self.writer.start(self._safe, self._on_writable)
+
+    def _on_writable(self):
+        if self.splice.closed:
+            return
+        if self.pipe is not None:
+            self._flush_pipe()
+            drained = not self.in_pipe
+        else:
+            chunk, self.pending = self.pending, None
+            self.writer.stop()
+            self._write(memoryview(chunk), copy=False)
+            drained = self.pending is None
+            if not drained:
+                self.pending = bytes(self.pending)
+        if self.splice.closed or not drained:
+            return
+        self.writer.stop()
+        if self.eof:
+            self._shutdown_dst()
+        else:
+            self.reader.start(self._safe, self._on_readable)
+
+    def _shutdown_dst(self):
+        self.finished = True
+        try:
+            if isinstance(self.dst, gevent.ssl.SSLSocket):
+                # a TLS half-close: TCP FIN without close_notify (the client sees EOF)
+                self.dst._sock.shutdown(socket.SHUT_WR)  # not SSLSocket.shutdown: it drops the TLS object
+            else:
+                self.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.splice._direction_finished()
+
+
+class Splice:
+    """Bidirectional splice of client and vm sockets; see the module docstring."""
+
+    def __init__(self, client, vm, on_done=None, use_os_splice=None):
+        self.client = client
+        self.vm = vm
+        self.on_done = on_done
+        self.closed = False
+        self.reason = None
+        plain = not isinstance(client, gevent.ssl.SSLSocket) and not isinstance(vm, gevent.ssl.SSLSocket)
+        use_pipe = plain if use_os_splice is None else (use_os_splice and plain)
+        use_pipe = use_pipe and hasattr(os, "splice")
+        for s in (client, vm):
+            s.settimeout(0.0)
+            tune_socket(s)
+        self.up = _Pump(self, client, vm, "to_vm", use_pipe)
+        self.down = _Pump(self, vm, client, "to_client", use_pipe)
+        self.uses_os_splice = use_pipe
+
+    def start(self, initial_to_vm=b""):
+        self.up.start(initial_to_vm)
+        self.down.start()
+        return self
+
+    @property
+    def bytes_to_vm(self):
+        return self.up.moved
+
+    @property
+    def bytes_to_client(self):
+        return self.down.moved
+
+    def _direction_finished(self):
+        if self.up.finished and self.down.finished:
+            self._finish("closed")
+
+    def close(self, reason="closed by server"):
+        self._finish(reason)
+
+    def _finish(self, reason):
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        self.up.close()
+        self.down.close()
+        for s in (self.client, self.vm):
+            try:
+                s.close()
+            except OSError:
+                pass
+        if self.on_done is not None:
+            try:
+                self.on_done(reason)
+            except Exception:
+                log.exception("splice on_done failed")
