@@ -12,9 +12,7 @@ import shutil
 import sys
 
 import gevent
-
 import pytest
-
 from helpers.hkd_env import add_host, add_vms, start_vm, stop_vm, vm_row, wait_vm_state
 from helpers.netns import VM_NET, node_settings, processes_mentioning, test_host  # noqa: F401
 
