@@ -314,3 +314,18 @@ def test_restart_right_after_stop_many_times(make_node, admin_db):
         wait_vm_state(admin_db, vm_id, "stopped")
     assert len(pids) == 3 and not any(pid_alive(p) for p in pids)
     assert admin_db.query_one("SELECT run_attempts, run_ok FROM vm_counters WHERE vm_id = %s", (vm_id,)) == (3, 3)
+
+
+def test_node_stops_itself_when_its_heartbeat_fails_too_long(make_node, admin_db):
+    """reference 1.6/1.8: the ticker gives up after internal.hkd.agent.ticker.timeout, before others take over."""
+    host_id = add_host(admin_db)
+    (vm_id,) = add_vms(admin_db)
+    node = make_node(**{"internal.hkd.agent.ticker.timeout": 2})
+    node.hkd.start()
+    start_vm(admin_db, vm_id, host_id)
+    row = wait_vm_state(admin_db, vm_id, "running")
+    admin_db.execute("ALTER TABLE host_runtimes RENAME TO host_runtimes_gone")   # every heartbeat now fails
+    assert node.hkd.stopped.wait(30)
+    assert not pid_alive(row["vm_pid"])        # its VMs were stopped, not left to run unwatched
+    admin_db.execute("ALTER TABLE host_runtimes_gone RENAME TO host_runtimes")
+    assert vm_row(admin_db, vm_id)["vm_state"] == "stopped"

@@ -417,7 +417,12 @@ class HKD:
             log.warning("heartbeat failed: %s", _first_line(exc))
             timeout = self.cfg.get_float("internal.hkd.agent.ticker.timeout")
             if self._last_tick is not None and time.monotonic() - self._last_tick > timeout:
-                self._events.put(H.TickerDead())
+                log.error("no heartbeat for more than %.0f s: stopping (other nodes will take over)", timeout)
+                self._last_tick = None              # once
+                if self.on_stop_command is not None and self.machine.state == "running":
+                    gevent.spawn(self.on_stop_command)   # the whole node stops, as the original HKD exits
+                else:
+                    self._events.put(H.TickerDead())
             return False
         if row is None:
             metrics.inc("qvd_hkd_heartbeats_total", result="lost")
