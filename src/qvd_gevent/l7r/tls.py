@@ -91,6 +91,8 @@ def build_context(cfg, paths=None):
     ctx.minimum_version = minimum_version(cfg.get_str("l7r.options.SSL_version"))
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    # a client half-close (TCP FIN without close_notify) is EOF, not an error answered by an alert
+    ctx.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     try:
         ctx.set_ciphers(cfg.get_str("l7r.options.SSL_cipher_list"))
     except ssl.SSLError:
