@@ -231,8 +231,9 @@ class NetnsHypervisor(Hypervisor):
         os.makedirs(self.state_dir, exist_ok=True)
         started = time.monotonic()
         try:
-            if _netns_inode(ns) is not None:
-                log.warning("VM %s: namespace %s left from an earlier run; removing it", spec.vm_id, ns)
+            if _netns_inode(ns) is not None or self.netlink.index(veth) is not None:
+                log.warning("VM %s: namespace %s or link %s left from an earlier run; removing them",
+                            spec.vm_id, ns, veth)
                 self.cleanup(handle)
             self._run(["ip", "netns", "add", ns])
             bridge_index = self.netlink.index(self.bridge)
