@@ -329,3 +329,15 @@ def test_node_stops_itself_when_its_heartbeat_fails_too_long(make_node, admin_db
     assert not pid_alive(row["vm_pid"])        # its VMs were stopped, not left to run unwatched
     admin_db.execute("ALTER TABLE host_runtimes_gone RENAME TO host_runtimes")
     assert vm_row(admin_db, vm_id)["vm_state"] == "stopped"
+
+
+def test_heavy_semaphore_follows_config_changes(make_node):
+    node = make_node(**{"internal.hkd.max_heavy": 4})
+    assert node.hkd.heavy.counter == 4
+    node.cfg.set_db_overrides({"internal.hkd.max_heavy": "6"})
+    node.hkd.on_config_changed(node.cfg)
+    assert node.hkd.heavy.counter == 6
+    node.cfg.set_db_overrides({"internal.hkd.max_heavy": "2"})
+    node.hkd.on_config_changed(node.cfg)
+    gevent.sleep(0.05)
+    assert node.hkd.heavy.counter == 2

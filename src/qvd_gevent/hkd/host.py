@@ -78,7 +78,8 @@ class HKD:
         self.dnsmasq = None
         self.network_setup = None
         self.vm_settings = M.Settings()
-        self.heavy = gevent.lock.Semaphore(max(1, cfg.get_int("internal.hkd.max_heavy")))
+        self.heavy_size = max(1, cfg.get_int("internal.hkd.max_heavy"))
+        self.heavy = gevent.lock.Semaphore(self.heavy_size)
         self.machine = H.HostMachine(cfg.get_float("internal.hkd.stopping.vms.timeout"),
                                      cfg.get_float("internal.hkd.killing.vms.retry.timeout"))
         self.stopped = gevent.event.Event()     # set when the host reached stopped (or never started)
@@ -122,6 +123,17 @@ class HKD:
         if not self.stopped.wait(bound):
             log.error("HKD did not reach stopped within %.0f s; giving up", bound)
             self._release_everything()
+
+    def on_config_changed(self, cfg):
+        """ConfigWatcher callback: resize the heavy semaphore (the original does it on reload)."""
+        size = max(1, cfg.get_int("internal.hkd.max_heavy"))
+        delta, self.heavy_size = size - self.heavy_size, size
+        for _ in range(delta):
+            self.heavy.release()
+        for _ in range(-delta):
+            gevent.spawn(self.heavy.acquire)        # shrinks as running starts finish
+        if delta:
+            log.info("internal.hkd.max_heavy is now %d", size)
 
     # --- host loop -----------------------------------------------------------------------
     def _run_loop(self):

@@ -43,7 +43,9 @@ class VmRunner:
         self.cfg = hkd.cfg
         self.db = hkd.db
         self.vm_id = vm_id
-        self.machine = M.VmMachine(vm_id, hkd.vm_settings)
+        # settings are read per VM, so a config change (NOTIFY qvd_config_changed) applies to new VMs
+        settings = M.settings_from_config(hkd.cfg, hkd.hypervisor.name) if hkd.hypervisor else hkd.vm_settings
+        self.machine = M.VmMachine(vm_id, settings)
         self.events = gevent.queue.Queue()
         self.spec = None
         self.handle = None

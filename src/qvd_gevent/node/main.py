@@ -84,6 +84,7 @@ class Node:
         from ..l7r.server import L7RService
         self.hkd = HKD(cfg, self.db, self.listener)
         self.hkd.on_stop_command = self.stop    # host command `stop` stops the whole node
+        self.watcher.on_change(self.hkd.on_config_changed)
         self.hkd.start()
         self.l7r = L7RService(cfg, self.db, self.listener)
         self.l7r.start()
