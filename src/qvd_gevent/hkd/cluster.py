@@ -51,6 +51,7 @@ class ClusterMonitor:
         self.host_id = host_id
         self._greenlet = None
         self.passes = 0
+        self.sleep = gevent.sleep           # replaceable in a unit test
 
     def start(self):
         self._greenlet = gevent.spawn(self._run)
@@ -80,7 +81,7 @@ class ClusterMonitor:
     def _run(self):
         delay = self._delay("internal.hkd.agent.cluster_monitor.long_delay")
         while True:
-            gevent.sleep(delay)
+            self.sleep(delay)
             try:
                 self.run_once()
                 delay = self._delay("internal.hkd.agent.cluster_monitor.delay")
