@@ -109,7 +109,7 @@ class TestNamespace:
                     pass
             time.sleep(0.05)
         for name in names:
-            subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL, timeout=30)
+            subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL, timeout=30, check=False)
         self.created = False
 
     def __enter__(self):
@@ -149,7 +149,7 @@ class TestNamespace:
         full_env = dict(os.environ)
         full_env.update(env or {})
         proc = subprocess.run(self.argv([sys.executable, "-c", source], mode), capture_output=True, text=True,
-                              timeout=timeout, env=full_env)
+                              timeout=timeout, env=full_env, check=False)
         value = None
         for line in proc.stdout.splitlines():
             if line.startswith("DRIVER-RESULT "):

@@ -1,12 +1,11 @@
 """The supervised dnsmasq, inside a test namespace: restart after SIGKILL, hosts file, port checks."""
 import pytest
-
 from helpers.netns import run_driver, test_host, write_http_di  # noqa: F401
 
 pytestmark = pytest.mark.root
 
 
-def test_dnsmasq_killed_is_restarted_and_leases_still_work(test_host, tmp_path):
+def test_dnsmasq_killed_is_restarted_and_leases_still_work(test_host, tmp_path):  # noqa: F811
     di = write_http_di(tmp_path)
     result, _ = run_driver(test_host, tmp_path, """
         import signal
@@ -39,7 +38,7 @@ def test_dnsmasq_killed_is_restarted_and_leases_still_work(test_host, tmp_path):
     assert result["stopped_pid"] is None and not result["alive"]
 
 
-def test_hosts_file_sorted_atomic_and_reloaded(test_host, tmp_path):
+def test_hosts_file_sorted_atomic_and_reloaded(test_host, tmp_path):  # noqa: F811
     """add/remove rewrite the file (MAC order, temp + rename: new inode) and SIGHUP the same dnsmasq."""
     result, _ = run_driver(test_host, tmp_path, """
         boot()
@@ -74,7 +73,7 @@ def test_hosts_file_sorted_atomic_and_reloaded(test_host, tmp_path):
     assert result["same_pid"] and result["restarts"] == 0
 
 
-def test_check_dhcp_ports_sees_a_listener_on_udp_67(test_host, tmp_path):
+def test_check_dhcp_ports_sees_a_listener_on_udp_67(test_host, tmp_path):  # noqa: F811
     """A dummy 'system dnsmasq' on UDP 67 (inside the test namespace) makes the check refuse."""
     result, _ = run_driver(test_host, tmp_path, """
         import socket
@@ -110,7 +109,7 @@ def test_check_dhcp_ports_sees_a_listener_on_udp_67(test_host, tmp_path):
     assert result["error53"].startswith(("UDP port 53", "TCP port 53"))
 
 
-def test_dnsmasq_serves_dns_when_asked(test_host, tmp_path):
+def test_dnsmasq_serves_dns_when_asked(test_host, tmp_path):  # noqa: F811
     """vm.network.dns_server = gateway: dnsmasq runs with DNS on the bridge (the original's way)."""
     from helpers.netns import node_settings
     settings = node_settings(test_host, tmp_path, **{"vm.network.dns_server": "10.77.0.1",

@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-
 from helpers.netns import run_driver, test_host, write_http_di  # noqa: F401
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -15,7 +14,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 COUNT = int(os.environ.get("QVD_DENSITY_COUNT", "20"))   # at most 254
 
 
-def test_twenty_netns_vms(test_host, tmp_path):
+def test_twenty_netns_vms(test_host, tmp_path):  # noqa: F811
     di = write_http_di(tmp_path)
     result, _ = run_driver(test_host, tmp_path, f"""
         import resource

@@ -4,13 +4,12 @@ Everything (bridge, 10.77.x addresses, dnsmasq, VM namespaces) lives in a namesp
 made, with no route out; the driver runs inside it (helpers/netns.py).
 """
 import pytest
-
 from helpers.netns import processes_mentioning, run_driver, test_host, write_http_di  # noqa: F401
 
 pytestmark = pytest.mark.root
 
 
-def test_vm_gets_lease_answers_http_and_leaves_nothing(test_host, tmp_path):
+def test_vm_gets_lease_answers_http_and_leaves_nothing(test_host, tmp_path):  # noqa: F811
     di = write_http_di(tmp_path)
     result, _ = run_driver(test_host, tmp_path, """
         boot()
@@ -46,7 +45,7 @@ def test_vm_gets_lease_answers_http_and_leaves_nothing(test_host, tmp_path):
     assert processes_mentioning(str(tmp_path)) == []
 
 
-def test_vm_is_unreachable_from_outside_the_test_namespace(test_host, tmp_path):
+def test_vm_is_unreachable_from_outside_the_test_namespace(test_host, tmp_path):  # noqa: F811
     """The safety rule itself: the VM address exists only inside the test namespace."""
     import subprocess
     di = write_http_di(tmp_path)
@@ -59,12 +58,12 @@ def test_vm_is_unreachable_from_outside_the_test_namespace(test_host, tmp_path):
         # leave it running: the fixture must clean a crashed node's leftovers
     """, di=di)
     assert result["route"].startswith("default via 10.77.0.1 dev eth0")
-    root_routes = subprocess.run(["ip", "-4", "route", "get", "10.77.0.103"], capture_output=True, text=True)
+    root_routes = subprocess.run(["ip", "-4", "route", "get", "10.77.0.103"], capture_output=True, text=True, check=False)
     assert "qvdbr0" not in root_routes.stdout
 
 
 @pytest.mark.parametrize("mode", ["nsenter", "exec"])
-def test_adopt_after_node_restart_then_kill(test_host, tmp_path, mode):
+def test_adopt_after_node_restart_then_kill(test_host, tmp_path, mode):  # noqa: F811
     """A node dies leaving its VM running; a new node process lists it, and kill+cleanup remove all.
 
     mode "exec": the node runs under ``ip netns exec`` (a private mount namespace), so the
@@ -101,7 +100,7 @@ def test_adopt_after_node_restart_then_kill(test_host, tmp_path, mode):
     assert test_host.vm_namespaces() == []
 
 
-def test_start_without_lease_fails_cleanly(test_host, tmp_path):
+def test_start_without_lease_fails_cleanly(test_host, tmp_path):  # noqa: F811
     """No hosts entry -> no lease -> HypervisorError and nothing left of the half-made VM."""
     di = write_http_di(tmp_path)
     settings_extra = {"vm.network.netns.dhcp_timeout": "2"}
@@ -125,7 +124,7 @@ def test_start_without_lease_fails_cleanly(test_host, tmp_path):
     assert test_host.vm_namespaces() == []
 
 
-def test_qvd_vm_init_vma_answers_ping_and_stops_on_sigterm(test_host, tmp_path):
+def test_qvd_vm_init_vma_answers_ping_and_stops_on_sigterm(test_host, tmp_path):  # noqa: F811
     """The project's own init (qvd-vm-init: the VMA) as a netns VM's DI: VmaClient ping works."""
     import sysconfig
     from pathlib import Path
@@ -157,7 +156,7 @@ def test_qvd_vm_init_vma_answers_ping_and_stops_on_sigterm(test_host, tmp_path):
     assert test_host.vm_namespaces() == []
 
 
-def test_static_address_when_dhcp_is_off(test_host, tmp_path):
+def test_static_address_when_dhcp_is_off(test_host, tmp_path):  # noqa: F811
     """vm.network.use_dhcp=0: no dnsmasq; the VM gets vms.ip directly and answers on it."""
     from helpers.netns import node_settings
     di = write_http_di(tmp_path)

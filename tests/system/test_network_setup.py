@@ -2,7 +2,6 @@
 import textwrap
 
 import pytest
-
 from helpers.netns import node_settings, run_driver, test_host  # noqa: F401
 
 pytestmark = pytest.mark.root
@@ -19,7 +18,7 @@ def rules(text):
 """
 
 
-def test_apply_then_remove_restores_exactly(test_host, tmp_path):
+def test_apply_then_remove_restores_exactly(test_host, tmp_path):  # noqa: F811
     settings = node_settings(test_host, tmp_path, **{"vm.network.nat.public_address": "192.0.2.10",
                                                      "vm.network.firewall.nat.iface": "lo"})
     result, _ = run_driver(test_host, tmp_path, STATE + textwrap.dedent("""
@@ -53,7 +52,7 @@ def test_apply_then_remove_restores_exactly(test_host, tmp_path):
     assert result["after"]["forward"] == result["before"]["forward"] == "0"
 
 
-def test_remove_leaves_what_was_there_before(test_host, tmp_path):
+def test_remove_leaves_what_was_there_before(test_host, tmp_path):  # noqa: F811
     """An existing bridge, a rule the operator added and forwarding already on are not touched."""
     settings = node_settings(test_host, tmp_path, **{"vm.network.nat.public_address": "192.0.2.10"})
     result, _ = run_driver(test_host, tmp_path, STATE + textwrap.dedent("""
@@ -79,7 +78,7 @@ def test_remove_leaves_what_was_there_before(test_host, tmp_path):
         "bridge qvdbr0 does not carry the gateway address 10.77.0.1/16 (vm.network.gateway; it has no IPv4 address)"]
 
 
-def test_apply_refuses_a_non_bridge_and_undoes_partial_work(test_host, tmp_path):
+def test_apply_refuses_a_non_bridge_and_undoes_partial_work(test_host, tmp_path):  # noqa: F811
     result, _ = run_driver(test_host, tmp_path, """
         from qvd_gevent.hkd.network import NetworkSetupError
         os.system("ip link add qvdbr0 type veth peer name qvdbr0p")

@@ -4,8 +4,16 @@ import os
 import pytest
 
 from qvd_gevent.config import Config
-from qvd_gevent.hkd.dnsmasq import (DnsmasqError, MAX_RESTART_DELAY, _others_can_reach, check_dhcp_ports,
-                                    dnsmasq_argv, hosts_file_text, next_delay, parse_proc_net)
+from qvd_gevent.hkd.dnsmasq import (
+    MAX_RESTART_DELAY,
+    DnsmasqError,
+    _others_can_reach,
+    check_dhcp_ports,
+    dnsmasq_argv,
+    hosts_file_text,
+    next_delay,
+    parse_proc_net,
+)
 
 
 def make_cfg(**values):

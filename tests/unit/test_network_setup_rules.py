@@ -48,15 +48,15 @@ def test_all_well_no_warnings():
 def test_each_warning_is_precise():
     cfg = make_cfg()
     assert network_warnings(cfg, "0\n", good_bridge()) == [
-        "net.ipv4.ip_forward is off: VMs cannot be reached through this node from other networks; "
-        "set net.ipv4.ip_forward=1 in /etc/sysctl.conf (or vm.network.setup=1)"]
+        ("net.ipv4.ip_forward is off: VMs cannot be reached through this node from other networks; "
+         "set net.ipv4.ip_forward=1 in /etc/sysctl.conf (or vm.network.setup=1)")]
     assert network_warnings(cfg, "1", None) == [
-        "bridge qvdnet0 (vm.network.bridge) does not exist: create it as the QVD manual's "
-        "'Configure a Network Bridge' says, or set vm.network.setup=1"]
+        ("bridge qvdnet0 (vm.network.bridge) does not exist: create it as the QVD manual's "
+         "'Configure a Network Bridge' says, or set vm.network.setup=1")]
     assert network_warnings(cfg, "1", good_bridge(up=False)) == ["bridge qvdnet0 is down"]
     assert network_warnings(cfg, "1", good_bridge(addresses=[("10.3.15.1", 16), ("10.9.9.9", 8)])) == [
-        "bridge qvdnet0 does not carry the gateway address 10.3.15.1/24 (vm.network.gateway; it has "
-        "10.3.15.1/16, 10.9.9.9/8)"]
+        ("bridge qvdnet0 does not carry the gateway address 10.3.15.1/24 (vm.network.gateway; it has "
+         "10.3.15.1/16, 10.9.9.9/8)")]
     assert network_warnings(cfg, "1", good_bridge(kind="veth")) == [
         "interface qvdnet0 (vm.network.bridge) is not a bridge (kind veth)"]
     assert network_warnings(make_cfg(**{"vm.network.gateway": "10.3.15.60"}), "1",

@@ -126,7 +126,7 @@ def parse_proc_net(text, family, proto):
         fields = line.split()
         if len(fields) < 4:
             continue
-        local, remote, state = fields[1], fields[2], fields[3]
+        local, state = fields[1], fields[3]
         if proto == "tcp" and state != "0A":
             continue
         if proto == "udp" and state != "07":

@@ -41,7 +41,7 @@ import gevent.socket
 from gevent import subprocess
 
 from ..hkd.network import shared_netlink
-from .base import Hypervisor, HypervisorError, VmHandle, VmSpec  # noqa: F401
+from .base import Hypervisor, HypervisorError, VmHandle, VmSpec
 
 log = logging.getLogger("qvd.hypervisors.netns")
 
@@ -201,7 +201,7 @@ class NetnsHypervisor(Hypervisor):
         if os.geteuid() != 0:
             raise HypervisorError("the netns hypervisor needs root (network namespaces, veth pairs); "
                                   "run qvd-node as root or use vm.hypervisor=process")
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,%d}" % (MAX_PREFIX - 1), self.prefix):
+        if not re.fullmatch(rf"[A-Za-z][A-Za-z0-9_]{{0,{MAX_PREFIX - 1}}}", self.prefix):
             raise HypervisorError(f"vm.network.netns.prefix {self.prefix!r} must be 1-{MAX_PREFIX} letters/digits "
                                   f"(interface names are at most 15 characters)")
         link = self.netlink.link(self.bridge)
@@ -333,7 +333,7 @@ class NetnsHypervisor(Hypervisor):
         for phase in ("deconfig", "bound"):
             proc = self._spawn_in(ns, ["/bin/sh", script, phase], stdin=subprocess.DEVNULL,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-            out, err = proc.communicate(timeout=30)
+            _, err = proc.communicate(timeout=30)
             if proc.returncode != 0:
                 raise HypervisorError(f"VM {spec.vm_id}: cannot set {spec.ip} on eth0: {err.decode(errors='replace')}")
         return spec.ip
