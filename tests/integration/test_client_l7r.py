@@ -1,0 +1,128 @@
+"""qvd-client (the real command) against this project's L7R (L7RService over TLS, a real
+PostgreSQL from the fixtures) with this project's qvd-vma as the VM (echo desktop).
+
+The VM is seeded as running at the VMA's address and ports, so no HKD is involved.
+"""
+import os
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import gevent
+import pytest
+from helpers.l7r_env import Node, Seed, make_cert, write_conf
+
+from qvd_gevent.config import Config
+from qvd_gevent.vma.client import VmaClient
+from qvd_gevent.vma.server import VmaService
+
+CLIENT = [sys.executable, "-c", "from qvd_gevent.client.cli import main; main()"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def node(tmp_path, pg_server, fresh_db_name):
+    conf = write_conf(tmp_path, pg_server, fresh_db_name)
+    cert, key = make_cert(tmp_path / "certs")
+    n = Node(conf, start=False, with_hkd=False)
+    n.cert = str(cert)
+    seed = Seed(n.db)
+    seed.ssl(cert, key)
+    n.host_id = seed.host("test-node", "127.0.0.1")
+    osf = seed.osf()
+    n.user = seed.user("qvd", "qvd")
+    n.vm_id = seed.vm("qvd-vm1", n.user, osf)
+    other = seed.user("other", "other")
+    n.other_vm = seed.vm("not-yours", other, osf)
+    n.blocked_vm = seed.vm("blocked-vm", n.user, osf, blocked=True)
+    n.real_vma = VmaService(Config({}, None), "127.0.0.1", port=0, x_port=free_port()).start()
+    seed.running_at(n.vm_id, n.host_id, SimpleNamespace(vma_port=n.real_vma.port,
+                                                         x_port=n.real_vma.display + 4000))
+    n.start()
+    yield n
+    n.close()
+    n.real_vma.stop()
+
+
+def qvd_client(node, *args, password="qvd", timeout=60):
+    argv = CLIENT + ["--host", "127.0.0.1", "--port", str(node.svc.port), "--user", "qvd",
+                     "--password", password, "--ca", node.cert]
+    return subprocess.run(check=False, args=argv + list(args), capture_output=True, timeout=timeout)
+
+
+def test_list_against_the_l7r(node):
+    result = qvd_client(node, "list")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[1]: line.split() for line in result.stdout.decode().splitlines()[1:]}
+    assert rows["qvd-vm1"] == [str(node.vm_id), "qvd-vm1", "running", "no"]
+    assert rows["blocked-vm"][3] == "yes"
+    assert "not-yours" not in rows
+
+
+def test_connect_exec_through_the_l7r_to_the_vma_echo(node, tmp_path):
+    out = tmp_path / "out"
+    script = f'printf "hello through the real L7R\\n"; read a; printf "%s" "$a" > {out}'
+    result = qvd_client(node, "connect", "--vm", str(node.vm_id), "--keyboard", "pc105/es", "--exec", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == "hello through the real L7R"
+    err = result.stderr.decode()
+    assert f"qvd-client: Session acquired for VM_ID: {node.vm_id}" in err
+    assert f"qvd-client: Starting X session at VM {node.vm_id}" in err
+    assert "qvd-client: Connection established" in err
+    vma = VmaClient("127.0.0.1", node.real_vma.port)
+    deadline = gevent.get_hub().loop.now() + 10
+    while vma.x_state() != "suspended":  # the client left: the desktop suspends
+        assert gevent.get_hub().loop.now() < deadline, vma.x_state()
+        gevent.sleep(0.05)
+
+
+def test_connect_listen_sequential_sessions_through_the_l7r(node):
+    proc = subprocess.Popen(CLIENT + ["--host", "127.0.0.1", "--port", str(node.svc.port), "--user", "qvd",
+                                      "--password", "qvd", "--ca", node.cert, "connect", "--vm", str(node.vm_id),
+                                      "--listen", "127.0.0.1:0", "--count", "2"], stderr=subprocess.PIPE)
+    try:
+        line = b""
+        with gevent.Timeout(15):
+            while b"listening on" not in line:
+                line = proc.stderr.readline()
+                assert line, "qvd-client exited before listening"
+        port = int(line.decode().strip().split(":")[-1].split()[0])
+        for n in range(2):
+            payload = os.urandom(128 * 1024) + b"session %d" % n
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+                sender = gevent.spawn(s.sendall, payload)
+                got = bytearray()
+                while len(got) < len(payload):
+                    chunk = s.recv(65536)
+                    assert chunk, "session closed early"
+                    got += chunk
+                sender.get()
+                assert bytes(got) == payload
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert node.real_vma.desktop.sessions == 2
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("wrong-password", "qvd-client: login rejected by the server (401)"),
+    ("unknown-vm", "does not exist (404)"),
+    ("other-users-vm", "(403)"),
+    ("blocked-vm", "(403)"),
+])
+def test_error_answers_of_the_l7r(node, case, expected):
+    vm = {"unknown-vm": 999999, "other-users-vm": node.other_vm, "blocked-vm": node.blocked_vm}.get(case, node.vm_id)
+    result = qvd_client(node, "connect", "--vm", str(vm), "--exec", "true",
+                        password="nope" if case == "wrong-password" else "qvd")
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    assert expected in err
+    assert "Traceback" not in err
