@@ -1,4 +1,5 @@
-"""A real NX session on the VMA's nx desktop, with Debian's nx-libs (issue 5, item 5 groundwork).
+"""A real NX session on the VMA's nx desktop, with Debian's nx-libs (issue 5, item 5):
+directly, through qvd-client and a scripted L7R, and through this project's L7R.
 
 Chain (all on this machine, loopback only):
     xlogo --X11--> nxagent :D (started by qvd-vma on x_start, listens on tcp *:4000+D)
@@ -238,3 +239,65 @@ def test_direct_layout_nxagent_listens_itself(displays, tmp_path):
         wait_for(lambda: client.x_state() == "stopped", 25, "x_state stopped")
     finally:
         vma.stop()
+
+
+def test_nx_session_through_the_l7r(displays, tmp_path, pg_server, fresh_db_name):
+    """The whole chain of issue 5 item 5 with this project's L7R (real PostgreSQL):
+    xlogo -> nxagent (qvd-vma nx desktop) <- L7R splice <- TLS <- qvd-client --listen
+    <- nxproxy -S localhost:P -> Xvfb. The VM is seeded as running at the VMA (no HKD)."""
+    from types import SimpleNamespace
+
+    from helpers.l7r_env import Node, Seed, make_cert, write_conf
+    agent_display, screen_display = displays
+    proxy_port = agent_display + 2
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), NX_HOME=str(home))
+    conf = write_conf(tmp_path, pg_server, fresh_db_name, extra={"internal.l7r.timeout.x_start": 15})
+    cert, key = make_cert(tmp_path / "certs")
+    node = Node(conf, start=False, with_hkd=False)
+    seed = Seed(node.db)
+    seed.ssl(cert, key)
+    host_id = seed.host("test-node", "127.0.0.1")
+    vm_id = seed.vm("nx-vm", seed.user("qvd", "qvd"), seed.osf())
+    cfg = Config({"internal.nxagent.display": str(agent_display), "command.x-session": "xlogo"}, None)
+    vma = VmaService(cfg, "127.0.0.1", port=0, desktop="nx", run_dir=str(tmp_path)).start()
+    seed.running_at(vm_id, host_id, SimpleNamespace(vma_port=vma.port, x_port=4000 + agent_display))
+    node.start()
+    vma_client = VmaClient("127.0.0.1", vma.port, timeout=4)
+    xvfb = proxy = qvd_client = None
+    try:
+        xvfb = subprocess.Popen(["Xvfb", f":{screen_display}", "-nolisten", "tcp", "-screen", "0", "1024x768x24"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: os.path.exists(f"/tmp/.X11-unix/X{screen_display}"), 10, "Xvfb")
+        qvd_client = subprocess.Popen(
+            [sys.executable, "-c", "from qvd_gevent.client.cli import main; main()",
+             "--host", "127.0.0.1", "--port", str(node.svc.port), "--user", "qvd", "--password", "qvd",
+             "--ca", str(cert), "connect", "--vm", str(vm_id), "--geometry", "800x600", "--keyboard", "pc105/es",
+             "--listen", f"127.0.0.1:{4000 + proxy_port}", "--count", "1"],
+            env=env, stderr=subprocess.PIPE)
+        line = b""
+        with gevent.Timeout(15):
+            while b"listening on" not in line:
+                line = qvd_client.stderr.readline()
+                assert line, "qvd-client exited before listening"
+        proxy = subprocess.Popen(["nxproxy", "-S", f"localhost:{proxy_port}"],
+                                 env=dict(env, DISPLAY=f":{screen_display}"),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: vma_client.x_state() == "connected", 30, "x_state connected")
+        options = (tmp_path / "nxagent.conf").read_text()
+        assert "keyboard=pc105/es" in options and "geometry=800x600" in options  # the client's params arrived
+        wait_xlogo_on_screen(screen_display, env)
+        state = node.db.query_one("SELECT user_state FROM vm_runtimes WHERE vm_id = %s", (vm_id,))[0]
+        assert state == "connected"
+        stop(proxy)
+        wait_for(lambda: vma_client.x_state() == "suspended", 20, "x_state suspended")
+        assert qvd_client.wait(timeout=15) == 0
+        wait_for(lambda: node.db.query_one("SELECT user_state FROM vm_runtimes WHERE vm_id = %s",
+                                           (vm_id,))[0] == "disconnected", 15, "the L7R to release the VM")
+    finally:
+        stop(proxy)
+        stop(qvd_client)
+        node.close()
+        vma.stop()
+        stop(xvfb)
