@@ -304,6 +304,7 @@ class DnsmasqSupervisor:
         if shutil.which(argv0) is None:
             raise DnsmasqError(f"dnsmasq executable {argv0!r} (command.dhcpd) not found")
         os.makedirs(self.cfg.get_str("path.run"), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(self.hosts_path)), exist_ok=True)
         extra = self.cfg.get_str("command.dhcpd.args.extra") or ""
         if os.geteuid() == 0 and not _others_can_reach(self.hosts_path) and "--user" not in extra \
                 and "-u" not in shlex.split(extra):
