@@ -127,3 +127,33 @@ def test_dnsmasq_serves_dns_when_asked(test_host, tmp_path):  # noqa: F811
     assert "--port=0" not in result["cmdline"]
     assert "--domain=qvd.test" in result["cmdline"]
     assert ["udp", "10.77.0.1"] in result["listening53"]
+
+
+def test_unprivileged_dnsmasq_rereads_a_world_readable_hosts_file(test_host, tmp_path):  # noqa: F811
+    """The production layout: hosts file in a world-searchable folder, dnsmasq drops to its user
+    and still reads the file after SIGHUP (a VM registered late gets its lease)."""
+    import shutil
+    from pathlib import Path
+
+    from helpers.netns import node_settings
+    folder = Path(f"/run/{test_host.name}")
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    try:
+        settings = node_settings(test_host, tmp_path, **{"internal.vm.network.dhcp-hostsfile":
+                                                         str(folder / "dhcp-hostsfile")})
+        result, _ = run_driver(test_host, tmp_path, """
+            boot()
+            as_root = dns.run_as_root
+            user = os.popen(f"ps -o user= -p {dns.pid}").read().strip()
+            gevent.sleep(0.5)                       # dnsmasq runs; the VM is registered afterwards
+            h = start_vm(4, "10.77.0.104")
+            status, _ = wait_http(h.address)
+            hv.kill(h); hv.cleanup(h)
+            dns.stop(); setup.remove()
+            report(dict(as_root=as_root, user=user, status=status, address=h.address))
+        """, settings=settings, di=write_http_di(tmp_path))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert result["as_root"] is False and result["user"] != "root"
+    assert result["address"] == "10.77.0.104" and result["status"] == 200
