@@ -214,15 +214,24 @@ def node_settings(host, tmp_path, **extra):
     return values
 
 
-def write_http_di(tmp_path):
-    """A DI: busybox httpd on the leased address, serving /vma/ping ('pong') on the VMA port."""
+def write_http_di(tmp_path, echo=False):
+    """A tiny VM init: busybox httpd on the leased address answering the VMA's ping.
+
+    /vma/ping returns ``1`` and /vma/x_state ``"stopped"`` (valid SimpleRPC answers, so
+    VmaClient and the HKD's VMA monitor accept them). With echo=True a busybox nc echo
+    listens on the display port 4100 as well (CONTRACT.md section 5: a density VM).
+    A few hundred KB of memory per VM, against tens of MB for qvd-vm-init.
+    """
     www = tmp_path / "www"
     (www / "vma").mkdir(parents=True, exist_ok=True)
-    (www / "vma" / "ping").write_text("pong\n")
-    di = tmp_path / "http-di.sh"
-    di.write_text("#!/bin/sh\n"
-                  "# a netns VM's init: answers HTTP on its own address\n"
-                  f'exec busybox httpd -f -p "$QVD_VM_ADDRESS:${{QVD_VMA_PORT:-3030}}" -h {www}\n')
+    (www / "vma" / "ping").write_text("1\n")
+    (www / "vma" / "x_state").write_text('"stopped"\n')
+    di = tmp_path / ("echo-di.sh" if echo else "http-di.sh")
+    lines = ["#!/bin/sh", "# a netns VM's init: answers HTTP (and echo) on its own address"]
+    if echo:
+        lines.append('busybox nc -ll -p 4100 -e /bin/cat &')
+    lines.append(f'exec busybox httpd -f -p "$QVD_VM_ADDRESS:${{QVD_VMA_PORT:-3030}}" -h {www}')
+    di.write_text("\n".join(lines) + "\n")
     di.chmod(0o755)
     return str(di)
 

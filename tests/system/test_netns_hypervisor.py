@@ -10,11 +10,23 @@ pytestmark = pytest.mark.root
 
 
 def test_vm_gets_lease_answers_http_and_leaves_nothing(test_host, tmp_path):  # noqa: F811
-    di = write_http_di(tmp_path)
+    di = write_http_di(tmp_path, echo=True)
     result, _ = run_driver(test_host, tmp_path, """
+        import socket
+        from qvd_gevent.vma.client import VmaClient
         boot()
         h = start_vm(7, "10.77.0.107")
         status, body = wait_http(h.address)
+        pinged = VmaClient(h.address, 3030, timeout=2).ping()
+        for attempt in range(100):           # nc starts next to httpd; give it a moment
+            try:
+                s = socket.create_connection((h.address, 4100), timeout=5)
+                break
+            except ConnectionRefusedError:
+                gevent.sleep(0.05)
+        with s:
+            s.sendall(b"hello vm\\n")
+            echoed = s.recv(100).decode()
         running = hv.is_running(h)
         listed = {k: v.address for k, v in hv.list_running().items()}
         in_ns = sorted(pids_in_netns(h.name))
@@ -28,12 +40,14 @@ def test_vm_gets_lease_answers_http_and_leaves_nothing(test_host, tmp_path):  # 
         dns.stop()
         setup.remove()
         report(dict(address=h.address, pid=h.pid, name=h.name, status=status, body=body, running=running,
+                    pinged=pinged, echoed=echoed,
                     listed=listed, in_ns=in_ns, exited=exited, links=links, hosts_after=hosts_after,
                     still_running=hv.is_running(h)))
     """, di=di)
     assert result["address"] == "10.77.0.107"
     assert result["name"] == f"{test_host.vm_prefix}-vm7"
-    assert (result["status"], result["body"]) == (200, "pong\n")
+    assert (result["status"], result["body"]) == (200, "1\n")
+    assert result["pinged"] is True and result["echoed"] == "hello vm\n"
     assert result["running"] and result["listed"] == {"7": "10.77.0.107"}
     assert result["pid"] in result["in_ns"]
     assert result["exited"] and not result["still_running"]
