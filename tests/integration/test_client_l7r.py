@@ -126,3 +126,28 @@ def test_error_answers_of_the_l7r(node, case, expected):
     assert result.returncode == 1, err
     assert expected in err
     assert "Traceback" not in err
+
+
+def test_token_login(node):
+    """--token T sends `Bearer base64(T)` like the original client; T is the raw token,
+    the L7R hands it out base64-encoded from /qvd/create_auth_token."""
+    import base64
+    import http.client
+    import json
+    import ssl
+    context = ssl.create_default_context(cafile=node.cert)
+    conn = http.client.HTTPSConnection("127.0.0.1", node.svc.port, context=context, timeout=10)
+    conn.request("GET", "/qvd/create_auth_token", headers={"Authorization": "Basic " +
+                                                           base64.b64encode(b"qvd:qvd").decode()})
+    answer = conn.getresponse()
+    assert answer.status == 200
+    raw_token = base64.b64decode(json.loads(answer.read())["auth_token"]).decode()
+    conn.close()
+    argv = CLIENT + ["--host", "127.0.0.1", "--port", str(node.svc.port), "--ca", node.cert,
+                     "--token", raw_token, "list"]
+    result = subprocess.run(check=False, args=argv, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert b"qvd-vm1" in result.stdout
+    bad = subprocess.run(check=False, args=argv[:-3] + ["--token", raw_token + "x", "list"],
+                         capture_output=True, timeout=60)
+    assert bad.returncode == 1 and b"login rejected" in bad.stderr
