@@ -23,14 +23,15 @@ import shutil
 import subprocess
 import tempfile
 
-RECIPE_VERSION = "3"
+RECIPE_VERSION = "4"
 CACHE_DIR = os.environ.get("QVD_TEST_GUEST_CACHE", "/var/cache/qvd-test-guest")
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3"
 READY_MARK = "QVD-GUEST-READY"
 
-# Loaded in this order (dependencies first); a module missing from the kernel is skipped.
+# Loaded in this order (dependencies first, as busybox depmod lists them for 6.1); a module
+# missing from the kernel is skipped.
 MODULES = [
-    "drivers/virtio/virtio.ko", "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio_ring.ko", "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_pci_legacy_dev.ko", "drivers/virtio/virtio_pci_modern_dev.ko",
     "drivers/virtio/virtio_pci.ko", "net/core/failover.ko", "drivers/net/net_failover.ko",
     "drivers/net/virtio_net.ko", "drivers/net/ethernet/intel/e1000/e1000.ko",

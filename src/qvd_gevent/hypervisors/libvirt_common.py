@@ -58,6 +58,23 @@ def event_name(event, detail=None):
     return name
 
 
+def _in_threadpool(fn, *args):
+    """fn(*args) on gevent's threadpool; its exception is re-raised here, on the calling greenlet.
+
+    (The threadpool would also print the traceback of every exception it carries back,
+    and "domain not found" is an ordinary answer here.)
+    """
+    def guarded():
+        try:
+            return True, fn(*args)
+        except Exception as exc:    # noqa: BLE001 - handed back to the caller as is
+            return False, exc
+    ok, value = gevent.get_hub().threadpool.apply(guarded)
+    if not ok:
+        raise value
+    return value
+
+
 class _EventLoop:
     """libvirt's default event loop on one native thread, feeding the hub that started it."""
 
@@ -131,10 +148,12 @@ class LibvirtConnection:
 
     # --- plumbing ---
     def _pool_call(self, fn, *args):
+        exc = None
         try:
-            return gevent.get_hub().threadpool.apply(fn, args)
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"libvirt ({self.uri}): {exc.get_error_message() or exc}") from None
+            return _in_threadpool(fn, *args)
+        except libvirt.libvirtError as error:
+            exc = error
+        raise HypervisorError(f"libvirt ({self.uri}): {exc.get_error_message() or exc}") from None
 
     @property
     def conn(self):
@@ -188,7 +207,7 @@ class LibvirtConnection:
     # --- queries ---
     def lookup(self, name):
         try:
-            return gevent.get_hub().threadpool.apply(self.conn.lookupByName, (name,))
+            return _in_threadpool(self.conn.lookupByName, name)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
@@ -199,7 +218,7 @@ class LibvirtConnection:
         if dom is None:
             return False
         try:
-            return bool(gevent.get_hub().threadpool.apply(dom.isActive))
+            return bool(_in_threadpool(dom.isActive))
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return False
