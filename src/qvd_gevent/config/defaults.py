@@ -189,6 +189,7 @@ _TABLE = [
     ("internal.vma.nxagent.tolerancechecks", "risky", "str", "nxagent tolerancechecks option"),
     ("command.nxagent", "nxagent", "str", "ours: nxagent executable of the nx desktop"),
     ("vma.nxagent.display.first", 200, "int", "ours: first local X display tried for nxagent behind the VMA's display relay"),
+    ("internal.vma.http.timeout", 20, "int", "ours: seconds the VMA waits on a silent RPC connection before closing it"),
     ("vma.nxagent.direct", False, "bool", "ours: nxagent listens on 4000+internal.nxagent.display itself (the original's layout) instead of behind the VMA's relay"),
     ("command.x-session", "", "str", "X session the nx desktop starts on its display (original: /usr/bin/startlubuntu); empty: none"),
     ("vma.poweroff.command", "poweroff", "str", "ours: command the VMA runs on poweroff (unless it runs as qvd-vm-init)"),

@@ -131,7 +131,7 @@ class VmaService:
             self.desktop.close()
 
     def _handle(self, conn, peer):
-        conn.settimeout(self.cfg.get("internal.l7r.timeout.vma") * 5)
+        conn.settimeout(self.cfg.get("internal.vma.http.timeout"))
         buf = b""
         try:
             while True:
