@@ -1,0 +1,33 @@
+"""A whole node in the test process: HKD (process hypervisor) + L7R over TLS on 127.0.0.1,
+provisioned exactly as `qvd-node demo` provisions (qvd-admin verbs; the VM's image is the
+installed qvd-vm-init), against a fresh database of the test PostgreSQL."""
+import random
+
+from qvd_gevent.config import Config
+from qvd_gevent.node import demo
+from qvd_gevent.node.main import Node
+
+from .hkd_env import fast_hkd_settings
+
+
+def start_full_node(tmp_path, pg_server, dbname, desktop="echo"):
+    """Returns (node, vm_id, cert_path). The caller must node.stop(0)."""
+    from conftest import write_node_conf
+    values = fast_hkd_settings(tmp_path)
+    values.pop("nodename")
+    values.update({
+        # private loopback range per test: VM ids repeat across fresh databases
+        "vm.process.address.base": f"127.{random.randint(150, 250)}.0.0/16",
+        "l7r.port": 0,
+        "l7r.address": "127.0.0.1",
+        "l7r.metrics.address": "",
+        "internal.hkd.address_check.enabled": 0,
+        "vm.network.use_dhcp": 0,
+        "log.preset": "stderr",
+    })
+    conf = write_node_conf(tmp_path / "node.conf", pg_server, dbname, values)
+    demo.provision(tmp_path, conf, desktop)
+    vm_id = demo.demo_vm_id(conf)
+    node = Node(Config.load(str(conf)))
+    node.start()
+    return node, vm_id, str(tmp_path / "ssl" / "cert.pem")
