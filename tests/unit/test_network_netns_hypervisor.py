@@ -41,3 +41,25 @@ def test_check_wants_the_bridge_unless_setup_makes_it(monkeypatch):
     with pytest.raises(HypervisorError, match="^bridge qvdnobridge9 .* does not exist"):
         NetnsHypervisor(Config(settings)).check()
     NetnsHypervisor(Config(dict(settings, **{"vm.network.setup": "1"}))).check()
+
+
+def test_spawned_children_report_output_exit_codes_and_timeouts():
+    import os
+    import subprocess
+    import time
+
+    from qvd_gevent.hypervisors.netns import SpawnedChild, run_collect
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    code, out = run_collect(["sh", "-c", "echo out; echo err >&2; exit 3"], env, 10)
+    assert (code, out) == (3, b"out\nerr\n")
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_collect(["sleep", "30"], env, 0.3)
+    assert time.monotonic() - started < 5
+    child = SpawnedChild(["sleep", "30"], env, setsid=True)
+    assert child.poll() is None and not child.exited
+    assert os.getsid(child.pid) == child.pid            # its own session: the tree can be signalled
+    with pytest.raises(subprocess.TimeoutExpired):
+        child.wait(0.1)
+    child.kill()
+    assert child.wait(5) == -9 and child.exited

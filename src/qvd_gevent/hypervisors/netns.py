@@ -199,12 +199,30 @@ class SpawnedChild:
         self._watcher.stop()
         self._exited.set()
 
+    def _reaped_elsewhere(self):
+        """Someone else's waitpid(-1) took our child's status: the pid is simply gone."""
+        if self._exited.is_set() or os.path.exists(f"/proc/{self.pid}"):
+            return False
+        self._watcher.stop()
+        self._exited.set()
+        return True
+
     def poll(self):
+        if self.returncode is None:
+            self._reaped_elsewhere()
         return self.returncode
 
+    @property
+    def exited(self):
+        return self._exited.is_set() or self._reaped_elsewhere()
+
     def wait(self, timeout=None):
-        if not self._exited.wait(timeout):
-            raise subprocess.TimeoutExpired(self.args, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._exited.wait(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))):
+            if self._reaped_elsewhere():
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
         return self.returncode
 
     def kill(self):
@@ -417,7 +435,7 @@ class NetnsHypervisor(Hypervisor):
         """The init pid still runs in the VM's namespace (guards against pid reuse)."""
         popen = self._children.get(handle.vm_id)
         if popen is not None and popen.pid == handle.pid:
-            return popen.poll() is None
+            return not popen.exited
         if not handle.pid:
             return False
         target = _netns_inode(handle.name)
