@@ -25,11 +25,12 @@
   domain's <metadata>, read back by list_running().
 """
 import ctypes
+import dataclasses
 import json
 import logging
 import mmap
 import os
-import re
+import shutil
 import subprocess as _std_subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -37,23 +38,11 @@ from dataclasses import dataclass
 
 from gevent import subprocess
 
-from .base import Hypervisor, HypervisorError, VmHandle, VmSpec
-from .libvirt_common import LibvirtConnection, require_libvirt
+from .base import HypervisorError, VmSpec
+from .libvirt_common import LibvirtHypervisor, add_metadata, domain_name, parse_domain_metadata, require_libvirt  # noqa: F401
+from .libvirt_common import xml_sub as _sub
 
 log = logging.getLogger("qvd.hypervisors.kvm")
-
-METADATA_NS = "https://qvd-gevent.invalid/libvirt/vm/1"
-DOMAIN_PREFIX = "qvd-"
-_DOMAIN_NAME = re.compile(r"^qvd-(\d+)$")
-
-
-def domain_name(vm_id):
-    return f"{DOMAIN_PREFIX}{vm_id}"
-
-
-def vm_id_of(name):
-    match = _DOMAIN_NAME.match(name)
-    return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -73,20 +62,6 @@ class KvmDomainSettings:
     overlay: str | None = None           # recorded in the metadata for cleanup after adoption
 
 
-def _sub(parent, tag, text=None, **attrs):
-    el = ET.SubElement(parent, tag, {k.rstrip("_"): str(v) for k, v in attrs.items()})
-    if text is not None:
-        el.text = str(text)
-    return el
-
-
-def _metadata(domain, spec, settings):
-    meta = _sub(domain, "metadata")
-    ET.register_namespace("qvd", METADATA_NS)
-    _sub(meta, f"{{{METADATA_NS}}}vm", vm_id=spec.vm_id, ip=spec.ip or "", mac=spec.mac or "",
-         di_id=spec.di_id, overlay=settings.overlay or "", vma_port=spec.vma_port, x_port=spec.x_port)
-
-
 def kvm_domain_xml(spec: VmSpec, settings: KvmDomainSettings) -> str:
     """The libvirt domain XML of a VM. Pure: no I/O, no libvirt."""
     if settings.domain_type not in ("kvm", "qemu"):
@@ -98,7 +73,7 @@ def kvm_domain_xml(spec: VmSpec, settings: KvmDomainSettings) -> str:
     domain = ET.Element("domain", type=settings.domain_type)
     _sub(domain, "name", domain_name(spec.vm_id))
     _sub(domain, "title", spec.name)
-    _metadata(domain, spec, settings)
+    add_metadata(domain, spec, overlay=settings.overlay)
     _sub(domain, "memory", spec.memory, unit="MiB")
     _sub(domain, "vcpu", max(1, settings.cpus))
     os_el = _sub(domain, "os")
@@ -146,16 +121,6 @@ def kvm_domain_xml(spec: VmSpec, settings: KvmDomainSettings) -> str:
         _sub(console, "target", type="serial", port=0)
     _sub(devices, "memballoon", model="none")
     return ET.tostring(domain, encoding="unicode")
-
-
-def parse_domain_metadata(xml_text):
-    """{vm_id, ip, mac, di_id, overlay, ...} from a domain XML we wrote, or {} for others."""
-    try:
-        root = ET.fromstring(xml_text)
-    except ET.ParseError:
-        return {}
-    el = root.find(f"metadata/{{{METADATA_NS}}}vm")
-    return dict(el.attrib) if el is not None else {}
 
 
 # --- the /dev/kvm probe --------------------------------------------------------------
@@ -225,21 +190,13 @@ def probe_kvm(timeout):
     return True, "a probe guest ran on /dev/kvm"
 
 
-class KvmHypervisor(Hypervisor):
+class KvmHypervisor(LibvirtHypervisor):
     name = "kvm"
-    needs_root = True
-    uses_bridge = True
     uri_key = "vm.libvirt.uri.kvm"
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.uri = cfg.get_str(self.uri_key)
         self._domain_type = None
-
-    @property
-    def connection(self) -> LibvirtConnection:
-        require_libvirt()
-        return LibvirtConnection.get(self.uri)
 
     # --- decisions ---
     def domain_type(self):
@@ -267,18 +224,20 @@ class KvmHypervisor(Hypervisor):
         return self._domain_type
 
     def check(self):
-        require_libvirt()
-        self.connection.conn            # opens it: fails here with libvirt's reason
+        super().check()
         self.domain_type()
-        if not _which("qemu-img"):
+        if not shutil.which("qemu-img"):
             raise HypervisorError("qemu-img is not installed (package qemu-utils)")
+
+    def shutdown_flags(self):
+        return require_libvirt().VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
 
     # --- disks ---
     def overlay_path(self, spec):
         return os.path.join(self.cfg.get_str("path.storage.overlays"), f"{spec.di_id}-{spec.vm_id}-overlay.qcow2")
 
     def _image_format(self, image):
-        proc = subprocess.run(["qemu-img", "info", "--output=json", image], capture_output=True, text=True,
+        proc = subprocess.run(["qemu-img", "info", "-U", "--output=json", image], capture_output=True, text=True,
                               timeout=60)
         if proc.returncode != 0:
             raise HypervisorError(f"qemu-img info {image}: {proc.stderr.strip()}")
@@ -318,104 +277,21 @@ class KvmHypervisor(Hypervisor):
             serial_log=os.path.join(captures, f"qvd-{spec.vm_id}-serial.txt") if captures else None,
         )
 
-    def domain_xml(self, spec, settings):
-        return kvm_domain_xml(spec, settings)
-
-    # --- lifecycle ---
-    def start(self, spec: VmSpec) -> VmHandle:
-        lv = require_libvirt()
-        conn = self.connection
-        name = domain_name(spec.vm_id)
-        if conn.is_active(name):
-            raise HypervisorError(f"VM {spec.vm_id}: domain {name} already runs")
-        self._undefine(name)
+    # --- LibvirtHypervisor hooks ---
+    def prepare(self, spec):
         settings = self.settings_for(spec)
         self._prepare_disk(spec, settings)
         if settings.serial_log:
             os.makedirs(os.path.dirname(settings.serial_log), exist_ok=True)
-        xml = self.domain_xml(spec, settings)
-        conn.arm_stop_event(name)
-        log.info("VM %s: starting domain %s (type %s)", spec.vm_id, name, settings.domain_type)
-        try:
-            conn.call(conn.conn.createXML, xml, lv.VIR_DOMAIN_NONE)
-        except HypervisorError:
-            self._remove_overlay(settings.overlay)
-            raise
-        return VmHandle(vm_id=spec.vm_id, address=spec.ip or "", name=name,
-                        extra={"overlay": settings.overlay or "", "serial_log": settings.serial_log or "",
-                               "domain_type": settings.domain_type, "uri": self.uri})
+        return dataclasses.asdict(settings)
 
-    def _domain_or_none(self, handle):
-        return self.connection.lookup(handle.name or domain_name(handle.vm_id))
+    def domain_xml(self, spec, extras):
+        return kvm_domain_xml(spec, KvmDomainSettings(**extras))
 
-    def shutdown(self, handle: VmHandle):
-        lv = require_libvirt()
-        dom = self._domain_or_none(handle)
-        if dom is None:
-            return
-        try:
-            self.connection.call(dom.shutdownFlags, lv.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-        except HypervisorError:
-            if self.is_running(handle):
-                raise
-
-    def kill(self, handle: VmHandle):
-        dom = self._domain_or_none(handle)
-        if dom is None:
-            return
-        try:
-            self.connection.call(dom.destroy)
-        except HypervisorError:
-            if self.is_running(handle):
-                raise
-
-    def is_running(self, handle: VmHandle) -> bool:
-        return self.connection.is_active(handle.name or domain_name(handle.vm_id))
-
-    def wait_exit(self, handle: VmHandle, timeout=None) -> bool:
-        return self.connection.wait_stopped(handle.name or domain_name(handle.vm_id), timeout,
-                                            self.cfg.get_int("internal.hkd.libvirt.state_check.interval"))
-
-    def cleanup(self, handle: VmHandle):
-        name = handle.name or domain_name(handle.vm_id)
-        if self.connection.is_active(name):
-            log.warning("VM %s: cleanup of a running domain %s: destroying it", handle.vm_id, name)
-            self.kill(handle)
-        self._undefine(name)
-        if not self.cfg.get_bool("vm.overlay.persistent"):
-            self._remove_overlay(handle.extra.get("overlay"))
-
-    def _undefine(self, name):
-        dom = self.connection.lookup(name)
-        if dom is None:
-            return
-        try:
-            if not self.connection.call(dom.isActive) and self.connection.call(dom.isPersistent):
-                self.connection.call(dom.undefine)
-        except HypervisorError as exc:
-            if self.connection.lookup(name) is not None:
-                raise HypervisorError(f"cannot remove the definition of {name}: {exc}") from None
-
-    def _remove_overlay(self, overlay):
-        if overlay:
+    def release(self, extras):
+        overlay = extras.get("overlay")
+        if overlay and not self.cfg.get_bool("vm.overlay.persistent"):
             _unlink(overlay)
-
-    def list_running(self) -> dict:
-        conn = self.connection
-        running = {}
-        for name in conn.domain_names(DOMAIN_PREFIX):
-            vm_id = vm_id_of(name)
-            dom = conn.lookup(name) if vm_id is not None else None
-            if dom is None:
-                continue
-            meta = parse_domain_metadata(conn.call(dom.XMLDesc, 0))
-            running[vm_id] = VmHandle(vm_id=vm_id, address=meta.get("ip", ""), name=name,
-                                      extra={"overlay": meta.get("overlay", ""), "uri": self.uri, "adopted": True})
-        return running
-
-    def close(self):
-        if self.uri in LibvirtConnection._by_uri:
-            LibvirtConnection._by_uri[self.uri].close()
 
 
 def _unlink(path):
@@ -423,8 +299,3 @@ def _unlink(path):
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _which(program):
-    from shutil import which
-    return which(program)

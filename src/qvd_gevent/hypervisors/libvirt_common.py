@@ -10,22 +10,27 @@ qemu driver (``qemu:///embed?root=...``) needs that loop too: it runs its own ti
 
 API:
     conn = LibvirtConnection.get(uri)     # shared per URI (opened lazily, in the threadpool)
+    conn.open() / conn.conn               # the virConnect
     conn.call(fn, *args)                  # run fn in the threadpool, libvirtError -> HypervisorError
-    conn.lookup(name) -> virDomain | None
-    conn.domain_names(prefix) -> [names of active domains]
+    conn.lookup(name) -> virDomain | None; conn.is_active(name); conn.domain_names(prefix)
     conn.wait_stopped(name, timeout, state_check_interval) -> bool
-    conn.subscribe(callback(name, event, detail))   # on the hub
+    conn.subscribe(callback(name, event_name, detail))   # called on the hub
     conn.close()
+    LibvirtHypervisor                     # the Hypervisor lifecycle of a transient domain qvd-<vm_id>,
+                                          # shared by KvmHypervisor and LxcHypervisor
 """
 import collections
 import logging
+import re
+import xml.etree.ElementTree as ET
+from typing import ClassVar
 
 import gevent
 import gevent.event
 import gevent.lock
 from gevent import monkey
 
-from .base import HypervisorError
+from .base import Hypervisor, HypervisorError, VmHandle
 
 try:
     import libvirt
@@ -107,7 +112,7 @@ class _EventLoop:
         while self.running:
             try:
                 lv.virEventRunDefaultImpl()
-            except Exception:        # noqa: BLE001 - the loop must survive one bad callback
+            except Exception:
                 log.exception("libvirt event loop iteration failed")
 
     def push(self, item):
@@ -121,12 +126,12 @@ class _EventLoop:
             for handler in list(self.handlers):
                 try:
                     handler(*item)
-                except Exception:    # noqa: BLE001
+                except Exception:
                     log.exception("libvirt event handler failed")
 
 
 class LibvirtConnection:
-    _by_uri = {}
+    _by_uri: ClassVar[dict] = {}
 
     @classmethod
     def get(cls, uri):
@@ -162,6 +167,10 @@ class LibvirtConnection:
                 if self._conn is None:
                     self._open()
         return self._conn
+
+    def open(self):
+        """The virConnect, opened on first use (in the threadpool)."""
+        return self.conn
 
     def _open(self):
         conn = self._pool_call(libvirt.open, self.uri)
@@ -262,3 +271,174 @@ class LibvirtConnection:
         self._by_uri.pop(self.uri, None)
         if self._on_event in self.loop.handlers:
             self.loop.handlers.remove(self._on_event)
+
+
+# --- what kvm and lxc share --------------------------------------------------------------
+
+METADATA_NS = "https://qvd-gevent.invalid/libvirt/vm/1"
+DOMAIN_PREFIX = "qvd-"
+_DOMAIN_NAME = re.compile(r"^qvd-(\d+)$")
+
+
+def domain_name(vm_id):
+    return f"{DOMAIN_PREFIX}{vm_id}"
+
+
+def vm_id_of(name):
+    match = _DOMAIN_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def xml_sub(parent, tag, text=None, **attrs):
+    """ElementTree SubElement with attributes as keywords (a trailing _ is dropped: type_)."""
+    el = ET.SubElement(parent, tag, {k.rstrip("_"): str(v) for k, v in attrs.items()})
+    if text is not None:
+        el.text = str(text)
+    return el
+
+
+def add_metadata(domain, spec, **extra):
+    """What adoption after a node restart needs, kept in the domain itself (<metadata>)."""
+    meta = xml_sub(domain, "metadata")
+    ET.register_namespace("qvd", METADATA_NS)
+    xml_sub(meta, f"{{{METADATA_NS}}}vm", vm_id=spec.vm_id, ip=spec.ip or "", mac=spec.mac or "",
+            di_id=spec.di_id, vma_port=spec.vma_port, x_port=spec.x_port,
+            **{k: ("" if v is None else v) for k, v in extra.items()})
+
+
+def parse_domain_metadata(xml_text):
+    """{vm_id, ip, mac, di_id, ...} from a domain XML we wrote, or {} for others."""
+    try:
+        root = ET.fromstring(xml_text)
+    except ET.ParseError:
+        return {}
+    el = root.find(f"metadata/{{{METADATA_NS}}}vm")
+    return dict(el.attrib) if el is not None else {}
+
+
+class LibvirtHypervisor(Hypervisor):
+    """The lifecycle of a transient libvirt domain ``qvd-<vm_id>``; subclasses make the XML and storage.
+
+    Subclasses implement prepare(spec) -> dict of extras (storage made for the VM, kept in
+    VmHandle.extra and the domain metadata), domain_xml(spec, extras), release(extras) (undo
+    prepare; called on a failed start and at cleanup), and may set shutdown_flags().
+    """
+    uri_key = None
+    needs_root = True
+    uses_bridge = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.uri = cfg.get_str(self.uri_key)
+
+    @property
+    def connection(self) -> LibvirtConnection:
+        require_libvirt()
+        return LibvirtConnection.get(self.uri)
+
+    def check(self):
+        require_libvirt()
+        self.connection.open()          # fails here with libvirt's reason
+
+    # --- for subclasses ---
+    def prepare(self, spec):
+        return {}
+
+    def domain_xml(self, spec, extras):
+        raise NotImplementedError
+
+    def release(self, extras):
+        pass
+
+    def shutdown_flags(self):
+        return 0
+
+    # --- lifecycle ---
+    def start(self, spec):
+        lv = require_libvirt()
+        conn = self.connection
+        name = domain_name(spec.vm_id)
+        if conn.is_active(name):
+            raise HypervisorError(f"VM {spec.vm_id}: domain {name} already runs")
+        self._undefine(name)
+        extras = self.prepare(spec)
+        try:
+            xml = self.domain_xml(spec, extras)
+            conn.arm_stop_event(name)
+            log.info("VM %s: starting domain %s on %s", spec.vm_id, name, self.uri)
+            conn.call(conn.conn.createXML, xml, lv.VIR_DOMAIN_NONE)
+        except BaseException:
+            self.release(extras)
+            raise
+        extra = {k: ("" if v is None else v) for k, v in extras.items()}
+        extra["uri"] = self.uri
+        return VmHandle(vm_id=spec.vm_id, address=spec.ip or "", name=name, extra=extra)
+
+    def _name(self, handle):
+        return handle.name or domain_name(handle.vm_id)
+
+    def shutdown(self, handle):
+        dom = self.connection.lookup(self._name(handle))
+        if dom is None:
+            return
+        try:
+            self.connection.call(dom.shutdownFlags, self.shutdown_flags())
+        except HypervisorError:
+            if self.is_running(handle):
+                raise
+
+    def kill(self, handle):
+        dom = self.connection.lookup(self._name(handle))
+        if dom is None:
+            return
+        try:
+            self.connection.call(dom.destroy)
+        except HypervisorError:
+            if self.is_running(handle):
+                raise
+
+    def is_running(self, handle):
+        return self.connection.is_active(self._name(handle))
+
+    def wait_exit(self, handle, timeout=None):
+        return self.connection.wait_stopped(self._name(handle), timeout,
+                                            self.cfg.get_int("internal.hkd.libvirt.state_check.interval"))
+
+    def cleanup(self, handle):
+        name = self._name(handle)
+        if self.connection.is_active(name):
+            log.warning("VM %s: cleanup of a running domain %s: destroying it", handle.vm_id, name)
+            self.kill(handle)
+        self._undefine(name)
+        self.release(handle.extra)
+
+    def _undefine(self, name):
+        conn = self.connection
+        dom = conn.lookup(name)
+        if dom is None:
+            return
+        try:
+            if not conn.call(dom.isActive) and conn.call(dom.isPersistent):
+                conn.call(dom.undefine)
+        except HypervisorError as exc:
+            if conn.lookup(name) is not None:
+                raise HypervisorError(f"cannot remove the definition of {name}: {exc}") from None
+
+    def list_running(self):
+        conn = self.connection
+        running = {}
+        for name in conn.domain_names(DOMAIN_PREFIX):
+            vm_id = vm_id_of(name)
+            dom = conn.lookup(name) if vm_id is not None else None
+            if dom is None:
+                continue
+            meta = parse_domain_metadata(conn.call(dom.XMLDesc, 0))
+            extra = {k: v for k, v in meta.items() if k not in ("vm_id", "ip", "mac", "di_id", "vma_port", "x_port")}
+            extra.update(uri=self.uri, adopted=True)
+            running[vm_id] = VmHandle(vm_id=vm_id, address=meta.get("ip", ""), name=name, extra=extra)
+        return running
+
+    def close(self):
+        conn = LibvirtConnection._by_uri.get(self.uri)
+        if conn is not None:
+            conn.close()
