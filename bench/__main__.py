@@ -1,0 +1,94 @@
+"""python -m bench: every figure of issue 6, measured beside its reference in one run.
+
+    python -m bench [--quick] [--only bulk,relay,...] [--results DIR]
+
+Starts an embedded PostgreSQL, a provisioned node (`qvd-node`, process hypervisor), the
+farm of stand-in VMs, HAProxy; runs the chosen scenarios; writes DIR/<scenario>.json,
+DIR/bench.png and DIR/table.md, and prints the table. Everything on loopback (the HKD
+density run: inside a network namespace it makes, with no route out).
+"""
+import argparse
+import datetime
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import report
+from .procstat import machine
+
+ORDER = ("bulk", "relay", "handshake", "connect", "cold", "idle", "hkd")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: the whole run in under 2 minutes")
+    parser.add_argument("--only", default="", help=f"comma-separated scenarios out of {','.join(ORDER)}")
+    parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"),
+                        help="folder for the JSON files, the chart and the table")
+    parser.add_argument("--hkd-hypervisor", choices=("netns", "process"), default="netns",
+                        help="VMs of the HKD density run (netns needs root)")
+    args = parser.parse_args(argv)
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()] or list(ORDER)
+    unknown = [s for s in chosen if s not in ORDER]
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(ORDER)}")
+    chosen = [s for s in ORDER if s in chosen]
+    folder = Path(args.results)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python -m bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+
+    def say(text):
+        print(f"[bench {time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    from .scenarios import SCENARIOS
+    results = {}
+    node_scenarios = [s for s in chosen if s in SCENARIOS]
+    env = None
+    try:
+        if node_scenarios:
+            from .env import BenchEnv
+            say("starting PostgreSQL, node, farm and HAProxy")
+            env = BenchEnv(farm_vms=200, connect_users=100).start()
+            say(f"node pid {env.node.pid} on 127.0.0.1:{env.l7r_port}, {env.haproxy_version}, "
+                f"file limit {env.file_limit}")
+        for name in chosen:
+            say(f"scenario {name}")
+            t = time.monotonic()
+            try:
+                if name == "hkd":
+                    from .hkd_density import run as hkd_run
+                    data = hkd_run(args.quick, args.hkd_hypervisor, say)
+                else:
+                    env.farm_heartbeat()
+                    data = SCENARIOS[name](env, args.quick)
+            except Exception as exc:  # a failed scenario is reported, the others still run
+                traceback.print_exc()
+                data = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
+            data.update({"scenario": name, "quick": args.quick, "seconds": time.monotonic() - t,
+                         "machine": machine(), "date": stamp, "command": command})
+            if env is not None and name != "hkd":
+                data["haproxy"] = env.haproxy_version
+            results[name] = data
+            report.write_json(folder, name, data)
+            for row in data.get("rows", []):
+                say(f"  {row[0]}: {row[1]} | {row[2]} | target {row[3]}: {row[4]}")
+    finally:
+        if env is not None:
+            say("stopping")
+            env.stop()
+    header = (f"Machine: {machine()}. Date: {stamp}. Command: `{command}` "
+              f"({time.monotonic() - started:.0f} s).")
+    text = report.table(results, header)
+    (folder / "table.md").write_text(text)
+    png = report.chart(results, folder / "bench.png")
+    print(text)
+    if png:
+        print(f"chart: {png}")
+    return 1 if any("error" in d for d in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

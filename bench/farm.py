@@ -1,0 +1,135 @@
+"""The bench's backend: a stand-in for many running VMs in one process, on loopback only.
+
+    python -m bench.farm --address 127.77.0.1     prints one JSON line with its ports, then serves
+
+- a VMA (SimpleRPC over HTTP): /vma/ping -> 1, /vma/x_start -> "starting",
+  /vma/x_state -> "listening" (the L7R needs nothing more to splice a session);
+- an echo port (the display of every farm VM): bytes come back unchanged, any number of
+  connections at once (relay ping-pong and idle sessions);
+- a sink port (the bulk VM's display): an 8-byte big-endian length N, then N bytes that
+  are counted and dropped; it answers b"OK" + the count as 8 bytes once N arrived.
+
+The L7R, HAProxy and the direct client all reach these same ports, so the backend's own
+cost is the same in every comparison. It stops on SIGTERM or when its parent dies.
+"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import struct  # noqa: E402
+import sys  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+from gevent.server import StreamServer  # noqa: E402
+
+RPC_ANSWERS = {"ping": b"1", "x_start": b'"starting"', "x_state": b'"listening"', "x_suspend": b'"suspended"',
+               "x_stop": b'"stopping"', "poweroff": b"1"}
+
+
+def serve_rpc(sock, _peer):
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < 65536:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    try:
+        target = data.split(b"\r\n", 1)[0].split(b" ")[1].decode()
+    except IndexError:
+        return
+    method = target.split("?", 1)[0].rsplit("/", 1)[-1]
+    body = RPC_ANSWERS.get(method)
+    if body is None:
+        head = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        sock.sendall(head)
+        return
+    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                 b"Connection: close\r\n\r\n%s" % (len(body), body))
+
+
+def serve_echo(sock, _peer):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            sock.sendall(data)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def serve_sink(sock, _peer):
+    buf = bytearray(1 << 18)
+    view = memoryview(buf)
+    try:
+        (want,) = struct.unpack("!Q", _recv_exact(sock, 8))
+        got = 0
+        while got < want:
+            n = sock.recv_into(view, min(len(buf), want - got))
+            if not n:
+                break
+            got += n
+        sock.sendall(b"OK" + struct.pack("!Q", got))
+        sock.recv(1)
+    except (OSError, EOFError, struct.error):
+        pass
+    finally:
+        sock.close()
+
+
+def watch_parent(parent):
+    while os.getppid() == parent:
+        gevent.sleep(1)
+    os._exit(0)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.farm")
+    parser.add_argument("--address", default="127.77.0.1")
+    args = parser.parse_args(argv)
+    if not args.address.startswith("127."):
+        parser.error("the farm serves loopback addresses only")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    servers = {}
+    for name, handler in (("rpc", serve_rpc), ("echo", serve_echo), ("sink", serve_sink)):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((args.address, 0))
+        listener.listen(4096)
+        servers[name] = StreamServer(listener, handler)
+        servers[name].start()
+    print(json.dumps({"pid": os.getpid(), "address": args.address,
+                      **{name: srv.server_port for name, srv in servers.items()}}), flush=True)
+    gevent.spawn(watch_parent, os.getppid())
+    stop = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    gevent.signal_handler(signal.SIGINT, stop.set)
+    stop.wait()
+    for srv in servers.values():
+        srv.close()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

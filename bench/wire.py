@@ -1,0 +1,108 @@
+"""A benchmark client's side of the QVD wire protocol, on plain blocking sockets.
+
+Works under gevent's monkey patching (the workers, locust) and without it. The requests
+and the response parsing are qvd-client's own (qvd_gevent.client.protocol), so the bench
+speaks exactly what the shipped client speaks.
+"""
+import socket
+import ssl
+
+from qvd_gevent.client import protocol
+
+
+class WireError(Exception):
+    """The server refused or the connection failed; the message is one line."""
+
+
+def client_context(cafile):
+    """A TLS client context that trusts the bench's certificate (no session resumption:
+    every new connection is a full handshake)."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def open_connection(host, port, context=None, timeout=30.0):
+    raw = socket.create_connection((host, port), timeout=timeout)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if context is None:
+        return raw
+    try:
+        return context.wrap_socket(raw, server_hostname=host)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def exchange(sock, request, on_progress=None):
+    """Send one request; return the first non-102 event (Final or Switched)."""
+    reader = protocol.ResponseReader()
+    sock.sendall(request)
+    for _ in range(100000):
+        data = sock.recv(65536)
+        events = reader.feed(data) if data else reader.feed_eof()
+        for event in events:
+            if isinstance(event, protocol.Progress):
+                if on_progress is not None:
+                    on_progress(event.text)
+            else:
+                return event
+    raise WireError("too many progress lines")
+
+
+def list_of_vm(sock, authorization, host="localhost"):
+    event = exchange(sock, protocol.build_request("/qvd/list_of_vm", [], authorization, host=host,
+                                                  accept_json=True))
+    if isinstance(event, protocol.Switched) or event.status != 200:
+        raise WireError(f"list_of_vm: {getattr(event, 'status', 101)}")
+    return protocol.parse_vm_list(event.body)
+
+
+def connect_to_vm(sock, vm_id, authorization, host="localhost", on_progress=None):
+    """connect_to_vm on sock; returns the bytes that followed the 101 (already the VM's)."""
+    request = protocol.build_request("/qvd/connect_to_vm", [("id", str(vm_id))], authorization,
+                                     host=host, upgrade=True)
+    event = exchange(sock, request, on_progress)
+    if isinstance(event, protocol.Final):
+        raise WireError(f"connect_to_vm {vm_id}: {event.status} {protocol.body_text(event.body)}")
+    return event.rest
+
+
+def ping(sock, host="localhost"):
+    event = exchange(sock, b"GET /qvd/ping HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
+    if isinstance(event, protocol.Switched) or event.status != 200:
+        raise WireError(f"ping: {getattr(event, 'status', 101)}")
+
+
+def recv_exact(sock, n, already=b""):
+    buf = bytearray(already)
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise WireError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+class Target:
+    """Where a bench client goes: the L7R (TLS + connect_to_vm), HAProxy (TLS) or direct (plain)."""
+
+    def __init__(self, spec):
+        self.kind = spec["kind"]            # l7r | tls | plain
+        self.host = spec["host"]
+        self.port = int(spec["port"])
+        self.auth = spec.get("auth")
+        self.vm_ids = spec.get("vm_ids", [])
+        self.context = client_context(spec["ca"]) if self.kind in ("l7r", "tls") else None
+
+    def session(self, index=0, timeout=30.0):
+        """An open stream to the backend; returns (socket, early bytes)."""
+        sock = open_connection(self.host, self.port, self.context, timeout)
+        try:
+            rest = b""
+            if self.kind == "l7r":
+                rest = connect_to_vm(sock, self.vm_ids[index % len(self.vm_ids)], self.auth, self.host)
+            return sock, rest
+        except BaseException:
+            sock.close()
+            raise
