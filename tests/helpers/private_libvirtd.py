@@ -61,10 +61,9 @@ class PrivateLibvirtd:
         argv = ["nsenter", f"--net=/run/netns/{self.netns_name}", "--",
                 "unshare", "--mount", "--propagation", "private", "sh", "-c", script]
         self.log_path = os.path.join(self.folder, "libvirtd.log")
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        log.close()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.monotonic() > deadline:

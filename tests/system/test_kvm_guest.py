@@ -21,10 +21,10 @@ SeaBIOS), the probe sees that and the domain runs under TCG, which the test chec
 Measured on the 2-core CI machine (Debian 12, shared): see BOOT-SECONDS printed by the test.
 """
 import os
+import shutil
 import subprocess
 
 import pytest
-
 from helpers.netns import node_settings, processes_mentioning, run_driver, test_host  # noqa: F401
 from helpers.private_libvirtd import PrivateLibvirtd
 
@@ -40,7 +40,7 @@ def _require_libvirt():
         reason = "libvirt-python is not installed (scripts/install-test-deps.sh installs it)"
         print(f"SKIP: {reason}")
         pytest.skip(reason)
-    if subprocess.run(["which", "qemu-system-x86_64"], capture_output=True).returncode != 0:
+    if shutil.which("qemu-system-x86_64") is None:
         reason = "qemu-system-x86_64 is not installed (package qemu-system-x86)"
         print(f"SKIP: {reason}")
         pytest.skip(reason)
@@ -144,7 +144,7 @@ report(out)
 """
 
 
-def test_tiny_guest_boots_under_tcg_gets_lease_answers_vma_and_leaves_nothing(test_host, tmp_path, request):
+def test_tiny_guest_boots_under_tcg_gets_lease_answers_vma_and_leaves_nothing(test_host, tmp_path, request):  # noqa: F811
     _require_libvirt()
     from helpers.tiny_guest import build_tiny_guest
     guest = build_tiny_guest()
@@ -166,7 +166,7 @@ def test_tiny_guest_boots_under_tcg_gets_lease_answers_vma_and_leaves_nothing(te
     })
     host_links_before = _host_links()
     driver = DRIVER.replace("@BOOT_TIMEOUT@", str(BOOT_TIMEOUT))
-    result, proc = run_driver(test_host, tmp_path, driver, settings=settings, timeout=BOOT_TIMEOUT + 120,
+    result, _proc = run_driver(test_host, tmp_path, driver, settings=settings, timeout=BOOT_TIMEOUT + 120,
                               di=str(di))
     print(f"BOOT-SECONDS {result['boot_seconds']} (start call {result['start_seconds']:.2f} s, "
           f"ACPI shutdown {result['shutdown_seconds']:.2f} s, destroy {result['kill_seconds']:.2f} s)")
@@ -176,7 +176,7 @@ def test_tiny_guest_boots_under_tcg_gets_lease_answers_vma_and_leaves_nothing(te
     assert os.path.basename(result["overlay"]) == "1-5-overlay.qcow2"
     assert result["xml_meta"]["ip"] == "10.77.0.105" and result["xml_meta"]["mac"] == "54:52:00:4d:00:69"
     assert result["boot_seconds"] is not None, "guest never answered the VMA ping; serial:\n" + result["serial"]
-    assert f"QVD-GUEST-READY 10.77.0.105" in result["serial"]      # the address came from our dnsmasq
+    assert "QVD-GUEST-READY 10.77.0.105" in result["serial"]      # the address came from our dnsmasq
     assert result["x_state"] == "stopped"
     assert result["echo"] == "hello guest\n"
     assert result["running"] and result["listed"] == {"5": "10.77.0.105"}

@@ -15,13 +15,12 @@ import time
 
 import gevent
 import pytest
+from helpers.netns import node_settings, run_driver, test_host  # noqa: F401
+from helpers.private_libvirtd import PrivateLibvirtd
 
 from qvd_gevent.config import Config
 from qvd_gevent.config.network import mac_for_ip
 from qvd_gevent.hypervisors.base import HypervisorError, VmSpec
-
-from helpers.netns import node_settings, run_driver, test_host  # noqa: F401
-from helpers.private_libvirtd import PrivateLibvirtd
 
 
 def _require_libvirt():
@@ -171,7 +170,7 @@ report(out)
 
 
 @pytest.mark.root
-def test_real_container_in_a_test_namespace(test_host, tmp_path, request):
+def test_real_container_in_a_test_namespace(test_host, tmp_path, request):  # noqa: F811
     _require_libvirt()
     root = tmp_path / "image"
     for folder in ("bin", "sbin", "proc", "sys", "dev", "tmp", "www/vma"):

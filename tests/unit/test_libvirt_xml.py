@@ -11,8 +11,8 @@ from qvd_gevent.hypervisors.lxc import basefs_name, lxc_domain_xml
 
 
 def spec(**kw):
-    values = dict(vm_id=42, name="desk <&> 1", ip="10.0.1.100", mac=mac_for_ip("10.0.1.100"), memory=512,
-                  di_id=7, di_path="/var/lib/qvd/storage/images/ubuntu.qcow2")
+    values = {"vm_id": 42, "name": "desk <&> 1", "ip": "10.0.1.100", "mac": mac_for_ip("10.0.1.100"), "memory": 512,
+                  "di_id": 7, "di_path": "/var/lib/qvd/storage/images/ubuntu.qcow2"}
     values.update(kw)
     return VmSpec(**values)
 
@@ -69,12 +69,12 @@ def test_kvm_image_without_overlay_is_read_only():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(settings=dict(domain_type="xen")), "domain type"),
-    (dict(spec=dict(memory=0)), "memory"),
-    (dict(settings=dict(disk_path=None, kernel="")), "neither a disk image nor vm.kvm.kernel"),
+    ({"settings": {"domain_type": "xen"}}, "domain type"),
+    ({"spec": {"memory": 0}}, "memory"),
+    ({"settings": {"disk_path": None, "kernel": ""}}, "neither a disk image nor vm.kvm.kernel"),
 ])
 def test_kvm_invalid_inputs_are_refused_with_a_reason(change, message):
-    settings = dict(domain_type="qemu", disk_path="/x.qcow2")
+    settings = {"domain_type": "qemu", "disk_path": "/x.qcow2"}
     settings.update(change.get("settings", {}))
     with pytest.raises(HypervisorError, match=message):
         kvm_domain_xml(spec(**change.get("spec", {})), KvmDomainSettings(**settings))
