@@ -6,9 +6,12 @@ import sys
 import time
 
 TINY_VM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_vm.py")
+# A node name of our own: several suites share this machine and a node adopts (or kills)
+# the process VMs that carry its name.
+NODE = f"hkd-test-{os.getpid()}"
 
 
-def fast_hkd_settings(tmp_path, nodename="test-node", **extra):
+def fast_hkd_settings(tmp_path, nodename=NODE, **extra):
     """node.conf extras: process hypervisor, a private loopback range, short timers."""
     base = f"127.{random.randint(101, 250)}.0.0/16"
     values = {
@@ -47,7 +50,7 @@ def write_conf(path, server, dbname, values):
     return path
 
 
-def add_host(db, name="test-node", address="127.0.0.1"):
+def add_host(db, name=NODE, address="127.0.0.1"):
     def run(cur):
         cur.execute("INSERT INTO hosts (name, address, frontend, backend) VALUES (%s, %s, true, true) RETURNING id",
                     (name, address))

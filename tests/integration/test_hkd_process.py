@@ -5,7 +5,7 @@ import socket
 
 import gevent
 import pytest
-from helpers.hkd_env import (
+from helpers.hkd_env import (NODE, 
     add_host,
     add_vms,
     fast_hkd_settings,
@@ -48,7 +48,7 @@ class Node:
 def make_node(tmp_path, pg_server, fresh_db_name):
     nodes = []
 
-    def make(nodename="test-node", **extra):
+    def make(nodename=NODE, **extra):
         conf = write_conf(tmp_path / f"{nodename}.conf", pg_server, fresh_db_name,
                           fast_hkd_settings(tmp_path, nodename, **extra))
         node = Node(conf)
@@ -221,11 +221,11 @@ def test_start_resets_sessions_of_this_node(make_node, admin_db):
 
 
 def test_lost_node_releases_vms_and_the_lost_node_kills_them(make_node, admin_db):
-    host1 = add_host(admin_db, "node-one", "127.0.0.1")
-    host2 = add_host(admin_db, "node-two", "127.0.0.2")
+    host1 = add_host(admin_db, f"{NODE}-one", "127.0.0.1")
+    host2 = add_host(admin_db, f"{NODE}-two", "127.0.0.2")
     (vm_id,) = add_vms(admin_db)
     timing = {"internal.hkd.cluster.node.timeout": 2}
-    one = make_node("node-one", **timing)
+    one = make_node(f"{NODE}-one", **timing)
     one.hkd.start()
     start_vm(admin_db, vm_id, host1)
     old = wait_vm_state(admin_db, vm_id, "running")
@@ -233,7 +233,7 @@ def test_lost_node_releases_vms_and_the_lost_node_kills_them(make_node, admin_db
     for g in one.hkd._agents:
         g.kill()
     one.hkd._cluster.stop()
-    two = make_node("node-two", **timing)
+    two = make_node(f"{NODE}-two", **timing)
     two.hkd.start()
     wait_for(lambda: host_row(admin_db, host1)[0] == "lost", 15, what="node one lost")
     row = wait_vm_state(admin_db, vm_id, "stopped", timeout=10)

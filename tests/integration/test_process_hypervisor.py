@@ -91,7 +91,7 @@ def test_not_executable_di_is_refused(hv, tmp_path):
 
 def test_list_running_finds_vms_of_a_previous_node_process(hv, tmp_path):
     """Adoption: a VM started by another process with our nodename is found and controllable."""
-    env = dict(os.environ, QVD_NODE=hv.nodename, QVD_VM_ID="10004", QVD_VM_NAME="vm10004",
+    env = dict(os.environ, QVD_NODE=hv.nodename, QVD_NODE_RUN=hv.run_dir, QVD_VM_ID="10004", QVD_VM_NAME="vm10004",
                QVD_VM_ADDRESS=hv.address_for(10004), QVD_VMA_PORT="3030", QVD_X_PORT="4100")
     # a detached grandchild, like a VM left behind by a node killed with SIGKILL
     launcher = subprocess.run([sys.executable, "-c",
@@ -133,3 +133,13 @@ def test_real_qvd_vm_init_as_di(hv):
 def test_class_is_registered():
     assert ProcessHypervisor.name == "process" and not ProcessHypervisor.needs_root
     assert not ProcessHypervisor.uses_bridge
+
+
+def test_a_namesake_node_with_another_run_dir_does_not_see_our_vms(hv, tmp_path):
+    """Two nodes with one name on one machine (parallel test suites) must not adopt each other's VMs."""
+    handle = hv.start(spec(10006))
+    conf = tmp_path / "other.conf"
+    conf.write_text(f"nodename = {hv.nodename}\npath.run = {tmp_path}/other-run\nvm.process.address.base = {hv.base}\n")
+    other = ProcessHypervisor(Config.load(str(conf)))
+    assert 10006 in hv.list_running() and 10006 not in other.list_running()
+    assert not other.is_running(handle)

@@ -114,6 +114,7 @@ _TABLE = [
     ("internal.hkd.killing.vms.retry.timeout", 100, "int", "seconds between kill rounds on node stop"),
     ("internal.hkd.l7r.timeout.on_state.killing", 10, "int", "seconds from SIGTERM to SIGKILL"),
     ("internal.hkd.max_heavy", 10, "int", "VMs starting or stopping at once"),
+    ("internal.hkd.db.retries", 100, "int", "ours: retries of an HKD transaction on serialization failure (the original retries up to 1000)"),
     ("internal.hkd.address_check.enabled", True, "bool", "check hosts.address is local and in the node range"),
     ("internal.hkd.hypervisor_list", "kvm,lxc,netns,process", "list", "accepted vm.hypervisor values"),
     ("internal.hkd.vmhandler.vma.failed.max_count.on.starting", 40, "int", "VMA ping failures before a starting VM is dead"),

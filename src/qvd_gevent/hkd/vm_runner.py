@@ -143,7 +143,7 @@ class VmRunner:
         except Exception as exc:  # every failure is an event for the machine
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if not isinstance(exc, (HypervisorError, VmaError)):
-                log.debug("VM %s: step %s failed", self.vm_id, type(step).__name__, exc_info=True)
+                log.warning("VM %s: step %s failed: %s", self.vm_id, type(step).__name__, reason)
             self.send(M.StepFailed(step.serial, reason))
             return
         self.send(M.StepDone(step.serial, result))
@@ -298,7 +298,8 @@ class VmRunner:
         except Exception as exc:  # noqa: BLE001 - any failure to watch is logged
             log.warning("VM %s: cannot watch the hypervisor: %s", self.vm_id, exc)
             return
-        log.info("VM %s: hypervisor reports the VM exited", self.vm_id)
+        details = ", ".join(f"{k} {handle.extra[k]}" for k in ("exit_status", "log") if handle.extra.get(k) is not None)
+        log.info("VM %s: hypervisor reports the VM exited%s", self.vm_id, f" ({details})" if details else "")
         self.send(M.VmExited())
 
     def _vma_monitor(self, mode):

@@ -3,8 +3,8 @@
 Each VM gets its own loopback address (vm.process.address.base, derived from the vm id)
 so every VM's VMA and display listen on the same ports at different addresses, as in a
 real VM network. The init runs in its own session/process group: shutdown is SIGTERM to
-the group, kill is SIGKILL. QVD_NODE=<nodename> in its environment lets a restarted node
-find its VMs again in /proc (adoption after a crash of the node).
+the group, kill is SIGKILL. QVD_NODE=<nodename> and QVD_NODE_RUN=<path.run> in its
+environment let a restarted node find its VMs again in /proc (adoption after a crash).
 """
 import ipaddress
 import logging
@@ -61,7 +61,10 @@ class ProcessHypervisor(Hypervisor):
         super().__init__(cfg)
         self.nodename = cfg.get_str("nodename")
         self.base = cfg.get_str("vm.process.address.base")
-        self.log_dir = os.path.join(cfg.get_str("path.run"), "process-vms")
+        # A VM belongs to this node when both its QVD_NODE and its QVD_NODE_RUN match: two
+        # nodes with one name on one machine (test suites) never adopt each other's VMs.
+        self.run_dir = os.path.abspath(cfg.get_str("path.run"))
+        self.log_dir = os.path.join(self.run_dir, "process-vms")
         self._children = {}      # vm_id -> Popen (started by this process)
 
     # --- helpers -----------------------------------------------------------------------
@@ -76,7 +79,10 @@ class ProcessHypervisor(Hypervisor):
             env = _read_environ(pid)
         except OSError:
             return False
-        return env.get("QVD_NODE") == self.nodename and env.get("QVD_VM_ID") == str(vm_id)
+        return self._ours(env) and env.get("QVD_VM_ID") == str(vm_id)
+
+    def _ours(self, env):
+        return env.get("QVD_NODE") == self.nodename and env.get("QVD_NODE_RUN") == self.run_dir
 
     # --- interface ---------------------------------------------------------------------
     def check(self):
@@ -104,6 +110,7 @@ class ProcessHypervisor(Hypervisor):
             "QVD_VMA_PORT": str(spec.vma_port),
             "QVD_X_PORT": str(spec.x_port),
             "QVD_NODE": self.nodename,
+            "QVD_NODE_RUN": self.run_dir,
         })
         for key, value in (spec.properties or {}).items():
             env["QVD_PROP_" + "".join(c if c.isalnum() else "_" for c in key).upper()] = str(value)
@@ -154,7 +161,7 @@ class ProcessHypervisor(Hypervisor):
         child = self._children.get(handle.vm_id)
         if child is not None and child.pid == handle.pid:
             try:
-                child.wait(timeout=timeout)
+                handle.extra["exit_status"] = child.wait(timeout=timeout)
                 return True
             except subprocess.TimeoutExpired:
                 return False
@@ -212,7 +219,7 @@ class ProcessHypervisor(Hypervisor):
             pid = int(entry)
             try:
                 env = _read_environ(pid)
-                if env.get("QVD_NODE") != self.nodename or "QVD_VM_ID" not in env:
+                if not self._ours(env) or "QVD_VM_ID" not in env:
                     continue
                 if os.getpgid(pid) != pid:    # a process inside a VM, not its init
                     continue
