@@ -1,0 +1,152 @@
+"""The whole HKD with the `kvm` hypervisor: `qvd-admin vm start` boots a TCG guest to `running`, `vm stop` ends it.
+
+Network safety as in test_kvm_guest.py: the node runs inside a test namespace (bridge with
+the 10.77.0.1 gateway, dnsmasq, all made there by vm.network.setup) and talks to a private
+libvirtd running in that namespace (helpers/private_libvirtd.py), so the guest's tap and its
+10.77.0.x address never exist in the machine's network namespace. PostgreSQL is reached
+through the embedded server's unix socket. The guest is helpers/tiny_guest.py: it takes its
+address from the node's dnsmasq by MAC and answers the VMA ping, which is what makes the
+HKD write `running`; its VMA has no `poweroff`, so the stop goes the reference's way to the
+hypervisor's graceful shutdown (ACPI power button), and the guest powers off.
+"""
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import gevent
+import pytest
+from helpers.hkd_env import add_host, add_vms, vm_row, wait_vm_state
+from helpers.netns import VM_NET, node_settings, processes_mentioning, test_host  # noqa: F401
+from helpers.private_libvirtd import PrivateLibvirtd
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+BOOT_TIMEOUT = 120
+
+DRIVER = """
+from qvd_gevent.config import Config
+from qvd_gevent.db import Database, make_green
+from qvd_gevent.db.listen import Listener
+from qvd_gevent.hkd import HKD
+make_green()
+cfg = Config.load(os.environ["QVD_TEST_CONF"])
+db = Database.from_config(cfg)
+listener = Listener(db).start()
+listener.wait_connected(10)
+hkd = HKD(cfg, db, listener)
+hkd.start()
+open(os.environ["QVD_TEST_READY"], "w").write("ready")
+deadline = time.monotonic() + 240
+while not os.path.exists(os.environ["QVD_TEST_DONE"]) and time.monotonic() < deadline:
+    gevent.sleep(0.1)
+hkd.stop(timeout=30)
+links = os.popen("ip -o link show").read()
+listener.stop()
+db.close()
+report(dict(links=links))
+"""
+
+
+def _admin(conf, *argv):
+    from qvd_gevent.admin.cli import run
+    out, err = io.StringIO(), io.StringIO()
+    rc = run(["--config", str(conf), *argv], out, err, io.StringIO(""))
+    assert rc == 0, (rc, out.getvalue(), err.getvalue())
+    return out.getvalue()
+
+
+def test_admin_vm_start_boots_a_kvm_guest_to_running_and_vm_stop_leaves_nothing(
+        test_host, tmp_path, pg_server, fresh_db_name, request):
+    if pg_server.embedded is None:
+        pytest.skip("needs the embedded PostgreSQL (its unix socket reaches into the test namespace)")
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        reason = "libvirt-python is not installed (scripts/install-test-deps.sh installs it)"
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    if shutil.which("qemu-system-x86_64") is None:
+        reason = "qemu-system-x86_64 is not installed (package qemu-system-x86)"
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
+    from helpers.tiny_guest import build_tiny_guest
+
+    from qvd_gevent.config import Config
+    from qvd_gevent.db import Database
+
+    guest = build_tiny_guest()
+    image = tmp_path / "images" / "blank.img"
+    image.parent.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "16M"], check=True, timeout=30)
+    libvirtd = PrivateLibvirtd(test_host.name, tmp_path / "libvirtd").start()
+    request.addfinalizer(libvirtd.stop)
+    values = node_settings(test_host, tmp_path, **{
+        "vm.hypervisor": "kvm",
+        "vm.libvirt.uri.kvm": libvirtd.uri("qemu"),
+        "vm.kvm.cpus": 1,
+        "vm.kvm.kernel": guest.kernel, "vm.kvm.initrd": guest.initrd, "vm.kvm.cmdline": guest.cmdline,
+        "path.storage.root": str(tmp_path / "storage"),
+        "path.storage.images": str(image.parent),
+        "path.serial.captures": str(tmp_path / "serial"),
+        "internal.hkd.libvirt.state_check.interval": 2,
+        "internal.hkd.vmhandler.vma_monitor.delay.starting": 0.5,
+        "internal.hkd.agent.vm_command_handler.delay": 2,
+        "internal.hkd.timeout.on_state.stopping.shutdown": 30,
+        "internal.hkd.timeout.on_state.stopping.stop": 10,
+    })
+    values.update({
+        "database.host": str(pg_server.embedded.directory), "database.port": pg_server.port,
+        "database.name": fresh_db_name, "database.user": TEST_ROLE, "database.password": TEST_ROLE_PASSWORD,
+    })
+    conf = tmp_path / "node.conf"
+    conf.write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
+    db = Database.from_config(Config.load(str(conf)))
+    try:
+        host_id = add_host(db, "test-node", f"{VM_NET}.0.1")
+        (vm_id,) = add_vms(db, di_path=image.name)          # relative to path.storage.images, as QVD stores it
+        db.execute("UPDATE vms SET ip = %s WHERE id = %s", (f"{VM_NET}.0.150", vm_id))
+        ready, done = tmp_path / "ready", tmp_path / "done"
+        driver = gevent.spawn(test_host.python, DRIVER, timeout=300,
+                              env={"QVD_TEST_CONF": str(conf), "QVD_TEST_READY": str(ready),
+                                   "QVD_TEST_DONE": str(done)})
+        for _ in range(300):
+            if ready.exists() or driver.ready():
+                break
+            gevent.sleep(0.1)
+        if driver.ready():
+            driver.get()
+        assert ready.exists(), "HKD did not start in the test namespace"
+
+        started = time.monotonic()
+        assert _admin(conf, "vm", "start", "-f", f"id={vm_id}") == "Started 1 VMs.\n"
+        row = wait_vm_state(db, vm_id, "running", timeout=BOOT_TIMEOUT)
+        print(f"ADMIN-START-TO-RUNNING-SECONDS {time.monotonic() - started:.1f}")
+        assert row["vm_address"] == f"{VM_NET}.0.150" and row["host_id"] == host_id
+        serial = (tmp_path / "serial" / f"qvd-{vm_id}-serial.txt").read_text(errors="replace")
+        assert f"QVD-GUEST-READY {VM_NET}.0.150" in serial            # leased from the node's dnsmasq
+        domains = test_host.run(["virsh", "-c", libvirtd.uri("qemu"), "list", "--name"], check=True).stdout
+        assert domains.split() == [f"qvd-{vm_id}"]
+
+        _admin(conf, "vm", "stop", "-f", f"id={vm_id}")
+        row = wait_vm_state(db, vm_id, "stopped", timeout=60)
+        assert row["host_id"] is None and row["vm_address"] is None
+        serial = (tmp_path / "serial" / f"qvd-{vm_id}-serial.txt").read_text(errors="replace")
+        assert "QVD-GUEST-POWEROFF" in serial                         # stopped by ACPI, not destroyed
+        domains = test_host.run(["virsh", "-c", libvirtd.uri("qemu"), "list", "--all", "--name"], check=True).stdout
+        assert domains.split() == []
+        done.write_text("1")
+        result, _ = driver.get(timeout=90)
+        assert "qvdbr0" not in result["links"]
+        assert vm_row(db, vm_id)["vm_state"] == "stopped"
+        assert db.query_one("SELECT state FROM host_runtimes WHERE host_id = %s", (host_id,))[0] == "stopped"
+    finally:
+        (tmp_path / "done").write_text("1")
+        db.close()
+        libvirtd.stop()
+    assert processes_mentioning(json.dumps(str(tmp_path)).strip('"')) == []
+    overlays = tmp_path / "storage" / "overlays"
+    assert not overlays.exists() or os.listdir(overlays) == []
