@@ -59,7 +59,7 @@ def _admin(conf, *argv):
 
 
 def test_admin_vm_start_boots_a_kvm_guest_to_running_and_vm_stop_leaves_nothing(
-        test_host, tmp_path, pg_server, fresh_db_name, request):
+        test_host, tmp_path, pg_server, fresh_db_name, request):  # noqa: F811
     if pg_server.embedded is None:
         pytest.skip("needs the embedded PostgreSQL (its unix socket reaches into the test namespace)")
     try:
