@@ -51,7 +51,9 @@ def main(argv=None):
         if node_scenarios:
             from .env import BenchEnv
             say("starting PostgreSQL, node, farm and HAProxy")
-            env = BenchEnv(farm_vms=200, connect_users=100).start()
+            env = BenchEnv(farm_vms=200, connect_users=100)
+            env.keep_logs = folder
+            env.start()
             say(f"node pid {env.node.pid} on 127.0.0.1:{env.l7r_port}, {env.haproxy_version}, "
                 f"file limit {env.file_limit}")
         for name in chosen:

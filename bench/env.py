@@ -77,6 +77,7 @@ class BenchEnv:
         self.db = None
         self.procs = []
         self.file_limit = None
+        self.keep_logs = None        # a folder: node.log and haproxy.log are copied there on stop
 
     # --- start / stop ----------------------------------------------------------------------
     def start(self):
@@ -114,6 +115,10 @@ class BenchEnv:
             self.db = None
         if self.pg is not None:
             self.pg.stop()
+        if self.keep_logs:
+            for name in ("node.log", "haproxy.log"):
+                if (self.dir / name).exists():
+                    shutil.copy(self.dir / name, Path(self.keep_logs) / name)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self):
@@ -258,6 +263,17 @@ class BenchEnv:
             cur.execute("INSERT INTO vm_counters (vm_id) SELECT unnest(%s)", (ids,))
             return ids
         self.echo_vms += self.db.transaction(run)
+
+    def log_mark(self):
+        self.node_log.flush()
+        return (self.dir / "node.log").stat().st_size
+
+    def log_count(self, mark, needles):
+        """How often each needle occurs in node.log after mark (what the node reported meanwhile)."""
+        with open(self.dir / "node.log", "rb") as fh:
+            fh.seek(mark)
+            text = fh.read().decode("utf-8", "replace")
+        return {needle: text.count(needle) for needle in needles}
 
     def farm_heartbeat(self):
         self.db.execute("UPDATE host_runtimes SET ok_ts = now() WHERE host_id = %s", (self.farm_host,))

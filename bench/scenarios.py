@@ -13,6 +13,8 @@ from .procstat import cpu_seconds, rss_bytes
 from .workers import Crew
 
 PATHS = ("l7r", "haproxy", "direct")
+# what the node logs when a session setup goes a slow or failing way
+NODE_LOG_NEEDLES = ("asking it to let go", "SerializationFailure", "Traceback")
 
 
 def _median(values):
@@ -136,16 +138,20 @@ def connect(env, quick):
     per = (len(users) + workers - 1) // workers
     specs = [{"job": "connect", "target": env.target("l7r"), "users": users[i * per:(i + 1) * per],
               "seconds": seconds, "count": 20000} for i in range(workers)]
+    mark = env.log_mark()
     results, cpu, wall = _measured(env, "l7r", specs, 30, seconds + 120)
     lat = [x for r in results for x in r["latencies"]]
+    node_log = env.log_count(mark, NODE_LOG_NEEDLES)
     out = {"users": len(users), "vms_per_user": env.vms_per_user, "mode": "each user its own VMs (round robin over 3)",
            "connects": len(lat), "errors": sum(r["errors"] for r in results), "wall_s": wall,
            "rate_per_s": len(lat) / wall, "p50_ms": _percentile(lat, 50) * 1000, "p99_ms": _percentile(lat, 99) * 1000,
-           "node_cpu_s": cpu, "last_error": next((r["last_error"] for r in results if r["last_error"]), None)}
+           "node_cpu_s": cpu, "node_log": node_log, "last_error": next((r["last_error"] for r in results if r["last_error"]), None)}
     _wait_released(env)
     out["rows"] = [(f"connect_to_vm to a running VM, {len(users)} concurrent users (TLS connect -> 101)",
                     f"{out['rate_per_s']:.0f}/s, p50 {out['p50_ms']:.0f} ms, p99 {out['p99_ms']:.0f} ms",
-                    "(no reference)", "-", f"{out['errors']} errors")]
+                    "(no reference)", "-", f"{out['errors']} client errors; node log: "
+                    f"{node_log['asking it to let go']} takeovers, {node_log['SerializationFailure']} "
+                    "unretried serialization failures")]
     return out
 
 
@@ -233,6 +239,7 @@ def idle(env, quick):
         specs = [{"job": "idle", "target": env.target(kind), "offset": i * per_worker,
                   "parallel": 50 if kind == "l7r" else 100} for i in range(workers)]
         points = []
+        mark = env.log_mark()
         with Crew(specs) as crew:
             crew.ready(30)
             time.sleep(1)
@@ -254,6 +261,8 @@ def idle(env, quick):
             crew.send_all("close")
             crew.results(120)
         out["paths"][kind] = {"rss_baseline_bytes": rss0, "points": points}
+        if kind == "l7r":
+            out["paths"][kind]["node_log"] = env.log_count(mark, NODE_LOG_NEEDLES)
         if kind == "l7r":
             out["l7r_release_left"] = _wait_released(env, 120)
     l7r_top = out["paths"]["l7r"]["points"][-1]
