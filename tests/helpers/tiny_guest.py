@@ -97,11 +97,17 @@ def _run(argv, cwd=None, timeout=300):
 
 
 def _kernel_package():
-    out = _run(["apt-cache", "depends", "linux-image-amd64"]).stdout
-    for line in out.splitlines():
-        word = line.split(":", 1)[-1].strip()
-        if word.startswith("linux-image-6.1.0-") and word.endswith("-amd64"):
-            return word
+    out = ""
+    for attempt in range(2):
+        if attempt:                     # a fresh machine may have no package lists yet
+            _run(["apt-get", "update", "-qq"], timeout=600)
+        proc = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True,
+                              timeout=120)
+        out = proc.stdout
+        for line in out.splitlines():
+            word = line.split(":", 1)[-1].strip()
+            if word.startswith("linux-image-6.1.0-") and word.endswith("-amd64"):
+                return word
     raise RuntimeError(f"no linux-image-6.1.0-*-amd64 behind linux-image-amd64 in: {out!r}")
 
 

@@ -141,6 +141,8 @@ _TABLE = [
     ("vm.libvirt.uri.lxc", "lxc:///", "str", "ours: libvirt URI for lxc"),
     ("vm.kvm.accel", "auto", "str", "ours: kvm, tcg, or auto (kvm only if a probe guest really runs on /dev/kvm)"),
     ("internal.hkd.kvm.probe.timeout", 3, "int", "ours: seconds the /dev/kvm probe guest may take before KVM counts as broken"),
+    ("internal.hkd.libvirt.keepalive.interval", 5, "int", "ours: seconds between keepalive probes on a remote libvirt connection"),
+    ("internal.hkd.libvirt.keepalive.count", 3, "int", "ours: unanswered keepalive probes before the libvirt connection counts as dead"),
     ("internal.hkd.libvirt.state_check.interval", 5, "int", "ours: seconds between domain state checks while waiting for an exit (lifecycle events are the fast path)"),
     ("vm.lxc.init", "/sbin/init", "str", "ours: init of an lxc container, inside its rootfs"),
     ("path.storage.basefs", "${path.storage.root}/basefs", "path", "unpacked LXC images"),

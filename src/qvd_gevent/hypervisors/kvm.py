@@ -15,10 +15,13 @@
   The guest takes spec.ip from our dnsmasq by that MAC, so VmHandle.address = spec.ip.
 - Serial console to ``<path.serial.captures>/qvd-<vm_id>-serial.txt``.
 - Accelerator (``vm.kvm.accel``): ``kvm`` (domain type kvm), ``tcg`` (domain type qemu), or
-  ``auto``: a probe guest of three instructions runs on /dev/kvm in a child process; if it
-  does not come back within ``internal.hkd.kvm.probe.timeout`` (nested virtualisation that
-  only pretends, as on our CI machines) KVM counts as broken and TCG is used when
-  ``vm.kvm.allow_tcg`` is on.
+  ``auto`` (default): a probe in a child process checks that /dev/kvm offers guests SSE3
+  (KVM_GET_SUPPORTED_CPUID; every CPU with hardware virtualisation has it) and runs a
+  three-instruction guest that must come back with its I/O exit within
+  ``internal.hkd.kvm.probe.timeout``. On our CI machines /dev/kvm exists and KVM_CREATE_VM
+  works, the tiny guest even runs, but KVM offers no SSE3 and a Linux guest hangs right
+  after SeaBIOS: the SSE3 check catches that. When the probe fails, TCG is used if
+  ``vm.kvm.allow_tcg`` is on, else check() fails with the probe's reason.
 - shutdown = ACPI power button, kill = virDomainDestroy, wait_exit = lifecycle events
   with a state check every ``internal.hkd.libvirt.state_check.interval`` seconds.
 - What the node needs to adopt a domain after a restart (IP, DI, overlay) is kept in the

@@ -44,6 +44,7 @@ _native_lock = monkey.get_original("_thread", "allocate_lock")
 
 # libvirt lifecycle events after which the domain no longer runs
 STOPPED_EVENTS = ("STOPPED", "UNDEFINED")
+_CLOSED = -1            # our marker in the event queue: the connection itself closed
 
 
 def require_libvirt():
@@ -134,15 +135,16 @@ class LibvirtConnection:
     _by_uri: ClassVar[dict] = {}
 
     @classmethod
-    def get(cls, uri):
+    def get(cls, uri, keepalive=(5, 3)):
         conn = cls._by_uri.get(uri)
         if conn is None:
-            conn = cls._by_uri[uri] = cls(uri)
+            conn = cls._by_uri[uri] = cls(uri, keepalive)
         return conn
 
-    def __init__(self, uri):
+    def __init__(self, uri, keepalive=(5, 3)):
         require_libvirt()
         self.uri = uri
+        self.keepalive = keepalive      # (interval s, missed answers) for remote URIs; None: off
         self.loop = _EventLoop.ensure()
         self._conn = None
         self._opening = gevent.lock.Semaphore()
@@ -181,8 +183,18 @@ class LibvirtConnection:
             # native thread: queue only
             self.loop.push((self, dom.name(), event, detail))
 
+        def closed(_conn, reason, _opaque):
+            # native thread: queue only; the hub forgets the connection and reopens on next use
+            self.loop.push((self, None, _CLOSED, (conn, reason)))
+
         self._callback_id = self._pool_call(conn.domainEventRegisterAny, None,
                                             libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None)
+        self._pool_call(conn.registerCloseCallback, closed, None)
+        if self.keepalive:
+            try:        # remote URIs: notice a dead or hung libvirtd (local drivers refuse it)
+                self._pool_call(conn.setKeepAlive, *self.keepalive)
+            except HypervisorError:
+                pass
         self._conn = conn
         log.info("libvirt connection to %s open", self.uri)
 
@@ -193,6 +205,14 @@ class LibvirtConnection:
     # --- events (on the hub) ---
     def _on_event(self, conn, name, event, detail):
         if conn is not self:
+            return
+        if event == _CLOSED:
+            closed_conn, reason = detail
+            if self._conn is closed_conn:
+                log.warning("libvirt connection to %s closed (reason %s); it is reopened on next use",
+                            self.uri, reason)
+                self._conn = None
+                self._callback_id = None
             return
         what = event_name(event, detail)
         log.debug("libvirt %s: domain %s %s", self.uri, name, what)
@@ -334,7 +354,8 @@ class LibvirtHypervisor(Hypervisor):
     @property
     def connection(self) -> LibvirtConnection:
         require_libvirt()
-        return LibvirtConnection.get(self.uri)
+        return LibvirtConnection.get(self.uri, (self.cfg.get_int("internal.hkd.libvirt.keepalive.interval"),
+                                                self.cfg.get_int("internal.hkd.libvirt.keepalive.count")))
 
     def check(self):
         require_libvirt()
