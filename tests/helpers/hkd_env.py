@@ -13,7 +13,8 @@ NODE = f"hkd-test-{os.getpid()}"
 
 def fast_hkd_settings(tmp_path, nodename=NODE, **extra):
     """node.conf extras: process hypervisor, a private loopback range, short timers."""
-    base = f"127.{random.randint(101, 250)}.0.0/16"
+    # a /24 of its own (254 VMs): parallel suites on this machine do not share addresses
+    base = f"127.{random.randint(101, 250)}.{random.randint(0, 255)}.0/24"
     values = {
         "nodename": nodename,
         "path.run": tmp_path / f"run-{nodename}",

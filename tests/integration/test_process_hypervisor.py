@@ -18,7 +18,7 @@ from qvd_gevent.vma.client import VmaClient, VmaError
 @pytest.fixture
 def hv(tmp_path):
     conf = tmp_path / "node.conf"
-    base = f"127.{random.randint(101, 250)}.0.0/16"
+    base = f"127.{random.randint(101, 250)}.{random.randint(0, 255)}.0/24"
     conf.write_text(f"nodename = hv-test-{os.getpid()}\npath.run = {tmp_path}/run\nvm.process.address.base = {base}\n")
     hypervisor = get_hypervisor("process", Config.load(str(conf)))
     hypervisor.check()
@@ -143,3 +143,16 @@ def test_a_namesake_node_with_another_run_dir_does_not_see_our_vms(hv, tmp_path)
     other = ProcessHypervisor(Config.load(str(conf)))
     assert 10006 in hv.list_running() and 10006 not in other.list_running()
     assert not other.is_running(handle)
+
+
+def test_refuses_an_address_someone_else_answers_on(hv):
+    import socket
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind((hv.address_for(10007), 3030))
+    squatter.listen(1)
+    try:
+        with pytest.raises(HypervisorError, match="already in use"):
+            hv.start(spec(10007))
+    finally:
+        squatter.close()

@@ -84,6 +84,19 @@ class ProcessHypervisor(Hypervisor):
     def _ours(self, env):
         return env.get("QVD_NODE") == self.nodename and env.get("QVD_NODE_RUN") == self.run_dir
 
+    @staticmethod
+    def _check_free(address, port, vm_id):
+        """Someone else answering on the VM's address would pass for its VMA: refuse to start."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, port))
+        except OSError as exc:
+            raise HypervisorError(f"VM {vm_id}: {address}:{port} is already in use ({exc.strerror}); "
+                                  "a leftover VM or another node's VM holds it") from None
+        finally:
+            sock.close()
+
     # --- interface ---------------------------------------------------------------------
     def check(self):
         address = self.address_for(1)
@@ -101,6 +114,7 @@ class ProcessHypervisor(Hypervisor):
         if not os.path.isfile(path) or not os.access(path, os.X_OK):
             raise HypervisorError(f"DI {path} of VM {spec.vm_id} is not an executable file")
         address = self.address_for(spec.vm_id)
+        self._check_free(address, spec.vma_port, spec.vm_id)
         env = {k: v for k, v in os.environ.items()
                if k.lower() not in ("http_proxy", "https_proxy") and not k.startswith("QVD_")}
         env.update({
