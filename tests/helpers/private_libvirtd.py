@@ -53,6 +53,11 @@ class PrivateLibvirtd:
         with open(os.path.join(etc, "qemu.conf"), "w") as fh:
             fh.write(QEMU_CONF)
         os.makedirs(os.path.join(self.folder, "sock"), exist_ok=True)
+        for stale in ("libvirt-sock", "libvirt-sock-ro", "libvirt-admin-sock"):   # from a previous run
+            try:
+                os.unlink(os.path.join(self.folder, "sock", stale))
+            except FileNotFoundError:
+                pass
         conf = os.path.join(self.folder, "libvirtd.conf")
         with open(conf, "w") as fh:
             fh.write(f'unix_sock_dir = "{self.folder}/sock"\nunix_sock_rw_perms = "0700"\n'

@@ -23,6 +23,7 @@ Measured on the 2-core CI machine (Debian 12, shared): see BOOT-SECONDS printed 
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 from helpers.netns import node_settings, processes_mentioning, run_driver, test_host  # noqa: F401
@@ -197,3 +198,83 @@ def test_tiny_guest_boots_under_tcg_gets_lease_answers_vma_and_leaves_nothing(te
 def _host_links():
     out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
     return sorted(line.split(":")[1].strip() for line in out.splitlines())
+
+
+RESTART_DRIVER = """
+from qvd_gevent.hypervisors.kvm import KvmHypervisor
+from qvd_gevent.vma.client import VmaClient, VmaError
+setup = NetworkSetup(cfg)
+setup.apply()
+dns = DnsmasqSupervisor(cfg).start()
+assert dns.wait_started(10), "dnsmasq did not start"
+hv = KvmHypervisor(cfg)
+hv.check()
+spec = vm_spec(6, "10.77.0.106")
+spec.memory = 256
+dns.add_host(spec.mac, spec.ip)
+h = hv.start(spec)
+out = {}
+def pinged(timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return VmaClient(h.address, 3030, timeout=2).ping()
+        except VmaError:
+            gevent.sleep(0.5)
+    return False
+out["ping_before"] = pinged(@BOOT_TIMEOUT@)
+open(@READY@, "w").write("1")
+deadline = time.monotonic() + 60
+while not os.path.exists(@RESTARTED@) and time.monotonic() < deadline:
+    gevent.sleep(0.1)
+# libvirtd was restarted under us: the same hypervisor object must reconnect and still see the VM
+out["running_after_restart"] = hv.is_running(h)
+out["listed_after_restart"] = {k: [v.address, v.extra.get("overlay")] for k, v in hv.list_running().items()}
+out["ping_after"] = pinged(10)
+hv.shutdown(h)
+out["exited"] = hv.wait_exit(h, timeout=60)
+hv.cleanup(h)
+out["domains_after"] = hv.connection.domain_names("qvd-", active_only=False)
+dns.remove_host(spec.mac)
+hv.close()
+dns.stop()
+setup.remove()
+report(out)
+"""
+
+
+def test_guest_survives_a_libvirtd_restart_and_the_node_reconnects(test_host, tmp_path, request):  # noqa: F811
+    _require_libvirt()
+    import gevent
+    from helpers.tiny_guest import build_tiny_guest
+    guest = build_tiny_guest()
+    di = tmp_path / "blank-di.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(di), "16M"], check=True, timeout=30)
+    libvirtd = PrivateLibvirtd(test_host.name, tmp_path / "libvirtd").start()
+    request.addfinalizer(libvirtd.stop)
+    settings = node_settings(test_host, tmp_path, **{
+        "vm.hypervisor": "kvm", "vm.libvirt.uri.kvm": libvirtd.uri("qemu"), "vm.kvm.cpus": 1,
+        "vm.kvm.kernel": guest.kernel, "vm.kvm.initrd": guest.initrd, "vm.kvm.cmdline": guest.cmdline,
+        "path.storage.overlays": str(tmp_path / "overlays"), "path.serial.captures": str(tmp_path / "serial"),
+        "internal.hkd.libvirt.state_check.interval": 2})
+    ready, restarted = tmp_path / "ready", tmp_path / "restarted"
+    code = (RESTART_DRIVER.replace("@BOOT_TIMEOUT@", str(BOOT_TIMEOUT)).replace("@READY@", repr(str(ready)))
+            .replace("@RESTARTED@", repr(str(restarted))))
+    driver = gevent.spawn(run_driver, test_host, tmp_path, code, settings=settings, timeout=BOOT_TIMEOUT + 120,
+                          di=str(di))
+    deadline = time.monotonic() + BOOT_TIMEOUT + 10
+    while not ready.exists() and not driver.ready() and time.monotonic() < deadline:
+        gevent.sleep(0.2)
+    if driver.ready():
+        driver.get()
+    assert ready.exists()
+    libvirtd.stop()
+    libvirtd.start()
+    restarted.write_text("1")
+    result, _ = driver.get(timeout=BOOT_TIMEOUT + 120)
+    assert result["ping_before"] and result["ping_after"]
+    assert result["running_after_restart"]
+    assert result["listed_after_restart"] == {"6": ["10.77.0.106", str(tmp_path / "overlays" / "1-6-overlay.qcow2")]}
+    assert result["exited"] and result["domains_after"] == []
+    assert os.listdir(tmp_path / "overlays") == []
+    libvirtd.stop()
