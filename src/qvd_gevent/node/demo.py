@@ -135,9 +135,10 @@ def main(argv=None):
     _say(f"node.conf: {conf}  (try: qvd-admin --config {conf} vm list)")
     _say(f"L7R: https://127.0.0.1:{args.port}/qvd/   metrics: http://127.0.0.1:{args.port + 1000}/metrics")
     _say("list your VMs:")
-    print(f"  qvd-client --host 127.0.0.1 --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
+    client_cmd = installed_script("qvd-client") or "qvd-client"
+    print(f"  {client_cmd} --host 127.0.0.1 --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
           f"--ca {cert} list", flush=True)
-    client = (f"{installed_script('qvd-client') or 'qvd-client'} --host 127.0.0.1 --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
+    client = (f"{client_cmd} --host 127.0.0.1 --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
               f"--ca {cert} connect --vm {vm_id}")
     _say("connect to the demo VM: its desktop echoes every line, so this prints the line back:")
     print(f"  {client} --exec sh -c 'echo hello from the demo VM; head -n 1 >&2'", flush=True)
@@ -148,4 +149,8 @@ def main(argv=None):
     cfg = Config.load(str(conf))
     setup_logging(cfg)
     raise_file_limit()
-    return run_node(cfg)
+    try:
+        return run_node(cfg)
+    finally:
+        _say("stopping PostgreSQL (run the same command again to restart the demo)")
+        pg.stop()

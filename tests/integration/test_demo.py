@@ -1,0 +1,130 @@
+"""`qvd-node demo` as a user meets it: one command, then the printed qvd-client line.
+
+Runs the installed console scripts in subprocesses. As root (CI) the demo runs as the
+unprivileged user `nobody`, proving it needs no root.
+"""
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def _as_user():
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        pytest.skip("running as root without setpriv: cannot drop to an unprivileged user for the demo")
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+
+def _start_demo(directory, port):
+    env = dict(os.environ, HOME=str(directory), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(_as_user() + [shutil.which("qvd-node"), "demo", "--dir", str(directory / "d"),
+                                          "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=str(directory), start_new_session=True)
+    lines, client_line = [], None
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "--exec" in line and "qvd-client" in line:
+            client_line = line.strip()
+            break
+    assert client_line, "demo printed no qvd-client line:\n" + "".join(lines)
+    assert _wait_port(port, 60), "the demo's L7R never listened:\n" + "".join(lines)
+    return proc, client_line, lines
+
+
+def _stop(proc):
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    return proc.returncode, out
+
+
+@pytest.fixture
+def demo_dir():
+    """A folder the unprivileged demo user can reach (pytest's own tmp folders are 0700)."""
+    import pathlib
+    import tempfile
+    path = pathlib.Path(tempfile.mkdtemp(prefix="qvd-demo-test-"))
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_demo_one_command_then_the_printed_client_line(demo_dir):
+    tmp_path = demo_dir
+    port = _free_port()
+    proc, client_line, lines = _start_demo(tmp_path, port)
+    try:
+        assert any("qvd-client" in line and line.strip().endswith(" list") for line in lines)
+        run = subprocess.run(_as_user() + ["sh", "-c", client_line], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, HOME=str(tmp_path)))
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "hello from the demo VM" in run.stdout + run.stderr
+        assert "Connection established" in run.stderr
+        conf = tmp_path / "d" / "node.conf"
+        listing = subprocess.run(_as_user() + [shutil.which("qvd-admin"), "--config", str(conf), "vm", "list"],
+                                 capture_output=True, text=True, timeout=30)
+        assert listing.returncode == 0, listing.stderr
+        assert re.search(r"\bdemo\b.*\brunning\b", listing.stdout), listing.stdout
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out
+    assert "node stopped" in out
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_mentions(p, str(tmp_path))]
+
+
+def _cmdline_mentions(pid, text):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return text.encode() in fh.read()
+    except OSError:
+        return False
+
+
+def test_demo_run_twice_reuses_its_folder(demo_dir):
+    tmp_path = demo_dir
+    port = _free_port()
+    proc, _, _ = _start_demo(tmp_path, port)
+    _stop(proc)
+    proc, client_line, lines = _start_demo(tmp_path, port)
+    try:
+        assert not any("schema deployed" in line for line in lines), "the second run deployed again"
+        run = subprocess.run(_as_user() + shlex.split(client_line.split(" --exec ")[0]) + ["--exec", "sh", "-c",
+                             "echo again; head -n 1 >&2"], capture_output=True, text=True, timeout=60)
+        assert "again" in run.stdout + run.stderr, run.stderr
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out
