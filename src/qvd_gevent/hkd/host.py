@@ -134,6 +134,7 @@ class HKD:
     def start(self):
         """Run the startup sequence; return once the host is running, else raise HkdError."""
         self._loop = gevent.spawn(self._run_loop)
+        self._loop.link_exception(self._loop_crashed)
         self._events.put(H.Run())
         reason = self._ready.get()
         if reason is not True:
@@ -168,6 +169,13 @@ class HKD:
             log.info("internal.hkd.max_heavy is now %d", size)
 
     # --- host loop -----------------------------------------------------------------------
+    def _loop_crashed(self, greenlet):
+        log.error("HKD loop crashed: %s", greenlet.exception)
+        if not self._ready.ready():
+            self._ready.set(f"HKD crashed: {_first_line(greenlet.exception)}")
+        self._release_everything()
+        self.stopped.set()
+
     def _run_loop(self):
         while True:
             event = self._events.get()
