@@ -18,4 +18,4 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-python3 -m pip install -q --disable-pip-version-check -e '.[test,libvirt,bench]'
+python3 -m pip install -q --disable-pip-version-check -e '.[test,libvirt,bench,pex]'

@@ -29,8 +29,17 @@ def _admin(conf, *args):
         raise RuntimeError(f"qvd-admin {' '.join(args)} failed (exit {code})")
 
 
-def installed_script(name):
-    """The console script beside this interpreter (a venv), else the one on PATH."""
+def installed_script(name, directory=None):
+    """The console script to print or run: from the .pex we run in (a small wrapper in
+    DIR/bin), else beside this interpreter (a venv), else on PATH."""
+    pex = os.environ.get("PEX")
+    if pex and directory is not None:
+        bindir = directory / "bin"
+        bindir.mkdir(exist_ok=True)
+        wrapper = bindir / name
+        wrapper.write_text(f'#!/bin/sh\nPEX_SCRIPT={name} exec "{os.path.abspath(pex)}" "$@"\n')
+        wrapper.chmod(0o755)
+        return str(wrapper)
     beside = os.path.join(os.path.dirname(sys.executable), name)
     return beside if os.access(beside, os.X_OK) else shutil.which(name)
 
@@ -73,7 +82,7 @@ def provision(directory, conf, desktop):
     if not cert.exists():
         make_self_signed(str(cert), str(key), dns_names=("localhost", socket.gethostname()))
         _say(f"self-signed certificate {cert}")
-    init = installed_script("qvd-vm-init")
+    init = installed_script("qvd-vm-init", directory)
     if not init:
         raise RuntimeError("qvd-vm-init is not on PATH; install the package first")
     _admin(conf, "config", "ssl", f"key={key}", f"cert={cert}")
@@ -132,10 +141,11 @@ def main(argv=None):
         return 1
     vm_id = demo_vm_id(conf)
     cert = directory / "ssl" / "cert.pem"
-    _say(f"node.conf: {conf}  (try: qvd-admin --config {conf} vm list)")
+    admin_cmd = installed_script("qvd-admin", directory) or "qvd-admin"
+    _say(f"node.conf: {conf}  (try: {admin_cmd} --config {conf} vm list)")
     _say(f"L7R: https://127.0.0.1:{args.port}/qvd/   metrics: http://127.0.0.1:{args.port + 1000}/metrics")
     _say("list your VMs:")
-    client_cmd = installed_script("qvd-client") or "qvd-client"
+    client_cmd = installed_script("qvd-client", directory) or "qvd-client"
     print(f"  {client_cmd} --host 127.0.0.1 --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
           f"--ca {cert} list", flush=True)
     client = (f"{client_cmd} --host 127.0.0.1 --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
