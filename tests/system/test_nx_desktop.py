@@ -131,7 +131,7 @@ def test_nx_session_comes_up_and_an_x_client_draws(displays, tmp_path):
     vma = VmaService(cfg, "127.0.0.1", port=0, desktop="nx", run_dir=str(tmp_path)).start()
     client = VmaClient("127.0.0.1", vma.port, timeout=4)
     try:
-        xvfb = subprocess.Popen(["Xvfb", f":{screen_display}", "-nolisten", "tcp", "-screen", "0", "1024x768x24"],
+        xvfb = subprocess.Popen(["Xvfb", f":{screen_display}", "-nolisten", "tcp", "-noreset", "-screen", "0", "1024x768x24"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: os.path.exists(f"/tmp/.X11-unix/X{screen_display}"), 10, "Xvfb")
 
@@ -191,7 +191,7 @@ def test_nx_session_through_qvd_client(displays, tmp_path):
     l7r = ScriptedL7R(cert, key, vma, x_port=4000 + agent_display,
                       x_start_params={"qvd.client.geometry": "800x600", "qvd.client.link": "adsl"})
     try:
-        xvfb = subprocess.Popen(["Xvfb", f":{screen_display}", "-nolisten", "tcp", "-screen", "0", "1024x768x24"],
+        xvfb = subprocess.Popen(["Xvfb", f":{screen_display}", "-nolisten", "tcp", "-noreset", "-screen", "0", "1024x768x24"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: os.path.exists(f"/tmp/.X11-unix/X{screen_display}"), 10, "Xvfb")
         qvd_client = subprocess.Popen(
@@ -267,7 +267,7 @@ def test_nx_session_through_the_l7r(displays, tmp_path, pg_server, fresh_db_name
     vma_client = VmaClient("127.0.0.1", vma.port, timeout=4)
     xvfb = proxy = qvd_client = None
     try:
-        xvfb = subprocess.Popen(["Xvfb", f":{screen_display}", "-nolisten", "tcp", "-screen", "0", "1024x768x24"],
+        xvfb = subprocess.Popen(["Xvfb", f":{screen_display}", "-nolisten", "tcp", "-noreset", "-screen", "0", "1024x768x24"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: os.path.exists(f"/tmp/.X11-unix/X{screen_display}"), 10, "Xvfb")
         qvd_client = subprocess.Popen(
@@ -300,4 +300,54 @@ def test_nx_session_through_the_l7r(displays, tmp_path, pg_server, fresh_db_name
         stop(qvd_client)
         node.close()
         vma.stop()
+        stop(xvfb)
+
+
+def test_nx_desktop_of_a_whole_node(displays, tmp_path, pg_server, fresh_db_name):
+    """`qvd-node demo --desktop nx` as a test: HKD starts the VM (process hypervisor, image
+    qvd-vm-init, VM property qvd.vm.desktop=nx), the L7R splices, qvd-client --listen and
+    nxproxy on the client side; the NX session reaches the client's X server."""
+    from helpers.full_node import start_full_node
+
+    from qvd_gevent.node.demo import DEMO_PASSWORD, DEMO_USER
+    _, screen_display = displays
+    proxy_port = displays[0] + 2
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), NX_HOME=str(home))
+    node, vm_id, cert = start_full_node(tmp_path, pg_server, fresh_db_name, desktop="nx")
+    xvfb = proxy = qvd_client = None
+    client_log = tmp_path / "client.log"
+    client_log.write_text("")
+    try:
+        xvfb = subprocess.Popen(["Xvfb", f":{screen_display}", "-nolisten", "tcp", "-noreset", "-screen", "0", "1024x768x24"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: os.path.exists(f"/tmp/.X11-unix/X{screen_display}"), 10, "Xvfb")
+        qvd_client = subprocess.Popen(
+            [sys.executable, "-c", "from qvd_gevent.client.cli import main; main()",
+             "--host", "127.0.0.1", "--port", str(node.l7r.port), "--user", DEMO_USER, "--password", DEMO_PASSWORD,
+             "--ca", cert, "connect", "--vm", str(vm_id), "--listen", f"127.0.0.1:{4000 + proxy_port}",
+             "--count", "1"], env=env, stderr=client_log.open("wb"))
+        wait_for(lambda: "listening on" in client_log.read_text(), 15, "qvd-client listening")
+        proxy = subprocess.Popen(["nxproxy", "-S", f"localhost:{proxy_port}"],
+                                 env=dict(env, DISPLAY=f":{screen_display}"),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def nxagent_window():
+            tree = x_output(["xwininfo", "-root", "-tree", "-display", f":{screen_display}"], env)
+            return '"QVD": ("NXAgent" "NXAgent")' in tree
+        try:
+            wait_for(nxagent_window, 60, "nxagent's window on the client's X server")
+        except AssertionError:
+            logs = {p.name: p.read_text(errors="replace")[-3000:] for p in tmp_path.rglob("*.log")}
+            raise AssertionError(f"no NX session; logs: {logs}") from None
+        wait_for(lambda: node.db.query_one("SELECT user_state FROM vm_runtimes WHERE vm_id = %s",
+                                           (vm_id,))[0] == "connected", 10, "user_state connected")
+        stop(proxy)
+        assert qvd_client.wait(timeout=20) == 0
+        assert "Connection established" in client_log.read_text()
+    finally:
+        stop(proxy)
+        stop(qvd_client)
+        node.stop(0)
         stop(xvfb)

@@ -60,9 +60,11 @@ def test_result_and_error_framing():
     assert rest == body
 
 
-def test_passwords_masked_in_log_params():
-    assert rpc.mask_params({"password": "x", "qvd.vm.user.passwd": "y", "a": "b"}) == \
-        {"password": "*****", "qvd.vm.user.passwd": "*****", "a": "b"}
+def test_secrets_masked_in_log_params():
+    assert rpc.mask_params({"password": "x", "qvd.vm.user.passwd": "y", "a": "b", "auth_token": "t",
+                            "qvd.slave.key": "k", "qvd.client.keyboard": "pc105/es"}) == \
+        {"password": "*****", "qvd.vm.user.passwd": "*****", "a": "b", "auth_token": "*****",
+         "qvd.slave.key": "*****", "qvd.client.keyboard": "pc105/es"}
 
 
 @pytest.mark.parametrize("line,state", [

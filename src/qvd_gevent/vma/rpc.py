@@ -97,6 +97,10 @@ def response(body, status=200, keep_alive=False, content_type=CONTENT_TYPE):
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
 
 
+_SECRET_KEY = re.compile(r"passw(or)?d|token|secret|\.key$", re.IGNORECASE)
+
+
 def mask_params(params):
-    """A copy fit for a log line: values of password-like keys hidden (as the original)."""
-    return {k: ("*****" if re.search(r"passw(or)?d", k, re.IGNORECASE) else v) for k, v in params.items()}
+    """A copy fit for a log line: passwords (as the original) and also tokens and the
+    slave key (qvd.slave.key, auth_token) hidden."""
+    return {k: ("*****" if _SECRET_KEY.search(k) else v) for k, v in params.items()}
