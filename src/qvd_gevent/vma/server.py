@@ -12,6 +12,7 @@ of the interpreter, so qvd-vm-init runs it in its own process for hundreds of VM
 import argparse
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -44,6 +45,7 @@ class VmaService:
         self.run_dir = run_dir
         self.on_poweroff = on_poweroff
         self.timeouts = {state: cfg.get(key) for state, key in TIMEOUT_KEYS.items()}
+        self._own_run_dir = False
         self.desktop = None if desktop == "auto" else self._make_desktop(desktop)
         self.server = None
 
@@ -55,6 +57,7 @@ class VmaService:
             from .nx import NxDesktop  # only VMs with a real desktop pay for it
             if self.run_dir is None:
                 self.run_dir = tempfile.mkdtemp(prefix="qvd-vma-")
+                self._own_run_dir = True
             return NxDesktop(self.cfg, self.run_dir, self.display, self.timeouts, address=self.address)
         raise ValueError(f"unknown desktop {kind!r} (echo, nx or auto)")
 
@@ -129,6 +132,8 @@ class VmaService:
             self.server = None
         if self.desktop is not None:
             self.desktop.close()
+        if self._own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _handle(self, conn, peer):
         conn.settimeout(self.cfg.get("internal.vma.http.timeout"))
