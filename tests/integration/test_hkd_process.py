@@ -5,7 +5,8 @@ import socket
 
 import gevent
 import pytest
-from helpers.hkd_env import (NODE, 
+from helpers.hkd_env import (
+    NODE,
     add_host,
     add_vms,
     fast_hkd_settings,
@@ -275,7 +276,10 @@ def test_expirations_soft_tells_vma_hard_stops(make_node, admin_db):
     row = wait_vm_state(admin_db, hard_vm, "stopped", timeout=15)
     assert row["host_id"] is None
     log_path = os.path.join(str(node.cfg.get_str("path.run")), "process-vms", f"vm-{soft_vm}.log")
-    wait_for(lambda: "/vma/expire?vm.expiration.soft=" in open(log_path).read(), 10, what="expire RPC at the VMA")
+    def expire_seen():
+        with open(log_path) as fh:
+            return "/vma/expire?vm.expiration.soft=" in fh.read()
+    wait_for(expire_seen, 10, what="expire RPC at the VMA")
     assert vm_row(admin_db, soft_vm)["vm_state"] == "running" and pid_alive(soft_row["vm_pid"])
 
 

@@ -30,7 +30,9 @@ class NodeProcess:
         self.proc = None
 
     def start(self):
-        self.log = open(self.log_path, "ab")
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes to it until cleanup()
         self.proc = subprocess.Popen([sys.executable, "-m", "qvd_gevent.hkd", "--config", str(self.conf)],
                                      stdout=subprocess.PIPE, stderr=self.log)
         line = self.proc.stdout.readline()

@@ -54,7 +54,8 @@ def test_address_is_stable_per_vm_and_inside_the_range():
 def test_start_sets_environment_and_vma_answers(hv):
     handle = hv.start(spec(10001, properties={"qvd.vm.desktop": "echo"}))
     assert handle.address == hv.address_for(10001) and hv.is_running(handle)
-    env = dict(item.split("=", 1) for item in open(f"/proc/{handle.pid}/environ").read().split("\0") if "=" in item)
+    with open(f"/proc/{handle.pid}/environ") as fh:
+        env = dict(item.split("=", 1) for item in fh.read().split("\0") if "=" in item)
     assert env["QVD_VM_ID"] == "10001" and env["QVD_VM_NAME"] == "vm10001"
     assert env["QVD_VM_ADDRESS"] == handle.address and env["QVD_NODE"] == hv.nodename
     assert env["QVD_PROP_QVD_VM_DESKTOP"] == "echo"

@@ -332,10 +332,9 @@ class VmMachine:
             self._in_debugging(out, ev)
         elif st.startswith("stopping."):
             self._in_stopping(out, ev)
-        elif st.startswith("zombie"):
-            if isinstance(ev, HkdKill):
-                out.append(Log(f"VM {self.vm_id}: given up in zombie state at HKD kill"))
-                self._finish(out)
+        elif st.startswith("zombie") and isinstance(ev, HkdKill):
+            out.append(Log(f"VM {self.vm_id}: given up in zombie state at HKD kill"))
+            self._finish(out)
 
     # starting ---------------------------------------------------------------------------
     def _start(self, out):

@@ -140,7 +140,7 @@ class VmRunner:
             return
         except gevent.GreenletExit:
             raise
-        except Exception as exc:  # every failure is an event for the machine
+        except Exception as exc:  # noqa: BLE001 - every failure is an event for the machine
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if not isinstance(exc, (HypervisorError, VmaError)):
                 log.warning("VM %s: step %s failed: %s", self.vm_id, type(step).__name__, reason)
