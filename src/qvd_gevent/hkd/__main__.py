@@ -6,12 +6,12 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import argparse
-import logging
-import signal
-import sys
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
 
-import gevent
+import gevent  # noqa: E402
 
 
 def main(argv=None):
