@@ -124,3 +124,57 @@ def test_sigterm_stops_running_vms_gracefully(tmp_path, pg_server, fresh_db_name
     finally:
         node.cleanup()
         db.close()
+
+
+@pytest.mark.timeout(120)
+def test_dead_node_is_marked_lost_its_vm_runs_elsewhere_and_its_orphan_dies_on_restart(tmp_path, pg_server,
+                                                                                       fresh_db_name):
+    from qvd_gevent.db.listen import Listener
+    from qvd_gevent.hkd import HKD
+
+    from helpers.hkd_env import NODE
+    timing = {"internal.hkd.cluster.node.timeout": 2}
+    conf_one = write_conf(tmp_path / "one.conf", pg_server, fresh_db_name,
+                          fast_hkd_settings(tmp_path, f"{NODE}-one", **timing))
+    conf_two = write_conf(tmp_path / "two.conf", pg_server, fresh_db_name,
+                          fast_hkd_settings(tmp_path, f"{NODE}-two", **timing))
+    db = Database.from_config(Config.load(str(conf_two)))
+    one = NodeProcess(conf_one, tmp_path / "one.log")
+    listener = hkd_two = None
+    orphan = None
+    try:
+        host_one = add_host(db, f"{NODE}-one", "127.0.0.1")
+        host_two = add_host(db, f"{NODE}-two", "127.0.0.2")
+        (vm_id,) = add_vms(db)
+        one.start()
+        start_vm(db, vm_id, host_one)
+        orphan = wait_vm_state(db, vm_id, "running")["vm_pid"]
+        one.kill9()                                     # node one dies; its VM process lives on
+
+        listener = Listener(db).start()
+        listener.wait_connected(10)
+        hkd_two = HKD(Config.load(str(conf_two)), db, listener)
+        hkd_two.start()
+        wait_for(lambda: db.query_one("SELECT state FROM host_runtimes WHERE host_id = %s", (host_one,))[0] == "lost",
+                 15, what="node one lost")
+        row = wait_vm_state(db, vm_id, "stopped", timeout=10)
+        assert row["host_id"] is None
+        start_vm(db, vm_id, host_two)                   # the next connect places it on node two
+        row = wait_vm_state(db, vm_id, "running")
+        assert row["host_id"] == host_two and row["vm_pid"] != orphan
+        assert VmaClient(row["vm_address"], 3030, timeout=2).ping()
+
+        one.start()                                     # node one comes back: the orphan must go
+        wait_for(lambda: not pid_alive(orphan), 10, what="orphan VM of the lost node killed")
+        assert db.query_one("SELECT state FROM host_runtimes WHERE host_id = %s", (host_one,))[0] == "running"
+        assert vm_row(db, vm_id)["host_id"] == host_two and pid_alive(row["vm_pid"])
+        assert one.terminate() == 0
+    finally:
+        if hkd_two is not None:
+            hkd_two.stop(timeout=5)
+        if listener is not None:
+            listener.stop()
+        one.cleanup()
+        if orphan and pid_alive(orphan):
+            os.killpg(orphan, signal.SIGKILL)
+        db.close()
