@@ -192,12 +192,19 @@ class NxDesktop:
         self.relay.start()
 
     def _relay_one(self, conn, peer):
-        try:
-            agent = socket.create_connection(("127.0.0.1", 4000 + self.agent_display), timeout=5)
-        except OSError as exc:
-            log.info("display relay: nxagent not reachable: %s", exc)
-            conn.close()
-            return
+        # nxagent logs "Starting session" (x_state listening) a moment before it binds its
+        # port, so a client quick off the mark may arrive first: retry for a while.
+        deadline = self.clock() + self.tracker.timeouts.get("listening", 10)
+        while True:
+            try:
+                agent = socket.create_connection(("127.0.0.1", 4000 + self.agent_display), timeout=5)
+                break
+            except OSError as exc:
+                if self.clock() > deadline or not self._alive():
+                    log.info("display relay: nxagent not reachable: %s", exc)
+                    conn.close()
+                    return
+                gevent.sleep(0.05)
         agent.settimeout(None)
         for s in (conn, agent):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
