@@ -379,6 +379,12 @@ class HKD:
         for runner in zombies:
             if not runner.finished.wait(bound):
                 log.warning("VM %s: zombie not cleaned up yet; continuing", runner.vm_id)
+        # what a crashed node left without any row (a namespace whose init is gone, ...)
+        cleanup_leftovers = getattr(self.hypervisor, "cleanup_leftovers", None)
+        if cleanup_leftovers is not None:
+            removed = cleanup_leftovers()
+            if removed:
+                log.info("removed leftovers of VMs that no longer run: %s", ", ".join(map(str, removed)))
 
     def _step_start_agents(self):
         hid = self.host_id
