@@ -151,3 +151,32 @@ def test_token_login(node):
     bad = subprocess.run(check=False, args=argv[:-3] + ["--token", raw_token + "x", "list"],
                          capture_output=True, timeout=60)
     assert bad.returncode == 1 and b"login rejected" in bad.stderr
+
+
+def test_second_client_takes_the_desktop_over(node):
+    """One session per VM: a second connect ends the first one (the L7R aborts it and the
+    VMA's desktop suspends and resumes for the newcomer)."""
+    first = subprocess.Popen(CLIENT + ["--host", "127.0.0.1", "--port", str(node.svc.port), "--user", "qvd",
+                                       "--password", "qvd", "--ca", node.cert, "connect", "--vm", str(node.vm_id),
+                                       "--listen", "127.0.0.1:0", "--count", "1"], stderr=subprocess.PIPE)
+    try:
+        line = b""
+        with gevent.Timeout(15):
+            while b"listening on" not in line:
+                line = first.stderr.readline()
+                assert line, "qvd-client exited before listening"
+        port = int(line.decode().strip().split(":")[-1].split()[0])
+        held = socket.create_connection(("127.0.0.1", port), timeout=20)
+        held.sendall(b"first\n")
+        assert held.recv(100) == b"first\n"
+        second = qvd_client(node, "connect", "--vm", str(node.vm_id), "--exec", "sh", "-c",
+                            "printf 'second\\n'; read a; test \"$a\" = second")
+        assert second.returncode == 0, second.stderr
+        assert held.recv(100) == b""  # the first session was ended by the takeover
+        held.close()
+        assert first.wait(timeout=20) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert node.real_vma.desktop.sessions == 2
