@@ -345,3 +345,23 @@ def test_heavy_semaphore_follows_config_changes(make_node):
     node.hkd.on_config_changed(node.cfg)
     gevent.sleep(0.05)
     assert node.hkd.heavy.counter == 2
+
+
+def test_start_refused_on_unknown_hypervisor(make_node, admin_db):
+    add_host(admin_db)
+    node = make_node(**{"vm.hypervisor": "vmware"})
+    with pytest.raises(HkdError, match="vm.hypervisor 'vmware' is not in internal.hkd.hypervisor_list"):
+        node.hkd.start()
+
+
+def test_second_hkd_with_the_same_run_dir_is_refused(make_node, admin_db):
+    add_host(admin_db)
+    first = make_node()
+    first.hkd.start()
+    second = Node(first.cfg.path)
+    try:
+        with pytest.raises(HkdError, match="another HKD holds"):
+            second.hkd.start()
+    finally:
+        second.close()
+    assert host_row(admin_db, first.hkd.host_id)[0] == "running"
