@@ -13,7 +13,9 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 
 import gevent
@@ -58,8 +60,76 @@ def _admin(conf, *argv):
     return out.getvalue()
 
 
-def test_admin_vm_start_boots_a_kvm_guest_to_running_and_vm_stop_leaves_nothing(
-        test_host, tmp_path, pg_server, fresh_db_name, request):  # noqa: F811
+class KvmNode:
+    """A node.conf, a database with one kvm VM (10.77.0.150) and a private libvirtd, for one test."""
+
+    def __init__(self, test_host, tmp_path, pg_server, fresh_db_name, request):  # noqa: F811
+        from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
+        from helpers.tiny_guest import build_tiny_guest
+
+        from qvd_gevent.config import Config
+        from qvd_gevent.db import Database
+
+        self.host, self.tmp_path = test_host, tmp_path
+        guest = build_tiny_guest()
+        image = tmp_path / "images" / "blank.img"
+        image.parent.mkdir()
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "16M"], check=True, timeout=30)
+        self.libvirtd = PrivateLibvirtd(test_host.name, tmp_path / "libvirtd").start()
+        request.addfinalizer(self.libvirtd.stop)
+        values = node_settings(test_host, tmp_path, **{
+            "vm.hypervisor": "kvm",
+            "vm.libvirt.uri.kvm": self.libvirtd.uri("qemu"),
+            "vm.kvm.cpus": 1,
+            "vm.kvm.kernel": guest.kernel, "vm.kvm.initrd": guest.initrd, "vm.kvm.cmdline": guest.cmdline,
+            "path.storage.root": str(tmp_path / "storage"),
+            "path.storage.images": str(image.parent),
+            "path.serial.captures": str(tmp_path / "serial"),
+            "internal.hkd.libvirt.state_check.interval": 2,
+            "internal.hkd.vmhandler.vma_monitor.delay.starting": 0.5,
+            "internal.hkd.agent.vm_command_handler.delay": 2,
+            "internal.hkd.timeout.on_state.stopping.shutdown": 30,
+            "internal.hkd.timeout.on_state.stopping.stop": 10,
+        })
+        values.update({
+            "database.host": str(pg_server.embedded.directory), "database.port": pg_server.port,
+            "database.name": fresh_db_name, "database.user": TEST_ROLE, "database.password": TEST_ROLE_PASSWORD,
+        })
+        self.conf = tmp_path / "node.conf"
+        self.conf.write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
+        self.db = Database.from_config(Config.load(str(self.conf)))
+        request.addfinalizer(self.db.close)
+        self.host_id = add_host(self.db, "test-node", f"{VM_NET}.0.1")
+        (self.vm_id,) = add_vms(self.db, di_path=image.name)   # relative to path.storage.images, as QVD stores it
+        self.db.execute("UPDATE vms SET ip = %s WHERE id = %s", (f"{VM_NET}.0.150", self.vm_id))
+        self.runs = 0
+
+    def start_node(self):
+        """The HKD in a driver inside the test namespace; returns (greenlet, done file) once it runs."""
+        self.runs += 1
+        ready, done = self.tmp_path / f"ready{self.runs}", self.tmp_path / f"done{self.runs}"
+        driver = gevent.spawn(self.host.python, DRIVER, timeout=300,
+                              env={"QVD_TEST_CONF": str(self.conf), "QVD_TEST_READY": str(ready),
+                                   "QVD_TEST_DONE": str(done)})
+        for _ in range(300):
+            if ready.exists() or driver.ready():
+                break
+            gevent.sleep(0.1)
+        if driver.ready():
+            driver.get()
+        assert ready.exists(), "HKD did not start in the test namespace"
+        return driver, done
+
+    def serial(self):
+        return (self.tmp_path / "serial" / f"qvd-{self.vm_id}-serial.txt").read_text(errors="replace")
+
+    def domains(self, all_=False):
+        argv = ["virsh", "-c", self.libvirtd.uri("qemu"), "list", "--name"] + (["--all"] if all_ else [])
+        return self.host.run(argv, check=True).stdout.split()
+
+
+@pytest.fixture
+def kvm_node(test_host, tmp_path, pg_server, fresh_db_name, request):  # noqa: F811
     if pg_server.embedded is None:
         pytest.skip("needs the embedded PostgreSQL (its unix socket reaches into the test namespace)")
     try:
@@ -72,81 +142,73 @@ def test_admin_vm_start_boots_a_kvm_guest_to_running_and_vm_stop_leaves_nothing(
         reason = "qemu-system-x86_64 is not installed (package qemu-system-x86)"
         print(f"SKIP: {reason}")
         pytest.skip(reason)
-    from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
-    from helpers.tiny_guest import build_tiny_guest
+    node = KvmNode(test_host, tmp_path, pg_server, fresh_db_name, request)
+    yield node
+    for done in tmp_path.glob("ready*"):
+        (tmp_path / done.name.replace("ready", "done")).write_text("1")
 
-    from qvd_gevent.config import Config
-    from qvd_gevent.db import Database
 
-    guest = build_tiny_guest()
-    image = tmp_path / "images" / "blank.img"
-    image.parent.mkdir()
-    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "16M"], check=True, timeout=30)
-    libvirtd = PrivateLibvirtd(test_host.name, tmp_path / "libvirtd").start()
-    request.addfinalizer(libvirtd.stop)
-    values = node_settings(test_host, tmp_path, **{
-        "vm.hypervisor": "kvm",
-        "vm.libvirt.uri.kvm": libvirtd.uri("qemu"),
-        "vm.kvm.cpus": 1,
-        "vm.kvm.kernel": guest.kernel, "vm.kvm.initrd": guest.initrd, "vm.kvm.cmdline": guest.cmdline,
-        "path.storage.root": str(tmp_path / "storage"),
-        "path.storage.images": str(image.parent),
-        "path.serial.captures": str(tmp_path / "serial"),
-        "internal.hkd.libvirt.state_check.interval": 2,
-        "internal.hkd.vmhandler.vma_monitor.delay.starting": 0.5,
-        "internal.hkd.agent.vm_command_handler.delay": 2,
-        "internal.hkd.timeout.on_state.stopping.shutdown": 30,
-        "internal.hkd.timeout.on_state.stopping.stop": 10,
-    })
-    values.update({
-        "database.host": str(pg_server.embedded.directory), "database.port": pg_server.port,
-        "database.name": fresh_db_name, "database.user": TEST_ROLE, "database.password": TEST_ROLE_PASSWORD,
-    })
-    conf = tmp_path / "node.conf"
-    conf.write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
-    db = Database.from_config(Config.load(str(conf)))
-    try:
-        host_id = add_host(db, "test-node", f"{VM_NET}.0.1")
-        (vm_id,) = add_vms(db, di_path=image.name)          # relative to path.storage.images, as QVD stores it
-        db.execute("UPDATE vms SET ip = %s WHERE id = %s", (f"{VM_NET}.0.150", vm_id))
-        ready, done = tmp_path / "ready", tmp_path / "done"
-        driver = gevent.spawn(test_host.python, DRIVER, timeout=300,
-                              env={"QVD_TEST_CONF": str(conf), "QVD_TEST_READY": str(ready),
-                                   "QVD_TEST_DONE": str(done)})
-        for _ in range(300):
-            if ready.exists() or driver.ready():
-                break
-            gevent.sleep(0.1)
-        if driver.ready():
-            driver.get()
-        assert ready.exists(), "HKD did not start in the test namespace"
-
-        started = time.monotonic()
-        assert _admin(conf, "vm", "start", "-f", f"id={vm_id}") == "Started 1 VMs.\n"
-        row = wait_vm_state(db, vm_id, "running", timeout=BOOT_TIMEOUT)
-        print(f"ADMIN-START-TO-RUNNING-SECONDS {time.monotonic() - started:.1f}")
-        assert row["vm_address"] == f"{VM_NET}.0.150" and row["host_id"] == host_id
-        serial = (tmp_path / "serial" / f"qvd-{vm_id}-serial.txt").read_text(errors="replace")
-        assert f"QVD-GUEST-READY {VM_NET}.0.150" in serial            # leased from the node's dnsmasq
-        domains = test_host.run(["virsh", "-c", libvirtd.uri("qemu"), "list", "--name"], check=True).stdout
-        assert domains.split() == [f"qvd-{vm_id}"]
-
-        _admin(conf, "vm", "stop", "-f", f"id={vm_id}")
-        row = wait_vm_state(db, vm_id, "stopped", timeout=60)
-        assert row["host_id"] is None and row["vm_address"] is None
-        serial = (tmp_path / "serial" / f"qvd-{vm_id}-serial.txt").read_text(errors="replace")
-        assert "QVD-GUEST-POWEROFF" in serial                         # stopped by ACPI, not destroyed
-        domains = test_host.run(["virsh", "-c", libvirtd.uri("qemu"), "list", "--all", "--name"], check=True).stdout
-        assert domains.split() == []
-        done.write_text("1")
-        result, _ = driver.get(timeout=90)
-        assert "qvdbr0" not in result["links"]
-        assert vm_row(db, vm_id)["vm_state"] == "stopped"
-        assert db.query_one("SELECT state FROM host_runtimes WHERE host_id = %s", (host_id,))[0] == "stopped"
-    finally:
-        (tmp_path / "done").write_text("1")
-        db.close()
-        libvirtd.stop()
-    assert processes_mentioning(json.dumps(str(tmp_path)).strip('"')) == []
-    overlays = tmp_path / "storage" / "overlays"
+def _finish(node, driver, done, bridge_made_by_this_node=True):
+    done.write_text("1")
+    result, _ = driver.get(timeout=90)
+    # vm.network.setup removes exactly what it made: a node that found the bridge leaves it
+    assert ("qvdbr0" in result["links"]) != bridge_made_by_this_node
+    assert vm_row(node.db, node.vm_id)["vm_state"] == "stopped"
+    assert node.db.query_one("SELECT state FROM host_runtimes WHERE host_id = %s", (node.host_id,))[0] == "stopped"
+    node.libvirtd.stop()
+    assert processes_mentioning(json.dumps(str(node.tmp_path)).strip('"')) == []
+    overlays = node.tmp_path / "storage" / "overlays"
     assert not overlays.exists() or os.listdir(overlays) == []
+
+
+def test_admin_vm_start_boots_a_kvm_guest_to_running_and_vm_stop_leaves_nothing(kvm_node):
+    node = kvm_node
+    driver, done = node.start_node()
+    started = time.monotonic()
+    assert _admin(node.conf, "vm", "start", "-f", f"id={node.vm_id}") == "Started 1 VMs.\n"
+    row = wait_vm_state(node.db, node.vm_id, "running", timeout=BOOT_TIMEOUT)
+    print(f"ADMIN-START-TO-RUNNING-SECONDS {time.monotonic() - started:.1f}")
+    assert row["vm_address"] == f"{VM_NET}.0.150" and row["host_id"] == node.host_id
+    assert f"QVD-GUEST-READY {VM_NET}.0.150" in node.serial()          # leased from the node's dnsmasq
+    assert node.domains() == [f"qvd-{node.vm_id}"]
+
+    _admin(node.conf, "vm", "stop", "-f", f"id={node.vm_id}")
+    row = wait_vm_state(node.db, node.vm_id, "stopped", timeout=60)
+    assert row["host_id"] is None and row["vm_address"] is None
+    assert "QVD-GUEST-POWEROFF" in node.serial()                       # stopped by ACPI, not destroyed
+    assert node.domains(all_=True) == []
+    _finish(node, driver, done)
+
+
+def test_node_killed_with_sigkill_adopts_its_running_guest_on_restart(kvm_node):
+    """The guest outlives its node (it belongs to libvirtd); the restarted node finds it by its domain
+    name and metadata, keeps it running (no second boot) and can stop it."""
+    node = kvm_node
+    driver, _ = node.start_node()
+    _admin(node.conf, "vm", "start", "-f", f"id={node.vm_id}")
+    wait_vm_state(node.db, node.vm_id, "running", timeout=BOOT_TIMEOUT)
+    boots = node.serial().count("QVD-GUEST-READY")
+    # the whole node dies at once: its process and its dnsmasq child
+    victims = [pid for pid, cmd in processes_mentioning("hkd = HKD(cfg, db, listener)") if "python" in cmd]
+    dnsmasq_pid = int((node.tmp_path / "run" / "dnsmasq.pid").read_text())
+    assert len(victims) == 1
+    for pid in victims + [dnsmasq_pid]:
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(AssertionError):
+        driver.get(timeout=30)                                         # the driver died without a report
+    assert node.domains() == [f"qvd-{node.vm_id}"]                     # the guest still runs
+
+    driver, done = node.start_node()
+    row = vm_row(node.db, node.vm_id)
+    assert row["vm_state"] == "running" and row["host_id"] == node.host_id
+    gevent.sleep(3)                                                    # a few VMA health checks
+    assert vm_row(node.db, node.vm_id)["vm_state"] == "running"
+    assert node.serial().count("QVD-GUEST-READY") == boots             # adopted, not booted again
+    probe = f"import urllib.request; urllib.request.urlopen('http://{VM_NET}.0.150:3030/vma/ping', timeout=3)"
+    ping = node.host.run([sys.executable, "-c", probe])
+    assert ping.returncode == 0, ping.stderr                           # the lease was re-registered too
+
+    _admin(node.conf, "vm", "stop", "-f", f"id={node.vm_id}")
+    wait_vm_state(node.db, node.vm_id, "stopped", timeout=60)
+    assert node.domains(all_=True) == []
+    _finish(node, driver, done, bridge_made_by_this_node=False)     # the killed node made it
