@@ -110,8 +110,42 @@ def encode_token_for_client(token):
 
 
 # --- the authenticator -------------------------------------------------------------------
+_hash_pool = None
+
+
 def in_threadpool(fn, *args):
-    return gevent.get_hub().threadpool.apply(fn, args)
+    """Password hashing off the hub, in a pool of 2 threads: scrypt uses 16 MB per call and
+    each thread keeps its own malloc arena, so a small pool bounds that memory (and the CPU
+    spent on hashing during a login storm) on this 2-core class of machine."""
+    global _hash_pool
+    if _hash_pool is None:
+        import gevent.threadpool
+        _hash_pool = gevent.threadpool.ThreadPool(2)
+    return _hash_pool.apply(fn, args)
+
+
+class VerifiedCache:
+    """Remembers (keyed hash of login+password) -> the stored hash it matched, so a client
+    that reconnects (the original does per attempt) is not re-hashed with scrypt. A change
+    of the stored password invalidates the entry by itself."""
+
+    def __init__(self, throttle, size=10000, ttl=300):
+        self.throttle = throttle
+        self.size = size
+        self.ttl = ttl
+        self._items = {}
+
+    def _key(self, login, tenant, password):
+        return self.throttle.fingerprint("verified", login, tenant, password)
+
+    def matches(self, login, tenant, password, stored, now):
+        hit = self._items.get(self._key(login, tenant, password))
+        return hit is not None and hit[0] == stored and now - hit[1] < self.ttl
+
+    def remember(self, login, tenant, password, stored, now):
+        if len(self._items) >= self.size:
+            self._items.clear()
+        self._items[self._key(login, tenant, password)] = (stored, now)
 
 
 class Authenticator:
@@ -121,6 +155,7 @@ class Authenticator:
         self.throttle = throttle
         self.host_id_fn = host_id_fn
         self.counters = counters
+        self.verified = VerifiedCache(throttle)
         self._warned_plugins = set()
 
     def _check_plugins(self):
@@ -185,8 +220,12 @@ class Authenticator:
         tenant_id, tenant_blocked, user_id, stored, user_blocked = row
         if user_id is None or not stored:
             raise AuthFailed("unknown_user", login)
-        if not in_threadpool(verify_password, password, stored, salt):
-            raise AuthFailed("bad_password", login)
+        now = time.monotonic()
+        if not self.verified.matches(login, tenant, password, stored, now):
+            if not in_threadpool(verify_password, password, stored, salt):
+                raise AuthFailed("bad_password", login)
+            if not is_legacy(stored):
+                self.verified.remember(login, tenant, password, stored, now)
         if tenant_blocked:
             raise AuthFailed("tenant_blocked", login)
         if user_blocked:

@@ -17,13 +17,14 @@ import gevent
 import gevent.event
 import gevent.pool
 import gevent.socket
+import h11
 from gevent.server import StreamServer
 
 from ..db import DatabaseUnavailable, now_epoch
 from ..node import metrics
 from . import broker, tls
 from .auth import AuthFailed, Authenticator, Throttled, encode_token_for_client
-from .broker import ConnectRunner, SessionAborted, SetupFailed, StopRunner, release_row, slave_key
+from .broker import ConnectRunner, SessionAborted, SetupFailed, StopRunner, read_committed, release_row, slave_key
 from .http import ClientGone, HttpConnection, HttpError, raw_error_response
 from .splice import Splice, tune_socket
 from .throttle import Throttle
@@ -78,6 +79,8 @@ class L7RService:
         self._flusher = None
         self._cleanups = gevent.pool.Group()
         self._draining = False
+        self._abort_check_wanted = gevent.event.Event()
+        self._abort_greenlet = None
         self.throttle = Throttle(cfg.get_int("l7r.auth.throttle.max_failures"),
                                  cfg.get_int("l7r.auth.throttle.window"),
                                  cfg.get_int("l7r.auth.throttle.burst"))
@@ -109,6 +112,7 @@ class L7RService:
         self._unsubscribe.append(self.listener.subscribe("qvd_vm_runtime", self._on_vm_runtime))
         self.listener.on_reconnect(self._on_listen_reconnect)
         self._flusher = gevent.spawn(self._flush_loop)
+        self._abort_greenlet = gevent.spawn(self._abort_checker)
         metrics.register_gauge_function("qvd_l7r_sessions_open", lambda: {(): self.sessions_open})
         metrics.register_gauge_function("qvd_l7r_connections_open", lambda: {(): self.connections_open})
         log.info("L7R listening on %s:%s (%s)", address, self.port, "TLS" if self.ssl_context else "plain HTTP")
@@ -137,9 +141,10 @@ class L7RService:
         for unsub in self._unsubscribe:
             unsub()
         self._unsubscribe = []
-        if self._flusher is not None:
-            self._flusher.kill()
-            self._flusher = None
+        for g in (self._flusher, self._abort_greenlet):
+            if g is not None:
+                g.kill()
+        self._flusher = self._abort_greenlet = None
         self.flush_counters()
 
     # --- host and counters ------------------------------------------------------------------
@@ -179,6 +184,7 @@ class L7RService:
         values = [counts[c] for c in cols]
 
         def tx(cur):
+            read_committed(cur)
             cur.execute("INSERT INTO host_counters (host_id) VALUES (%s) ON CONFLICT (host_id) DO NOTHING", (self.host_id,))
             cur.execute("UPDATE host_counters SET " + ", ".join(f"{c} = {c} + %s" for c in cols) + " WHERE host_id = %s",
                         values + [self.host_id])
@@ -190,9 +196,31 @@ class L7RService:
                 self.count(c, v)
 
     def _flush_loop(self):
+        ticks = 0
         while True:
             gevent.sleep(1.0)
+            ticks += 1
             self.flush_counters()
+            if ticks % 10 == 0:
+                self.reconcile()
+
+    def reconcile(self):
+        """Safety net: release rows this process holds without a live session (a release lost to an error)."""
+        if self.host_id is None:
+            return 0
+        try:
+            rows = self.db.query("SELECT vm_id FROM vm_runtimes WHERE l7r_host_id = %s AND l7r_pid = %s",
+                                 (self.host_id, self.pid))
+            stale = [vm_id for (vm_id,) in rows if vm_id not in self.sessions]
+            for vm_id in stale:
+                if vm_id not in self.sessions:
+                    self.db.transaction(release_row, vm_id, self.host_id, self.pid)
+            if stale:
+                log.warning("released %d session rows without a live session", len(stale))
+            return len(stale)
+        except Exception as exc:
+            log.warning("session row reconcile failed: %s", exc)
+            return 0
 
     # --- notifications -----------------------------------------------------------------------
     def _on_config_changed(self, channel, payload):
@@ -215,16 +243,24 @@ class L7RService:
         for event in self._waiters.get(vm_id, ()):
             event.set()
         if vm_id in self.sessions:
-            gevent.spawn(self._check_abort, [vm_id])
+            self._abort_check_wanted.set()
 
     def _on_user_cmd(self, channel, payload):
-        gevent.spawn(self._check_abort, None)
+        self._abort_check_wanted.set()
 
     def _on_listen_reconnect(self):
         for events in list(self._waiters.values()):
             for event in events:
                 event.set()
-        gevent.spawn(self._check_abort, None)
+        self._abort_check_wanted.set()
+
+    def _abort_checker(self):
+        """One greenlet, one query per burst of notifications (not one per notification)."""
+        while True:
+            self._abort_check_wanted.wait()
+            self._abort_check_wanted.clear()
+            self._check_abort(None)
+            gevent.sleep(0.02)
 
     def _check_abort(self, vm_ids):
         if self.host_id is None:
@@ -333,6 +369,14 @@ class L7RService:
         except DatabaseUnavailable as exc:
             log.error("database unavailable: %s", exc)
             conn.send_error(503, "The database is not available, retry later")
+        except ClientGone:
+            raise
+        except Exception as exc:  # never a traceback to the client, never a dead connection greenlet
+            log.exception("%s failed for %s", path, peer_ip)
+            if conn.h11.our_state is h11.SEND_RESPONSE:
+                conn.send_error(500, f"Internal error: {type(exc).__name__}")
+            else:
+                raise ClientGone("internal error after the response started") from None
         return False
 
     # --- common pre-checks -------------------------------------------------------------------
@@ -509,13 +553,13 @@ class L7RService:
                  session.login, session.vm_id, lasted, reason, up, down)
         if lasted < self.cfg.get_float("internal.l7r.short_session"):
             self.count("short_sessions")
-        for attempt in range(5):
+        for attempt in range(10):
             try:
                 self.db.transaction(release_row, session.vm_id, self.host_id, self.pid)
                 break
             except Exception as exc:
                 log.warning("VM %s: session row not released yet (%s)", session.vm_id, exc)
-                gevent.sleep(0.5 * (attempt + 1))
+                gevent.sleep(min(0.2 * (attempt + 1), 2))
         if self.sessions.get(session.vm_id) is session:
             del self.sessions[session.vm_id]
 
