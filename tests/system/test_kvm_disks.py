@@ -88,3 +88,17 @@ def test_missing_image_is_refused_with_its_path(tmp_path):
     hv = _hv(tmp_path)
     with pytest.raises(HypervisorError, match="missing.qcow2 is not a regular file"):
         hv.prepare(_spec(tmp_path / "missing.qcow2"))
+
+
+def test_user_disk_is_made_once_with_its_size_and_kept(tmp_path):
+    hv = _hv(tmp_path)
+    image = _image(tmp_path, "raw")
+    spec = _spec(image)
+    spec.user_storage_size = 64
+    extras = hv.prepare(spec)
+    home = tmp_path / "storage" / "homes" / "9-data.qcow2"
+    assert extras["home_disk"] == str(home) and _info(home)["virtual-size"] == 64 * 1048576
+    assert 'dev="vdb"' in hv.domain_xml(spec, extras)
+    before = os.stat(home).st_ino
+    hv.release(extras)
+    assert os.stat(home).st_ino == before and os.stat(hv.prepare(spec)["home_disk"]).st_ino == before

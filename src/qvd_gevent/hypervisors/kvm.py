@@ -13,6 +13,8 @@
 - NIC on ``vm.network.bridge`` with the MAC derived from the VM's IP (spec.mac); virtio
   with ``vm.kvm.virtio``, else e1000 (the original gave no device model at all: a BUG).
   The guest takes spec.ip from our dnsmasq by that MAC, so VmHandle.address = spec.ip.
+- User disk (user_storage_size > 0): ``<path.storage.homes>/<vm_id>-data.qcow2``, made once
+  with that many MB and kept (it is the user's home), attached as the second disk.
 - Serial console to ``<path.serial.captures>/qvd-<vm_id>-serial.txt``.
 - Accelerator (``vm.kvm.accel``): ``kvm`` (domain type kvm), ``tcg`` (domain type qemu), or
   ``auto`` (default): a probe in a child process checks that /dev/kvm offers guests SSE3
@@ -63,6 +65,7 @@ class KvmDomainSettings:
     cmdline: str = ""
     serial_log: str | None = None
     overlay: str | None = None           # recorded in the metadata for cleanup after adoption
+    home_disk: str | None = None         # the user's disk (kept: it is their home)
 
 
 def kvm_domain_xml(spec: VmSpec, settings: KvmDomainSettings) -> str:
@@ -110,6 +113,11 @@ def kvm_domain_xml(spec: VmSpec, settings: KvmDomainSettings) -> str:
             _sub(disk, "target", dev="hda", bus="ide")
         if settings.disk_readonly:
             _sub(disk, "readonly")
+    if settings.home_disk:
+        home = _sub(devices, "disk", type="file", device="disk")
+        _sub(home, "driver", name="qemu", type="qcow2")
+        _sub(home, "source", file=settings.home_disk)
+        _sub(home, "target", dev="vdb" if settings.virtio else "hdb", bus="virtio" if settings.virtio else "ide")
     nic = _sub(devices, "interface", type="bridge")
     _sub(nic, "source", bridge=settings.bridge)
     if spec.mac:
@@ -267,6 +275,19 @@ class KvmHypervisor(LibvirtHypervisor):
                 raise HypervisorError(f"qemu-img create {overlay}: {proc.stderr.strip()}")
         settings.disk_path, settings.disk_format, settings.overlay = overlay, "qcow2", overlay
 
+    def _prepare_home(self, spec, settings):
+        """Reference 3.1: a user disk only when user_storage_size > 0, reused if present."""
+        if not spec.user_storage_size or spec.user_storage_size <= 0:
+            return
+        home = os.path.join(self.cfg.get_str("path.storage.homes"), f"{spec.vm_id}-data.qcow2")
+        if not os.path.exists(home):
+            os.makedirs(os.path.dirname(home), exist_ok=True)
+            proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", home,
+                                   str(spec.user_storage_size * 1048576)], capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:
+                raise HypervisorError(f"qemu-img create {home}: {proc.stderr.strip()}")
+        settings.home_disk = home
+
     def settings_for(self, spec):
         captures = self.cfg.get_str("path.serial.captures")
         return KvmDomainSettings(
@@ -284,6 +305,7 @@ class KvmHypervisor(LibvirtHypervisor):
     def prepare(self, spec):
         settings = self.settings_for(spec)
         self._prepare_disk(spec, settings)
+        self._prepare_home(spec, settings)
         if settings.serial_log:
             os.makedirs(os.path.dirname(settings.serial_log), exist_ok=True)
         return dataclasses.asdict(settings)
