@@ -365,3 +365,24 @@ def test_second_hkd_with_the_same_run_dir_is_refused(make_node, admin_db):
     finally:
         second.close()
     assert host_row(admin_db, first.hkd.host_id)[0] == "running"
+
+
+def test_stop_of_a_vm_queued_for_the_heavy_semaphore_is_immediate(make_node, admin_db, tmp_path):
+    host_id = add_host(admin_db)
+    mute = write_di_script(tmp_path / "mute-vm", {"TINY_VM_NO_VMA": "1"})
+    (slow,) = add_vms(admin_db, di_path=mute)
+    (queued,) = add_vms(admin_db, login="user2")
+    node = make_node(**{"internal.hkd.max_heavy": 1})
+    node.hkd.start()
+    start_vm(admin_db, slow, host_id)
+    wait_for(lambda: vm_row(admin_db, slow)["vm_pid"], 10, what="slow VM launched")   # holds the semaphore
+    start_vm(admin_db, queued, host_id)
+    wait_for(lambda: node.hkd.vms.get(queued) and node.hkd.vms[queued].machine.state == "starting.heavy", 10,
+             what="second VM waiting for the semaphore")
+    stop_vm(admin_db, queued)
+    row = wait_vm_state(admin_db, queued, "stopped", timeout=5)
+    assert row["vm_pid"] is None                        # never launched
+    assert vm_row(admin_db, slow)["vm_state"] == "starting"
+    stop_vm(admin_db, slow)
+    wait_vm_state(admin_db, slow, "stopped", timeout=15)
+    assert node.hkd.heavy.counter == 1                  # every permit came back

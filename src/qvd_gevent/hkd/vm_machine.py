@@ -154,6 +154,12 @@ class ReleaseHeavy:
 
 
 @dataclass(frozen=True)
+class CancelStep:
+    """Abandon the step with this serial (only a wait, never half-done I/O, is cancelled)."""
+    serial: int
+
+
+@dataclass(frozen=True)
 class StartMonitor:
     mode: str                 # 'starting' or 'running': ping period and failure limits
 
@@ -252,6 +258,15 @@ class VmMachine:
                 return out                      # a timer from a state we left
             self.timer = None
             self._on_timeout(out, event.name)
+        elif (self.in_flight is not None and isinstance(self.in_flight[1], AcquireHeavy)
+              and isinstance(event, (CmdStop, HkdStop, HkdKill))):
+            # reference starting/heavy: a stop while waiting for the semaphore ends the start
+            serial = self.in_flight[0]
+            self.in_flight = None
+            self._after.pop(serial, None)
+            out.append(CancelStep(serial))
+            out.append(ReleaseHeavy())
+            self._stop_db(out)
         elif self.in_flight is not None and isinstance(event, _DELAYABLE):
             self.pending.append(event)
             return out
@@ -260,6 +275,12 @@ class VmMachine:
         # re-fire delayed events once nothing is in flight (reference: after each state change)
         while self.in_flight is None and self.pending and self.state != "stopped":
             self._dispatch(out, self.pending.pop(0))
+        # a stop delayed until now ends a wait for the heavy semaphore at once
+        if self.in_flight is not None and isinstance(self.in_flight[1], AcquireHeavy):
+            stops = [e for e in self.pending if isinstance(e, (CmdStop, HkdStop, HkdKill))]
+            if stops:
+                self.pending = [e for e in self.pending if not isinstance(e, (CmdStop, HkdStop, HkdKill))]
+                out.extend(self.handle(stops[0]))
         return out
 
     # --- helpers ----------------------------------------------------------------------

@@ -94,8 +94,13 @@ class VmRunner:
     def _execute(self, action):
         if isinstance(action, M.Step):
             g = gevent.spawn(self._run_step, action)
+            g.serial = action.serial
             self._steps.add(g)
             g.link(lambda g: self._steps.discard(g))
+        elif isinstance(action, M.CancelStep):
+            for g in list(self._steps):
+                if getattr(g, "serial", None) == action.serial:
+                    g.kill(block=False)
         elif isinstance(action, M.Log):
             log.info("%s", action.text)
         elif isinstance(action, M.ArmTimer):
