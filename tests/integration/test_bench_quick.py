@@ -1,0 +1,61 @@
+"""`python -m bench --quick` runs every scenario end to end and writes sane figures.
+
+Not a speed test: it asserts that each scenario produced its JSON file with positive,
+self-consistent numbers, the chart and the table (issue 6). About a minute.
+Run: python3 -m pytest -q -m slow tests/integration/test_bench_quick.py
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def positive(value):
+    return isinstance(value, (int, float)) and value > 0
+
+
+@pytest.mark.timeout(300)
+def test_quick_bench_writes_every_scenario(tmp_path):
+    if not os.path.exists("/usr/sbin/haproxy"):
+        pytest.skip("haproxy is not installed (scripts/install-test-deps.sh installs it)")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--results", str(tmp_path)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    data = {name: json.loads((tmp_path / f"{name}.json").read_text())
+            for name in ("bulk", "relay", "handshake", "connect", "cold", "idle", "hkd")}
+
+    for kind in ("l7r", "haproxy", "direct"):
+        bulk = data["bulk"]["paths"][kind]
+        assert positive(bulk["mb_s"])
+        assert all(run["complete"] and run["bytes"] == data["bulk"]["bytes_per_run"] for run in bulk["runs"])
+        assert data["relay"]["paths"][kind]["round_trips"] > 0
+    for kind in ("l7r", "haproxy"):
+        assert positive(data["relay"]["paths"][kind]["us_cpu_per_message"])
+        hs = data["handshake"]["paths"][kind]
+        assert hs["handshakes"] > 0 and positive(hs["per_cpu_s"]) and hs["errors"] == 0
+        points = data["idle"]["paths"][kind]["points"]
+        assert [p["sessions"] for p in points] == data["idle"]["levels"]
+        assert all(p["failures"] == 0 and positive(p["bytes_per_session"]) for p in points)
+
+    connect = data["connect"]
+    assert connect["connects"] > 0 and connect["errors"] == 0
+    assert 0 < connect["p50_ms"] <= connect["p99_ms"]
+    cold = data["cold"]
+    assert len(cold["connect_to_101_s"]) == cold["runs"] and len(cold["vm_start_s"]) == cold["runs"]
+    assert cold["median_connect_s"] > 0 and cold["median_vm_start_s"] > 0
+    assert any("Starting virtual machine" in text for _, text in cold["progress_first_run"])
+    hkd = data["hkd"]
+    assert hkd["running_at_end"] == hkd["vms"] and positive(hkd["idle_node_cpu_s"])
+
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("\n| ") >= 8 and "NOT MEASURED" not in table
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert table.strip() in proc.stdout
