@@ -458,6 +458,7 @@ class L7RService:
         return vm_id
 
     def _vm_access(self, cur, vm_id, auth, claim_user):
+        read_committed(cur)
         cur.execute("SELECT v.user_id, vr.blocked FROM vms v JOIN vm_runtimes vr ON vr.vm_id = v.id WHERE v.id = %s",
                     (vm_id,))
         row = cur.fetchone()
@@ -545,8 +546,6 @@ class L7RService:
         if session.ended:
             return
         session.ended = True
-        self.spliced -= 1
-        self.connections_open -= 1
         lasted = time.monotonic() - (session.started or time.monotonic())
         up, down = session.splice.bytes_to_vm, session.splice.bytes_to_client
         log.info("session closed: user %s VM %s after %.1f s (%s; %d bytes to VM, %d to client)",
@@ -562,6 +561,9 @@ class L7RService:
                 gevent.sleep(min(0.2 * (attempt + 1), 2))
         if self.sessions.get(session.vm_id) is session:
             del self.sessions[session.vm_id]
+        # counted down only now: "no open session" means every row is released
+        self.spliced -= 1
+        self.connections_open -= 1
 
     def ep_stop_vm(self, conn, request, peer_ip, cache):
         host = self._registered()
