@@ -109,3 +109,72 @@ def test_netns_vm_started_by_command_gets_dhcp_address_and_stops_clean(test_host
         (tmp_path / "done").write_text("1")
         db.close()
     assert processes_mentioning(json.dumps(str(tmp_path)).strip('"')) == []
+
+
+def _node_conf(test_host, tmp_path, pg_server, fresh_db_name):
+    from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
+    values = node_settings(test_host, tmp_path)
+    values.update({
+        "database.host": str(pg_server.embedded.directory), "database.port": pg_server.port,
+        "database.name": fresh_db_name, "database.user": TEST_ROLE, "database.password": TEST_ROLE_PASSWORD,
+        "internal.hkd.vmhandler.vma_monitor.delay.starting": 0.2,
+        "internal.hkd.agent.vm_command_handler.delay": 2,
+        "internal.hkd.timeout.on_state.stopping.shutdown": 5,
+        "internal.hkd.timeout.on_state.stopping.stop": 5,
+    })
+    conf = tmp_path / "node.conf"
+    conf.write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
+    return conf
+
+
+def test_netns_node_killed_and_restarted_adopts_its_vm(test_host, tmp_path, pg_server, fresh_db_name):  # noqa: F811
+    import subprocess
+    if pg_server.embedded is None:
+        pytest.skip("needs the embedded PostgreSQL (its unix socket reaches into the test namespace)")
+    init = shutil.which("qvd-vm-init", path=os.path.dirname(sys.executable))
+    if not init:
+        pytest.skip("qvd-vm-init is not installed (pip install -e .)")
+    from qvd_gevent.config import Config
+    from qvd_gevent.db import Database
+    conf = _node_conf(test_host, tmp_path, pg_server, fresh_db_name)
+    db = Database.from_config(Config.load(str(conf)))
+    log_path = tmp_path / "hkd.log"
+    procs = []
+
+    def start_node():
+        with open(log_path, "ab") as log:
+            proc = test_host.popen([sys.executable, "-m", "qvd_gevent.hkd", "--config", str(conf)],
+                                   stdout=subprocess.PIPE, stderr=log)
+        procs.append(proc)
+        line = proc.stdout.readline()
+        assert line.strip() == b"READY", f"HKD did not start: {log_path.read_text()[-3000:]}"
+        return proc
+
+    try:
+        host_id = add_host(db, "test-node", f"{VM_NET}.0.1")
+        (vm_id,) = add_vms(db, di_path=init)
+        db.execute("UPDATE vms SET ip = %s WHERE id = %s", (f"{VM_NET}.0.151", vm_id))
+        node = start_node()
+        start_vm(db, vm_id, host_id)
+        before = wait_vm_state(db, vm_id, "running", timeout=40)
+        node.kill()
+        node.wait(10)
+
+        node = start_node()                             # a crashed node's dnsmasq must not block this
+        row = vm_row(db, vm_id)
+        assert row["vm_state"] == "running" and row["vm_pid"] == before["vm_pid"]
+        assert f"{VM_NET}.0.151" in (tmp_path / "run" / "dhcp-hostsfile").read_text()   # re-registered
+        url = f"http://{VM_NET}.0.151:3030/vma/ping"
+        ping = test_host.run([sys.executable, "-c", f"import urllib.request; urllib.request.urlopen({url!r}, timeout=3)"])
+        assert ping.returncode == 0, ping.stderr
+        stop_vm(db, vm_id)
+        wait_vm_state(db, vm_id, "stopped", timeout=30)
+        assert test_host.vm_namespaces() == []
+        node.terminate()
+        assert node.wait(30) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        db.close()
