@@ -111,9 +111,9 @@ def test_netns_vm_started_by_command_gets_dhcp_address_and_stops_clean(test_host
     assert processes_mentioning(json.dumps(str(tmp_path)).strip('"')) == []
 
 
-def _node_conf(test_host, tmp_path, pg_server, fresh_db_name):
+def _node_conf(host, tmp_path, pg_server, fresh_db_name):
     from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
-    values = node_settings(test_host, tmp_path)
+    values = node_settings(host, tmp_path)
     values.update({
         "database.host": str(pg_server.embedded.directory), "database.port": pg_server.port,
         "database.name": fresh_db_name, "database.user": TEST_ROLE, "database.password": TEST_ROLE_PASSWORD,
