@@ -1,0 +1,111 @@
+"""Takeover of a session still being set up, drain with grace, logs without secrets, metrics."""
+import base64
+import logging
+import time
+
+import gevent
+
+from helpers.l7r_env import Reader, get, open_conn
+from qvd_gevent.node import metrics
+from test_l7r_sessions import AUTH, UPGRADE, connect, make_env, row, wait_for
+
+
+def test_takeover_of_a_connecting_session(tmp_path, pg_server, fresh_db_name):
+    a = make_env(tmp_path, pg_server, fresh_db_name, "node-a")
+    b = make_env(tmp_path, pg_server, fresh_db_name, "node-b", address="127.0.0.2")
+    try:
+        osf = a.seed.osf()
+        user = a.seed.user("qvd", "qvd")
+        vm = a.seed.vm("v", user, osf, host_id=a.host_id)
+        a.start()
+        b.start()
+        # node-a's HKD starts VMs slowly: the first client is still 'connecting' when the second comes
+        a.hkd.start_delay = 2
+        b.hkd.stop()
+        first = {}
+
+        def first_client():
+            first["result"] = connect(a, vm_id=vm)
+        g = gevent.spawn(first_client)
+        wait_for(lambda: row(a, vm)[0] == "connecting" and row(a, vm)[1] == a.host_id)
+        t0 = time.monotonic()
+        sock2, reader2, infos2, final2 = connect(b, vm_id=vm)
+        g.join(timeout=10)
+        sock1, reader1, infos1, final1 = first["result"]
+        assert final1.status == 503
+        assert "Aborted by contending session" in final1.text
+        assert final2.status == 101, final2
+        assert time.monotonic() - t0 < 6
+        r = row(a, vm)
+        assert (r[0], r[1]) == ("connected", b.host_id)
+        sock2.sendall(b"x")
+        assert reader2.recv_exact(1) == b"x"
+        sock1.close()
+        sock2.close()
+        assert wait_for(lambda: row(a, vm)[0] == "disconnected")
+    finally:
+        b.close()
+        a.close()
+
+
+def test_drain_waits_for_sessions_within_grace(tmp_path, pg_server, fresh_db_name):
+    node = make_env(tmp_path, pg_server, fresh_db_name)
+    try:
+        osf = node.seed.osf()
+        user = node.seed.user("qvd", "qvd")
+        vm = node.seed.vm("v", user, osf)
+        node.start()
+        node.seed.running_at(vm, node.host_id, node.vma)
+        sock, reader, infos, final = connect(node, vm_id=vm)
+        assert final.status == 101
+        gevent.spawn_later(0.5, sock.close)  # the user leaves during the grace period
+        t0 = time.monotonic()
+        node.svc.drain(5)
+        assert time.monotonic() - t0 < 3
+        assert row(node, vm)[0] == "disconnected"
+        # no longer accepting
+        try:
+            s = open_conn(node.svc.port, node.cert, timeout=2)
+            get(s, "/qvd/ping")
+            Reader(s).response()
+            accepted = True
+        except (OSError, EOFError):
+            accepted = False
+        assert not accepted
+    finally:
+        node.close()
+
+
+def test_logs_name_user_and_vm_but_no_secrets(tmp_path, pg_server, fresh_db_name, caplog):
+    node = make_env(tmp_path, pg_server, fresh_db_name)
+    try:
+        osf = node.seed.osf()
+        user = node.seed.user("qvd", "qvd")
+        vm = node.seed.vm("v", user, osf)
+        node.start()
+        node.seed.running_at(vm, node.host_id, node.vma)
+        node.db.execute("INSERT INTO user_tokens (token, user_id, expiration, multi_use) VALUES "
+                        "('SeCrEtToKeN', %s, extract(epoch from now())::int + 100, true)", (user,))
+        caplog.set_level(logging.DEBUG)
+        before = metrics.get("qvd_l7r_connects_total", result="ok")
+        s = open_conn(node.svc.port, node.cert)
+        get(s, "/qvd/list_of_vm", [("Authorization", "Basic " + base64.b64encode(b"qvd:TopSecretPw").decode())])
+        assert Reader(s).response().status == 401
+        s.close()
+        bearer = [("Authorization", "Bearer " + base64.b64encode(b"SeCrEtToKeN").decode())]
+        sock, reader, infos, final = connect(node, vm_id=vm, headers=bearer + UPGRADE)
+        assert final.status == 101
+        sock.close()
+        wait_for(lambda: row(node, vm)[0] == "disconnected")
+        text = caplog.text
+        assert "TopSecretPw" not in text and "SeCrEtToKeN" not in text
+        assert base64.b64encode(b"SeCrEtToKeN").decode() not in text
+        assert f"session open: user qvd VM {vm}" in text
+        assert f"session closed: user qvd VM {vm}" in text
+        assert "authentication failed (bad_password) for qvd" in text
+        assert metrics.get("qvd_l7r_connects_total", result="ok") == before + 1
+        assert metrics.get("qvd_l7r_splice_bytes_total", direction="to_vm") >= 0
+        rendered = metrics.render()
+        assert "qvd_l7r_http_requests_total" in rendered and "qvd_l7r_auth_failures_total" in rendered
+    finally:
+        node.close()
