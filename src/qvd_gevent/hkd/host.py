@@ -596,7 +596,9 @@ class HKD:
                 continue
             self._dispatch_start(self._new_runner(vm_id))
         # a runner whose row went to another node (or none) must not keep its VM
-        ids = [vm_id for vm_id, r in self.vms.items() if r.state not in ("new", "stopped")]
+        # (a runner clearing its own row, stopping.db, is not a loss)
+        ids = [vm_id for vm_id, r in self.vms.items()
+               if r.state not in ("new", "stopped", "lost") and r.machine.state != "stopping.db"]
         if ids:
             mine = {r[0] for r in self.db.query("SELECT vm_id FROM vm_runtimes WHERE vm_id = ANY(%s) AND host_id = %s",
                                                 (ids, hid))}
