@@ -2,7 +2,6 @@
 import base64
 import json
 
-import gevent
 import pytest
 
 from helpers.l7r_env import Node, Reader, Seed, basic, get, make_cert, open_conn, write_conf

@@ -7,7 +7,7 @@ import gevent
 
 from helpers.l7r_env import Reader, get, open_conn
 from qvd_gevent.node import metrics
-from test_l7r_sessions import AUTH, UPGRADE, connect, make_env, row, wait_for
+from test_l7r_sessions import UPGRADE, connect, make_env, row, wait_for
 
 
 def test_takeover_of_a_connecting_session(tmp_path, pg_server, fresh_db_name):

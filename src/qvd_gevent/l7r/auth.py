@@ -15,7 +15,6 @@ import json
 import logging
 import time
 
-import gevent
 
 from ..db import now_epoch
 from ..db.passwords import hash_password, is_legacy, verify_password

@@ -21,7 +21,6 @@ import gevent.socket
 
 from ..db import notify, now_epoch
 from ..db.placement import NoHostAvailable, pick_host
-from ..node import metrics
 from ..vma.client import VmaClient, VmaError
 from .splice import tune_socket
 

@@ -277,7 +277,7 @@ class L7RService:
             session = self.sessions.get(vm_id)
             if session is not None:
                 log.info("takeover: closing session of user %s on VM %s", session.login, vm_id)
-                session.abort("taken over by another client")
+                session.abort(f"Aborted by contending session VM_ID: {vm_id}")
             else:
                 self.db.transaction(release_row, vm_id, self.host_id, self.pid)
 
