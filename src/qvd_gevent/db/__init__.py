@@ -141,6 +141,10 @@ class Database:
         except Exception:
             pass
 
+    def _drop_idle(self):
+        while self._idle:
+            self._close_quietly(self._idle.pop())
+
     def close(self):
         self._closed = True
         while self._idle:
@@ -170,10 +174,14 @@ class Database:
                     gevent.sleep(random.uniform(0.005, 0.05) * attempt)
                     continue
                 if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) and code is None:
+                    # a server restart kills every pooled connection at once: drop the idle
+                    # ones too, or each would fail one more request after the server is back
+                    self._drop_idle()
                     if not lost_connection_retried:
                         lost_connection_retried = True
                         continue
-                    raise DatabaseUnavailable(f"database connection lost: {str(exc).strip()}") from None
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise DatabaseUnavailable(f"database connection lost: {first}") from None
                 raise
 
     def query(self, sql, params=None):

@@ -1,0 +1,260 @@
+"""Database faults (issue 7 item 4) against a PostgreSQL of this module's own, so restarting
+it disturbs no other test: a restart under 500 spliced sessions, and no database at start.
+
+The node is a real `qvd-node` process. 498 sessions go to stand-in VMs (bench/farm.py: one
+process answering as many VMs, rows `running` on a farm host with backend=false) and 2 to
+process VMs the node's own HKD starts on demand.
+"""
+import itertools
+import os
+import time
+
+import gevent
+import gevent.pool
+import pytest
+from helpers.cluster import (
+    Farm,
+    NodeProcess,
+    client_context,
+    echo_roundtrip,
+    http_get,
+    kill_vm_processes,
+    make_cert,
+    node_values,
+    open_session,
+    place_on_farm,
+    seed_host,
+    seed_ssl,
+    seed_users_and_vms,
+    vm_processes,
+    wait_for,
+    write_conf,
+)
+
+from qvd_gevent.db import Database
+from qvd_gevent.db.deploy import deploy
+from qvd_gevent.db.embedded import EmbeddedPostgres
+
+DB_USER = "qvd_fault"
+DB_PASSWORD = "fault pass"
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def own_pg(tmp_path_factory):
+    pg = EmbeddedPostgres(tmp_path_factory.mktemp("fault-pg") / "pg").start()
+    yield pg
+    pg.destroy()
+
+
+@pytest.fixture
+def fault_db(own_pg):
+    """(conf lines, Database) of a fresh deployed database on the module's own server."""
+    name = f"qvd_fault_{os.getpid()}_{next(_names)}"
+    own_pg.start()
+    own_pg.create_database(name, DB_USER, DB_PASSWORD)
+    lines = own_pg.node_conf_lines(name, DB_USER, DB_PASSWORD)
+    db = Database(dict(host=own_pg.host, port=own_pg.port, user=DB_USER, password=DB_PASSWORD, dbname=name,
+                       connect_timeout=10))
+    assert deploy(db) == 0
+    yield lines, db
+    db.close()
+    own_pg.start()
+    own_pg.drop_database(name)
+
+
+def _retrying(fn, timeout, what):
+    """Call fn until it stops raising a DB error (the test's own pool lives through the restart too)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: still failing after {timeout} s") from None
+            gevent.sleep(0.2)
+
+
+SESSIONS = 500
+PROCESS_VMS = 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_postgres_restart_under_500_spliced_sessions(tmp_path, own_pg, fault_db):
+    lines, db = fault_db
+    cert, key = make_cert(tmp_path / "ssl")
+    seed_ssl(db, cert, key)
+    node_host = seed_host(db, "fault-node")
+    farm = Farm().start()
+    node = None
+    run_dir = tmp_path / "run-fault-node"
+    sockets = {}
+    try:
+        farm_host = seed_host(db, "fault-farm", farm.address, state="running", backend=False, ok_now=True)
+        vms = seed_users_and_vms(db, [("alice", "alice pw")], vms_per_user=SESSIONS + 10)["alice"]
+        process_vms, farm_vms = vms[:PROCESS_VMS], vms[PROCESS_VMS:]
+        place_on_farm(db, farm_vms, farm_host, farm)
+        spare = farm_vms[SESSIONS - PROCESS_VMS:]           # never connected before the restart
+        session_vms = process_vms + farm_vms[:SESSIONS - PROCESS_VMS]
+        values = node_values(tmp_path, "fault-node", **{
+            # the farm host has no heartbeat of its own: never declare it lost here
+            "internal.hkd.cluster.node.timeout": 86400,
+            "internal.l7r.timeout.vm_start": 60,
+            "internal.l7r.poll_time.vm": 1,
+        })
+        conf = write_conf(tmp_path / "node.conf", lines, "fault-node", values)
+        node = NodeProcess(conf, tmp_path / "node.log").start()
+        node.wait_running()
+        port = values["l7r.port"]
+        ctx = client_context(cert)
+
+        # --- 500 sessions spliced ------------------------------------------------------------------
+        def connect(vm_id):
+            sockets[vm_id] = open_session(port, ctx, "alice", "alice pw", vm_id, timeout=90)[0]
+        started = time.monotonic()
+        pool = gevent.pool.Pool(25)
+        for vm_id in session_vms:
+            pool.spawn(connect, vm_id)
+        pool.join(raise_error=True)
+        setup_s = time.monotonic() - started
+        assert len(sockets) == SESSIONS
+        for vm_id, sock in sockets.items():
+            assert echo_roundtrip(sock, b"before %d\n" % vm_id) == b"before %d\n" % vm_id
+        assert set(vm_processes(run_dir)) == set(process_vms)
+        rows = db.query("SELECT vm_id, user_state, l7r_host_id FROM vm_runtimes WHERE vm_id = ANY(%s)", (session_vms,))
+        assert sorted(rows) == sorted((v, "connected", node_host) for v in session_vms)
+
+        # --- traffic keeps flowing while PostgreSQL restarts -----------------------------------------
+        failures, rounds = [], [0]
+        stop_flow = gevent.event.Event()
+
+        def flow(mine):
+            # each flow greenlet owns its sockets: one reader per socket
+            for i in itertools.count():
+                if stop_flow.is_set() or i > 100000:
+                    return
+                vm_id = mine[i % len(mine)]
+                payload = b"during %d %d\n" % (i, vm_id)
+                try:
+                    if echo_roundtrip(sockets[vm_id], payload, timeout=10) != payload:
+                        failures.append((vm_id, "wrong bytes"))
+                except Exception as exc:  # noqa: BLE001 - every failure is reported by the assert below
+                    failures.append((vm_id, repr(exc)))
+                rounds[0] += 1
+                gevent.sleep(0.002)
+        flows = [gevent.spawn(flow, session_vms[k::4]) for k in range(4)]
+        gevent.sleep(1)
+        before_restart = node.log_text()
+        t_restart = time.monotonic()
+        own_pg.restart()
+        t_up = time.monotonic()
+
+        # the first login once the server is back works: no stale pooled connection fails it
+        first = http_get(port, ctx, "/qvd/list_of_vm", "alice", "alice pw", timeout=10)
+        assert first.status == 200, f"first login after the restart: {first}"
+        # new logins: list_of_vm answers 200 again
+        def login_ok():
+            try:
+                return http_get(port, ctx, "/qvd/list_of_vm", "alice", "alice pw", timeout=10).status == 200
+            except OSError:
+                return False
+        wait_for(login_ok, timeout=30, interval=0.1, what="a login after the restart")
+        t_login = time.monotonic()
+        # a new session on a VM nobody had before
+        new_sock = _retrying(lambda: open_session(port, ctx, "alice", "alice pw", spare[0], timeout=30)[0],
+                             30, "a new session after the restart")
+        t_session = time.monotonic()
+        sockets[spare[0]] = new_sock
+        assert echo_roundtrip(new_sock, b"new\n") == b"new\n"
+        wait_for(lambda: "LISTEN connection re-established" in node.log_text()[len(before_restart):], 30,
+                 what="the node's LISTEN reconnect")
+        t_listen = time.monotonic()
+        gevent.sleep(2)
+        stop_flow.set()
+        gevent.joinall(flows, timeout=30)
+        assert failures == [], f"{len(failures)} echo failures during the restart, first: {failures[:5]}"
+        assert rounds[0] > SESSIONS, rounds            # every session got traffic during the fault
+
+        # LISTEN works again: a takeover is answered by a NOTIFY to this node, not a timeout
+        victim = farm_vms[10]
+        t0 = time.monotonic()
+        taker = open_session(port, ctx, "alice", "alice pw", victim, timeout=30)[0]
+        takeover_s = time.monotonic() - t0
+        sockets[victim].settimeout(10)
+        assert sockets[victim].recv(100) == b"", "the taken-over session was not closed"
+        sockets[victim] = taker
+        assert takeover_s < 5, f"takeover took {takeover_s:.1f} s (LISTEN not back?)"
+
+        # heartbeat resumed
+        ok1 = _retrying(lambda: db.query_one("SELECT ok_ts FROM host_runtimes WHERE host_id = %s", (node_host,))[0],
+                        20, "heartbeat row")
+        wait_for(lambda: db.query_one("SELECT ok_ts FROM host_runtimes WHERE host_id = %s", (node_host,))[0] > ok1,
+                 10, what="a heartbeat after the restart")
+
+        # every session still flows, every row consistent
+        for vm_id, sock in sockets.items():
+            assert echo_roundtrip(sock, b"after %d\n" % vm_id) == b"after %d\n" % vm_id
+        connected = session_vms + [spare[0]]
+        rows = db.query("SELECT vm_id, user_state, l7r_host_id FROM vm_runtimes WHERE vm_id = ANY(%s)", (connected,))
+        assert sorted(rows) == sorted((v, "connected", node_host) for v in connected)
+        assert db.query_one("SELECT count(*) FROM vm_runtimes WHERE user_state <> 'disconnected'")[0] == len(connected)
+        assert db.query("SELECT state FROM host_runtimes WHERE host_id = %s", (node_host,)) == [("running",)]
+        assert set(vm_processes(run_dir)) == set(process_vms)
+
+        # the clients leave: every row disconnected
+        for sock in sockets.values():
+            sock.close()
+        sockets.clear()
+        wait_for(lambda: db.query_one("SELECT count(*) FROM vm_runtimes WHERE user_state <> 'disconnected' "
+                                      "OR l7r_host_id IS NOT NULL")[0] == 0, 30, what="all rows disconnected")
+        print(f"\nMEASURED: {SESSIONS} sessions set up in {setup_s:.1f} s; PostgreSQL restart took "
+              f"{t_up - t_restart:.1f} s; after it was up: login {t_login - t_up:.2f} s, new session "
+              f"{t_session - t_up:.2f} s, LISTEN seen back {t_listen - t_up:.2f} s; takeover {takeover_s:.2f} s; "
+              f"{rounds[0]} echo round trips during the fault")
+        assert t_login - t_up < 10 and t_session - t_up < 15
+        text = node.log_text()
+        assert "Traceback" not in text, text[text.find("Traceback") - 500:][:3000]
+        assert node.terminate() == 0
+    finally:
+        for sock in sockets.values():
+            sock.close()
+        if node is not None:
+            node.cleanup()
+        kill_vm_processes(run_dir)
+        farm.stop()
+
+
+def test_database_unreachable_at_start_retries_then_node_comes_up(tmp_path, own_pg, fault_db):
+    lines, db = fault_db
+    cert, key = make_cert(tmp_path / "ssl")
+    seed_ssl(db, cert, key)
+    host_id = seed_host(db, "late-db-node")
+    values = node_values(tmp_path, "late-db-node", **{"internal.database.pool.connection.delay": 1,
+                                                       "internal.database.pool.connection.retries": 60,
+                                                       "internal.database.client.connect.timeout": 2})
+    conf = write_conf(tmp_path / "node.conf", lines, "late-db-node", values)
+    node = NodeProcess(conf, tmp_path / "node.log")
+    try:
+        own_pg.stop()
+        node.start()
+        wait_for(lambda: "(attempt 3 of 60)" in node.log_text(), 30, what="three retries logged")
+        assert node.proc.poll() is None, "the node exited instead of retrying"
+        errors = [line for line in node.log_text().splitlines() if "retrying in 1 s" in line]
+        assert errors and all("cannot connect to database" in line for line in errors), errors
+        assert "Traceback" not in node.log_text()
+        assert DB_PASSWORD not in node.log_text()
+        t0 = time.monotonic()
+        own_pg.start()
+        node.wait_running(timeout=60)
+        print(f"\nMEASURED: node running {time.monotonic() - t0:.1f} s after PostgreSQL came up")
+        assert db.query("SELECT state FROM host_runtimes WHERE host_id = %s", (host_id,)) == [("running",)]
+        ctx = client_context(cert)
+        seed = seed_users_and_vms(db, [("bob", "bob pw")])
+        assert seed["bob"]
+        assert http_get(values["l7r.port"], ctx, "/qvd/list_of_vm", "bob", "bob pw").status == 200
+        assert node.terminate() == 0
+    finally:
+        node.cleanup()
+        own_pg.start()
+
