@@ -60,6 +60,17 @@ class Session:
             self.greenlet.kill(SessionAborted(reason), block=False)
 
 
+def shielded(fn, *args):
+    """Run fn to its end even if a SessionAborted lands late: an abort's kill can be
+    scheduled just before the setup failed by itself, and cleanup must still release the row."""
+    for _ in range(5):
+        try:
+            return fn(*args)
+        except SessionAborted:
+            continue
+    return None
+
+
 class L7RService:
     def __init__(self, cfg, db, listener):
         self.cfg = cfg
@@ -337,7 +348,7 @@ class L7RService:
                 handed_over = self._dispatch(conn, request, peer_ip, cache)
                 if handed_over or not conn.can_continue:
                     return
-        except ClientGone:
+        except (ClientGone, SessionAborted):
             pass
         except (OSError, ValueError) as exc:
             log.debug("connection from %s ended: %s", peer_ip, exc)
@@ -507,17 +518,13 @@ class L7RService:
             message = str(exc) or f"Aborted by contending session VM_ID: {vm_id}"
             metrics.inc("qvd_l7r_connects_total", result="failed")
             log.info("connect_to_vm failed: user %s VM %s from %s: %s", auth.login, vm_id, peer_ip, message)
-            if vm_sock is not None:
-                vm_sock.close()
-            self._end_setup(session)
-            conn.send_error(503, f"The requested virtual machine is not available: {message}, retry later.")
+            shielded(self._fail_setup, conn, session, vm_sock,
+                     f"The requested virtual machine is not available: {message}, retry later.")
             return False
         except BaseException:
             session.greenlet = None
             metrics.inc("qvd_l7r_connects_total", result="error")
-            if vm_sock is not None:
-                vm_sock.close()
-            self._end_setup(session)
+            shielded(self._fail_setup, None, session, vm_sock, None)
             raise
         leftover = conn.leftover()
         session.started = time.monotonic()
@@ -527,6 +534,13 @@ class L7RService:
         session.splice = Splice(conn.sock, vm_sock, on_done=lambda reason: self._on_splice_done(session, reason))
         session.splice.start(leftover)
         return True
+
+    def _fail_setup(self, conn, session, vm_sock, answer):
+        if vm_sock is not None:
+            vm_sock.close()
+        self._end_setup(session)
+        if conn is not None and answer is not None and conn.h11.our_state is h11.SEND_RESPONSE:
+            conn.send_error(503, answer)
 
     def _end_setup(self, session):
         if session.claimed:
