@@ -1,0 +1,323 @@
+"""Helpers for the hostile-client, TLS and access-control tests.
+
+- ``Pki``: a test CA (ECDSA) that issues server and client certificates and CRLs, made
+  with ``cryptography``; nothing leaves the test's tmp folder.
+- ``tls_node(...)``: an L7R node (helpers.l7r_env.Node: real PostgreSQL, FakeVma, TestHkd)
+  serving a CA-signed certificate, optionally requiring client certificates (CA + CRL in
+  ``ssl_configs``, as ``qvd-admin config ssl`` stores them).
+- Leak accounting for this process: open file descriptors, live greenlets, errors the
+  gevent hub reported.
+- ``client_hello()``: the bytes of a genuine TLS ClientHello (for truncated-record and
+  stalled-handshake attacks).
+- Run as a script (``python3 hostile.py slowloris ...``) it is the slowloris attacker:
+  a separate process, like a real attacker, so the node's own hub is measured honestly.
+  It prints ``READY <n>`` once every connection is open, then one JSON line with what
+  happened to each connection, and exits; every loop is bounded by count and time.
+"""
+import datetime
+import gc
+import ipaddress
+import json
+import os
+import resource
+import ssl
+import sys
+import time
+
+if __name__ == "__main__":  # the attacker process: patch before anything else imports socket
+    from gevent import monkey
+    monkey.patch_all()
+
+import gevent
+import gevent.socket
+import greenlet
+
+
+# --- process accounting -----------------------------------------------------------------------------
+def raise_nofile(wanted=65536):
+    """Raise this process's soft RLIMIT_NOFILE towards wanted (never above the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def live_greenlets():
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead)
+
+
+class HubErrors:
+    """Records every error the gevent hub is told about (an exception that escaped a greenlet)."""
+
+    def __init__(self):
+        self.errors = []
+        self._hub = gevent.get_hub()
+        self._orig = None
+
+    def __enter__(self):
+        self._orig = self._hub.handle_error
+
+        def handle_error(context, type_, value, tb):
+            if type_ is not None and not issubclass(type_, (gevent.GreenletExit, SystemExit, KeyboardInterrupt)):
+                self.errors.append(f"{type_.__name__}: {value} (in {context!r})")
+            return self._orig(context, type_, value, tb)
+        self._hub.handle_error = handle_error
+        return self
+
+    def __exit__(self, *exc):
+        self._hub.handle_error = self._orig
+        return False
+
+
+def wait_until(pred, timeout, step=0.05):
+    """pred's first truthy value, or its last value after timeout (bounded by time)."""
+    deadline = time.monotonic() + timeout
+    value = pred()
+    while not value and time.monotonic() < deadline:
+        gevent.sleep(step)
+        value = pred()
+    return value
+
+
+# --- a test PKI -------------------------------------------------------------------------------------
+class Pki:
+    """A CA with server and client certificates and CRLs, as PEM files under folder."""
+
+    def __init__(self, folder, name="QVD test CA"):
+        from cryptography.hazmat.primitives.asymmetric import ec
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        self.ca_key = ec.generate_private_key(ec.SECP256R1())
+        self.ca_name = self._name(name)
+        self.ca_cert = self._sign(self.ca_name, self.ca_key.public_key(), ca=True)
+        self.ca_path = self._write_cert("ca.pem", self.ca_cert)
+
+    @staticmethod
+    def _name(cn):
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def _sign(self, subject, public_key, ca=False, server=False, client=False, days=30):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.ca_name).public_key(public_key)
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=days))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False),
+                critical=True)
+        else:
+            builder = builder.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()), critical=False)
+        if server:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        if client:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        return builder.sign(self.ca_key, hashes.SHA256())
+
+    def _write_cert(self, filename, cert):
+        from cryptography.hazmat.primitives import serialization
+        path = os.path.join(self.folder, filename)
+        with open(path, "wb") as fh:
+            fh.write(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    def _write_key(self, filename, key):
+        from cryptography.hazmat.primitives import serialization
+        path = os.path.join(self.folder, filename)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+        return path
+
+    def issue(self, name, server=False, client=False):
+        """(cert_path, key_path, serial) of a new certificate for CN=name signed by this CA."""
+        from cryptography.hazmat.primitives.asymmetric import ec
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._sign(self._name(name), key.public_key(), server=server, client=client)
+        return self._write_cert(f"{name}-cert.pem", cert), self._write_key(f"{name}-key.pem", key), cert.serial_number
+
+    def crl(self, revoked_serials, filename="crl.pem"):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.ca_name)
+                   .last_update(now - datetime.timedelta(minutes=5)).next_update(now + datetime.timedelta(days=1)))
+        for serial in revoked_serials:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - datetime.timedelta(minutes=1))
+                .build())
+        crl = builder.sign(self.ca_key, hashes.SHA256())
+        path = os.path.join(self.folder, filename)
+        with open(path, "wb") as fh:
+            fh.write(crl.public_bytes(serialization.Encoding.PEM))
+        return path
+
+
+# --- an L7R node with that PKI -------------------------------------------------------------------------
+def tls_node(tmp_path, pg_server, dbname, extra=None, pki=None, client_ca=False, crl_path=None, start=True,
+             nodename="test-node"):
+    """An l7r_env.Node whose certificate is signed by pki's CA; node.cert is the CA to trust.
+
+    client_ca=True stores the CA as l7r.ssl.ca (and crl_path as l7r.ssl.crl) and sets
+    l7r.client.cert.require=1."""
+    from helpers.l7r_env import Node, Seed, write_conf
+    pki = pki or Pki(str(tmp_path / "pki"))
+    values = dict(extra or {})
+    if client_ca:
+        values["l7r.client.cert.require"] = 1
+    conf = write_conf(tmp_path, pg_server, dbname, nodename, values)
+    cert, key, _serial = pki.issue("localhost", server=True)
+    node = Node(conf, start=False)
+    node.pki = pki
+    node.cert = pki.ca_path
+    node.seed = Seed(node.db)
+    rows = [("l7r.ssl.cert", open(cert).read()), ("l7r.ssl.key", open(key).read())]
+    if client_ca:
+        rows.append(("l7r.ssl.ca", open(pki.ca_path).read()))
+    if crl_path:
+        rows.append(("l7r.ssl.crl", open(crl_path).read()))
+    for k, v in rows:
+        node.db.execute("INSERT INTO ssl_configs (key, value) VALUES (%s, %s) "
+                        "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (k, v))
+    node.host_id = node.seed.host(nodename)
+    if start:
+        node.start()
+    return node
+
+
+def client_hello(server_hostname="localhost"):
+    """The bytes of a real TLS ClientHello (as a client would send first)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+# --- the slowloris attacker (a separate process) --------------------------------------------------------
+KINDS = ("hello", "idle", "head", "body")
+
+
+def _slow_one(kind, port, cafile, period, max_seconds, hello, results, established):
+    """One slowloris connection: never finishes its request; returns when the server cuts it (or at max)."""
+    record = {"kind": kind, "t_connect": None, "t_tcp": None, "t_ready": None, "t_closed": None, "answer": "",
+              "sent": 0}
+    results.append(record)
+    t0 = time.monotonic()
+    record["t_connect"] = t0
+    try:
+        raw = gevent.socket.create_connection(("127.0.0.1", port), timeout=30)
+    except OSError as exc:
+        record["answer"] = f"connect failed: {exc}"
+        return
+    record["t_tcp"] = time.monotonic()
+    sock = raw
+    try:
+        if kind == "hello":
+            # a genuine ClientHello, one byte at a time, never the last one
+            pending = list(hello[:-1])
+        else:
+            ctx = ssl.create_default_context(cafile=cafile)
+            ctx.check_hostname = False
+            sock = ctx.wrap_socket(raw, server_hostname="localhost")
+            if kind == "idle":
+                pending = []
+            elif kind == "head":
+                sock.sendall(b"GET /qvd/list_of_vm HTTP/1.1\r\n")
+                pending = list(b"".join(b"X-Slow-%04d: a\r\n" % i for i in range(2000)))
+            else:  # body: a whole head, then a body that never ends
+                sock.sendall(b"GET /qvd/ping HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
+                pending = list(b"x" * 100000)
+        record["t_ready"] = time.monotonic()
+        established.append(1)
+        sock.settimeout(period)
+        answer = b""
+        for _ in range(int(max_seconds / period) + 1):
+            if time.monotonic() - t0 > max_seconds:
+                break
+            try:
+                data = sock.recv(4096)
+                if not data:
+                    record["t_closed"] = time.monotonic()
+                    break
+                answer += data
+                continue
+            except (TimeoutError, gevent.socket.timeout):
+                pass
+            except OSError:
+                record["t_closed"] = time.monotonic()
+                break
+            if pending:
+                try:
+                    sock.sendall(bytes([pending.pop(0)]))
+                    record["sent"] += 1
+                except OSError:
+                    record["t_closed"] = time.monotonic()
+                    break
+        record["answer"] = answer[:200].decode("latin-1")
+    except (OSError, ssl.SSLError) as exc:
+        record["answer"] = f"error: {exc}"
+        record["t_closed"] = time.monotonic()
+    finally:
+        sock.close()
+
+
+def slowloris_main(argv):
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("port", type=int)
+    p.add_argument("--cafile", required=True)
+    p.add_argument("--per-kind", type=int, default=500)
+    p.add_argument("--period", type=float, default=1.0)
+    p.add_argument("--ramp", type=float, default=3.0)
+    p.add_argument("--max-seconds", type=float, default=60.0)
+    a = p.parse_args(argv)
+    raise_nofile(65536)
+    hello = client_hello()
+    results, established = [], []
+    greenlets = []
+    total = a.per_kind * len(KINDS)
+    for i in range(total):
+        kind = KINDS[i % len(KINDS)]
+        greenlets.append(gevent.spawn_later(a.ramp * i / total, _slow_one, kind, a.port, a.cafile, a.period,
+                                            a.max_seconds, hello, results, established))
+    deadline = time.monotonic() + a.ramp + 30
+    while len(established) < total and time.monotonic() < deadline:
+        if all(g.ready() for g in greenlets):
+            break
+        gevent.sleep(0.05)
+    print(f"READY {len(established)}", flush=True)
+    gevent.joinall(greenlets, timeout=a.max_seconds + a.ramp + 10)
+    gevent.killall([g for g in greenlets if not g.ready()], timeout=5)
+    print(json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["slowloris"]:
+        slowloris_main(sys.argv[2:])
+    else:
+        sys.exit("usage: hostile.py slowloris PORT --cafile CA [--per-kind N --period S --ramp S --max-seconds S]")
