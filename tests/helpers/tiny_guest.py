@@ -11,7 +11,8 @@ busybox-static whose /init
 - serves the VMA calls the HKD makes with busybox httpd on port 3030: static files
   ``/vma/ping`` and ``/vma/x_state`` holding SimpleRPC JSON bodies,
 - echoes lines on port 4100 (the "display" port), and
-- prints ``QVD-GUEST-READY <address>`` on the serial console when all that is up.
+- prints ``QVD-GUEST-LEASE <address>`` on the serial console once it has its lease (before
+  the VMA serves) and ``QVD-GUEST-READY <address>`` when everything is up.
 
 The result is cached in ``QVD_TEST_GUEST_CACHE`` (default /var/cache/qvd-test-guest) keyed
 by a recipe version, so only the first run downloads (~70 MB) and builds (a few seconds).
@@ -23,7 +24,7 @@ import shutil
 import subprocess
 import tempfile
 
-RECIPE_VERSION = "4"
+RECIPE_VERSION = "5"
 CACHE_DIR = os.environ.get("QVD_TEST_GUEST_CACHE", "/var/cache/qvd-test-guest")
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3"
 READY_MARK = "QVD-GUEST-READY"
@@ -60,6 +61,8 @@ until [ -s /tmp/address ] || [ $tries -ge 60 ]; do
   udhcpc -i eth0 -s /udhcpc.sh -f -q -t 5 -T 1 -A 1 >/dev/null 2>&1
   tries=$((tries + 1))
 done
+# printed before the VMA serves: whoever sees the VMA answer can already read this line
+echo "QVD-GUEST-LEASE $(cat /tmp/address 2>/dev/null)"
 httpd -p 3030 -h /www
 nc -ll -p 4100 -e /bin/cat &
 echo "QVD-GUEST-READY $(cat /tmp/address 2>/dev/null)"

@@ -177,7 +177,7 @@ def test_tiny_guest_boots_under_tcg_gets_lease_answers_vma_and_leaves_nothing(te
     assert os.path.basename(result["overlay"]) == "1-5-overlay.qcow2"
     assert result["xml_meta"]["ip"] == "10.77.0.105" and result["xml_meta"]["mac"] == "54:52:00:4d:00:69"
     assert result["boot_seconds"] is not None, "guest never answered the VMA ping; serial:\n" + result["serial"]
-    assert "QVD-GUEST-READY 10.77.0.105" in result["serial"]      # the address came from our dnsmasq
+    assert "QVD-GUEST-LEASE 10.77.0.105" in result["serial"]      # the address came from our dnsmasq
     assert result["x_state"] == "stopped"
     assert result["echo"] == "hello guest\n"
     assert result["running"] and result["listed"] == {"5": "10.77.0.105"}

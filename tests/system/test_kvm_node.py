@@ -169,7 +169,7 @@ def test_admin_vm_start_boots_a_kvm_guest_to_running_and_vm_stop_leaves_nothing(
     row = wait_vm_state(node.db, node.vm_id, "running", timeout=BOOT_TIMEOUT)
     print(f"ADMIN-START-TO-RUNNING-SECONDS {time.monotonic() - started:.1f}")
     assert row["vm_address"] == f"{VM_NET}.0.150" and row["host_id"] == node.host_id
-    assert f"QVD-GUEST-READY {VM_NET}.0.150" in node.serial()          # leased from the node's dnsmasq
+    assert f"QVD-GUEST-LEASE {VM_NET}.0.150" in node.serial()          # leased from the node's dnsmasq
     assert node.domains() == [f"qvd-{node.vm_id}"]
 
     _admin(node.conf, "vm", "stop", "-f", f"id={node.vm_id}")
@@ -187,7 +187,7 @@ def test_node_killed_with_sigkill_adopts_its_running_guest_on_restart(kvm_node):
     driver, _ = node.start_node()
     _admin(node.conf, "vm", "start", "-f", f"id={node.vm_id}")
     wait_vm_state(node.db, node.vm_id, "running", timeout=BOOT_TIMEOUT)
-    boots = node.serial().count("QVD-GUEST-READY")
+    boots = node.serial().count("QVD-GUEST-LEASE")
     # the whole node dies at once: its process and its dnsmasq child
     victims = [pid for pid, cmd in processes_mentioning("hkd = HKD(cfg, db, listener)") if "python" in cmd]
     dnsmasq_pid = int((node.tmp_path / "run" / "dnsmasq.pid").read_text())
@@ -203,7 +203,7 @@ def test_node_killed_with_sigkill_adopts_its_running_guest_on_restart(kvm_node):
     assert row["vm_state"] == "running" and row["host_id"] == node.host_id
     gevent.sleep(3)                                                    # a few VMA health checks
     assert vm_row(node.db, node.vm_id)["vm_state"] == "running"
-    assert node.serial().count("QVD-GUEST-READY") == boots             # adopted, not booted again
+    assert node.serial().count("QVD-GUEST-LEASE") == boots             # adopted, not booted again
     probe = f"import urllib.request; urllib.request.urlopen('http://{VM_NET}.0.150:3030/vma/ping', timeout=3)"
     ping = node.host.run([sys.executable, "-c", probe])
     assert ping.returncode == 0, ping.stderr                           # the lease was re-registered too
