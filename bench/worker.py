@@ -56,14 +56,25 @@ def job_bulk(spec, target):
         n = min(len(block), total - sent)
         sock.sendall(block[:n])
         sent += n
+    stalled = False
     if complete:
-        ack = recv_exact(sock, 10)
-        got = struct.unpack("!Q", ack[2:])[0]
-    else:
-        got = sent
+        # the sink acknowledges once it has every byte; a proxy that never forwards the
+        # last bytes (or the ack) shows up as a stall, not as a hung benchmark
+        sock.settimeout(float(spec.get("ack_timeout", 10)))
+        try:
+            ack = recv_exact(sock, 10)
+            got = struct.unpack("!Q", ack[2:])[0]
+        except (OSError, WireError):
+            stalled, complete, got = True, False, sent
+            if spec.get("debug_stall"):
+                import subprocess
+                with open(spec["debug_stall"], "a") as fh:
+                    fh.write(f"STALL client {sock.getsockname()[1]} -> {target.port} pending={sock.pending()}\n")
+                    fh.write(subprocess.run(["ss", "-tnoi", "state", "established"],
+                                            capture_output=True, text=True).stdout + "\n----\n")
     elapsed = time.monotonic() - t0
     sock.close()
-    emit("result", {"bytes": got, "seconds": elapsed, "complete": complete})
+    emit("result", {"bytes": got, "seconds": elapsed, "complete": complete, "stalled": stalled})
 
 
 def job_pingpong(spec, target):

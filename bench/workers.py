@@ -31,8 +31,14 @@ class Worker:
         line = self.proc.stdout.readline() if ready else ""
         if not line:
             self.proc.kill()
-            err = self.proc.stderr.read()[-3000:] if self.proc.poll() is not None else ""
-            raise WorkerError(f"worker gave no answer in {timeout:.0f} s: {err.strip()}")
+            try:
+                self.proc.wait(5)
+                err = self.proc.stderr.read()[-3000:].strip()
+            except subprocess.TimeoutExpired:
+                err = ""
+            print(f"worker stderr:\n{err}", file=sys.stderr, flush=True)
+            last = err.splitlines()[-1] if err else "no output"
+            raise WorkerError(f"worker gave no answer in {timeout:.0f} s ({last})")
         return json.loads(line)
 
     def close(self):
