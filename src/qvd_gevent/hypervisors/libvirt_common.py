@@ -5,8 +5,11 @@ gevent's threadpool and the hub keeps serving. libvirt delivers domain lifecycle
 only to a process that runs an event loop: a native thread (not a greenlet) runs libvirt's
 default implementation (virEventRegisterDefaultImpl + virEventRunDefaultImpl) and does
 nothing but append the event to a thread-safe deque and wake the hub through a gevent
-async watcher; the hub then sets the waiters' events and calls subscribers. The embedded
-qemu driver (``qemu:///embed?root=...``) needs that loop too: it runs its own timers on it.
+async watcher; the hub then sets the waiters' events and calls subscribers. When libvirt
+reports the connection closed (libvirtd restarted), the hub forgets it and the next call
+reopens it; remote connections send keepalives so a hung libvirtd is noticed.
+Not usable here: the embedded qemu driver (``qemu:///embed``) in this process, because
+gevent's SIGCHLD handler reaps libvirt's own children (docs/kvm-lxc-notes.md).
 
 API:
     conn = LibvirtConnection.get(uri)     # shared per URI (opened lazily, in the threadpool)
@@ -219,7 +222,10 @@ class LibvirtConnection:
         if what in STOPPED_EVENTS:
             self._stopped.setdefault(name, gevent.event.Event()).set()
         for callback in list(self._subscribers):
-            callback(name, what, detail)
+            try:
+                callback(name, what, detail)
+            except Exception:
+                log.exception("libvirt event subscriber failed")
 
     def subscribe(self, callback):
         """callback(domain_name, event_name, detail) on the hub for every lifecycle event."""
