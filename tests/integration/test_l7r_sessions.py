@@ -299,3 +299,53 @@ def test_stop_vm(env):
     get(sock, "/qvd/stop_vm", AUTH)
     assert reader.final()[1].status == 422
     sock.close()
+
+
+def test_vma_params_precedence(env):
+    env.seed.prop("osf", env.osf, "qvd.client.geometry", "osf")
+    env.seed.prop("osf", env.osf, "p.osf", "osf")
+    env.seed.prop("user", env.user, "p.user", "user")
+    env.seed.prop("user", env.user, "p.osf", "user")
+    env.seed.prop("vm", env.vm_id, "p.user", "vm")
+    env.seed.prop("vm", env.vm_id, "qvd.vm.user.name", "not-from-vm")
+    env.seed.running_at(env.vm_id, env.host_id, env.vma)
+    sock, reader, infos, final = connect(env, extra="&qvd.client.geometry=1024x768&custom.x=1")
+    assert final.status == 101
+    p = env.vma.x_start_calls[-1]
+    assert p["qvd.client.geometry"] == "osf"      # properties override the client
+    assert p["p.osf"] == "user" and p["p.user"] == "vm"
+    assert p["qvd.vm.user.name"] == "qvd"         # auth params override properties
+    assert p["custom.x"] == "1" and len(p["auth_token"]) >= 40
+    sock.close()
+
+
+def test_silent_tls_client_dropped_at_deadline(tmp_path, pg_server, fresh_db_name):
+    node = make_env(tmp_path, pg_server, fresh_db_name, extra={"l7r.timeout.request": 1})
+    try:
+        node.start()
+        raw = socket.create_connection(("127.0.0.1", node.svc.port), timeout=5)
+        t0 = time.monotonic()
+        assert raw.recv(10) == b""  # no handshake ever started: closed after the deadline
+        assert time.monotonic() - t0 < 3
+        raw.close()
+        assert wait_for(lambda: node.svc.connections_open == 0)
+    finally:
+        node.close()
+
+
+def test_stop_vm_unstoppable_and_timeout(env):
+    env.hkd.stop()
+    env.seed.running_at(env.vm_id, env.host_id, env.vma)
+    env.db.execute("UPDATE vm_runtimes SET vm_state = 'zombie' WHERE vm_id = %s", (env.vm_id,))
+    sock = open_conn(env.svc.port, env.cert)
+    reader = Reader(sock)
+    get(sock, f"/qvd/stop_vm?id={env.vm_id}", AUTH)
+    infos, final = reader.final()
+    assert (final.status, final.text) == (503, "The requested virtual machine is in an unstoppable state (zombie)")
+    env.db.execute("UPDATE vm_runtimes SET vm_state = 'running' WHERE vm_id = %s", (env.vm_id,))
+    get(sock, f"/qvd/stop_vm?id={env.vm_id}", AUTH)
+    infos, final = reader.final()  # nobody stops it: 408 after internal.l7r.timeout.vm_stop (5 s here)
+    assert infos[0] == "Stopping virtual machine"
+    assert (final.status, final.text) == (408, "VM didn't reach state 'stopped'. Timeout")
+    assert env.db.query_one("SELECT vm_cmd FROM vm_runtimes WHERE vm_id = %s", (env.vm_id,))[0] == "stop"
+    sock.close()
