@@ -109,3 +109,24 @@ def test_logs_name_user_and_vm_but_no_secrets(tmp_path, pg_server, fresh_db_name
         assert "qvd_l7r_http_requests_total" in rendered and "qvd_l7r_auth_failures_total" in rendered
     finally:
         node.close()
+
+
+def test_reconcile_releases_rows_without_session(tmp_path, pg_server, fresh_db_name):
+    node = make_env(tmp_path, pg_server, fresh_db_name)
+    try:
+        osf = node.seed.osf()
+        user = node.seed.user("qvd", "qvd")
+        old = node.seed.vm("old", user, osf)
+        fresh = node.seed.vm("fresh", user, osf)
+        node.start()
+        pid = node.svc.pid
+        # a row this process holds with no live session (its release was lost), and a fresh claim
+        node.db.execute("UPDATE vm_runtimes SET user_state = 'connected', l7r_host_id = %s, l7r_pid = %s, "
+                        "user_state_ts = extract(epoch from now())::int - 60 WHERE vm_id = %s", (node.host_id, pid, old))
+        node.db.execute("UPDATE vm_runtimes SET user_state = 'connecting', l7r_host_id = %s, l7r_pid = %s, "
+                        "user_state_ts = extract(epoch from now())::int WHERE vm_id = %s", (node.host_id, pid, fresh))
+        node.svc.reconcile()
+        assert row(node, old)[0] == "disconnected"
+        assert row(node, fresh)[0] == "connecting"
+    finally:
+        node.close()

@@ -115,11 +115,17 @@ def read_committed(cur):
     cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
 
 
-def release_row(cur, vm_id, host_id, pid):
+def release_row(cur, vm_id, host_id, pid, older_than=None):
+    """Back to disconnected, only if this host and process still hold it (and, for the
+    reconcile sweep, only a claim older than older_than: never one made a moment ago)."""
     read_committed(cur)
-    cur.execute("UPDATE vm_runtimes SET user_state = 'disconnected', user_state_ts = %s, user_cmd = NULL, "
-                "l7r_host_id = NULL, l7r_pid = NULL WHERE vm_id = %s AND l7r_host_id = %s AND l7r_pid = %s",
-                (now_epoch(), vm_id, host_id, pid))
+    sql = ("UPDATE vm_runtimes SET user_state = 'disconnected', user_state_ts = %s, user_cmd = NULL, "
+           "l7r_host_id = NULL, l7r_pid = NULL WHERE vm_id = %s AND l7r_host_id = %s AND l7r_pid = %s")
+    params = [now_epoch(), vm_id, host_id, pid]
+    if older_than is not None:
+        sql += " AND coalesce(user_state_ts, 0) < %s"
+        params.append(older_than)
+    cur.execute(sql, params)
     return cur.rowcount
 
 

@@ -225,7 +225,7 @@ class L7RService:
             stale = [vm_id for (vm_id,) in rows if vm_id not in self.sessions]
             for vm_id in stale:
                 if vm_id not in self.sessions:
-                    self.db.transaction(release_row, vm_id, self.host_id, self.pid)
+                    self.db.transaction(release_row, vm_id, self.host_id, self.pid, now_epoch() - 5)
             if stale:
                 log.warning("released %d session rows without a live session", len(stale))
             return len(stale)
