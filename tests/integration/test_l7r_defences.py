@@ -259,3 +259,64 @@ def build_with_client_ca(tmp_path, node_factory):
     node.db.execute("INSERT INTO ssl_configs (key, value) VALUES ('l7r.ssl.ca', %s)", (open(cert).read(),))
     node.start()
     return node
+
+
+def _ca_and_client(folder, revoke):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "user")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(4242)
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(ca_key, hashes.SHA256()))
+    crl = x509.CertificateRevocationListBuilder().issuer_name(ca_name).last_update(now - datetime.timedelta(minutes=5)) \
+        .next_update(now + datetime.timedelta(days=1))
+    if revoke:
+        crl = crl.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(4242)
+                                          .revocation_date(now - datetime.timedelta(minutes=1)).build())
+    crl = crl.sign(ca_key, hashes.SHA256())
+    pem = serialization.Encoding.PEM
+    (folder / "leaf.pem").write_bytes(leaf.public_bytes(pem))
+    (folder / "leaf.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    return ca.public_bytes(pem).decode(), crl.public_bytes(pem).decode()
+
+
+@pytest.mark.parametrize("revoke", [False, True])
+def test_client_certificate_crl(tmp_path, node_factory, revoke):
+    folder = tmp_path / "pki"
+    folder.mkdir()
+    ca, crl = _ca_and_client(folder, revoke)
+    node = node_factory({"l7r.client.cert.require": 1}, start=False, users=False)
+    node.db.execute("INSERT INTO ssl_configs (key, value) VALUES ('l7r.ssl.ca', %s), ('l7r.ssl.crl', %s)", (ca, crl))
+    node.start()
+    ctx = client_context(node.cert)
+    ctx.load_cert_chain(str(folder / "leaf.pem"), str(folder / "leaf.key"))
+
+    def ping():
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", node.svc.port), timeout=5),
+                            server_hostname="localhost")
+        get(s, "/qvd/ping")
+        status = Reader(s).response().status
+        s.close()
+        return status
+    if revoke:
+        with pytest.raises((ssl.SSLError, OSError, EOFError)):
+            ping()
+    else:
+        assert ping() == 200
