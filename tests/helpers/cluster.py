@@ -49,7 +49,6 @@ def node_values(tmp_path, nodename, port=None, **extra):
         "log.preset": "stderr",
         "l7r.drain.grace": 1,
         "internal.hkd.lock.path": tmp_path / f"run-{nodename}" / "hkd.lock",
-        "internal.hkd.vm.lock.path": tmp_path / f"run-{nodename}" / "vm.lock",
     })
     values.update(extra)
     return values
