@@ -110,9 +110,10 @@ class Pki:
         from cryptography.hazmat.primitives import hashes
         from cryptography.x509.oid import ExtendedKeyUsageOID
         now = datetime.datetime.now(datetime.timezone.utc)
+        start = now - datetime.timedelta(minutes=5) if days > 0 else now + datetime.timedelta(days=days - 30)
         builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.ca_name).public_key(public_key)
                    .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_before(start)
                    .not_valid_after(now + datetime.timedelta(days=days))
                    .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
                    .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False))
@@ -148,11 +149,12 @@ class Pki:
                                        serialization.NoEncryption()))
         return path
 
-    def issue(self, name, server=False, client=False):
-        """(cert_path, key_path, serial) of a new certificate for CN=name signed by this CA."""
+    def issue(self, name, server=False, client=False, days=30):
+        """(cert_path, key_path, serial) of a new certificate for CN=name signed by this CA
+        (days < 0: one that expired that many days ago)."""
         from cryptography.hazmat.primitives.asymmetric import ec
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = self._sign(self._name(name), key.public_key(), server=server, client=client)
+        cert = self._sign(self._name(name), key.public_key(), server=server, client=client, days=days)
         return self._write_cert(f"{name}-cert.pem", cert), self._write_key(f"{name}-key.pem", key), cert.serial_number
 
     def crl(self, revoked_serials, filename="crl.pem"):
