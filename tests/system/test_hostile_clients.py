@@ -370,3 +370,58 @@ def test_oversized_requests_are_refused_and_closed(make_node, raw, status):
     assert wait_until(lambda: node.svc.connections_open == 0, 5) is True
     assert wait_until(lambda: open_fds() <= base_fds, 5)
     assert_healthy(node)
+
+
+def test_deadline_runs_from_accept_across_handshake_and_request(make_node):
+    """A patient slowloris that spends most of the deadline in each stage in turn (handshake,
+    silence, request head) must still be cut l7r.timeout.request after the accept: the
+    contract's whole-request deadline, not one deadline per stage."""
+    timeout = 3
+    node = seeded(make_node({"l7r.timeout.request": timeout}))
+    ctx = ssl.create_default_context(cafile=node.cert)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    sock = raw_conn(node)
+    t0 = time.monotonic()
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    sock.sendall(hello[:-1])
+    time.sleep(0.8 * timeout)          # stage 1: the handshake, finished just in time
+    sock.sendall(hello[-1:])
+    done = False
+    for _ in range(20):
+        try:
+            incoming.write(sock.recv(65536))
+            obj.do_handshake()
+            done = True
+            break
+        except ssl.SSLWantReadError:
+            continue
+    assert done, "handshake did not complete"
+    sock.sendall(outgoing.read())
+    time.sleep(0.8 * timeout)          # stage 2: silence
+    closed_at = None
+    request = b"GET /qvd/list_of_vm HTTP/1.1\r\n" + b"X-Slow: a\r\n" * 100
+    sock.settimeout(0.25)
+    for i in range(len(request)):      # stage 3: the head, a byte every 0.25 s (bounded by its length)
+        try:
+            obj.write(request[i:i + 1])
+            sock.sendall(outgoing.read())
+            data = sock.recv(65536)
+            if not data:
+                closed_at = time.monotonic()
+                break
+        except (TimeoutError, socket.timeout):
+            continue
+        except OSError:
+            closed_at = time.monotonic()
+            break
+        if time.monotonic() - t0 > 4 * timeout:
+            break
+    sock.close()
+    assert closed_at is not None, "never cut"
+    lifetime = closed_at - t0
+    assert lifetime <= timeout + 1.5, f"cut {lifetime:.1f} s after accept; l7r.timeout.request is {timeout} s"
