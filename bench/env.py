@@ -97,7 +97,7 @@ class BenchEnv:
     @property
     def max_sessions(self):
         """Sessions one proxy process can hold: two sockets each, under the file limit."""
-        return (self.file_limit - 200) // 2
+        return (self.file_limit - 400) // 2
 
     def stop(self):
         for proc in reversed(self.procs):
@@ -331,6 +331,9 @@ backend sink
                     "port": self.haproxy_sink_port if sink else self.haproxy_echo_port}
         return {"kind": "plain", "host": FARM_ADDRESS,
                 "port": self.farm_ports["sink" if sink else "echo"]}
+
+    def postgres_pid(self):
+        return int((self.pg.pgdata / "postmaster.pid").read_text().split()[0])
 
     def proxy_pid(self, kind):
         return {"l7r": self.node.pid, "haproxy": self.haproxy.pid}.get(kind)

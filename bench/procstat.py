@@ -11,6 +11,25 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def tree_cpu_seconds(pid):
+    """CPU of pid, of its live children and of its reaped children (PostgreSQL: the
+    postmaster and its backends)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    total = sum(int(fields[i]) for i in (11, 12, 13, 14)) / TICK
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                child = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(child[1]) == pid:
+            total += (int(child[11]) + int(child[12])) / TICK
+    return total
+
+
 def rss_bytes(pid):
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:

@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import time
 
-from .procstat import cpu_seconds, rss_bytes
+from .procstat import cpu_seconds, rss_bytes, tree_cpu_seconds
 from .workers import Crew
 
 PATHS = ("l7r", "haproxy", "direct")
@@ -70,8 +70,8 @@ def bulk(env, quick):
     note = "; ".join(f"{'L7R' if k == 'l7r' else k}: {n} of {runs} runs stalled (the sink's reply never "
                      "reached the client in 10 s)" for k, n in stalls.items() if n)
     eff = {k: out["paths"][k]["mb_s_per_proxy_cpu_s"] for k in ("l7r", "haproxy")}
-    out["rows"] = [("bulk throughput, one TLS stream into a sink (MB/s, median of %d; MB per proxy CPU-second "
-                    "in brackets)" % runs, f"{l7r:.0f} [{eff['l7r']:.0f}]",
+    out["rows"] = [("bulk throughput, one TLS stream into a sink (MB/s, median of the complete runs out of %d; "
+                    "MB per proxy CPU-second in brackets)" % runs, f"{l7r:.0f} [{eff['l7r']:.0f}]",
                     f"HAProxy {ha:.0f} [{eff['haproxy']:.0f}] / direct {direct:.0f}", ">= HAProxy",
                     _verdict(l7r >= ha and not stalls["l7r"]) + (f" ({note})" if note else ""))]
     return out
@@ -160,16 +160,19 @@ def connect(env, quick):
     specs = [{"job": "connect", "target": env.target("l7r"), "users": users[i * per:(i + 1) * per],
               "seconds": seconds, "count": 20000} for i in range(workers)]
     mark = env.log_mark()
+    pg0 = tree_cpu_seconds(env.postgres_pid())
     results, cpu, wall = _measured(env, "l7r", specs, 30, seconds + 120)
+    pg_cpu = tree_cpu_seconds(env.postgres_pid()) - pg0
     lat = [x for r in results for x in r["latencies"]]
     node_log = env.log_count(mark, NODE_LOG_NEEDLES)
     out = {"users": len(users), "vms_per_user": env.vms_per_user, "mode": "each user its own VMs (round robin over 3)",
            "connects": len(lat), "errors": sum(r["errors"] for r in results), "wall_s": wall,
            "rate_per_s": len(lat) / wall, "p50_ms": _percentile(lat, 50) * 1000, "p99_ms": _percentile(lat, 99) * 1000,
-           "node_cpu_s": cpu, "node_log": node_log, "last_error": next((r["last_error"] for r in results if r["last_error"]), None)}
+           "node_cpu_s": cpu, "postgres_cpu_s": pg_cpu, "node_log": node_log, "last_error": next((r["last_error"] for r in results if r["last_error"]), None)}
     _wait_released(env)
     out["rows"] = [(f"connect_to_vm to a running VM, {len(users)} concurrent users (TLS connect -> 101)",
-                    f"{out['rate_per_s']:.0f}/s, p50 {out['p50_ms']:.0f} ms, p99 {out['p99_ms']:.0f} ms",
+                    f"{out['rate_per_s']:.0f}/s, p50 {out['p50_ms']:.0f} ms, p99 {out['p99_ms']:.0f} ms "
+                    f"(node CPU {cpu / wall * 100:.0f}% of a core, PostgreSQL {pg_cpu / wall * 100:.0f}%)",
                     "(no reference)", "-", f"{out['errors']} client errors; node log: "
                     f"{node_log['asking it to let go']} takeovers, {node_log['SerializationFailure']} "
                     "unretried serialization failures")]
@@ -190,12 +193,12 @@ def cold_start(env, quick):
         t0 = time.monotonic()
         sock = open_connection("127.0.0.1", env.l7r_port, ctx, timeout=60)
         connect_to_vm(sock, env.cold_vm, env.cold_auth, "127.0.0.1",
-                      on_progress=lambda text: progress.append((round(time.monotonic() - t0, 4), text)))
+                      on_progress=lambda text, log=progress, t0=t0: log.append((round(time.monotonic() - t0, 4), text)))
         connects.append({"seconds": time.monotonic() - t0, "progress": progress})
         sock.close()
     _stop_cold_vm(env)
     starts = []
-    for i in range(runs):
+    for _ in range(runs):
         address = "127.79.0.1"
         envvars = dict(os.environ, QVD_VM_ID="999999", QVD_VM_NAME="bench-start", QVD_VM_ADDRESS=address)
         client = VmaClient(address, 3030, timeout=1)

@@ -118,7 +118,7 @@ def job_idle(spec, target):
         start = len(socks)
         errors = []
 
-        def one(i):
+        def one(i, errors=errors):
             try:
                 sock, _ = target.session(offset + i, timeout=60)
                 sock.settimeout(None)
