@@ -1,0 +1,360 @@
+"""Who may reach which VM, through a running L7R over TLS (real PostgreSQL, a stand-in VM).
+
+Two tenants, a login that exists in both, VMs of several users. A user cannot list,
+connect to or stop another user's VM, nor a VM of another tenant, by any spelling of its
+id or with any token that is not theirs; blocked user, tenant, VM and host get the
+contract's status (401/401/403/503) and leave every session row as it was; tokens expire
+and bind as specified; failed logins are throttled per address and per login, while the
+original client's retries of one mistyped password are not held against the user.
+"""
+import base64
+import json
+import socket
+import time
+import urllib.parse
+
+import pytest
+
+from helpers.hostile import tls_node, wait_until
+from helpers.l7r_env import Reader, basic, client_context, get
+
+UPGRADE = [("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")]
+FORBIDDEN = "You are not allowed to access requested virtual machine"
+
+
+class World:
+    """The node plus who is who."""
+
+    def __init__(self, node):
+        self.node = node
+        seed = node.seed
+        self.port = node.svc.port
+        self.osf = seed.osf()
+        self.acme = seed.tenant("acme")
+        self.acme_osf = seed.osf("acme-osf", tenant_id=self.acme)
+        self.alice = seed.user("alice", "alice-pw")
+        self.bob = seed.user("bob", "bob-pw")
+        self.acme_alice = seed.user("alice", "acme-pw", tenant_id=self.acme)   # same login, other tenant
+        self.alice_vm = seed.vm("alice-vm", self.alice, self.osf)
+        self.alice_vm2 = seed.vm("alice-vm2", self.alice, self.osf)
+        self.bob_vm = seed.vm("bob-vm", self.bob, self.osf)
+        self.acme_vm = seed.vm("acme-alice-vm", self.acme_alice, self.acme_osf)
+        for vm in (self.alice_vm, self.bob_vm, self.acme_vm):
+            seed.running_at(vm, node.host_id, node.vma)
+
+    # --- requests ----------------------------------------------------------------------------
+    def conn(self, source="127.0.0.1"):
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=10, source_address=(source, 0))
+        return client_context(self.node.cert).wrap_socket(raw, server_hostname="localhost")
+
+    def request(self, target, auth=None, headers=(), source="127.0.0.1"):
+        """(final response, 102 infos) of one request on a fresh connection."""
+        sock = self.conn(source)
+        try:
+            hdrs = ([("Authorization", auth)] if auth else []) + list(headers)
+            get(sock, target, hdrs)
+            infos, final = Reader(sock).final()
+        finally:
+            sock.close()
+        return final, infos
+
+    def status(self, target, auth=None, headers=(), source="127.0.0.1"):
+        return self.request(target, auth, headers, source)[0].status
+
+    def vm_list(self, auth):
+        final, _ = self.request("/qvd/list_of_vm", auth)
+        assert final.status == 200, final
+        return json.loads(final.body)
+
+    def connect(self, vm_id, auth):
+        return self.request(f"/qvd/connect_to_vm?id={vm_id}", auth, UPGRADE)[0]
+
+    def stop(self, vm_id, auth):
+        return self.request(f"/qvd/stop_vm?id={vm_id}", auth, UPGRADE)[0]
+
+    # --- database ----------------------------------------------------------------------------
+    def runtimes(self):
+        return self.node.db.query("SELECT * FROM vm_runtimes ORDER BY vm_id")
+
+    def add_token(self, token, user_id, vm_id=None, expires_in=3600, multi_use=True):
+        from qvd_gevent.db import now_epoch
+        self.node.db.execute("INSERT INTO user_tokens (token, user_id, vm_id, expiration, multi_use) "
+                             "VALUES (%s, %s, %s, %s, %s)", (token, user_id, vm_id, now_epoch() + expires_in, multi_use))
+        return bearer(token)
+
+
+def bearer(token, newline=False):
+    return "Bearer " + base64.b64encode(token.encode()).decode() + ("\n" if newline else "")
+
+
+ALICE = basic("alice", "alice-pw")
+BOB = basic("bob", "bob-pw")
+ACME_ALICE = basic("alice@acme", "acme-pw")
+
+
+def make_world(tmp_path, pg_server, dbname, max_failures):
+    return World(tls_node(tmp_path, pg_server, dbname, {
+        "l7r.token.lifetime": 2, "l7r.auth.throttle.max_failures": max_failures, "l7r.auth.throttle.window": 4,
+        "l7r.auth.throttle.burst": 2}))
+
+
+@pytest.fixture
+def world(tmp_path, pg_server, fresh_db_name):
+    """Throttling out of the way: these tests send many refused requests on purpose."""
+    w = make_world(tmp_path, pg_server, fresh_db_name, 100000)
+    yield w
+    w.node.close()
+
+
+@pytest.fixture
+def strict_world(tmp_path, pg_server, fresh_db_name):
+    """The throttle as configured in production, with a 4 s window."""
+    w = make_world(tmp_path, pg_server, fresh_db_name, 5)
+    yield w
+    w.node.close()
+
+
+# --- other users and tenants -----------------------------------------------------------------------
+def test_each_user_lists_only_their_own_vms(world):
+    w = world
+    assert [v["id"] for v in w.vm_list(ALICE)] == [w.alice_vm, w.alice_vm2]
+    assert [v["id"] for v in w.vm_list(basic("alice@default", "alice-pw"))] == [w.alice_vm, w.alice_vm2]
+    assert [v["id"] for v in w.vm_list(basic("alice#default", "alice-pw"))] == [w.alice_vm, w.alice_vm2]
+    assert [v["id"] for v in w.vm_list(BOB)] == [w.bob_vm]
+    assert [v["id"] for v in w.vm_list(ACME_ALICE)] == [w.acme_vm]
+    assert [v["id"] for v in w.vm_list(basic("ALICE@ACME", "acme-pw"))] == [w.acme_vm]
+    # one tenant's password does not open the same login in the other tenant
+    assert w.status("/qvd/list_of_vm", basic("alice@acme", "alice-pw")) == 401
+    assert w.status("/qvd/list_of_vm", basic("alice", "acme-pw")) == 401
+    # a tenant spelled oddly is another (unknown) tenant (no LIKE, no prefix), the supertenant cannot log in;
+    # surrounding blanks and case are normalised as the original does
+    assert [v["id"] for v in w.vm_list(basic(" alice@acme ", "acme-pw"))] == [w.acme_vm]
+    for login in ("alice@default@acme", "alice@acme#default", "alice@*", "alice@", "alice@%", "alice@ac_e", "alice@acm"):
+        assert w.status("/qvd/list_of_vm", basic(login, "acme-pw")) == 401, login
+    # list_of_applications: same rule
+    final, _ = w.request("/qvd/list_of_applications", BOB)
+    assert final.status == 200 and json.loads(final.body) == []
+
+
+def id_spellings(vm_id):
+    """Ways to write a VM id in a query string; all must lead to that VM or to no VM."""
+    return [str(vm_id), f"0{vm_id}", f"00{vm_id}", f"%2B{vm_id}", f"+{vm_id}", f"%20{vm_id}", f"{vm_id}%20",
+            f"{vm_id}.0", f"{vm_id}e0", f"0x{vm_id:x}", f"{vm_id}%00", f"{vm_id}abc", f"-{vm_id}",
+            "".join(chr(0x0660 + int(d)) for d in str(vm_id)),                     # Arabic-Indic digits
+            f"{vm_id}&id={vm_id}", f"1&id={vm_id}", f"{vm_id}%26id%3D1", f"{vm_id};", f"{vm_id} OR 1=1",
+            f"{vm_id}'--", f"({vm_id})", f"{vm_id}-0", f"{vm_id}_", f"{vm_id}%", str(vm_id + 2 ** 32),
+            str(vm_id - 2 ** 32), "99999999999999999999999"]
+
+
+@pytest.mark.parametrize("who,victim", [("alice", "bob_vm"), ("alice", "acme_vm"), ("acme_alice", "alice_vm"),
+                                        ("bob", "alice_vm2")])
+def test_no_way_into_someone_elses_vm(world, who, victim):
+    w = world
+    auth = {"alice": ALICE, "acme_alice": ACME_ALICE, "bob": BOB}[who]
+    vm_id = getattr(w, victim)
+    before = w.runtimes()
+    for spelling in id_spellings(vm_id):
+        target_id = urllib.parse.quote(spelling, safe="%&=+;")
+        for path in ("connect_to_vm", "stop_vm"):
+            final, infos = w.request(f"/qvd/{path}?id={target_id}", auth, UPGRADE)
+            assert final.status in (403, 404), (path, spelling, final)
+            assert infos == [], (path, spelling, infos)   # not one step of a session or a stop
+            if final.status == 403:
+                assert final.text == FORBIDDEN, (path, spelling, final)
+    assert w.runtimes() == before, "a refused request changed a session row"
+    # and the owner still can
+    owner = {"bob_vm": BOB, "acme_vm": ACME_ALICE, "alice_vm": ALICE, "alice_vm2": ALICE}[victim]
+    if victim != "alice_vm2":
+        assert w.connect(vm_id, owner).status == 101
+
+
+# --- tokens ----------------------------------------------------------------------------------------
+def test_tokens_of_other_users_and_tenants_open_only_their_own_vms(world):
+    w = world
+    final, _ = w.request("/qvd/create_auth_token", BOB)
+    assert final.status == 200
+    bob_token = "Bearer " + json.loads(final.body)["auth_token"].strip()
+    final, _ = w.request("/qvd/create_auth_token", ACME_ALICE)
+    acme_token = "Bearer " + json.loads(final.body)["auth_token"].strip()
+    before = w.runtimes()
+    # a token is its creator: bob's token lists bob's VMs and opens none of alice's
+    assert [v["id"] for v in w.vm_list(bob_token)] == [w.bob_vm]
+    assert [v["id"] for v in w.vm_list(acme_token)] == [w.acme_vm]
+    for token in (bob_token, acme_token):
+        for vm in (w.alice_vm, w.alice_vm2):
+            assert w.connect(vm, token).status == 403
+            assert w.stop(vm, token).status == 403
+    assert w.connect(w.bob_vm, acme_token).status == 403
+    assert w.connect(w.acme_vm, bob_token).status == 403
+    assert w.runtimes() == before
+    # guessed, mangled or wildcard tokens are nobody
+    raw = base64.b64decode(bob_token.split(" ", 1)[1]).decode()
+    for guess in (raw[:-1], raw + "x", raw.upper() if raw.upper() != raw else raw.lower(), "%", "_" * len(raw),
+                  "' OR '1'='1", raw[:10] + "%"):
+        assert w.status("/qvd/list_of_vm", bearer(guess)) == 401, guess
+
+
+def test_token_bound_to_a_vm_opens_only_that_vm(world):
+    w = world
+    token = w.add_token("bound-to-vm2", w.alice, vm_id=w.alice_vm2)
+    before = w.runtimes()
+    final = w.connect(w.alice_vm, token)
+    assert final.status == 403 and final.text == "vm_id does not match with provided token"
+    final = w.stop(w.alice_vm, token)
+    assert final.status == 403 and final.text == "vm_id does not match with provided token"
+    assert w.connect(w.bob_vm, token).status == 403
+    assert w.runtimes() == before
+    # the VM it is bound to: allowed (stopped, so the test HKD starts it)
+    assert w.connect(w.alice_vm2, token).status == 101
+
+
+def test_expired_token_refused_and_deleted(world):
+    w = world
+    token = w.add_token("old-token", w.alice, expires_in=-1)
+    assert w.status("/qvd/list_of_vm", token) == 401
+    assert w.connect(w.alice_vm, token).status == 401
+    assert w.node.db.query("SELECT token FROM user_tokens WHERE token = 'old-token'") == []
+
+
+def test_single_use_token_works_once(world):
+    w = world
+    token = w.add_token("once", w.alice, multi_use=False)
+    before = w.runtimes()
+    assert w.status("/qvd/list_of_vm", token) == 200
+    assert w.status("/qvd/list_of_vm", token) == 401
+    assert w.connect(w.alice_vm, token).status == 401
+    assert w.runtimes() == before
+    # the reference client does list_of_vm then connect_to_vm on ONE connection with its token
+    token2 = w.add_token("once-again", w.alice, multi_use=False)
+    sock = w.conn()
+    get(sock, "/qvd/list_of_vm", [("Authorization", token2)])
+    reader = Reader(sock)
+    assert reader.response().status == 200
+    get(sock, f"/qvd/connect_to_vm?id={w.alice_vm}", [("Authorization", token2)] + UPGRADE)
+    assert reader.final()[1].status == 101
+    sock.close()
+    assert w.status("/qvd/list_of_vm", token2) == 401
+
+
+def test_multi_use_token_from_create_auth_token_expires_after_its_lifetime(world):
+    from qvd_gevent.db import now_epoch
+    w = world
+    final, _ = w.request("/qvd/create_auth_token", ALICE)
+    body = json.loads(final.body)
+    assert body["auth_token"].endswith("\n")          # the original's encode_base64 newline
+    raw = base64.b64decode(body["auth_token"]).decode()
+    row = w.node.db.query_one("SELECT user_id, vm_id, expiration, multi_use FROM user_tokens WHERE token = %s", (raw,))
+    assert row[0] == w.alice and row[1] is None and row[3] is True
+    assert abs(row[2] - (now_epoch() + 2)) <= 1       # l7r.token.lifetime = 2 in this test
+    for value in ("Bearer " + body["auth_token"].strip(), bearer(raw)):
+        assert w.status("/qvd/list_of_vm", value) == 200   # used twice: multi_use honoured
+    time.sleep(3.2)
+    assert w.status("/qvd/list_of_vm", bearer(raw)) == 401
+    assert w.node.db.query("SELECT 1 FROM user_tokens WHERE token = %s", (raw,)) == []
+
+
+def test_tokens_of_blocked_users_and_tenants_refused(world):
+    w = world
+    token = w.add_token("alice-t", w.alice)
+    acme = w.add_token("acme-t", w.acme_alice)
+    w.node.db.execute("UPDATE users SET blocked = true WHERE id = %s", (w.alice,))
+    w.node.db.execute("UPDATE tenants SET blocked = true WHERE id = %s", (w.acme,))
+    assert w.status("/qvd/list_of_vm", token) == 401
+    assert w.connect(w.alice_vm, token).status == 401
+    assert w.status("/qvd/list_of_vm", acme) == 401
+    assert w.connect(w.acme_vm, acme).status == 401
+
+
+# --- blocked entities ------------------------------------------------------------------------------
+def test_blocked_user_tenant_vm_host_get_the_contract_statuses(world):
+    w = world
+    db = w.node.db
+    before = w.runtimes()
+
+    def every_endpoint(auth, vm_id):
+        return (w.status("/qvd/list_of_vm", auth), w.connect(vm_id, auth).status, w.stop(vm_id, auth).status)
+
+    db.execute("UPDATE users SET blocked = true WHERE id = %s", (w.bob,))
+    assert every_endpoint(BOB, w.bob_vm) == (401, 401, 401)
+    assert w.runtimes() == before
+    db.execute("UPDATE users SET blocked = false WHERE id = %s", (w.bob,))
+
+    db.execute("UPDATE tenants SET blocked = true WHERE id = %s", (w.acme,))
+    assert every_endpoint(ACME_ALICE, w.acme_vm) == (401, 401, 401)
+    assert w.status("/qvd/list_of_vm", ALICE) == 200      # the other tenant is not affected
+    assert w.runtimes() == before
+    db.execute("UPDATE tenants SET blocked = false WHERE id = %s", (w.acme,))
+
+    db.execute("UPDATE vm_runtimes SET blocked = true WHERE vm_id = %s", (w.bob_vm,))
+    before = w.runtimes()
+    final = w.connect(w.bob_vm, BOB)
+    assert final.status == 403 and final.text == "The requested virtual machine is offline for maintenance"
+    listed = {v["id"]: v for v in w.vm_list(BOB)}
+    assert listed[w.bob_vm]["blocked"] is True
+    assert w.runtimes() == before
+    db.execute("UPDATE vm_runtimes SET blocked = false WHERE vm_id = %s", (w.bob_vm,))
+
+    db.execute("UPDATE host_runtimes SET blocked = true WHERE host_id = %s", (w.node.host_id,))
+    before = w.runtimes()
+    for auth, vm in ((BOB, w.bob_vm), (ALICE, w.alice_vm)):
+        final, _ = w.request("/qvd/list_of_vm", auth)
+        assert (final.status, final.text) == (503, "Server is blocked")
+        final = w.connect(vm, auth)
+        assert (final.status, final.text) == (503, "Server is blocked")
+        final = w.stop(vm, auth)
+        assert (final.status, final.text) == (503, "Server is blocked")
+    assert w.status("/qvd/ping") == 503
+    # credentials come first: a wrong password on a blocked host is still 401
+    assert w.status("/qvd/list_of_vm", basic("bob", "nope")) == 401
+    assert w.runtimes() == before
+    db.execute("UPDATE host_runtimes SET blocked = false WHERE host_id = %s", (w.node.host_id,))
+    assert w.connect(w.bob_vm, BOB).status == 101
+
+
+# --- password guessing ----------------------------------------------------------------------------
+def test_original_client_retries_do_not_lock_out_the_user(strict_world):
+    world = strict_world
+    """The original client retries a refused login 5 times at once; two typos (10 requests)
+    and then the right password: the user gets in."""
+    w = world
+    for typo in ("alice-pX", "alice-pY"):
+        assert [w.status("/qvd/list_of_vm", basic("alice", typo)) for _ in range(5)] == [401] * 5
+    assert w.status("/qvd/list_of_vm", ALICE) == 200
+    assert w.connect(w.alice_vm, ALICE).status == 101
+
+
+def test_password_guessing_is_throttled_per_address_and_per_login(strict_world):
+    world = strict_world
+    w = world
+    attacker, other = "127.0.0.2", "127.0.0.3"
+    t0 = time.monotonic()
+    for i in range(5):
+        assert w.status("/qvd/list_of_vm", basic("bob", f"guess-{i}"), source=attacker) == 401
+    # the 6th attempt is refused even with the right password, and says nothing about it
+    final, _ = w.request("/qvd/list_of_vm", BOB, source=attacker)
+    assert final.status == 429, final
+    assert w.request("/qvd/list_of_vm", basic("bob", "guess-9"), source=attacker)[0].text == final.text
+    assert w.connect(w.bob_vm, BOB).status == 429          # per login: from any address
+    assert w.status("/qvd/list_of_vm", ALICE, source=attacker) == 429   # per address: any login
+    assert w.status("/qvd/list_of_vm", ALICE, source=other) == 200      # others are not affected
+    # bearer guessing from the same address is refused too
+    assert w.status("/qvd/list_of_vm", bearer("guessed"), source=attacker) == 429
+    # no session row moved meanwhile
+    assert w.node.db.query_one("SELECT user_state, real_user_id FROM vm_runtimes WHERE vm_id = %s",
+                               (w.bob_vm,)) == ("disconnected", None)
+    # until the window (4 s) has passed
+    wait = 4.2 - (time.monotonic() - t0)
+    if wait > 0:
+        time.sleep(wait)
+    assert w.status("/qvd/list_of_vm", BOB, source=attacker) == 200
+    assert w.status("/qvd/list_of_vm", ALICE, source=attacker) == 200
+
+
+def test_token_guessing_is_throttled_per_address(strict_world):
+    world = strict_world
+    w = world
+    attacker = "127.0.0.4"
+    for i in range(5):
+        assert w.status("/qvd/list_of_vm", bearer(f"guess-{i}"), source=attacker) == 401
+    assert w.status("/qvd/list_of_vm", w.add_token("real", w.alice), source=attacker) == 429
+    assert w.status("/qvd/list_of_vm", ALICE) == 200
