@@ -189,6 +189,7 @@ def tls_node(tmp_path, pg_server, dbname, extra=None, pki=None, client_ca=False,
     conf = write_conf(tmp_path, pg_server, dbname, nodename, values)
     cert, key, _serial = pki.issue("localhost", server=True)
     node = Node(conf, start=False)
+    node.conf_path = conf
     node.pki = pki
     node.cert = pki.ca_path
     node.seed = Seed(node.db)
