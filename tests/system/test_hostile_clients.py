@@ -425,3 +425,33 @@ def test_deadline_runs_from_accept_across_handshake_and_request(make_node):
     assert closed_at is not None, "never cut"
     lifetime = closed_at - t0
     assert lifetime <= timeout + 1.5, f"cut {lifetime:.1f} s after accept; l7r.timeout.request is {timeout} s"
+
+
+def test_real_users_get_in_during_a_connection_flood(make_node):
+    """While 2,000 connections arrive within a second (the slowloris ramp itself), a real
+    user's login still completes within a second: the listen queue must absorb the flood
+    (with a short queue the kernel drops SYNs and the user's connect waits 1-3 s for a
+    retransmission)."""
+    raise_nofile(65536)
+    node = seeded(make_node({"l7r.timeout.request": 8}))
+    assert user_lists(node)[1].status == 200
+    attacker = subprocess.Popen(
+        [sys.executable, HOSTILE, "slowloris", str(node.svc.port), "--cafile", node.cert,
+         "--per-kind", "500", "--period", "1", "--ramp", "1", "--max-seconds", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        timings = []
+        t0 = time.monotonic()
+        for _ in range(40):            # users arriving all through the flood
+            took, resp = user_lists(node)
+            assert resp.status == 200, resp
+            timings.append(round(took, 3))
+            if time.monotonic() - t0 > 4:
+                break
+            time.sleep(0.1)
+        print("user logins during the flood (s):", timings)
+        assert max(timings) < 1.0, timings
+    finally:
+        attacker.kill()
+        attacker.wait(10)
+    assert wait_until(lambda: node.svc.connections_open == 0, 15) is True
