@@ -1,0 +1,97 @@
+"""Process faults with the `netns` hypervisor (issue 7 item 5): a VM's processes killed
+inside its namespace are noticed; the row goes to stopped, its DHCP entry and namespace are
+removed; the next start brings it back with the same leased address.
+
+The HKD runs in a test namespace (bridge, dnsmasq, 10.77.x, no route out) and reaches
+PostgreSQL through the embedded server's unix socket.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers.hkd_env import add_host, add_vms, start_vm, vm_row, wait_for, wait_vm_state
+from helpers.netns import VM_NET, node_settings, pids_in, processes_mentioning, test_host  # noqa: F401
+
+pytestmark = pytest.mark.root
+
+
+def test_netns_vm_killed_is_noticed_and_cleaned(test_host, tmp_path, pg_server, fresh_db_name):  # noqa: F811
+    if pg_server.embedded is None:
+        print("SKIP: needs the embedded PostgreSQL (its unix socket reaches into the test namespace)", file=sys.stderr)
+        pytest.skip("needs the embedded PostgreSQL (its unix socket reaches into the test namespace)")
+    init = shutil.which("qvd-vm-init", path=os.path.dirname(sys.executable))
+    if not init:
+        print("SKIP: qvd-vm-init is not installed (pip install -e .)", file=sys.stderr)
+        pytest.skip("qvd-vm-init is not installed (pip install -e .)")
+    from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
+
+    from qvd_gevent.config import Config
+    from qvd_gevent.db import Database
+
+    values = node_settings(test_host, tmp_path)
+    values.update({
+        "database.host": str(pg_server.embedded.directory), "database.port": pg_server.port,
+        "database.name": fresh_db_name, "database.user": TEST_ROLE, "database.password": TEST_ROLE_PASSWORD,
+        "internal.hkd.vmhandler.vma_monitor.delay.starting": 0.2,
+        "internal.hkd.vmhandler.vma_monitor.delay.after.ok": 1,
+        "internal.hkd.agent.vm_command_handler.delay": 2,
+        "internal.hkd.timeout.on_state.stopping.shutdown": 5,
+        "internal.hkd.timeout.on_state.stopping.stop": 5,
+    })
+    conf = tmp_path / "node.conf"
+    conf.write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
+    db = Database.from_config(Config.load(str(conf)))
+    log_path = tmp_path / "hkd.log"
+    node = None
+    try:
+        host_id = add_host(db, "test-node", f"{VM_NET}.0.1")
+        (vm_id,) = add_vms(db, di_path=init)
+        address = f"{VM_NET}.0.152"
+        db.execute("UPDATE vms SET ip = %s WHERE id = %s", (address, vm_id))
+        with open(log_path, "ab") as log:
+            node = test_host.popen([sys.executable, "-m", "qvd_gevent.hkd", "--config", str(conf)],
+                                   stdout=subprocess.PIPE, stderr=log)
+        assert node.stdout.readline().strip() == b"READY", log_path.read_text()[-3000:]
+
+        start_vm(db, vm_id, host_id)
+        wait_vm_state(db, vm_id, "running", timeout=40)
+        (vm_ns,) = test_host.vm_namespaces()
+        victims = pids_in(vm_ns)
+        assert victims, f"no process in the VM namespace {vm_ns}"
+
+        t0 = time.monotonic()
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        row = wait_vm_state(db, vm_id, "stopped", timeout=30)
+        noticed = time.monotonic() - t0
+        assert row["host_id"] is None and row["vm_address"] is None
+        wait_for(lambda: test_host.vm_namespaces() == [], 15, what="the VM namespace removed")
+        assert address not in (tmp_path / "run" / "dhcp-hostsfile").read_text()
+        assert node.poll() is None, "the HKD died with its VM"
+
+        # started again: same leased address, a new namespace
+        start_vm(db, vm_id, host_id)
+        row = wait_vm_state(db, vm_id, "running", timeout=40)
+        assert row["vm_address"] == address
+        url = f"http://{address}:3030/vma/ping"
+        ping = test_host.run([sys.executable, "-c", f"import urllib.request; urllib.request.urlopen({url!r}, timeout=3)"])
+        assert ping.returncode == 0, ping.stderr
+        print(f"\nMEASURED: netns VM killed -> row stopped and cleaned in {noticed:.2f} s")
+
+        node.terminate()
+        assert node.wait(60) == 0
+        assert vm_row(db, vm_id)["vm_state"] == "stopped"
+        assert test_host.vm_namespaces() == []
+    finally:
+        if node is not None and node.poll() is None:
+            node.kill()
+            node.wait(10)
+        db.close()
+    assert processes_mentioning(str(tmp_path)) == []
