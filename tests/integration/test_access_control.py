@@ -358,3 +358,21 @@ def test_token_guessing_is_throttled_per_address(strict_world):
         assert w.status("/qvd/list_of_vm", bearer(f"guess-{i}"), source=attacker) == 401
     assert w.status("/qvd/list_of_vm", w.add_token("real", w.alice), source=attacker) == 429
     assert w.status("/qvd/list_of_vm", ALICE) == 200
+
+
+def test_client_cannot_set_server_side_session_parameters(world):
+    """Only qvd.client.* and custom.* come from the client; who the user is inside the VM
+    (qvd.vm.user.name) and the slave key are the server's, whatever the request says."""
+    w = world
+    before = w.runtimes()
+    for extra in ("qvd.vm.user.name=root", "qvd.slave.key=AAAA", "qvd.vm.user.uid=0", "QVD.CLIENT.X=1"):
+        final = w.request(f"/qvd/connect_to_vm?id={w.alice_vm}&{extra}", ALICE, UPGRADE)[0]
+        assert final.status == 403 and final.text.startswith("Invalid parameters "), (extra, final)
+    assert w.runtimes() == before
+    sneaky = [("Auth-" + b"qvd.vm.user.name".hex(), base64.b64encode(b"root").decode())]
+    final, _ = w.request(f"/qvd/connect_to_vm?id={w.alice_vm}&qvd.client.keyboard=pc105%2Fes&custom.x=1",
+                         ALICE, UPGRADE + sneaky)
+    assert final.status == 101
+    sent = w.node.vma.x_start_calls[-1]
+    assert sent["qvd.vm.user.name"] == "alice" and sent["qvd.client.keyboard"] == "pc105/es"
+    assert sent["qvd.slave.key"] == final.headers["x-qvd-slave-key"]
