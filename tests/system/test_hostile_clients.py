@@ -455,3 +455,24 @@ def test_real_users_get_in_during_a_connection_flood(make_node):
         attacker.kill()
         attacker.wait(10)
     assert wait_until(lambda: node.svc.connections_open == 0, 15) is True
+
+
+@pytest.mark.parametrize("raw,status,reason", [
+    pytest.param(b"HEAD /qvd/ping HTTP/1.1\r\n\r\n", 404, "Not Found", id="HEAD-known-path"),
+    pytest.param(b"HEAD /nope HTTP/1.1\r\n\r\n", 404, "Not Found", id="HEAD-unknown-path"),
+    pytest.param(b"POST /qvd/list_of_vm HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", 404, "Not Found", id="POST"),
+    pytest.param(b"GET /qvd/ping HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "Not Implemented",
+                 id="unknown-transfer-coding"),
+])
+def test_other_methods_and_codings_get_an_answer_not_a_crash(make_node, raw, status, reason):
+    node = seeded(make_node({"l7r.use_ssl": 0}))
+    with HubErrors() as hub:
+        sock = raw_conn(node)
+        sock.sendall(raw)
+        data, _took, _closed = read_until_closed(sock, limit=3)
+        sock.close()
+    assert data.startswith(b"HTTP/1.1 %d %s\r\n" % (status, reason.encode())), data[:100]
+    if raw.startswith(b"HEAD"):
+        assert data.endswith(b"\r\n\r\n"), data   # a HEAD answer has headers only
+    assert hub.errors == []
+    assert wait_until(lambda: node.svc.connections_open == 0, 5) is True
