@@ -56,6 +56,7 @@ def job_bulk(spec, target):
         n = min(len(block), total - sent)
         sock.sendall(block[:n])
         sent += n
+    send_seconds = time.monotonic() - t0
     stalled = False
     if complete:
         # the sink acknowledges once it has every byte; a proxy that never forwards the
@@ -74,7 +75,8 @@ def job_bulk(spec, target):
                                             capture_output=True, text=True).stdout + "\n----\n")
     elapsed = time.monotonic() - t0
     sock.close()
-    emit("result", {"bytes": got, "seconds": elapsed, "complete": complete, "stalled": stalled})
+    emit("result", {"bytes": got, "seconds": elapsed, "complete": complete, "stalled": stalled,
+                    "sent": sent, "send_seconds": send_seconds})
 
 
 def job_pingpong(spec, target):
