@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import random
+import re
 import signal
 import socket
 import ssl
@@ -30,6 +31,8 @@ from qvd_gevent.db.passwords import legacy_token
 from .hkd_env import TINY_VM, fast_hkd_settings, pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
+# the node's own line (node/main.py), not an adopted VM's "still running (pid N)"
+_NODE_RUNNING = re.compile(r" qvd\.node - node \S+ running \(pid \d+")
 
 
 def free_port(host="127.0.0.1"):
@@ -103,7 +106,7 @@ class NodeProcess:
         """Until the node logs that it runs; fails with the log's tail if it exits first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if " running (pid " in self.log_text(since_start=True):
+            if _NODE_RUNNING.search(self.log_text(since_start=True)):
                 return time.monotonic()
             if self.proc.poll() is not None:
                 raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log_text(True)[-3000:]}")
