@@ -402,11 +402,20 @@ def test_deadline_runs_from_accept_across_handshake_and_request(make_node):
             continue
     assert done, "handshake did not complete"
     sock.sendall(outgoing.read())
-    time.sleep(0.8 * timeout)          # stage 2: silence
     closed_at = None
+    sock.settimeout(0.1)
+    silent_until = time.monotonic() + 0.8 * timeout
+    while closed_at is None and time.monotonic() < silent_until:   # stage 2: silence (watching for a close)
+        try:
+            if not sock.recv(65536):
+                closed_at = time.monotonic()
+        except (TimeoutError, socket.timeout):
+            continue
+        except OSError:
+            closed_at = time.monotonic()
     request = b"GET /qvd/list_of_vm HTTP/1.1\r\n" + b"X-Slow: a\r\n" * 100
     sock.settimeout(0.25)
-    for i in range(len(request)):      # stage 3: the head, a byte every 0.25 s (bounded by its length)
+    for i in range(len(request) if closed_at is None else 0):   # stage 3: the head, a byte every 0.25 s
         try:
             obj.write(request[i:i + 1])
             sock.sendall(outgoing.read())
