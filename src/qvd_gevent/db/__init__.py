@@ -4,6 +4,7 @@ Each greenlet borrows a connection for one unit of work (``db.transaction``) and
 back; connections are never shared between greenlets. Under ``qvd-node`` psycopg2 is made
 cooperative by psycogreen (``make_green``), so a query waits on the hub, not the process.
 """
+import copy
 import logging
 import random
 import time
@@ -144,6 +145,13 @@ class Database:
     def _drop_idle(self):
         while self._idle:
             self._close_quietly(self._idle.pop())
+
+    def with_retries(self, retries):
+        """The same pool, with another default retry count for transaction/query/execute
+        (the HKD's writes race L7Rs and other nodes and retry far more, as the original)."""
+        view = copy.copy(self)  # shares the idle list and the slot semaphore
+        view.retries = retries
+        return view
 
     def close(self):
         self._closed = True

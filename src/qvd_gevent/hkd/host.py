@@ -105,42 +105,10 @@ def kill_leftover_dnsmasq(hosts_file, wait=5.0):
     return pids
 
 
-class RetryingDb:
-    """The pool with the HKD's retry count: every HKD write races the L7Rs and other nodes
-    in SERIALIZABLE transactions, and the original retries up to 1000 times."""
-
-    def __init__(self, db, retries):
-        self._db = db
-        self.retries = retries
-
-    def transaction(self, fn, *args, **kwargs):
-        kwargs.setdefault("retries", self.retries)
-        return self._db.transaction(fn, *args, **kwargs)
-
-    def query(self, sql, params=None):
-        def run(cur):
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else []
-        return self.transaction(run)
-
-    def query_one(self, sql, params=None):
-        rows = self.query(sql, params)
-        return rows[0] if rows else None
-
-    def execute(self, sql, params=None):
-        def run(cur):
-            cur.execute(sql, params)
-            return cur.rowcount
-        return self.transaction(run)
-
-    def __getattr__(self, name):
-        return getattr(self._db, name)
-
-
 class HKD:
     def __init__(self, cfg, db, listener):
         self.cfg = cfg
-        self.db = RetryingDb(db, cfg.get_int("internal.hkd.db.retries"))
+        self.db = db.with_retries(cfg.get_int("internal.hkd.db.retries"))
         self.listener = listener
         self.nodename = cfg.get_str("nodename")
         self.host_id = None
