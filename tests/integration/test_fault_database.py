@@ -15,6 +15,7 @@ import pytest
 from helpers.cluster import (
     Farm,
     NodeProcess,
+    SessionRefused,
     client_context,
     echo_roundtrip,
     http_get,
@@ -73,6 +74,13 @@ def _retrying(fn, timeout, what):
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what}: still failing after {timeout} s") from None
             gevent.sleep(0.2)
+
+
+def _tally(outcomes):
+    counts = {}
+    for _, what in outcomes:
+        counts[what] = counts.get(what, 0) + 1
+    return counts
 
 
 SESSIONS = 500
@@ -144,6 +152,26 @@ def test_postgres_restart_under_500_spliced_sessions(tmp_path, own_pg, fault_db)
                 rounds[0] += 1
                 gevent.sleep(0.002)
         flows = [gevent.spawn(flow, session_vms[k::4]) for k in range(4)]
+
+        # and new sessions keep being set up and closed throughout: some are caught mid-setup
+        churn_vms = spare[2:]
+        churn_outcomes = []
+
+        def churn(mine):
+            for i in itertools.count():
+                if stop_flow.is_set() or i > 10000:
+                    return
+                try:
+                    sock, _ = open_session(port, ctx, "alice", "alice pw", mine[i % len(mine)], timeout=15)
+                    with sock:
+                        echo_roundtrip(sock, b"churn\n", timeout=10)
+                    churn_outcomes.append((time.monotonic(), "ok"))
+                except SessionRefused as exc:
+                    churn_outcomes.append((time.monotonic(), f"refused {exc.status}"))
+                except (OSError, EOFError) as exc:
+                    churn_outcomes.append((time.monotonic(), repr(exc)))
+                gevent.sleep(0.01)
+        flows += [gevent.spawn(churn, churn_vms[k::2]) for k in range(2)]
         gevent.sleep(1)
         before_restart = node.log_text()
         t_restart = time.monotonic()
@@ -174,6 +202,12 @@ def test_postgres_restart_under_500_spliced_sessions(tmp_path, own_pg, fault_db)
         stop_flow.set()
         gevent.joinall(flows, timeout=30)
         assert failures == [], f"{len(failures)} echo failures during the restart, first: {failures[:5]}"
+        assert any(t > t_up and what == "ok" for t, what in churn_outcomes), churn_outcomes[-10:]
+        # setups caught by the restart leave no row behind (released at once or by the node's sweep)
+        wait_for(lambda: db.query("SELECT vm_id, user_state FROM vm_runtimes WHERE vm_id = ANY(%s) "
+                                  "AND (user_state <> 'disconnected' OR l7r_host_id IS NOT NULL)", (churn_vms,)) == [],
+                 30, what="churned sessions' rows released")
+        t_churn_clean = time.monotonic()
         assert rounds[0] > SESSIONS, rounds            # every session got traffic during the fault
 
         # LISTEN works again: a takeover is answered by a NOTIFY to this node, not a timeout
@@ -211,7 +245,8 @@ def test_postgres_restart_under_500_spliced_sessions(tmp_path, own_pg, fault_db)
         print(f"\nMEASURED: {SESSIONS} sessions set up in {setup_s:.1f} s; PostgreSQL restart took "
               f"{t_up - t_restart:.1f} s; after it was up: login {t_login - t_up:.2f} s, new session "
               f"{t_session - t_up:.2f} s, LISTEN seen back {t_listen - t_up:.2f} s; takeover {takeover_s:.2f} s; "
-              f"{rounds[0]} echo round trips during the fault")
+              f"{rounds[0]} echo round trips during the fault; churn {_tally(churn_outcomes)}, its rows clean "
+              f"{t_churn_clean - t_up:.1f} s after")
         assert t_login - t_up < 10 and t_session - t_up < 15
         text = node.log_text()
         assert "Traceback" not in text, text[text.find("Traceback") - 500:][:3000]
