@@ -376,3 +376,26 @@ def test_client_cannot_set_server_side_session_parameters(world):
     sent = w.node.vma.x_start_calls[-1]
     assert sent["qvd.vm.user.name"] == "alice" and sent["qvd.client.keyboard"] == "pc105/es"
     assert sent["qvd.slave.key"] == final.headers["x-qvd-slave-key"]
+
+
+def test_refusal_takes_as_long_for_unknown_logins_as_for_wrong_passwords(world):
+    """A 401 must not tell whether the login exists: with a scrypt hash a wrong password
+    costs tens of milliseconds, so an unknown user or tenant must cost the same."""
+    from qvd_gevent.db.passwords import hash_password
+    w = world
+    w.node.seed.user("carol", "carol-pw", stored=hash_password("carol-pw"))
+
+    def median_401(login, n=5):
+        times = []
+        for i in range(n):
+            t0 = time.monotonic()
+            assert w.status("/qvd/list_of_vm", basic(login, f"wrong-{i}")) == 401
+            times.append(time.monotonic() - t0)
+        return sorted(times)[n // 2]
+    known = median_401("carol")
+    unknown_user = median_401("nobody-here")
+    unknown_tenant = median_401("carol@no-such-tenant")
+    print(f"401 in: known login {known * 1000:.0f} ms, unknown login {unknown_user * 1000:.0f} ms, "
+          f"unknown tenant {unknown_tenant * 1000:.0f} ms")
+    assert known > 0.01        # the scrypt cost is there to hide in the first place
+    assert unknown_user > 0.5 * known and unknown_tenant > 0.5 * known
