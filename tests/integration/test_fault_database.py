@@ -83,13 +83,15 @@ def _tally(outcomes):
     return counts
 
 
-SESSIONS = 500
 PROCESS_VMS = 2
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_postgres_restart_under_500_spliced_sessions(tmp_path, own_pg, fault_db):
+@pytest.mark.parametrize("sessions,outage", [(500, 0), (100, 8)], ids=["restart-500", "down-8s-100"])
+def test_postgres_restart_under_spliced_sessions(tmp_path, own_pg, fault_db, sessions, outage):
+    """outage 0: pg_ctl restart (fast shutdown, start); else the server stays down that long."""
+    SESSIONS = sessions  # noqa: N806
     lines, db = fault_db
     cert, key = make_cert(tmp_path / "ssl")
     seed_ssl(db, cert, key)
@@ -175,8 +177,22 @@ def test_postgres_restart_under_500_spliced_sessions(tmp_path, own_pg, fault_db)
         gevent.sleep(1)
         before_restart = node.log_text()
         t_restart = time.monotonic()
-        own_pg.restart()
+        during = []
+        if outage:
+            own_pg.stop()
+            # while it is down a login gets a prompt 503 ("retry later"), never a hang
+            for _ in range(1000):
+                if time.monotonic() - t_restart > outage:
+                    break
+                t = time.monotonic()
+                status = http_get(port, ctx, "/qvd/list_of_vm", "alice", "alice pw", timeout=30).status
+                during.append((status, round(time.monotonic() - t, 2)))
+                gevent.sleep(0.5)
+            own_pg.start()
+        else:
+            own_pg.restart()
         t_up = time.monotonic()
+        assert all(status == 503 and took < 5 for status, took in during), during
 
         # the first login once the server is back works: no stale pooled connection fails it
         first = http_get(port, ctx, "/qvd/list_of_vm", "alice", "alice pw", timeout=10)
@@ -242,8 +258,8 @@ def test_postgres_restart_under_500_spliced_sessions(tmp_path, own_pg, fault_db)
         sockets.clear()
         wait_for(lambda: db.query_one("SELECT count(*) FROM vm_runtimes WHERE user_state <> 'disconnected' "
                                       "OR l7r_host_id IS NOT NULL")[0] == 0, 30, what="all rows disconnected")
-        print(f"\nMEASURED: {SESSIONS} sessions set up in {setup_s:.1f} s; PostgreSQL restart took "
-              f"{t_up - t_restart:.1f} s; after it was up: login {t_login - t_up:.2f} s, new session "
+        print(f"\nMEASURED: {SESSIONS} sessions set up in {setup_s:.1f} s; PostgreSQL "
+              f"{'down' if outage else 'restart'} for {t_up - t_restart:.1f} s (logins meanwhile: {during[:3]}...); after it was up: login {t_login - t_up:.2f} s, new session "
               f"{t_session - t_up:.2f} s, LISTEN seen back {t_listen - t_up:.2f} s; takeover {takeover_s:.2f} s; "
               f"{rounds[0]} echo round trips during the fault; churn {_tally(churn_outcomes)}, its rows clean "
               f"{t_churn_clean - t_up:.1f} s after")
