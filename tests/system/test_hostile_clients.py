@@ -79,6 +79,11 @@ def user_connects(node, payload=b"hello from a real user\n"):
     return took, final, echoed
 
 
+def rss_kb():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
 def spread(values):
     values = sorted(values)
     return [round(values[int(q * (len(values) - 1))], 2) for q in (0, 0.5, 0.9, 0.99, 1)] if values else []
@@ -102,6 +107,7 @@ def test_slowloris_2000_while_real_users_log_in_and_connect(make_node):
     assert resp.status == 200
     assert wait_until(lambda: node.svc.connections_open == 0, 5)
     base_fds, base_greenlets = open_fds(), live_greenlets()
+    rss_before = rss_kb()
     attacker = subprocess.Popen(
         [sys.executable, HOSTILE, "slowloris", str(node.svc.port), "--cafile", node.cert,
          "--per-kind", str(SLOW_PER_KIND), "--period", "1", "--ramp", str(RAMP),
@@ -114,7 +120,9 @@ def test_slowloris_2000_while_real_users_log_in_and_connect(make_node):
             total = SLOW_PER_KIND * 4
             assert ready.split() == ["READY", str(total)], (ready, attacker.stderr.read() if not ready else "")
             # the last raw connects may still sit in the accept queue for a moment
-            held_at_ready = wait_until(lambda: node.svc.connections_open >= total, 3) and node.svc.connections_open
+            wait_until(lambda: node.svc.connections_open >= total, 5)
+            held_at_ready = node.svc.connections_open
+            rss_held = rss_kb()
             assert held_at_ready >= total, f"only {held_at_ready} connections held"
             # real users while all of them are held
             timings = []
@@ -129,6 +137,8 @@ def test_slowloris_2000_while_real_users_log_in_and_connect(make_node):
                 assert wait_until(lambda: session_released(node), 5)
             held_after_users = node.svc.connections_open
             users_done = time.monotonic() - t_ready
+            print(f"slowloris: node RSS {rss_before} kB before, {rss_held} kB holding {held_at_ready} connections "
+                  f"(~{(rss_held - rss_before) / max(1, held_at_ready):.1f} kB each)")
             print("slowloris: held", held_at_ready, "at ready,", held_after_users, "after the users;",
                   "user timings", [(what, round(t, 3)) for what, t in timings])
             assert all(t < 1.0 for _, t in timings), timings
