@@ -399,3 +399,14 @@ def test_refusal_takes_as_long_for_unknown_logins_as_for_wrong_passwords(world):
           f"unknown tenant {unknown_tenant * 1000:.0f} ms")
     assert known > 0.01        # the scrypt cost is there to hide in the first place
     assert unknown_user > 0.5 * known and unknown_tenant > 0.5 * known
+
+
+def test_throttle_per_login_sees_through_spellings_and_addresses(strict_world):
+    """Guesses spread over five addresses and five spellings of one login still count for
+    that login (the login is normalised before it is counted)."""
+    w = strict_world
+    spellings = ["BOB", "bob#default", " bob@default ", "Bob@Default", "bob"]
+    for i, login in enumerate(spellings):
+        assert w.status("/qvd/list_of_vm", basic(login, f"guess-{i}"), source=f"127.0.0.{11 + i}") == 401
+    assert w.status("/qvd/list_of_vm", BOB, source="127.0.0.20") == 429
+    assert w.status("/qvd/list_of_vm", ALICE, source="127.0.0.20") == 200
