@@ -15,7 +15,7 @@ import urllib.parse
 
 import pytest
 
-from helpers.hostile import tls_node, wait_until
+from helpers.hostile import tls_node
 from helpers.l7r_env import Reader, basic, client_context, get
 
 UPGRADE = [("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")]
