@@ -140,8 +140,12 @@ def refused(ctx, port):
 
 
 # --- protocol versions -----------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", [None, "TLSv1_1:!SSLv3:!SSLv2:!TLSv1", "TLSv1:TLSv1_1", "SSLv23", "ALL"],
+                         ids=["default", "original-httpd-fallback", "old-only", "SSLv23", "ALL"])
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1], ids=["TLSv1.0", "TLSv1.1"])
-def test_old_tls_versions_are_refused_by_the_server(make_node, control, version):
+def test_old_tls_versions_are_refused_by_the_server(make_node, control, version, spec):
+    """Whatever l7r.options.SSL_version says (the original's HTTPD fallback allowed TLS 1.1),
+    the floor is TLS 1.2."""
     client = legacy_client(version)
     # the control: this client does offer and negotiate the old version with a server that allows it
     try:
@@ -150,7 +154,7 @@ def test_old_tls_versions_are_refused_by_the_server(make_node, control, version)
         pytest.skip(f"this OpenSSL ({ssl.OPENSSL_VERSION}) cannot negotiate {version.name} even at "
                     f"@SECLEVEL=0 ({exc}); the server's refusal cannot be told apart")
     assert got[0] == {"TLSv1": "TLSv1", "TLSv1_1": "TLSv1.1"}[version.name], got
-    node = make_node()
+    node = make_node({"l7r.options.SSL_version": spec} if spec else None)
     with pytest.raises(ssl.SSLError) as info:
         handshake(client, node.svc.port)
     # the server answered with an alert ("protocol version" / "unsupported protocol")
