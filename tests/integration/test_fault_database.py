@@ -92,6 +92,8 @@ PROCESS_VMS = 2
 def test_postgres_restart_under_spliced_sessions(tmp_path, own_pg, fault_db, sessions, outage):
     """outage 0: pg_ctl restart (fast shutdown, start); else the server stays down that long."""
     SESSIONS = sessions  # noqa: N806
+    from qvd_gevent.node.main import raise_file_limit
+    assert raise_file_limit() > 2 * SESSIONS + 200, "this test holds two sockets per session"
     lines, db = fault_db
     cert, key = make_cert(tmp_path / "ssl")
     seed_ssl(db, cert, key)
