@@ -70,6 +70,9 @@ class _Pump:
             self._write(memoryview(initial), copy=True)
         if self.pending is None and not self.in_pipe:
             self.reader.start(self._safe, self._on_readable)
+            if isinstance(self.src, gevent.ssl.SSLSocket) and self.src.pending():
+                # bytes already decrypted inside the TLS object: the fd will not signal them
+                gevent.get_hub().loop.run_callback(self._safe, self._on_readable)
 
     def close(self):
         for w in (self.reader, self.writer):
@@ -91,7 +94,9 @@ class _Pump:
 
     # --- reading -----------------------------------------------------------------------
     def _on_readable(self):
-        if self.splice.closed:
+        # Called by the watcher and by the burst callback below: either may find that the
+        # other already left a pending chunk (or EOF); reading on would reorder or drop bytes.
+        if self.splice.closed or self.eof or self.pending is not None or self.in_pipe:
             return
         for _ in range(_BURST):
             if self.pipe is not None:
