@@ -76,6 +76,13 @@ def test_drain_waits_for_sessions_within_grace(tmp_path, pg_server, fresh_db_nam
         node.close()
 
 
+def _rendered_splice_bytes(direction):
+    for line in metrics.render().splitlines():
+        if line.startswith(f'qvd_l7r_splice_bytes_total{{direction="{direction}"}}'):
+            return int(line.split()[-1])
+    return 0
+
+
 def test_logs_name_user_and_vm_but_no_secrets(tmp_path, pg_server, fresh_db_name, caplog):
     node = make_env(tmp_path, pg_server, fresh_db_name)
     try:
@@ -93,8 +100,12 @@ def test_logs_name_user_and_vm_but_no_secrets(tmp_path, pg_server, fresh_db_name
         assert Reader(s).response().status == 401
         s.close()
         bearer = [("Authorization", "Bearer " + base64.b64encode(b"SeCrEtToKeN").decode())]
+        before_bytes = _rendered_splice_bytes("to_vm")
         sock, reader, infos, final = connect(node, vm_id=vm, headers=bearer + UPGRADE)
         assert final.status == 101
+        sock.sendall(b"12345\n")
+        assert sock.recv(6) == b"12345\n"
+        assert _rendered_splice_bytes("to_vm") == before_bytes + 6  # counted while the session is live
         sock.close()
         wait_for(lambda: row(node, vm)[0] == "disconnected")
         text = caplog.text
@@ -104,7 +115,7 @@ def test_logs_name_user_and_vm_but_no_secrets(tmp_path, pg_server, fresh_db_name
         assert f"session closed: user qvd VM {vm}" in text
         assert "authentication failed (bad_password) for qvd" in text
         assert metrics.get("qvd_l7r_connects_total", result="ok") == before + 1
-        assert metrics.get("qvd_l7r_splice_bytes_total", direction="to_vm") >= 0
+        assert _rendered_splice_bytes("to_vm") == before_bytes + 6  # and still after it ended
         rendered = metrics.render()
         assert "qvd_l7r_http_requests_total" in rendered and "qvd_l7r_auth_failures_total" in rendered
     finally:
