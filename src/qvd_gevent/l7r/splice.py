@@ -118,22 +118,40 @@ class _Pump:
                 if not self._splice_in():
                     return
             else:
-                try:
-                    n = self.src.recv_into(_VIEW)
-                except _WOULD_BLOCK:
+                filled, state = self._fill()
+                if filled:
+                    self.moved += filled
+                    self._write(_VIEW[:filled], copy=True)
+                if self.splice.closed:
                     return
-                except OSError as exc:
-                    self.splice._finish(f"{self.label} read error: {exc.strerror or exc}")
-                    return
-                if n == 0:
+                if state == "eof":
                     self._on_eof()
+                if state != "more":
                     return
-                self.moved += n
-                self._write(_VIEW[:n], copy=True)
             if self.pending is not None or self.in_pipe:
                 return
         # more may wait inside the TLS object (already read off the fd): come back soon
         gevent.get_hub().loop.run_callback(self._safe, self._on_readable)
+
+    def _fill(self):
+        """Read into the scratch buffer until it is nearly full or the source runs dry.
+
+        A TLS read returns one record (16 KiB at most): gathering several before one send
+        saves a system call and a trip through Python per record.
+        Returns (bytes read, "more" | "dry" | "eof" | "error")."""
+        filled, limit = 0, len(_VIEW) - 16384
+        while filled <= limit:
+            try:
+                n = self.src.recv_into(_VIEW[filled:])
+            except _WOULD_BLOCK:
+                return filled, "dry"
+            except OSError as exc:
+                self.splice._finish(f"{self.label} read error: {exc.strerror or exc}")
+                return 0, "error"
+            if n == 0:
+                return filled, "eof"
+            filled += n
+        return filled, "more"
 
     def _splice_in(self):
         try:
