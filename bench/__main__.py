@@ -20,6 +20,20 @@ from .procstat import machine
 ORDER = ("bulk", "relay", "handshake", "connect", "cold", "idle", "hkd")
 
 
+def source_state():
+    """The commit the figures belong to, and whether src/ differed from it."""
+    import subprocess
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "src"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown source state"
+    return f"commit {head}" + (" plus uncommitted changes in src/" if dirty else "") if head else "not a git checkout"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: the whole run in under 2 minutes")
@@ -38,6 +52,7 @@ def main(argv=None):
     folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    source = source_state()
     command = "python -m bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
 
     def say(text):
@@ -69,7 +84,7 @@ def main(argv=None):
             except Exception as exc:  # a failed scenario is reported, the others still run
                 traceback.print_exc()
                 data = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
-            data.update({"scenario": name, "quick": args.quick, "seconds": time.monotonic() - t,
+            data.update({"scenario": name, "quick": args.quick, "seconds": time.monotonic() - t, "source": source,
                          "machine": machine(), "date": stamp, "command": command})
             if env is not None and name != "hkd":
                 data["haproxy"] = env.haproxy_version
@@ -81,7 +96,7 @@ def main(argv=None):
         if env is not None:
             say("stopping")
             env.stop()
-    header = (f"Machine: {machine()}. Date: {stamp}. Command: `{command}` "
+    header = (f"Machine: {machine()}. Date: {stamp}. Source: {source}. Command: `{command}` "
               f"({time.monotonic() - started:.0f} s).")
     text = report.table(results, header)
     (folder / "table.md").write_text(text)
