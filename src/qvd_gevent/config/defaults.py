@@ -124,6 +124,8 @@ _TABLE = [
     ("internal.hkd.vmhandler.vma_monitor.delay.after.error", 10, "float", "seconds to the next VMA ping after a failure"),
     ("internal.hkd.vmhandler.vma_monitor.delay.after.ok", 120, "float", "seconds to the next VMA ping after success"),
     ("internal.hkd.vmhandler.vma_monitor.delay.starting", 0.5, "float", "ours: ping period while a VM boots"),
+    ("internal.hkd.vmhandler.vma_monitor.delay.starting.fast", 0.05, "float", "ours: ping period in a booting VM's first seconds"),
+    ("internal.hkd.vmhandler.vma_monitor.starting.fast_period", 5, "float", "ours: seconds the fast boot-time ping period lasts"),
     ("internal.hkd.timeout.on_state.stopping.shutdown", 180, "int", "seconds for a VM's graceful poweroff"),
     ("internal.hkd.timeout.on_state.stopping.stop", 180, "int", "seconds for a VM to die after SIGTERM/destroy"),
     ("internal.hkd.timeout.on_state.zombie.reap", 120, "int", "seconds to reap a zombie VM"),

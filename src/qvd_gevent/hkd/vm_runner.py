@@ -312,7 +312,9 @@ class VmRunner:
         cfg = self.cfg
         client = self._vma()
         failures = 0
-        last_ok = time.monotonic()
+        last_ok = started = time.monotonic()
+        fast = cfg.get_float("internal.hkd.vmhandler.vma_monitor.delay.starting.fast")
+        fast_period = cfg.get_float("internal.hkd.vmhandler.vma_monitor.starting.fast_period")
         while True:
             try:
                 client.ping()
@@ -329,6 +331,12 @@ class VmRunner:
             else:
                 failures += 1
                 self.send(M.VmaFailed(failures, time.monotonic() - last_ok))
-                delay = (cfg.get_float("internal.hkd.vmhandler.vma_monitor.delay.starting") if mode == "starting"
-                         else cfg.get_float("internal.hkd.vmhandler.vma_monitor.delay.after.error"))
+                if mode != "starting":
+                    delay = cfg.get_float("internal.hkd.vmhandler.vma_monitor.delay.after.error")
+                elif time.monotonic() - started < fast_period:
+                    # most VMs answer within a second or two: a refused connect costs little,
+                    # and every poll period here is added to the user's wait for the 101
+                    delay = fast
+                else:
+                    delay = cfg.get_float("internal.hkd.vmhandler.vma_monitor.delay.starting")
             gevent.sleep(delay)
