@@ -17,6 +17,7 @@ import string
 import time
 
 import gevent
+import gevent.lock
 import gevent.socket
 
 from ..db import notify, now_epoch
@@ -38,6 +39,8 @@ def new_token():
     """~256 bits in base62, like the original's Session::Token."""
     return "".join(secrets.choice(_ALNUM) for _ in range(43))
 
+
+_claim_locks = {}     # vm_id -> Semaphore held around one claim of that VM in this process
 
 # serialization failures are expected under load (many claims at once); each retry backs off
 CLAIM_RETRIES = 30
@@ -129,6 +132,15 @@ def release_row(cur, vm_id, host_id, pid, older_than=None):
     return cur.rowcount
 
 
+def release_aborted_row(cur, vm_id, host_id, pid):
+    """Release a row another client asked us to let go of, only while that request stands."""
+    read_committed(cur)
+    cur.execute("UPDATE vm_runtimes SET user_state = 'disconnected', user_state_ts = %s, user_cmd = NULL, "
+                "l7r_host_id = NULL, l7r_pid = NULL WHERE vm_id = %s AND l7r_host_id = %s AND l7r_pid = %s "
+                "AND user_cmd = 'abort'", (now_epoch(), vm_id, host_id, pid))
+    return cur.rowcount
+
+
 _PROPS_SQL = ("SELECT l.key, p.value FROM {table} p JOIN qvd_object_properties_list q ON q.id = p.property_id "
               "JOIN properties_list l ON l.id = q.property_id WHERE p.{col} = %s")
 
@@ -208,11 +220,21 @@ class ConnectRunner:
         attempts = 0
         while True:
             attempts += 1
-            live_here = self.svc.has_live_session(self.vm_id, exclude=self.session)
-            outcome, holder = self.db.transaction(self._claim_tx, live_here, retries=CLAIM_RETRIES)
+            # One claim of a VM at a time in this process: whether another session of ours
+            # holds it must still be true when the row is written (the row names the
+            # process, not the session, so two of ours could both "claim" it otherwise).
+            lock = _claim_locks.setdefault(self.vm_id, gevent.lock.Semaphore())
+            try:
+                with lock:
+                    live_here = self.svc.has_live_session(self.vm_id, exclude=self.session)
+                    outcome, holder = self.db.transaction(self._claim_tx, live_here, retries=CLAIM_RETRIES)
+                    if outcome == "claim":
+                        self.session.claimed = True
+                        self.svc.sessions[self.vm_id] = self.session
+            finally:
+                if not lock.locked() and _claim_locks.get(self.vm_id) is lock:
+                    del _claim_locks[self.vm_id]
             if outcome == "claim":
-                self.session.claimed = True
-                self.svc.sessions[self.vm_id] = self.session
                 self.info(f"Session acquired for VM_ID: {self.vm_id}")
                 return
             if outcome == "gone":
@@ -253,7 +275,7 @@ class ConnectRunner:
             if host_id is None:
                 self.info(f"Assigning VM {self.vm_id} to host")
             self.info("Starting virtual machine")
-            self.db.transaction(self._assign_and_start_tx)
+            self.db.transaction(self._assign_and_start_tx, retries=CLAIM_RETRIES)
         elif host_id is None:
             raise SetupFailed(f"Unable to start VM {self.vm_id}, state changed unexpectedly")
         self.wait_running()

@@ -24,7 +24,8 @@ from ..db import DatabaseUnavailable, now_epoch
 from ..node import metrics
 from . import broker, tls
 from .auth import AuthFailed, Authenticator, Throttled, encode_token_for_client
-from .broker import ConnectRunner, SessionAborted, SetupFailed, StopRunner, read_committed, release_row, slave_key
+from .broker import (ConnectRunner, SessionAborted, SetupFailed, StopRunner, read_committed, release_aborted_row,
+                     release_row, slave_key)
 from .http import ClientGone, HttpConnection, HttpError, raw_error_response
 from .splice import Splice, tune_socket
 from .throttle import Throttle
@@ -276,6 +277,10 @@ class L7RService:
     def _check_abort(self, vm_ids):
         if self.host_id is None:
             return
+        # The row names this process, not one session of it: an abort read here may be for a
+        # session already gone and replaced by a new claimer of ours, which must not be
+        # closed for it. Only sessions registered before the read are eligible.
+        before = dict(self.sessions)
         try:
             rows = self.db.query("SELECT vm_id FROM vm_runtimes WHERE l7r_host_id = %s AND l7r_pid = %s "
                                  "AND user_cmd = 'abort'", (self.host_id, self.pid))
@@ -286,11 +291,13 @@ class L7RService:
             if vm_ids is not None and vm_id not in vm_ids:
                 continue
             session = self.sessions.get(vm_id)
-            if session is not None:
+            if session is not None and before.get(vm_id) is session:
                 log.info("takeover: closing session of user %s on VM %s", session.login, vm_id)
                 session.abort(f"Aborted by contending session VM_ID: {vm_id}")
-            else:
-                self.db.transaction(release_row, vm_id, self.host_id, self.pid)
+            elif session is None and before.get(vm_id) is None:
+                # nobody of ours holds it: release, unless a claim of ours since the read
+                # cleared user_cmd (the guard keeps that claim)
+                self.db.transaction(release_aborted_row, vm_id, self.host_id, self.pid)
 
     def wait_vm_event(self, vm_id, timeout):
         event = gevent.event.Event()
