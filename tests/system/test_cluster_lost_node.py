@@ -39,7 +39,7 @@ from qvd_gevent.db import Database
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 TICKER_TIMEOUT = 3      # A gives up on itself after this long without a heartbeat ...
-NODE_TIMEOUT = 25       # ... well before the others call it lost
+NODE_TIMEOUT = 10       # ... well before the others call it lost
 CLIENT = [sys.executable, "-c", "from qvd_gevent.client.cli import main; main()"]
 
 

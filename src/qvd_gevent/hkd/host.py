@@ -487,7 +487,9 @@ class HKD:
                 log.error("no heartbeat for more than %.0f s: stopping (other nodes will take over)", timeout)
                 self._last_tick = None              # once
                 if self.on_stop_command is not None and self.machine.state == "running":
-                    gevent.spawn(self.on_stop_command)   # the whole node stops, as the original HKD exits
+                    # the whole node stops, as the original HKD exits; at once: the others
+                    # start our VMs elsewhere after the lost-node timeout
+                    gevent.spawn(self.on_stop_command, fence=True)
                 else:
                     self._events.put(H.TickerDead())
             return False

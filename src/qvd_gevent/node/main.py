@@ -94,19 +94,31 @@ class Node:
             log.warning("metrics endpoint not started: %s", exc)
         log.info("node %s running (pid %d, qvd-gevent %s)", cfg.get("nodename"), os.getpid(), __version__)
 
-    def stop(self, grace=None):
+    def stop(self, grace=None, fence=False):
+        """fence: no heartbeat for too long; the other nodes will take our VMs over once they
+        call us lost, so the VMs go now, sessions end with them, no grace (their rows cannot
+        be released without the database anyway; the cluster monitor releases them)."""
         if self._stopping:
             return
         self._stopping = True
-        grace = self.cfg.get_int("l7r.drain.grace") if grace is None else grace
-        log.info("stopping: draining sessions (grace %s s), then stopping VMs", grace)
+        grace = 0 if fence else self.cfg.get_int("l7r.drain.grace") if grace is None else grace
+        if fence:
+            log.info("stopping at once: VMs stopped while sessions are closed")
+        else:
+            log.info("stopping: draining sessions (grace %s s), then stopping VMs", grace)
         try:
+            draining = None
             if self.l7r is not None:
-                self.l7r.drain(grace)
+                if fence:
+                    draining = gevent.spawn(self.l7r.drain, 0)
+                else:
+                    self.l7r.drain(grace)
             if self.metrics_server is not None:
                 self.metrics_server.stop(timeout=1)
             if self.hkd is not None:
                 self.hkd.stop()
+            if draining is not None:
+                draining.join(timeout=20)
         finally:
             if self.watcher is not None:
                 self.watcher.stop()
@@ -166,6 +178,8 @@ def main(argv=None):
     try:
         cfg = Config.load(args.config)
         cfg.get("nodename")
+        for key in list(cfg.file_values):
+            cfg.get(key)        # a malformed value fails here, not later in an agent
         setup_logging(cfg)
     except (ConfigError, OSError) as exc:
         print(f"qvd-node: {exc}", file=sys.stderr)
