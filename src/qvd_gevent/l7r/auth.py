@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import logging
+import secrets
 import time
 
 
@@ -110,6 +111,16 @@ def encode_token_for_client(token):
 
 # --- the authenticator -------------------------------------------------------------------
 _hash_pool = None
+_dummy_hash = None
+
+
+def dummy_hash():
+    """A scrypt hash of a random secret: unknown logins are checked against it so that a 401
+    takes as long whether or not the login exists (no user enumeration by timing)."""
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = in_threadpool(hash_password, secrets.token_urlsafe(24))
+    return _dummy_hash
 
 
 def in_threadpool(fn, *args):
@@ -214,10 +225,11 @@ class Authenticator:
             (login, tenant))
         salt = self.cfg.get_str("l7r.auth.plugin.default.salt")
         if row is None or row[0] in (0, -1):
-            in_threadpool(verify_password, password, "", salt)  # same cost either way
+            in_threadpool(verify_password, password, dummy_hash(), salt)  # same cost either way
             raise AuthFailed("unknown_tenant", login)
         tenant_id, tenant_blocked, user_id, stored, user_blocked = row
         if user_id is None or not stored:
+            in_threadpool(verify_password, password, dummy_hash(), salt)
             raise AuthFailed("unknown_user", login)
         now = time.monotonic()
         if not self.verified.matches(login, tenant, password, stored, now):

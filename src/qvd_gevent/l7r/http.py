@@ -14,6 +14,7 @@ Responses keep the original's format: ``HTTP/1.1 <code> <msg>``, Content-Type an
 Content-Length, no Date, no Connection header.
 """
 import re
+import time
 import urllib.parse
 
 import gevent
@@ -24,7 +25,7 @@ REASONS = {
     401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
     408: "Request Timeout", 414: "URI Too Long", 422: "Unprocessable Entity",
     426: "Upgrade Required", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
 
@@ -148,6 +149,7 @@ class HttpConnection:
         self.max_headers = max_headers
         self.recv_size = recv_size
         self.h11 = h11.Connection(h11.SERVER)
+        self.method = None
         self.buf = b""
         self.requests = 0
 
@@ -160,13 +162,15 @@ class HttpConnection:
         return data
 
     def read_request(self, first_deadline=None):
-        """Wait for a request. first_deadline (seconds) bounds the very first one (from accept)."""
+        """Wait for a request. first_deadline (seconds from now) bounds the whole of the very
+        first one: the wait for its first byte and the reading of all of it, together."""
         if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
             self.h11.start_next_cycle()
+        first_end = time.monotonic() + first_deadline if (self.requests == 0 and first_deadline is not None) else None
         # idle wait for the first byte of the next request
         while not self.buf.lstrip(b"\r\n"):
             self.buf = b""
-            wait = first_deadline if (self.requests == 0 and first_deadline is not None) else self.idle_timeout
+            wait = max(0.001, first_end - time.monotonic()) if first_end is not None else self.idle_timeout
             timeout = gevent.Timeout(wait)
             timeout.start()
             try:
@@ -183,7 +187,8 @@ class HttpConnection:
                 return None
             self.buf += data
         self.buf = self.buf.lstrip(b"\r\n")
-        timeout = gevent.Timeout(self.request_timeout if first_deadline is None or self.requests else first_deadline)
+        # the first request's deadline runs on from the accept; later ones get theirs from their first byte
+        timeout = gevent.Timeout(max(0.001, first_end - time.monotonic()) if first_end is not None else self.request_timeout)
         timeout.start()
         try:
             return self._read_whole_request()
@@ -226,6 +231,7 @@ class HttpConnection:
                 self.h11.receive_data(data)
                 continue
             if isinstance(event, h11.Request):
+                self.method = event.method
                 request = Request(event.method.decode("latin-1"), event.target.decode("latin-1"),
                                   [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers.raw_items()])
                 continue
@@ -254,7 +260,8 @@ class HttpConnection:
             body = body.encode("utf-8")
         hdrs = list(headers) + [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         out = self.h11.send(h11.Response(status_code=status, headers=hdrs, reason=REASONS.get(status, "").encode()))
-        out += self.h11.send(h11.Data(data=body)) if body else b""
+        # the answer to a HEAD carries the headers only (h11 refuses a body there)
+        out += self.h11.send(h11.Data(data=body)) if body and self.method != b"HEAD" else b""
         out += self.h11.send(h11.EndOfMessage())
         self._send(out)
 

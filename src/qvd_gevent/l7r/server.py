@@ -115,7 +115,8 @@ class L7RService:
         address = "0.0.0.0" if address in ("*", "") else address
         pool = gevent.pool.Pool(cfg.get_int("l7r.limits.connections"))
         try:
-            self.server = StreamServer((address, cfg.get_int("l7r.port")), self._handle, spawn=pool)
+            self.server = StreamServer((address, cfg.get_int("l7r.port")), self._handle, spawn=pool,
+                                       backlog=cfg.get_int("l7r.listen.backlog"))
             self.server.start()
         except OSError as exc:
             raise L7RError(f"cannot listen on {address}:{cfg.get_int('l7r.port')}: {exc.strerror or exc}") from None
@@ -317,6 +318,7 @@ class L7RService:
     # --- connections ------------------------------------------------------------------------
     def _handle(self, sock, address):
         peer_ip = address[0] if isinstance(address, tuple) else str(address)
+        accepted = time.monotonic()
         self.connections_open += 1
         handed_over = False
         request_timeout = self.cfg.get_float("l7r.timeout.request")
@@ -343,7 +345,8 @@ class L7RService:
             cache = {}
             while not self._draining or conn.requests == 0:
                 try:
-                    request = conn.read_request(first_deadline=request_timeout)
+                    # the first request must be whole l7r.timeout.request after the accept, handshake included
+                    request = conn.read_request(first_deadline=accepted + request_timeout - time.monotonic())
                 except HttpError as exc:
                     try:
                         sock.sendall(raw_error_response(exc.status, exc.message))
