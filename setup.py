@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         "libvirt": ["libvirt-python>=9.0"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5"],
         "bench": ["locust>=2.20", "matplotlib>=3.7"],
         "pex": ["pex>=2.1"],
     },
