@@ -214,6 +214,25 @@ def node_settings(host, tmp_path, **extra):
     return values
 
 
+def hkd_node_conf(host, tmp_path, pg_server, dbname, **extra):
+    """node.conf for an HKD inside test namespace `host`, with short timers; it reaches the
+    test PostgreSQL through its unix socket (sockets cross network namespaces)."""
+    from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
+    values = node_settings(host, tmp_path)
+    values.update({
+        "database.host": str(pg_server.embedded.directory), "database.port": pg_server.port,
+        "database.name": dbname, "database.user": TEST_ROLE, "database.password": TEST_ROLE_PASSWORD,
+        "internal.hkd.vmhandler.vma_monitor.delay.starting": 0.2,
+        "internal.hkd.agent.vm_command_handler.delay": 2,
+        "internal.hkd.timeout.on_state.stopping.shutdown": 5,
+        "internal.hkd.timeout.on_state.stopping.stop": 5,
+    })
+    values.update(extra)
+    conf = tmp_path / "node.conf"
+    conf.write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
+    return conf
+
+
 def write_http_di(tmp_path, echo=False):
     """A tiny VM init: busybox httpd on the leased address answering the VMA's ping.
 

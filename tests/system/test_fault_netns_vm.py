@@ -14,7 +14,7 @@ import time
 
 import pytest
 from helpers.hkd_env import add_host, add_vms, start_vm, vm_row, wait_for, wait_vm_state
-from helpers.netns import VM_NET, node_settings, pids_in, processes_mentioning, test_host  # noqa: F401
+from helpers.netns import VM_NET, hkd_node_conf, pids_in, processes_mentioning, test_host  # noqa: F401
 
 pytestmark = pytest.mark.root
 
@@ -27,23 +27,11 @@ def test_netns_vm_killed_is_noticed_and_cleaned(test_host, tmp_path, pg_server, 
     if not init:
         print("SKIP: qvd-vm-init is not installed (pip install -e .)", file=sys.stderr)
         pytest.skip("qvd-vm-init is not installed (pip install -e .)")
-    from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
-
     from qvd_gevent.config import Config
     from qvd_gevent.db import Database
 
-    values = node_settings(test_host, tmp_path)
-    values.update({
-        "database.host": str(pg_server.embedded.directory), "database.port": pg_server.port,
-        "database.name": fresh_db_name, "database.user": TEST_ROLE, "database.password": TEST_ROLE_PASSWORD,
-        "internal.hkd.vmhandler.vma_monitor.delay.starting": 0.2,
-        "internal.hkd.vmhandler.vma_monitor.delay.after.ok": 1,
-        "internal.hkd.agent.vm_command_handler.delay": 2,
-        "internal.hkd.timeout.on_state.stopping.shutdown": 5,
-        "internal.hkd.timeout.on_state.stopping.stop": 5,
-    })
-    conf = tmp_path / "node.conf"
-    conf.write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
+    conf = hkd_node_conf(test_host, tmp_path, pg_server, fresh_db_name,
+                         **{"internal.hkd.vmhandler.vma_monitor.delay.after.ok": 1})
     db = Database.from_config(Config.load(str(conf)))
     log_path = tmp_path / "hkd.log"
     node = None

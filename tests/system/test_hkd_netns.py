@@ -14,7 +14,7 @@ import sys
 import gevent
 import pytest
 from helpers.hkd_env import add_host, add_vms, start_vm, stop_vm, vm_row, wait_vm_state
-from helpers.netns import VM_NET, node_settings, processes_mentioning, test_host  # noqa: F401
+from helpers.netns import VM_NET, hkd_node_conf, processes_mentioning, test_host  # noqa: F401
 
 pytestmark = pytest.mark.root
 
@@ -51,22 +51,10 @@ def test_netns_vm_started_by_command_gets_dhcp_address_and_stops_clean(test_host
     init = shutil.which("qvd-vm-init", path=os.path.dirname(sys.executable))
     if not init:
         pytest.skip("qvd-vm-init is not installed (pip install -e .)")
-    from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
-
     from qvd_gevent.config import Config
     from qvd_gevent.db import Database
 
-    values = node_settings(test_host, tmp_path)
-    values.update({
-        "database.host": str(pg_server.embedded.directory), "database.port": pg_server.port,
-        "database.name": fresh_db_name, "database.user": TEST_ROLE, "database.password": TEST_ROLE_PASSWORD,
-        "internal.hkd.vmhandler.vma_monitor.delay.starting": 0.2,
-        "internal.hkd.agent.vm_command_handler.delay": 2,
-        "internal.hkd.timeout.on_state.stopping.shutdown": 5,
-        "internal.hkd.timeout.on_state.stopping.stop": 5,
-    })
-    conf = tmp_path / "node.conf"
-    conf.write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
+    conf = hkd_node_conf(test_host, tmp_path, pg_server, fresh_db_name)
     db = Database.from_config(Config.load(str(conf)))
     try:
         host_id = add_host(db, "test-node", f"{VM_NET}.0.1")      # the gateway address on the bridge
@@ -111,22 +99,6 @@ def test_netns_vm_started_by_command_gets_dhcp_address_and_stops_clean(test_host
     assert processes_mentioning(json.dumps(str(tmp_path)).strip('"')) == []
 
 
-def _node_conf(host, tmp_path, pg_server, fresh_db_name):
-    from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
-    values = node_settings(host, tmp_path)
-    values.update({
-        "database.host": str(pg_server.embedded.directory), "database.port": pg_server.port,
-        "database.name": fresh_db_name, "database.user": TEST_ROLE, "database.password": TEST_ROLE_PASSWORD,
-        "internal.hkd.vmhandler.vma_monitor.delay.starting": 0.2,
-        "internal.hkd.agent.vm_command_handler.delay": 2,
-        "internal.hkd.timeout.on_state.stopping.shutdown": 5,
-        "internal.hkd.timeout.on_state.stopping.stop": 5,
-    })
-    conf = tmp_path / "node.conf"
-    conf.write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
-    return conf
-
-
 def test_netns_node_killed_and_restarted_adopts_its_vm(test_host, tmp_path, pg_server, fresh_db_name):  # noqa: F811
     import subprocess
     if pg_server.embedded is None:
@@ -136,7 +108,7 @@ def test_netns_node_killed_and_restarted_adopts_its_vm(test_host, tmp_path, pg_s
         pytest.skip("qvd-vm-init is not installed (pip install -e .)")
     from qvd_gevent.config import Config
     from qvd_gevent.db import Database
-    conf = _node_conf(test_host, tmp_path, pg_server, fresh_db_name)
+    conf = hkd_node_conf(test_host, tmp_path, pg_server, fresh_db_name)
     db = Database.from_config(Config.load(str(conf)))
     log_path = tmp_path / "hkd.log"
     procs = []
