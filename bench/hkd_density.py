@@ -1,6 +1,6 @@
 """HKD CPU with many idle, healthy VMs (issue 6, last scenario).
 
-netns (root): a network namespace made here with no route out (CONTRACT.md section 6,
+netns (root): a network namespace made here with no route out (docs/testing.md#network-safety,
 tests/helpers/netns.py); inside it `qvd-node` runs with the `netns` hypervisor, sets up
 its bridge, supervises dnsmasq and starts every VM in a namespace of its own on
 10.77.1.x; PostgreSQL is reached through the embedded server's unix socket. Each VM is

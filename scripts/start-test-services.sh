@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Starts libvirt by hand (no systemd here; see MACHINE-NOTES) when it is installed.
+# Starts libvirt by hand (no systemd here; see docs/testing.md#libvirt-without-systemd) when it is installed.
 set -uo pipefail
 if command -v libvirtd >/dev/null 2>&1; then
   mkdir -p /var/log/libvirt /var/lib/libvirt /var/cache/libvirt /run/libvirt

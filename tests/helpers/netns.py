@@ -1,6 +1,6 @@
 """A test "host": a network namespace with no route out, and everything in it removed after.
 
-CONTRACT.md section 6: a test that gives anything a private-range address runs the bridge,
+docs/testing.md#network-safety: a test that gives anything a private-range address runs the bridge,
 dnsmasq and the VMs inside a namespace it made, so a mistake fails with "network
 unreachable" instead of leaving the machine. Usage:
 
@@ -238,7 +238,7 @@ def write_http_di(tmp_path, echo=False):
 
     /vma/ping returns ``1`` and /vma/x_state ``"stopped"`` (valid SimpleRPC answers, so
     VmaClient and the HKD's VMA monitor accept them). With echo=True a busybox nc echo
-    listens on the display port 4100 as well (CONTRACT.md section 5: a density VM).
+    listens on the display port 4100 as well (docs/hkd.md#process-and-netns-vms: a density VM).
     A few hundred KB of memory per VM, against tens of MB for qvd-vm-init.
     """
     www = tmp_path / "www"

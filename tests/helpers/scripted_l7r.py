@@ -1,4 +1,4 @@
-"""A scripted stand-in for the L7R: the original L7R's bytes (reference/qvd-client-observed.md)
+"""A scripted stand-in for the L7R: the original L7R's bytes (docs/protocol.md#the-original-client)
 over real TLS on 127.0.0.1, splicing VM 10 to a real VMA's display port after the 101.
 
 Used while this project's own L7R is not available to a test; it also records the
@@ -121,7 +121,7 @@ class ScriptedL7R:
             client.x_start(**self.x_start_params)
         deadline = gevent.get_hub().loop.now() + 15
         while client.x_state() != "listening" and gevent.get_hub().loop.now() < deadline:
-            gevent.sleep(0.1)  # like the L7R's wait for the X session (reference 2.6)
+            gevent.sleep(0.1)  # like the L7R's wait for the X session (docs/protocol.md#connect-to-vm)
         answer = b"".join(b"HTTP/1.1 102 Processing\r\nX-QVD-VM-Info: %s\r\n\r\n" % text for text in PROGRESS)
         answer += b"HTTP/1.1 101 Switching Protocols\r\nX-QVD-Slave-Key: %s\r\n\r\n" % SLAVE_KEY
         vm = socket.create_connection((self.vma.address, self.x_port), timeout=5)

@@ -224,7 +224,7 @@ def test_single_use_token_works_once(world):
     assert w.status("/qvd/list_of_vm", token) == 401
     assert w.connect(w.alice_vm, token).status == 401
     assert w.runtimes() == before
-    # the reference client does list_of_vm then connect_to_vm on ONE connection with its token
+    # the original client does list_of_vm then connect_to_vm on ONE connection with its token
     token2 = w.add_token("once-again", w.alice, multi_use=False)
     sock = w.conn()
     get(sock, "/qvd/list_of_vm", [("Authorization", token2)])

@@ -2,7 +2,7 @@
 
 The L7R of this project was not committed when this test was written, so the server
 here is a script on 127.0.0.1 that answers with the original L7R's bytes from
-reference/qvd-client-observed.md (list, 102 progress lines, 101 with X-QVD-Slave-Key,
+docs/protocol.md#the-original-client (list, 102 progress lines, 101 with X-QVD-Slave-Key,
 the 401) and, after the 101, splices to a real qvd-vma echo desktop. It also checks
 the requests the client sends. A test against the real L7R belongs next to it once that
 exists (see the report).

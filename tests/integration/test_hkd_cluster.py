@@ -1,4 +1,4 @@
-"""Cluster monitor pass against a real PostgreSQL (reference/qvd-hkd.md section 1.7)."""
+"""Cluster monitor pass against a real PostgreSQL (docs/hkd.md#cluster-monitor)."""
 import select
 
 from helpers.hkd_env import add_host, add_vms
@@ -27,7 +27,7 @@ def test_scan_marks_stale_hosts_lost_and_frees_their_vms_and_sessions(db):
     assert freed == [on_stale]
     row = db.query_one("SELECT vm_state, host_id, vm_address, vm_vma_port, vm_cmd, vm_pid FROM vm_runtimes "
                        "WHERE vm_id = %s", (on_stale,))
-    assert row == ("stopped", None, None, None, "stop", 77)   # vm_cmd and vm_pid kept, as the reference
+    assert row == ("stopped", None, None, None, "stop", 77)   # vm_cmd and vm_pid kept, as the original
     assert db.query_one("SELECT vm_state, host_id FROM vm_runtimes WHERE vm_id = %s", (on_fresh,)) == ("running", fresh)
     assert db.query_one("SELECT user_state, l7r_host_id, l7r_pid FROM vm_runtimes WHERE vm_id = %s",
                         (session_on_stale,)) == ("disconnected", None, None)

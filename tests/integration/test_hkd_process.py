@@ -321,7 +321,9 @@ def test_restart_right_after_stop_many_times(make_node, admin_db):
 
 
 def test_node_stops_itself_when_its_heartbeat_fails_too_long(make_node, admin_db):
-    """reference 1.6/1.8: the ticker gives up after internal.hkd.agent.ticker.timeout, before others take over."""
+    """The ticker gives up after internal.hkd.agent.ticker.timeout, before others take over.
+
+    docs/hkd.md#heartbeat, docs/hkd.md#fencing."""
     host_id = add_host(admin_db)
     (vm_id,) = add_vms(admin_db)
     node = make_node(**{"internal.hkd.agent.ticker.timeout": 2})

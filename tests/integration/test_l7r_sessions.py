@@ -204,7 +204,7 @@ def test_vm_fails_to_start_releases_row(tmp_path, pg_server, fresh_db_name):
         assert final.status == 503
         assert final.text == f"The requested virtual machine is not available: Failed to start virtual machine {vm}, retry later."
         assert row(node, vm)[0:4] == ("disconnected", None, None, None)
-        # the same connection can try again at once (no contention with itself, Q9)
+        # the same connection can try again at once (no contention with itself: docs/differences.md#release-after-setup-failure)
         node.hkd.fail_start = False
         get(sock, f"/qvd/connect_to_vm?id={vm}", AUTH + UPGRADE)
         infos, final = reader.final()

@@ -280,7 +280,7 @@ FROZEN_NODE_TIMEOUT = 6
 def test_frozen_node_is_lost_its_users_move_and_it_kills_its_vms_when_it_wakes(tmp_path, pg_server, fresh_db_name):
     """kill -STOP of everything in A's namespace (a hung machine: node and VMs frozen).
 
-    A frozen node cannot fence itself (the original does not fence either, reference 1.8):
+    A frozen node cannot fence itself (the original does not fence either, docs/hkd.md#fencing):
     the others mark it lost, its users move to B. When A wakes, its first heartbeat finds
     it lost and it kills its own copies at once, never touching the rows B now owns.
     """

@@ -1,4 +1,4 @@
-"""The whole HKD with the `netns` hypervisor inside a test namespace (CONTRACT.md section 6).
+"""The whole HKD with the `netns` hypervisor inside a test namespace (docs/testing.md#network-safety).
 
 The node runs in a namespace the test made (bridge, 10.77.x addresses, dnsmasq, VM
 namespaces all inside it, no route out); it reaches PostgreSQL through the embedded

@@ -1,6 +1,6 @@
 """A real guest on the kvm hypervisor: boots under TCG, takes its address from our dnsmasq, answers the VMA.
 
-Network safety (CONTRACT.md section 6), the choice made here: the machine's libvirtd would
+Network safety (docs/testing.md#network-safety), the choice made here: the machine's libvirtd would
 create the guest's tap in its own network namespace (the machine's), so this test does not
 use it. It starts a private libvirtd inside the test namespace, in a private mount
 namespace with its own /run/libvirt, /var/lib/libvirt, ... (helpers/private_libvirtd.py),

@@ -6,7 +6,7 @@ libvirtd running in that namespace (helpers/private_libvirtd.py), so the guest's
 10.77.0.x address never exist in the machine's network namespace. PostgreSQL is reached
 through the embedded server's unix socket. The guest is helpers/tiny_guest.py: it takes its
 address from the node's dnsmasq by MAC and answers the VMA ping, which is what makes the
-HKD write `running`; its VMA has no `poweroff`, so the stop goes the reference's way to the
+HKD write `running`; its VMA has no `poweroff`, so the stop goes the original's way to the
 hypervisor's graceful shutdown (ACPI power button), and the guest powers off.
 """
 import io

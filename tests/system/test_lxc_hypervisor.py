@@ -1,6 +1,6 @@
 """The `lxc` hypervisor: its whole code path on libvirt's test driver, and a real container where libvirt can.
 
-On our CI machines libvirt's lxc driver cannot start a container (MACHINE-NOTES: the host's
+On our CI machines libvirt's lxc driver cannot start a container (docs/kvm-lxc-notes.md#lxc: the host's
 hybrid cgroup v1+v2 layout; libvirt fails to mount the container's cgroup tree).
 test_real_container_in_a_test_namespace tries anyway, inside a test namespace with a
 private libvirtd (helpers/private_libvirtd.py, same reasons as the kvm test), and skips

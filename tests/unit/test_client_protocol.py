@@ -4,7 +4,7 @@ import pytest
 from qvd_gevent.client import protocol
 from qvd_gevent.client.protocol import Final, Progress, ProtocolError, ResponseReader, Switched
 
-# The original L7R's answer to connect_to_vm (reference/qvd-client-observed.md), byte for byte.
+# The original L7R's answer to connect_to_vm (docs/protocol.md#the-original-client), byte for byte.
 CONNECT_TRANSCRIPT = (
     b"HTTP/1.1 102 Processing\r\nX-QVD-VM-Info: Session acquired for VM_ID: 10\r\n\r\n"
     b"HTTP/1.1 102 Processing\r\nX-QVD-VM-Info: Starting X session at VM 10\r\n\r\n"

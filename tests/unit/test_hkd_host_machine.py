@@ -1,4 +1,4 @@
-"""The host lifecycle without I/O (reference/qvd-hkd.md section 1.3)."""
+"""The host lifecycle without I/O (docs/hkd.md#host-state-machine)."""
 from qvd_gevent.hkd import host_machine as H
 from qvd_gevent.hkd.host_machine import (
     AllVmsStopped,

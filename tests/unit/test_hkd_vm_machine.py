@@ -1,4 +1,4 @@
-"""The VM state machine without I/O: events in, actions out (reference/qvd-hkd.md section 2)."""
+"""The VM state machine without I/O: events in, actions out (docs/hkd.md#vm-state-machine)."""
 from qvd_gevent.hkd import vm_machine as M
 from qvd_gevent.hkd.vm_machine import (
     AcquireHeavy,
@@ -145,7 +145,7 @@ def test_stop_during_starting_before_launch_clears_row_without_launching():
     assert StartVm not in [type(a) for a in p.actions]
     p.ok()
     assert p.m.state == "stopped"
-    assert p.written_states() == []             # reference: starting -> stopped, no 'stopping'
+    assert p.written_states() == []             # as the original: starting -> stopped, no 'stopping'
 
 
 def test_stop_during_launch_is_delayed_then_graceful():

@@ -40,7 +40,7 @@ def test_kvm_disk_boot_with_overlay_virtio_and_serial_log():
     assert disk.find("target").get("bus") == "virtio" and disk.find("readonly") is None
     nic = root.find("devices/interface")
     assert nic.get("type") == "bridge" and nic.find("source").get("bridge") == "qvdnet"
-    assert nic.find("mac").get("address") == "54:52:00:00:01:64"   # reference 4.2's example
+    assert nic.find("mac").get("address") == "54:52:00:00:01:64"   # docs/hkd.md#addresses-and-mac's example
     assert nic.find("model").get("type") == "virtio"
     assert root.find("devices/serial").get("type") == "file"
     assert root.find("devices/serial/source").get("path") == "/tmp/qvd/qvd-42-serial.txt"

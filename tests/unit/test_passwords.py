@@ -2,7 +2,7 @@ from qvd_gevent.db.passwords import hash_password, is_legacy, legacy_token, veri
 
 
 def test_legacy_token_matches_the_original_seed():
-    # The seeded superadmin hash of QVD 4.3 (reference/qvd-db-admin.md section 4).
+    # The seeded superadmin hash of QVD 4.3 (docs/schema.md#passwords).
     assert legacy_token("superadmin", "qvd1234") == "kxs9c0f0qnWnPdxubiX2KlCpe/fLcvOkeDqnar/NdKc"
 
 

@@ -1,4 +1,4 @@
-"""qvd-client: list a user's VMs and connect to one through the L7R (CONTRACT.md section 3).
+"""qvd-client: list a user's VMs and connect to one through the L7R (README.md, Commands).
 
   qvd-client --host H [--port 8443] --user U (--password P | --password-file F | env
              QVD_PASSWORD) [--ca FILE | --insecure] [--token T] list

@@ -1,4 +1,4 @@
-"""qvd-client's side of the wire protocol, without I/O (reference/qvd-l7r-protocol.md 1.8-1.11).
+"""qvd-client's side of the wire protocol, without I/O (docs/protocol.md#connect-to-vm).
 
 Requests are built as the original Perl client sends them (plus a ``Host`` header,
 which HTTP/1.1 asks for and the original L7R ignores). Responses are parsed by
@@ -141,7 +141,7 @@ def body_text(body, limit=300):
 
 
 def error_message(final, action, vm_id=None):
-    """One line for a user, per the original client's wording (reference 1.10)."""
+    """One line for a user, per the original client's wording (docs/protocol.md#status-codes)."""
     status, body = final.status, body_text(final.body)
     if status == 401:
         return f"login rejected by the server (401){': ' + body if body else ''}"

@@ -1,4 +1,4 @@
-"""The house-keeping daemon: host lifecycle, VMs, heartbeat, lost nodes (reference/qvd-hkd.md).
+"""The house-keeping daemon: host lifecycle, VMs, heartbeat, lost nodes (docs/hkd.md).
 
 ``HKD(cfg, db, listener).start()`` returns once the host is running (or raises HkdError);
 ``.stop(timeout=None)`` stops the VMs and marks the host stopped.

@@ -1,8 +1,8 @@
 """Cluster monitor: every node marks nodes with a stale heartbeat `lost` and frees their VMs.
 
-reference/qvd-hkd.md section 1.7. All nodes race on the same idempotent updates. Ours does
-the intended abort of connected sessions on stopped VMs (bug Q8 of the original: it wrote
-`user_cmd = NULL` and notified a channel nobody listens on).
+docs/hkd.md#cluster-monitor. All nodes race on the same idempotent updates. Ours does the
+intended abort of connected sessions on stopped VMs (the original wrote `user_cmd = NULL`
+and notified a channel nobody listens on: docs/differences.md#cluster-monitor-abort).
 """
 import logging
 import random

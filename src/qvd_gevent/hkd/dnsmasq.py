@@ -1,6 +1,6 @@
 """dnsmasq as a supervised child of the node: DHCP (static leases) for the VMs on the bridge.
 
-Reference qvd-hkd.md section 4.3. The command line is QVD's:
+docs/hkd.md#dnsmasq. The command line is QVD's:
 
     dnsmasq -k --log-dhcp --bind-interfaces --interface <bridge> --except-interface lo
             --dhcp-range interface:<bridge>,<vm.network.ip.start>,static
@@ -183,7 +183,7 @@ def check_dhcp_ports(cfg, listeners=None):
     UDP 67 (DHCP) always; port 53 (TCP or UDP) only when our dnsmasq serves DNS
     (vm.network.dns_server 'self' or the gateway) - with --port=0 port 53 is not ours to take.
     A listener counts when bound to 0.0.0.0/:: or to an address inside the VM network
-    (reference 5.3). Typical culprit: the system dnsmasq the QVD manual says to disable.
+    (docs/hkd.md#start-up-checks). Typical culprit: the system dnsmasq the QVD manual says to disable.
     """
     network = cfg.vm_network().network
     listeners = read_listeners() if listeners is None else listeners

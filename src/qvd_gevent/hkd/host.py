@@ -3,7 +3,7 @@
 The lifecycle is the pure HostMachine (host_machine.py); this module runs its steps with
 real I/O. Per-VM work is done by VmRunner (vm_runner.py), lost-node detection by
 ClusterMonitor (cluster.py). Everything is driven by LISTEN/NOTIFY with the original's
-slow polls as a safety net (reference/qvd-hkd.md sections 1.4-1.7).
+slow polls as a safety net (docs/hkd.md#host-commands to docs/hkd.md#cluster-monitor).
 """
 import fcntl
 import logging
@@ -151,7 +151,7 @@ class HKD:
         return self
 
     def stop(self, timeout=None):
-        """Graceful stop: VMs stopped by the reference's rules, host stopping -> stopped."""
+        """Graceful stop: VMs stopped by the original's rules, host stopping -> stopped."""
         if self._loop is None or self.machine.state in ("new", "failed", "stopped"):
             self._release_everything()
             self.stopped.set()
@@ -545,7 +545,7 @@ class HKD:
         return runner
 
     def process_vm_commands(self):
-        """The reference's atomic UPDATE ... RETURNING: stops first, then starts."""
+        """The original's atomic UPDATE ... RETURNING: stops first, then starts."""
         hid = self.host_id
         stops = self.db.query("UPDATE vm_runtimes SET vm_cmd = NULL WHERE host_id = %s AND vm_cmd = 'stop' "
                               "RETURNING vm_id", (hid,))
@@ -580,7 +580,7 @@ class HKD:
         if self.machine.state == "running" and not self.lost:
             runner.send(M.CmdStart())
         else:
-            runner.send(M.CmdStop())        # the reference: no starts unless the host runs
+            runner.send(M.CmdStop())        # as the original: no starts unless the host runs
 
     def _start_after(self, old, vm_id):
         bound = self.vm_settings.timeouts["stopping.stop"] + self.vm_settings.timeouts["zombie.reap"]

@@ -1,6 +1,6 @@
 """The host (node) lifecycle without I/O: ``machine.handle(event) -> [actions]``.
 
-reference/qvd-hkd.md section 1.3: starting (checks, then setup), running, stopping,
+docs/hkd.md#host-state-machine: starting (checks, then setup), running, stopping,
 stopped. A failure before anything is written to host_runtimes ends the start with
 Fail(reason) (the caller raises HkdError); a failure after that goes through stopping,
 so the row never stays `starting`. Each step's outcome comes back as StepDone/StepFailed.

@@ -5,7 +5,7 @@ the node under ``ip netns exec <test namespace>`` and nothing reaches the machin
 network.
 
 ``check_network(cfg)`` returns precise warnings (the original HKD only noticed a missing
-bridge when dnsmasq or brctl failed, reference 5.1).
+bridge when dnsmasq or brctl failed, docs/hkd.md#networking).
 
 ``NetworkSetup(cfg).apply()`` automates the seed's "Networking Requirements" for a
 mononode installation, where the operator opts in with vm.network.setup=1:
@@ -18,9 +18,9 @@ mononode installation, where the operator opts in with vm.network.setup=1:
          -t nat PREROUTING -d <public_address> -p tcp --dport <l7r.port>
                 -j DNAT --to-destination <gateway>
        (the seed writes "to-source"; iptables needs "--to-source");
-     - when vm.network.firewall.nat.iface is set, the reference's (5.2 item 7)
+     - when vm.network.firewall.nat.iface is set, the original's (docs/hkd.md#firewall)
          -t nat POSTROUTING -m iprange --src-range <first VM>-<last VM> -o <iface> -j MASQUERADE
-The reference's filter rules (5.2 items 1-6) are not applied here.
+The original's filter rules (docs/hkd.md#firewall) are not applied here.
 It remembers exactly what it changed (a rule that already existed, a bridge that was there,
 forwarding that was already on are left alone) and ``remove()`` undoes exactly that, in
 reverse order.
@@ -47,7 +47,7 @@ class NetworkSetupError(Exception):
 class Netlink:
     """One rtnetlink socket of the current namespace, used by one greenlet at a time.
 
-    pyroute2 0.9 works under monkey.patch_all() (MACHINE-NOTES); each call takes a few
+    pyroute2 0.9 works under monkey.patch_all() (docs/design.md#pyroute2-under-gevent); each call takes a few
     milliseconds. The lock keeps two greenlets from interleaving requests on the socket.
     """
 

@@ -1,13 +1,13 @@
 """The per-VM state machine, without I/O: ``machine.handle(event) -> [actions]``.
 
-Follows reference/qvd-hkd.md section 2 (the KVM handler's shape, shared by every
+Follows docs/hkd.md#vm-state-machine (the original KVM handler's shape, shared by every
 hypervisor here). Main states, as written to vm_runtimes.vm_state: starting, running,
 stopping, zombie, debugging, stopped. Substates are internal (`state.sub`).
 
 At most one *step* (an action whose outcome matters: DB write, launch, RPC) is in flight;
 its outcome comes back as StepDone/StepFailed with the step's serial number. Commands
 arriving meanwhile are delayed and re-fired after the step, as the original delays them
-until a state handles them (section 2.5). Timers are named after the defaults-table key
+until a state handles them (docs/hkd.md#stop-while-starting). Timers are named after the defaults-table key
 they come from (``internal.hkd.timeout.on_state.<name>``).
 """
 from dataclasses import dataclass, field
@@ -260,7 +260,7 @@ class VmMachine:
             self._on_timeout(out, event.name)
         elif (self.in_flight is not None and isinstance(self.in_flight[1], AcquireHeavy)
               and isinstance(event, (CmdStop, HkdStop, HkdKill))):
-            # reference starting/heavy: a stop while waiting for the semaphore ends the start
+            # the original's starting/heavy: a stop while waiting for the semaphore ends the start
             serial = self.in_flight[0]
             self.in_flight = None
             self._after.pop(serial, None)
@@ -272,7 +272,7 @@ class VmMachine:
             return out
         else:
             self._dispatch(out, event)
-        # re-fire delayed events once nothing is in flight (reference: after each state change)
+        # re-fire delayed events once nothing is in flight (the original: after each state change)
         while self.in_flight is None and self.pending and self.state != "stopped":
             self._dispatch(out, self.pending.pop(0))
         # a stop delayed until now ends a wait for the heavy semaphore at once
@@ -376,7 +376,7 @@ class VmMachine:
             self._stop_db(out)
             return
         if self.pending and any(isinstance(e, (CmdStop, HkdStop, HkdKill)) for e in self.pending):
-            # stop before launch: nothing runs yet, just clear the row (reference starting/heavy)
+            # stop before launch: nothing runs yet, just clear the row (the original's starting/heavy)
             self.pending = [e for e in self.pending if not isinstance(e, (CmdStop, HkdStop, HkdKill))]
             out.append(ReleaseHeavy())
             self._stop_db(out)

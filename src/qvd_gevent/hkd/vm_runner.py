@@ -275,7 +275,7 @@ class VmRunner:
         self.hkd.hypervisor.cleanup(self._handle())
 
     def _step_ClearRuntimeRow(self, step):
-        # exactly the reference's _clear_runtime_row columns; no row-count check there either
+        # exactly the original's columns (docs/schema.md#vm-runtimes); no row-count check there either
         self.db.execute("UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL, vm_vma_port = NULL, "
                         "vm_x_port = NULL, vm_ssh_port = NULL, vm_vnc_port = NULL, vm_serial_port = NULL, "
                         "vm_mon_port = NULL, vm_address = NULL, vm_cmd = NULL, vm_expiration_soft = NULL, "

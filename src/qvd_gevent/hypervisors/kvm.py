@@ -1,4 +1,4 @@
-"""`kvm` hypervisor: a VM is a libvirt domain on the qemu driver (reference qvd-hkd.md 3.1).
+"""`kvm` hypervisor: a VM is a libvirt domain on the qemu driver (docs/hkd.md#kvm).
 
 - Domain ``qvd-<vm_id>``, transient (createXML): once it stops, libvirt forgets it, so a
   stopped VM leaves no definition behind; a leftover persistent definition of that name is
@@ -276,7 +276,7 @@ class KvmHypervisor(LibvirtHypervisor):
         settings.disk_path, settings.disk_format, settings.overlay = overlay, "qcow2", overlay
 
     def _prepare_home(self, spec, settings):
-        """Reference 3.1: a user disk only when user_storage_size > 0, reused if present."""
+        """As the original (docs/hkd.md#kvm): a user disk only when user_storage_size > 0, reused if present."""
         if not spec.user_storage_size or spec.user_storage_size <= 0:
             return
         home = os.path.join(self.cfg.get_str("path.storage.homes"), f"{spec.vm_id}-data.qcow2")

@@ -1,6 +1,6 @@
 """libvirt under gevent: one connection per URI, blocking calls in the threadpool, events to the hub.
 
-Why this shape (CONTRACT.md section 2): every libvirt call blocks in C, so each one runs in
+Why this shape (docs/design.md#libvirt-calls): every libvirt call blocks in C, so each one runs in
 gevent's threadpool and the hub keeps serving. libvirt delivers domain lifecycle events
 only to a process that runs an event loop: a native thread (not a greenlet) runs libvirt's
 default implementation (virEventRegisterDefaultImpl + virEventRunDefaultImpl) and does

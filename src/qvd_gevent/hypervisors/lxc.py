@@ -1,6 +1,6 @@
 """`lxc` hypervisor: a VM is a container on libvirt's lxc driver (vm.libvirt.uri.lxc).
 
-The original drove lxc-start itself (reference qvd-hkd.md 3.2); here libvirt's lxc driver
+The original drove lxc-start itself (docs/hkd.md#lxc); here libvirt's lxc driver
 does the cgroups, the veth pair on vm.network.bridge (MAC from the VM's IP) and the init.
 What stays ours is the root filesystem:
 

@@ -1,4 +1,4 @@
-"""The L7R: QVD's TLS front door (reference/qvd-l7r-protocol.md sections 1 and 2).
+"""The L7R: QVD's TLS front door (docs/protocol.md).
 
 Modules, one job each:
 - ``tls``: key material from ``ssl_configs`` written 0600 in a 0700 folder, permission
@@ -13,7 +13,5 @@ Modules, one job each:
 - ``server``: ``L7RService(cfg, db, listener)`` with ``start()``, ``port``,
   ``drain(grace)``, ``stop()``, ``sessions_open``, ``connections_open``.
 
-Measured with ``python3 bench/idle_sessions.py --sessions 5000`` on a 2-core machine:
-18.0 KB of L7R RSS per additional idle TLS session (21.7 KB all-in including fixed
-costs); ``--plain`` (os.splice): 4.3 KB.
+Memory per idle session is measured in bench/ (bench/README.md, README's Performance).
 """

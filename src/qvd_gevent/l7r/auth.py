@@ -1,4 +1,4 @@
-"""Authentication of L7R requests (reference/qvd-l7r-protocol.md section 1.4).
+"""Authentication of L7R requests (docs/protocol.md#authentication).
 
 Basic ``login@tenant`` / ``login#tenant`` against ``users.password`` (the original's
 salted SHA-256 form, upgraded to scrypt on the next good login, or scrypt), bearer tokens
@@ -7,7 +7,7 @@ blocked tenants and users, and throttling of failures. Password hashing runs in 
 threadpool (scrypt takes tens of milliseconds and releases the GIL), never on the hub.
 
 Deliberate differences from the original: tokens honour ``multi_use``; the tenant is
-validated by its normalised name (Q5); a throttled login gets 429.
+validated by its normalised name; a throttled login gets 429 (docs/differences.md).
 """
 import base64
 import binascii

@@ -3,11 +3,11 @@
 The decisions are pure functions over a ``vm_runtimes`` row (``decide_claim``,
 ``vm_start_progress``, ``x_state_progress``), tested without sockets; ``ConnectRunner``
 executes them with the database, LISTEN, the VMA and sockets, and streams the 102 lines
-in the reference's order (reference/qvd-l7r-protocol.md sections 1.8 and 2).
+in the original's order (docs/protocol.md#connect-to-vm).
 
 Waiting is by LISTEN on ``qvd_vm_runtime`` (payload vm_id) with a slow safety re-check,
 never by sleep-polling alone. The session row is always left ``disconnected`` by us when
-a session ends or its setup fails (the original's Q9), guarded by l7r_host_id = this host
+a session ends or its setup fails (docs/differences.md#release-after-setup-failure), guarded by l7r_host_id = this host
 AND l7r_pid = this process.
 """
 import logging
@@ -31,7 +31,7 @@ _ALNUM = string.ascii_letters + string.digits
 
 
 def slave_key():
-    """64 characters [A-Za-z0-9] from a CSPRNG (the original used Perl's rand, Q15)."""
+    """64 characters [A-Za-z0-9] from a CSPRNG (the original used Perl's rand: docs/differences.md#slave-key-csprng)."""
     return "".join(secrets.choice(_ALNUM) for _ in range(64))
 
 
@@ -103,7 +103,7 @@ def x_state_progress(state, now, deadline, hard_deadline, vm_id):
 
 
 def merge_vma_params(client_params, properties, auth_params, slave):
-    """client < VM combined properties < auth params < qvd.slave.key (section 2.5)."""
+    """client < VM combined properties < auth params < qvd.slave.key (docs/protocol.md#vma-parameters)."""
     merged = dict(client_params)
     merged.update(properties)
     merged.update(auth_params)
@@ -399,7 +399,7 @@ class ConnectRunner:
 
 
 class StopRunner:
-    """stop_vm after its pre-checks (section 1.9); returns (status, body) of the final answer."""
+    """stop_vm after its pre-checks (docs/protocol.md#stop-vm); returns (status, body) of the final answer."""
 
     def __init__(self, service, vm_id, info):
         self.svc = service

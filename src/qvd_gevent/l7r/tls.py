@@ -3,9 +3,9 @@
 Why the standard-library ``ssl`` module and not pyOpenSSL: gevent supports ``ssl``
 natively (cooperative handshake, reads and writes), while pyOpenSSL needs its own
 WantRead/WantWrite loop; and memory per idle TLS connection is the figure this node is
-built around: about 22-27 KB with ``ssl`` against 57-61 KB with pyOpenSSL (CONTRACT.md
-section 2). CPython also sets SSL_MODE_RELEASE_BUFFERS, so an idle connection gives its
-record buffers back.
+built around: about 22-27 KB with ``ssl`` against 57-61 KB with pyOpenSSL
+(docs/design.md#tls-library). CPython also sets SSL_MODE_RELEASE_BUFFERS, so an idle
+connection gives its record buffers back.
 
 The key and certificate live in the database (``qvd-admin config ssl``); the node writes
 them to ``path.l7r.ssl.*`` (directory 0700, files 0600) and builds a fresh context from

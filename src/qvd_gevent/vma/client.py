@@ -1,4 +1,4 @@
-"""Client of the VMA's SimpleRPC interface (reference/qvd-l7r-protocol.md section 3.2).
+"""Client of the VMA's SimpleRPC interface (docs/protocol.md#simplerpc).
 
 GET /vma/<method>?k=v... ; 200 with a JSON body; an error is the body `"",<json error>`.
 Cooperative under gevent's monkey patching (http.client over patched sockets).

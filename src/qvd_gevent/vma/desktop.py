@@ -1,4 +1,4 @@
-"""The line-echo desktop (CONTRACT.md section 5): what a client sends on the display port
+"""The line-echo desktop (docs/hkd.md#process-and-netns-vms): what a client sends on the display port
 comes back unchanged, byte for byte.
 
 It behaves like an nxagent session to the L7R: x_start moves it from stopped to

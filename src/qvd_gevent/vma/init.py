@@ -1,4 +1,4 @@
-"""qvd-vm-init: the init of `process` and `netns` VMs (CONTRACT.md section 5).
+"""qvd-vm-init: the init of `process` and `netns` VMs (docs/hkd.md#process-and-netns-vms).
 
 Environment (set by the hypervisor): QVD_VM_ID, QVD_VM_NAME, QVD_VM_ADDRESS (bind
 address, default 0.0.0.0), optionally QVD_VMA_PORT and QVD_X_PORT (default 3030 and

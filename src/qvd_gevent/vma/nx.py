@@ -1,7 +1,7 @@
-"""The nx desktop: Debian's nxagent on display :<internal.nxagent.display> (reference 3.5).
+"""The nx desktop: Debian's nxagent on display :<internal.nxagent.display> (docs/protocol.md#x-start).
 
 nxagent listens for the client's nxproxy on TCP 4000+display. Its session state is
-learnt from its own log lines (``Session: ...``) and mapped per reference 3.4. Unlike
+learnt from its own log lines (``Session: ...``) and mapped per docs/protocol.md#x-session-states. Unlike
 the original, nxagent runs as the VMA's own user (no user provisioning, no xinit): the
 optional X session command (``command.x-session``) is started with DISPLAY=:<display>
 once nxagent announces its session.

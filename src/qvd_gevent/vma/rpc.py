@@ -1,4 +1,4 @@
-"""SimpleRPC framing of the VMA (reference/qvd-l7r-protocol.md section 3.2), without I/O.
+"""SimpleRPC framing of the VMA (docs/protocol.md#simplerpc), without I/O.
 
 Request: ``GET /vma/<method>?k=v&... HTTP/1.1``; later duplicate keys win, as the
 original's hash does. Answer: always ``200`` with ``Content-Type:

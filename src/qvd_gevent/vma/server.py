@@ -1,4 +1,4 @@
-"""qvd-vma: the agent inside a VM (reference/qvd-l7r-protocol.md section 3).
+"""qvd-vma: the agent inside a VM (docs/protocol.md#the-vma).
 
 Plain HTTP SimpleRPC on --address:--port (internal.vm.port.vma, 3030) with the methods
 ping, x_state, x_start, x_suspend, x_stop, poweroff and expire. The desktop is the
@@ -39,7 +39,7 @@ class VmaService:
         self.cfg = cfg
         self.address = address
         self.port = cfg.get("internal.vm.port.vma") if port is None else port
-        # The display port is 4000 + display (reference 2.7); x_port overrides it.
+        # The display port is 4000 + display (docs/protocol.md#ports-inside-the-vm); x_port overrides it.
         self.display = cfg.get("internal.nxagent.display") if x_port is None else x_port - 4000
         self.desktop_kind = desktop
         self.run_dir = run_dir

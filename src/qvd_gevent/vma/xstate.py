@@ -1,4 +1,4 @@
-"""X session state of the VMA, without I/O (reference/qvd-l7r-protocol.md sections 3.4, 3.5).
+"""X session state of the VMA, without I/O (docs/protocol.md#x-session-states).
 
 nxagent announces its session state in log lines (``Session: Starting session at ...``,
 ``Session: Session started at ...``); the VMA maps those NX states to the x_state values
@@ -27,7 +27,7 @@ NX_TO_X = {
 RUNNING_STATES = frozenset({"listening", "connected", "suspending", "suspended"})
 
 # x_state -> config key of its timeout. The original keyed the start timeout on
-# "initiating", a name that never survives the mapping (quirk Q13); we apply it to
+# "initiating", a name that never survives the mapping (docs/differences.md#nxagent-start-timeout); we apply it to
 # "starting", which is what was meant.
 TIMEOUT_KEYS = {
     "starting": "internal.nxagent.timeout.starting",
@@ -107,7 +107,7 @@ def nxagent_options(params, cfg_get, display, loopback=False):
     cfg_get(key) reads configuration. Client values must match ``^[\\w/\\-+]+$`` (else
     InvalidOption, the x_start fails as in the original). Keyboard and link fall back to
     vma.default.client.keyboard/link: the original looked those up under a wrong name and
-    never found them (quirk Q12); we apply them.
+    never found them (docs/differences.md#vma-default-client-keys); we apply them.
     """
     fallbacks = {
         "keyboard": cfg_get("vma.default.client.keyboard"),
