@@ -250,7 +250,7 @@ def test_lost_node_releases_vms_and_the_lost_node_kills_them(make_node, admin_db
 
 
 def test_vm_gauge_reports_states(make_node, admin_db):
-    from qvd_gevent.node import metrics
+    from qvd_gevent.common import metrics
     host_id = add_host(admin_db)
     (vm_id,) = add_vms(admin_db)
     node = make_node()

@@ -6,7 +6,7 @@ import time
 import gevent
 
 from helpers.l7r_env import Reader, get, open_conn
-from qvd_gevent.node import metrics
+from qvd_gevent.common import metrics
 from test_l7r_sessions import UPGRADE, connect, make_env, row, wait_for
 
 

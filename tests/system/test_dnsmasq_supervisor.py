@@ -118,8 +118,8 @@ def test_dnsmasq_serves_dns_when_asked(test_host, tmp_path):  # noqa: F811
         boot()
         dns.add_host("54:52:00:4d:00:70", "10.77.0.112")
         cmdline = open(f"/proc/{dns.pid}/cmdline").read().split("\\0")
-        from qvd_gevent.hkd.dnsmasq import read_listeners
-        listening53 = sorted({(p, a) for p, a, port in read_listeners() if port == 53})
+        from qvd_gevent.system.procfs import listening_sockets
+        listening53 = sorted({(p, a) for p, a, port in listening_sockets() if port == 53})
         dns.stop()
         setup.remove()
         report(dict(cmdline=cmdline, listening53=listening53))

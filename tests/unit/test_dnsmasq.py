@@ -12,8 +12,8 @@ from qvd_gevent.hkd.dnsmasq import (
     dnsmasq_argv,
     hosts_file_text,
     next_delay,
-    parse_proc_net,
 )
+from qvd_gevent.system.procfs import parse_proc_net
 
 
 def make_cfg(**values):

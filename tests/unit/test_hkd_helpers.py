@@ -2,8 +2,8 @@
 import os
 
 from qvd_gevent.config import Config
-from qvd_gevent.hkd.host import usable_cpu, usable_ram_mb
 from qvd_gevent.hkd.vm_runner import di_full_path, mac_from_ip
+from qvd_gevent.system.procfs import usable_cpu, usable_ram_mb
 
 
 def test_usable_ram_is_memtotal_kb_over_1000(tmp_path):

@@ -48,7 +48,7 @@ def test_spawned_children_report_output_exit_codes_and_timeouts():
     import subprocess
     import time
 
-    from qvd_gevent.hypervisors.netns import SpawnedChild, run_collect
+    from qvd_gevent.system.spawn import SpawnedChild, run_collect
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     code, out = run_collect(["sh", "-c", "echo out; echo err >&2; exit 3"], env, 10)
     assert (code, out) == (3, b"out\nerr\n")

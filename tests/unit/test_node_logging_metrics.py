@@ -1,9 +1,9 @@
 import io
 import logging
 
+from qvd_gevent.common import metrics
+from qvd_gevent.common.logs import mask_secrets, setup_logging
 from qvd_gevent.config import Config
-from qvd_gevent.node import metrics
-from qvd_gevent.node.logsetup import mask_secrets, setup_logging
 
 
 def test_secrets_are_masked():

@@ -42,6 +42,7 @@ import gevent.lock
 from gevent import subprocess
 
 from ..config.network import parse_ip
+from ..system import procfs
 
 log = logging.getLogger("qvd.hkd.dnsmasq")
 
@@ -109,57 +110,6 @@ def next_delay(current, base):
 
 # --- listeners on the DHCP/DNS ports ---------------------------------------------------------
 
-def _hex_to_ipv4(hex_addr):
-    raw = bytes.fromhex(hex_addr)
-    return ".".join(str(b) for b in reversed(raw))
-
-
-def parse_proc_net(text, family, proto):
-    """Rows of /proc/net/{tcp,udp}{,6} -> [(proto, address, port)] of listening sockets.
-
-    TCP: state 0A (LISTEN). UDP: every socket without a remote peer (state 07) is a listener.
-    IPv6 addresses are returned as '::' (wildcard), '::ffff:a.b.c.d' mapped as 'a.b.c.d', or
-    the compressed hex form.
-    """
-    out = []
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) < 4:
-            continue
-        local, state = fields[1], fields[3]
-        if proto == "tcp" and state != "0A":
-            continue
-        if proto == "udp" and state != "07":
-            continue
-        addr_hex, port_hex = local.split(":")
-        port = int(port_hex, 16)
-        if family == 4:
-            addr = _hex_to_ipv4(addr_hex)
-        else:
-            words = [addr_hex[i:i + 8] for i in range(0, 32, 8)]
-            raw = b"".join(bytes.fromhex(w)[::-1] for w in words)
-            if raw == bytes(16):
-                addr = "::"
-            elif raw[:12] == bytes(10) + b"\xff\xff":
-                addr = ".".join(str(b) for b in raw[12:])
-            else:
-                addr = raw.hex()
-        out.append((proto, addr, port))
-    return out
-
-
-def read_listeners():
-    """Listening sockets of the current network namespace (/proc/net is per namespace)."""
-    found = []
-    for name, family, proto in (("tcp", 4, "tcp"), ("udp", 4, "udp"), ("tcp6", 6, "tcp"), ("udp6", 6, "udp")):
-        try:
-            with open(f"/proc/net/{name}") as fh:
-                found += parse_proc_net(fh.read(), family, proto)
-        except OSError:
-            continue
-    return found
-
-
 def port_conflicts(listeners, network, ports):
     """Listeners on one of ports bound to a wildcard or to an address inside network."""
     bad = []
@@ -186,7 +136,7 @@ def check_dhcp_ports(cfg, listeners=None):
     (docs/hkd.md#start-up-checks). Typical culprit: the system dnsmasq the QVD manual says to disable.
     """
     network = cfg.vm_network().network
-    listeners = read_listeners() if listeners is None else listeners
+    listeners = procfs.listening_sockets() if listeners is None else listeners
     checks = [("udp", 67)]
     if dns_mode(cfg)[0] == "self":
         checks += [("udp", 53), ("tcp", 53)]
@@ -214,6 +164,30 @@ def _others_can_reach(path):
         if parent == folder:
             return True
         folder = parent
+
+
+# --- a previous run's dnsmasq ------------------------------------------------------------------
+
+def kill_leftover_dnsmasq(hosts_file, wait=5.0):
+    """A node killed with SIGKILL leaves its dnsmasq running, holding UDP 67: it would block the
+    restart. Ours is recognised by our hosts file on its command line; end it."""
+    pids = procfs.pids_with_argument(os.path.abspath(hosts_file))
+    for pid in pids:
+        log.warning("stopping dnsmasq (pid %d) left by a previous run of this node", pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + wait
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if procfs.is_alive(p)]
+        gevent.sleep(0.05)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
 
 
 # --- the supervisor ---------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import fcntl
 import logging
 import os
 import random
-import signal
 import socket
 import time
 
@@ -22,8 +21,8 @@ import psycopg2
 from ..db import SCHEMA_VERSION, DatabaseError
 from ..hypervisors import HypervisorError, get_hypervisor
 from ..hypervisors.base import VmHandle
-from ..hypervisors.process import _proc_state
-from ..node import metrics
+from ..common import metrics
+from ..system.procfs import usable_cpu, usable_ram_mb
 from . import host_machine as H
 from . import vm_machine as M
 from .cluster import ClusterMonitor
@@ -41,68 +40,6 @@ class HkdError(Exception):
 def _first_line(exc):
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def usable_ram_mb(meminfo="/proc/meminfo"):
-    """MemTotal in kB / 1000, as the original."""
-    with open(meminfo) as fh:
-        for line in fh:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 1000
-    return 0.0
-
-
-def usable_cpu(cpuinfo="/proc/cpuinfo"):
-    """0.8 x the sum of bogomips; cpu count x 1000 where the kernel shows no bogomips."""
-    total = 0.0
-    try:
-        with open(cpuinfo) as fh:
-            for line in fh:
-                if line.lower().startswith("bogomips"):
-                    total += float(line.split(":", 1)[1])
-    except (OSError, ValueError):
-        total = 0.0
-    if total <= 0:
-        return float((os.cpu_count() or 1) * 1000)
-    return 0.8 * total
-
-
-def _pids_with_argument(value):
-    """pids whose command line has `value` as an argument (or as --opt=value)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                args = fh.read().decode("utf-8", "replace").split("\0")
-        except OSError:
-            continue
-        if any(a == value or a.endswith("=" + value) for a in args):
-            found.append(int(entry))
-    return found
-
-
-def kill_leftover_dnsmasq(hosts_file, wait=5.0):
-    """A node killed with SIGKILL leaves its dnsmasq running, holding UDP 67: it would block the
-    restart. Ours is recognised by our hosts file on its command line; end it."""
-    pids = _pids_with_argument(os.path.abspath(hosts_file))
-    for pid in pids:
-        log.warning("stopping dnsmasq (pid %d) left by a previous run of this node", pid)
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-    deadline = time.monotonic() + wait
-    while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if _proc_state(p) not in (None, "Z", "X")]
-        gevent.sleep(0.05)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return pids
 
 
 class HKD:
@@ -323,7 +260,7 @@ class HKD:
         for warning in check_network(self.cfg):
             log.warning("network: %s", warning)
         if self.cfg.get_bool("vm.network.use_dhcp"):
-            from .dnsmasq import DnsmasqError, check_dhcp_ports
+            from .dnsmasq import DnsmasqError, check_dhcp_ports, kill_leftover_dnsmasq
             kill_leftover_dnsmasq(self.cfg.get_str("internal.vm.network.dhcp-hostsfile"))
             try:
                 check_dhcp_ports(self.cfg)

@@ -14,7 +14,7 @@ import gevent.event
 import gevent.queue
 
 from ..hypervisors.base import HypervisorError, VmHandle, VmSpec
-from ..node import metrics
+from ..common import metrics
 from ..vma.client import VmaClient, VmaError
 from . import vm_machine as M
 

@@ -43,12 +43,11 @@ import signal
 import time
 
 import gevent
-import gevent.event
-import gevent.fileobject
-import gevent.socket
 from gevent import subprocess
 
-from ..hkd.network import shared_netlink
+from ..system import procfs
+from ..system.netlink import shared_netlink
+from ..system.spawn import SpawnedChild, SpawnError, run_collect, wait_exit
 from .base import Hypervisor, HypervisorError, VmHandle, VmSpec
 
 log = logging.getLogger("qvd.hypervisors.netns")
@@ -97,24 +96,10 @@ def _netns_inode(name):
     return st.st_dev, st.st_ino
 
 
-def _pid_netns(pid):
-    try:
-        st = os.stat(f"/proc/{pid}/ns/net")
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def pids_in_netns(name):
     """Every pid whose network namespace is the named one (one pass over /proc)."""
     target = _netns_inode(name)
-    if target is None:
-        return []
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _pid_netns(entry) == target:
-            found.append(int(entry))
-    return found
+    return [] if target is None else procfs.pids_in_network_namespace(target)
 
 
 def netns_dir_is_private():
@@ -125,15 +110,8 @@ def netns_dir_is_private():
     file, and a restarted node must re-attach it (list_running does, from the init's pid).
     ``nsenter --net=/run/netns/<ns>`` enters only the network namespace and avoids this.
     """
-    try:
-        with open("/proc/self/mountinfo") as fh:
-            for line in fh:
-                fields = line.split()
-                if len(fields) > 6 and fields[4] == NETNS_DIR:
-                    return not any(f.startswith("shared:") for f in fields[6:fields.index("-")])
-    except (OSError, ValueError):
-        pass
-    return False
+    tags = procfs.mount_tags(NETNS_DIR)
+    return tags is not None and not any(tag.startswith("shared:") for tag in tags)
 
 
 def _attach(name, pid):
@@ -158,105 +136,6 @@ def _remove_netns(name):
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _environ_has(pid, entry):
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as fh:
-            return entry.encode() in fh.read().split(b"\0")
-    except OSError:
-        return False
-
-
-class SpawnedChild:
-    """A child started with posix_spawn and reaped by the hub (Popen's poll/wait/kill subset).
-
-    gevent's Popen forks this whole process in Python (about 4 ms of CPU per child for a
-    node of ~100 MB, measured); posix_spawn uses vfork and costs a fraction of a
-    millisecond, which matters when a VM start runs three children. The exit is reported by
-    a libev child watcher started before the hub runs again, so an early exit is not lost.
-    """
-
-    def __init__(self, argv, env, output_fd=None, setsid=False):
-        path = argv[0] if os.sep in argv[0] else shutil.which(argv[0], path=env.get("PATH"))
-        if not path:
-            raise HypervisorError(f"{argv[0]} not found")
-        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        out = devnull if output_fd is None else output_fd
-        try:
-            self.pid = os.posix_spawn(path, argv, env, setsid=setsid, file_actions=[
-                (os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, out, 2)])
-        finally:
-            os.close(devnull)
-        self.args = argv
-        self.returncode = None
-        self._exited = gevent.event.Event()
-        self._watcher = gevent.get_hub().loop.child(self.pid, False)
-        self._watcher.start(self._on_exit)
-
-    def _on_exit(self):
-        self.returncode = os.waitstatus_to_exitcode(self._watcher.rstatus)
-        self._watcher.stop()
-        self._exited.set()
-
-    def _reaped_elsewhere(self):
-        """Someone else's waitpid(-1) took our child's status: the pid is simply gone."""
-        if self._exited.is_set() or os.path.exists(f"/proc/{self.pid}"):
-            return False
-        self._watcher.stop()
-        self._exited.set()
-        return True
-
-    def poll(self):
-        if self.returncode is None:
-            self._reaped_elsewhere()
-        return self.returncode
-
-    @property
-    def exited(self):
-        return self._exited.is_set() or self._reaped_elsewhere()
-
-    def wait(self, timeout=None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._exited.wait(1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))):
-            if self._reaped_elsewhere():
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                raise subprocess.TimeoutExpired(self.args, timeout)
-        return self.returncode
-
-    def kill(self):
-        if self.returncode is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def run_collect(argv, env, timeout):
-    """(exit code, stdout+stderr) of a short command; on timeout it is killed and TimeoutExpired raised."""
-    read_end, write_end = os.pipe()
-    try:
-        child = SpawnedChild(argv, env, output_fd=write_end)
-    except BaseException:
-        os.close(read_end)
-        raise
-    finally:
-        os.close(write_end)
-    try:
-        with gevent.Timeout(timeout, subprocess.TimeoutExpired(argv, timeout)):
-            reader = gevent.fileobject.FileObjectPosix(read_end, "rb", close=True)
-            read_end = None
-            with reader:
-                output = reader.read()          # until EOF: the child (and its children) exited
-            return child.wait(), output
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait(5)
-        raise
-    finally:
-        if read_end is not None:
-            os.close(read_end)
 
 
 def _parse_lease(stdout):
@@ -355,6 +234,8 @@ class NetnsHypervisor(Hypervisor):
             self.cleanup(handle)
             if isinstance(exc, HypervisorError):
                 raise
+            if isinstance(exc, SpawnError):
+                raise HypervisorError(str(exc)) from None
             if isinstance(exc, Exception):
                 raise HypervisorError(f"VM {spec.vm_id}: netns start failed: {exc}") from exc
             raise
@@ -439,7 +320,7 @@ class NetnsHypervisor(Hypervisor):
         if not handle.pid:
             return False
         target = _netns_inode(handle.name)
-        return target is not None and _pid_netns(handle.pid) == target and _not_zombie(handle.pid)
+        return target is not None and procfs.network_namespace(handle.pid) == target and procfs.is_alive(handle.pid)
 
     def is_running(self, handle):
         return self._init_alive(handle)
@@ -476,28 +357,7 @@ class NetnsHypervisor(Hypervisor):
                 return True
             except subprocess.TimeoutExpired:
                 return False
-        # An adopted VM is not our child: watch it through a pidfd (readable when it exits).
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            pidfd = os.pidfd_open(handle.pid)
-        except (OSError, AttributeError, TypeError):
-            pidfd = None
-        try:
-            while self._init_alive(handle):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                if pidfd is not None:
-                    try:
-                        gevent.socket.wait_read(pidfd, timeout=min(left, 1.0) if left is not None else 1.0)
-                    except gevent.socket.timeout:
-                        pass
-                else:
-                    gevent.sleep(min(left, 0.2) if left is not None else 0.2)
-            return True
-        finally:
-            if pidfd is not None:
-                os.close(pidfd)
+        return wait_exit(handle.pid, lambda: self._init_alive(handle), timeout)     # an adopted VM
 
     def cleanup(self, handle):
         """Kill what is left in the namespace, delete veth and namespace, forget state. Idempotent."""
@@ -568,9 +428,10 @@ class NetnsHypervisor(Hypervisor):
     def _reattach(self, handle):
         """A namespace added by a node in a private mount namespace: bind it again from its init."""
         pid = handle.pid
-        if not pid or _pid_netns(pid) is None or _pid_netns(pid) == _netns_inode(handle.name):
+        namespace = procfs.network_namespace(pid) if pid else None
+        if namespace is None or namespace == _netns_inode(handle.name):
             return
-        if not _environ_has(pid, f"QVD_VM_ID={handle.vm_id}") or not _not_zombie(pid):
+        if procfs.read_environ(pid).get("QVD_VM_ID") != str(handle.vm_id) or not procfs.is_alive(pid):
             return      # not our init (pid reused)
         try:
             _attach(handle.name, pid)
@@ -599,10 +460,3 @@ class NetnsHypervisor(Hypervisor):
     def close(self):
         self._children.clear()
 
-
-def _not_zombie(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False

@@ -14,9 +14,8 @@ import socket
 import subprocess
 import time
 
-import gevent
-import gevent.socket
-
+from ..system import procfs
+from ..system.spawn import wait_exit
 from .base import Hypervisor, HypervisorError, VmHandle, VmSpec
 
 log = logging.getLogger("qvd.hkd.process")
@@ -29,27 +28,6 @@ def vm_loopback_address(base, vm_id):
     if usable < 1 or not net.is_loopback:
         raise HypervisorError(f"vm.process.address.base {base} must be a loopback range with room for VMs")
     return str(net.network_address + 1 + (int(vm_id) % usable))
-
-
-def _read_environ(pid):
-    with open(f"/proc/{pid}/environ", "rb") as fh:
-        raw = fh.read()
-    env = {}
-    for item in raw.split(b"\0"):
-        key, sep, value = item.partition(b"=")
-        if sep:
-            env[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-    return env
-
-
-def _proc_state(pid):
-    """The one-letter state from /proc/<pid>/stat, or None if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    return data[data.rfind(")") + 2:].split(" ", 1)[0]
 
 
 class ProcessHypervisor(Hypervisor):
@@ -73,12 +51,9 @@ class ProcessHypervisor(Hypervisor):
 
     def _belongs(self, pid, vm_id):
         """pid is still the init of vm_id on this node (guards against pid reuse)."""
-        if _proc_state(pid) in (None, "Z", "X"):
+        if not procfs.is_alive(pid):
             return False
-        try:
-            env = _read_environ(pid)
-        except OSError:
-            return False
+        env = procfs.read_environ(pid)
         return self._ours(env) and env.get("QVD_VM_ID") == str(vm_id)
 
     def _ours(self, env):
@@ -181,31 +156,7 @@ class ProcessHypervisor(Hypervisor):
                 return False
         if not handle.pid:
             return True
-        # Adopted VM (not our child): a pidfd becomes readable when the process ends.
-        try:
-            pidfd = os.pidfd_open(handle.pid)
-        except ProcessLookupError:
-            return True
-        except (OSError, AttributeError):
-            return self._poll_exit(handle, timeout)
-        try:
-            if not self._belongs(handle.pid, handle.vm_id):
-                return True
-            try:
-                gevent.socket.wait_read(pidfd, timeout=timeout)
-                return True
-            except gevent.socket.timeout:
-                return False
-        finally:
-            os.close(pidfd)
-
-    def _poll_exit(self, handle, timeout):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._belongs(handle.pid, handle.vm_id):
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            gevent.sleep(0.5)
-        return True
+        return wait_exit(handle.pid, lambda: self._belongs(handle.pid, handle.vm_id), timeout)     # an adopted VM
 
     def cleanup(self, handle: VmHandle):
         child = self._children.pop(handle.vm_id, None)
@@ -227,19 +178,16 @@ class ProcessHypervisor(Hypervisor):
 
     def list_running(self) -> dict:
         found = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
+        for pid in procfs.pids():
+            env = procfs.read_environ(pid)
+            if not self._ours(env) or "QVD_VM_ID" not in env:
                 continue
-            pid = int(entry)
             try:
-                env = _read_environ(pid)
-                if not self._ours(env) or "QVD_VM_ID" not in env:
-                    continue
                 if os.getpgid(pid) != pid:    # a process inside a VM, not its init
                     continue
-            except (OSError, ValueError):
+            except OSError:
                 continue
-            if _proc_state(pid) in (None, "Z", "X"):
+            if not procfs.is_alive(pid):
                 continue
             try:
                 vm_id = int(env["QVD_VM_ID"])

@@ -19,7 +19,7 @@ import time
 
 from ..db import now_epoch
 from ..db.passwords import hash_password, is_legacy, verify_password
-from ..node import metrics
+from ..common import metrics
 
 log = logging.getLogger("qvd.l7r.auth")
 

@@ -21,7 +21,7 @@ import h11
 from gevent.server import StreamServer
 
 from ..db import DatabaseUnavailable, now_epoch
-from ..node import metrics
+from ..common import metrics
 from . import broker, tls
 from .auth import AuthFailed, Authenticator, Throttled, encode_token_for_client
 from .broker import (ConnectRunner, SessionAborted, SetupFailed, StopRunner, read_committed, release_aborted_row,

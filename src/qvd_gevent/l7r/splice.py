@@ -26,7 +26,7 @@ import weakref
 import gevent
 import gevent.ssl
 
-from ..node import metrics
+from ..common import metrics
 
 log = logging.getLogger("qvd.l7r.splice")
 

@@ -25,7 +25,7 @@ from ..config import Config, ConfigError  # noqa: E402
 from ..config.live import ConfigWatcher  # noqa: E402
 from ..db import Database, DatabaseUnavailable, make_green  # noqa: E402
 from ..db.listen import Listener  # noqa: E402
-from .logsetup import setup_logging  # noqa: E402
+from ..common.logs import setup_logging  # noqa: E402
 from .metrics_server import start_metrics_server  # noqa: E402
 
 log = logging.getLogger("qvd.node")

@@ -1,9 +1,9 @@
-"""Serves node/metrics.render() as GET /metrics on l7r.metrics.address (off the public port)."""
+"""Serves common/metrics.render() as GET /metrics on l7r.metrics.address (off the public port)."""
 import logging
 
 from gevent.pywsgi import WSGIServer
 
-from . import metrics
+from ..common import metrics
 
 log = logging.getLogger("qvd.node.metrics")
 
