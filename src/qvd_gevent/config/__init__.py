@@ -6,6 +6,7 @@ file. ``${key}`` references are expanded when a value is read, as the original d
 import os
 import re
 
+from .db_servers import ServerListError, libpq_host_port, split_servers
 from .defaults import BOOTSTRAP_PREFIXES, DEFAULTS
 from .network import NetworkError, VmNetwork, parse_ip, parse_netmask
 from .properties import PropertiesError, parse_properties
@@ -199,9 +200,18 @@ class Config:
             raise ConfigError(str(exc)) from None
 
     def dsn_kwargs(self):
-        """psycopg2.connect keyword arguments from database.* (bootstrap keys only)."""
+        """psycopg2.connect keyword arguments from database.* (bootstrap keys only).
+
+        database.host and database.port may be comma-separated lists (libpq's multi-host
+        form): one port for every host, or one per host.
+        """
+        try:
+            servers = split_servers(self.get_str("database.host"), self.get_str("database.port"))
+        except ServerListError as exc:
+            raise ConfigError(f"configuration keys database.host/database.port: {exc}") from None
+        host, port = libpq_host_port(servers)
         kw = {
-            "host": self.get_str("database.host"),
+            "host": host,
             "dbname": self.get_str("database.name"),
             "user": self.get_str("database.user"),
             "connect_timeout": self.get_int("internal.database.client.connect.timeout"),
@@ -214,7 +224,6 @@ class Config:
         password = self.get_str("database.password")
         if password:
             kw["password"] = password
-        port = self.get_str("database.port")
         if port:
-            kw["port"] = _convert("database.port", "int", port)
+            kw["port"] = port
         return kw

@@ -18,8 +18,10 @@ BOOTSTRAP_PREFIXES = ("database.", "nodename", "log.", "internal.database.client
 _TABLE = [
     # --- identity and database (bootstrap: node.conf only) ---
     ("nodename", None, "str", "name of this node; must equal hosts.name"),
-    ("database.host", "localhost", "str", "PostgreSQL host (or a unix socket directory)"),
-    ("database.port", "", "str", "PostgreSQL port; empty means the driver default"),
+    ("database.host", "localhost", "str", "PostgreSQL host (or a unix socket directory); a comma-separated "
+     "list names a primary and its standbys, and the node uses whichever is read-write"),
+    ("database.port", "", "str", "PostgreSQL port, or one per host of database.host (comma-separated); "
+     "empty means the driver default"),
     ("database.name", "qvd", "str", "database name"),
     ("database.user", "qvd", "str", "database user"),
     ("database.password", "", "str", "database password"),

@@ -4,6 +4,10 @@ Subscribers register a callback per channel. Callbacks run in the listener green
 must not block (set an Event, put in a Queue). After a reconnect every ``on_reconnect``
 callback runs, because notifications sent while we were away are lost: subscribers
 re-read the rows they care about (the slow poll of the original, done only when needed).
+
+The connection asks for the read-write server like the pool's (``target_session_attrs``):
+after a failover it reconnects to the promoted standby, where the nodes' NOTIFYs now go. A
+server that reports itself read-only at the idle probe is left the same way.
 """
 import logging
 import os
@@ -15,14 +19,15 @@ import gevent.select
 import psycopg2
 import psycopg2.extensions
 
-from . import DatabaseUnavailable
+from . import DatabaseUnavailable, server_is_read_only
 
 log = logging.getLogger("qvd.db.listen")
 
 
 class Listener:
-    def __init__(self, db, reconnect_delay=1.0, max_reconnect_delay=10.0):
+    def __init__(self, db, reconnect_delay=1.0, max_reconnect_delay=10.0, probe_interval=30.0):
         self.db = db
+        self.probe_interval = probe_interval
         self.reconnect_delay = reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
         self._callbacks = defaultdict(list)
@@ -128,7 +133,7 @@ class Listener:
                 delay = self.reconnect_delay
                 fd = self._conn.fileno()
                 while not self._stopping:
-                    readable, _, _ = gevent.select.select([fd, self._wake_r], [], [], 30)
+                    readable, _, _ = gevent.select.select([fd, self._wake_r], [], [], self.probe_interval)
                     if self._wake_r in readable:
                         try:
                             os.read(self._wake_r, 4096)
@@ -142,6 +147,10 @@ class Listener:
                         with self._conn.cursor() as cur:
                             cur.execute("SELECT 1")
                         self._dispatch()
+                        if server_is_read_only(self._conn):
+                            # NOTIFYs are written on the read-write server: listen there
+                            raise DatabaseUnavailable(f"server {self._conn.info.host}:{self._conn.info.port} "
+                                                      "is read-only now")
             except (psycopg2.Error, DatabaseUnavailable, OSError) as exc:
                 if self._stopping:
                     break
