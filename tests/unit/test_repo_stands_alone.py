@@ -23,7 +23,7 @@ OUTSIDE = [
     (r"MACHINE" + r"-NOTES", "machine notes outside the repository"),
     (r"\breference" + r"/", "a reference/ folder outside the repository"),
     (r"qvd-(?:l7r-protocol|hkd|db-admin|client-observed)" + r"\.md", "a reference file outside the repository"),
-    (r"\bQ" + r"\d{1,2}\b", "a bug number of the original's list (cite docs/differences.md#<anchor>)"),
+    (r"(?i)(?<![a-z0-9])q" + r"\d{1,2}(?![0-9a-z])", "a bug number of the original's list (cite docs/differences.md#<anchor>)"),
     (r"\breference" + r"\s+(?:section\s+)?\d+(?:\.\d+)*", "a section number of a reference file"),
 ]
 DOC_CITATION = re.compile(r"(?<![\w/.-])(docs/[\w./-]+?\.md)(#[\w-]+)?")

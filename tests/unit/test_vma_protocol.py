@@ -112,7 +112,7 @@ def test_listening_timeout_expires():
     assert t.x_state(110.5, alive=True) == ("stopping", True)
 
 
-def test_starting_timeout_is_applied_q13():
+def test_starting_timeout_is_applied():
     """The original keyed this timeout on 'initiating', which never occurs after mapping."""
     t = StateTracker(TIMEOUTS, now=0)
     t.set("initiating", 0)
@@ -131,7 +131,7 @@ def test_options_from_client_params():
     assert line == "nx/nx,keyboard=pc105/es,client=linux,link=lan,geometry=1024x768,tolerancechecks=risky:100"
 
 
-def test_default_keyboard_and_link_are_applied_q12():
+def test_default_keyboard_and_link_are_applied():
     line = nxagent_options({"qvd.client.geometry": "800x600"},
                            cfg_get({"vma.default.client.keyboard": "pc105/de"}), 100)
     assert "keyboard=pc105/de" in line and "link=adsl" in line

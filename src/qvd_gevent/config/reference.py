@@ -31,8 +31,8 @@ HEADER = f"""# Configuration keys
 <!-- Generated from src/qvd_gevent/config/defaults.py; do not edit by hand.
      Regenerate: {COMMAND} -->
 
-Every key the node reads, with its built-in default. A value is looked up in this order,
-the first that has it wins: the `configs` table (tenant -1, changed live with
+Every key of the node's defaults table, with its built-in default. A value is looked up
+in this order, the first that has it wins: the `configs` table (tenant -1, changed live with
 `qvd-admin config set`, announced by NOTIFY `qvd_config_changed`), then `node.conf`, then
 the default below. Keys marked *file only* are read from `node.conf` and the defaults,
 never from the `configs` table (the node needs them before it can reach the database).
