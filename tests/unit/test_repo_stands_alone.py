@@ -104,3 +104,22 @@ def test_every_cited_docs_page_and_anchor_exists():
                 if anchor[1:] not in cache[page]:
                     broken.append(f"{p.relative_to(ROOT)}: {page}{anchor}: no such anchor")
     assert not broken, "broken docs/ citations:\n" + "\n".join(sorted(set(broken)))
+
+
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:src|tests|bench|scripts|etc)/[\w./-]+\.(?:py|sh|sql|md|conf|service))"
+                       r"(?:::(\w+))?")
+
+
+def test_files_and_tests_named_in_the_docs_exist():
+    """docs/ and the READMEs name files and tests (the proof of a claim): they must exist."""
+    pages = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md", ROOT / "bench" / "README.md"]
+    missing = []
+    for page in pages:
+        for match in REPO_PATH.finditer(page.read_text(encoding="utf-8")):
+            path, test = match.group(1), match.group(2)
+            target = ROOT / path
+            if not target.is_file():
+                missing.append(f"{page.relative_to(ROOT)}: {path} does not exist")
+            elif test and not re.search(rf"^\s*(?:async\s+)?def {test}\(", target.read_text(encoding="utf-8"), re.M):
+                missing.append(f"{page.relative_to(ROOT)}: {path} has no test {test}")
+    assert not missing, "\n".join(sorted(set(missing)))
