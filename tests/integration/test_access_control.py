@@ -378,6 +378,22 @@ def test_client_cannot_set_server_side_session_parameters(world):
     assert sent["qvd.slave.key"] == final.headers["x-qvd-slave-key"]
 
 
+def test_auth_variables_reach_the_vm_under_their_own_prefix(world):
+    """Auth-<hex name> headers (the client's shared variables) reach the VMA's x_start as
+    auth.<name>, and never as a server-side parameter of the same name."""
+    w = world
+    headers = [("Auth-" + b"LANG".hex(), base64.b64encode(b"es_ES.UTF-8").decode()),
+               ("Auth-" + b"qvd.slave.key".hex(), base64.b64encode(b"mine").decode()),
+               ("Auth-zz", "not hex")]
+    final, _ = w.request(f"/qvd/connect_to_vm?id={w.alice_vm}", ALICE, UPGRADE + headers)
+    assert final.status == 101
+    sent = w.node.vma.x_start_calls[-1]
+    assert sent["auth.LANG"] == "es_ES.UTF-8"
+    assert sent["auth.qvd.slave.key"] == "mine"
+    assert sent["qvd.slave.key"] == final.headers["x-qvd-slave-key"]
+    assert not any(k.startswith("auth.") and k not in ("auth.LANG", "auth.qvd.slave.key") for k in sent)
+
+
 def test_refusal_takes_as_long_for_unknown_logins_as_for_wrong_passwords(world):
     """A 401 must not tell whether the login exists: with a scrypt hash a wrong password
     costs tens of milliseconds, so an unknown user or tenant must cost the same."""

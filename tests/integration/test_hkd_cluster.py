@@ -3,7 +3,7 @@ import select
 
 from helpers.hkd_env import add_host, add_vms
 
-from qvd_gevent.hkd.cluster import scan
+from qvd_gevent.db.runtime import mark_lost_hosts as scan
 
 
 def test_scan_marks_stale_hosts_lost_and_frees_their_vms_and_sessions(db):

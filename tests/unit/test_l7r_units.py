@@ -6,6 +6,7 @@ import ssl
 
 import pytest
 
+from qvd_gevent.db import runtime
 from qvd_gevent.l7r import broker
 from qvd_gevent.l7r.auth import encode_token_for_client, parse_auth_headers, parse_authorization, split_tenant
 from qvd_gevent.l7r.http import HttpError, check_head, check_partial, parse_query, raw_error_response
@@ -123,7 +124,7 @@ ME, PID = 7, 100
     (("connected", None, None, None), False, "claim"),
 ])
 def test_decide_claim(row, live, expected):
-    assert broker.decide_claim(row, ME, PID, live) == expected
+    assert runtime.decide_claim(row, ME, PID, live) == expected
 
 
 def test_vm_start_progress():

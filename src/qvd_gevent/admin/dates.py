@@ -66,10 +66,3 @@ def expirations(ctx):
             value = ctx.inv.arg(arg)
             out[column] = None if value in (None, "") else parse_when(value)
     return out
-
-
-def apply_expirations(cur, vm_ids, expiry):
-    """Set the given expirations on the vm_runtimes of vm_ids (column names are ours)."""
-    for column, value in expiry.items():
-        assert column in ("vm_expiration_soft", "vm_expiration_hard")
-        cur.execute(f"UPDATE vm_runtimes SET {column} = %s WHERE vm_id = ANY(%s)", (value, list(vm_ids)))

@@ -13,7 +13,8 @@ import shutil
 
 from .common import confirmed, int_arg, matching_ids
 from .context import AdminError
-from .dates import apply_expirations, expirations
+from ..db import runtime
+from .dates import expirations
 from .objects import DI
 from .registry import verb
 
@@ -109,7 +110,7 @@ def di_add(ctx):
         if expiry:
             cur.execute("""SELECT vr.vm_id FROM vm_runtimes vr JOIN vms v ON v.id = vr.vm_id
                             WHERE v.osf_id = %s AND v.di_tag = 'head' AND vr.vm_state = 'running'""", (osf,))
-            apply_expirations(cur, [r[0] for r in cur.fetchall()], expiry)
+            runtime.set_vm_expirations(cur, [r[0] for r in cur.fetchall()], expiry)
         return di_id, name
 
     try:
@@ -217,7 +218,7 @@ def di_tag(ctx):
             cur.execute("""SELECT vr.vm_id FROM vm_runtimes vr JOIN vms v ON v.id = vr.vm_id
                             WHERE v.osf_id = %s AND v.di_tag = %s AND vr.vm_state = 'running'
                               AND vr.current_di_id IS DISTINCT FROM %s""", (osf, tag, di_id))
-            apply_expirations(cur, [r[0] for r in cur.fetchall()], expiry)
+            runtime.set_vm_expirations(cur, [r[0] for r in cur.fetchall()], expiry)
     ctx.tx(run)
     ctx.say("DI tagged")
 
@@ -241,5 +242,5 @@ def di_untag(ctx):
             cur.execute("""SELECT vr.vm_id FROM vm_runtimes vr JOIN vms v ON v.id = vr.vm_id
                             WHERE v.osf_id = %s AND v.di_tag = %s AND vr.vm_state = 'running'
                               AND vr.current_di_id = %s""", (osf, tag, di_id))
-            apply_expirations(cur, [r[0] for r in cur.fetchall()], expiry)
+            runtime.set_vm_expirations(cur, [r[0] for r in cur.fetchall()], expiry)
     ctx.tx(run)

@@ -1,4 +1,5 @@
 """host add / del / list / block / unblock / counters."""
+from ..db import runtime
 from .common import confirmed, ip_arg, matching_ids, text_arg
 from .context import AdminError
 from .objects import HOST
@@ -18,8 +19,7 @@ def host_add(ctx):
         cur.execute("INSERT INTO hosts (name, address, description, frontend, backend)"
                     " VALUES (%s, %s, %s, true, true) RETURNING id", (name, address, description))
         host_id = cur.fetchone()[0]
-        cur.execute("INSERT INTO host_runtimes (host_id, state, blocked) VALUES (%s, 'stopped', false)", (host_id,))
-        cur.execute("INSERT INTO host_counters (host_id) VALUES (%s)", (host_id,))
+        runtime.create_host_runtime(cur, host_id)
         return host_id
     ctx.say(f"Host added with id {ctx.tx(run)}")
 
@@ -77,7 +77,7 @@ def _set_blocked(ctx, blocked):
 
     def run(cur):
         ids = matching_ids(cur, ctx, HOST)
-        cur.execute("UPDATE host_runtimes SET blocked = %s WHERE host_id = ANY(%s)", (blocked, ids))
+        runtime.set_hosts_blocked(cur, ids, blocked)
     ctx.tx(run)
     return 0
 

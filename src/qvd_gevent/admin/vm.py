@@ -11,8 +11,8 @@ import datetime
 
 from ..config import ConfigError
 from ..config.network import NetworkError
-from ..db import notify
-from ..db.placement import NoHostAvailable, pick_host
+from ..db import runtime
+from ..db.placement import NoHostAvailable
 from .common import confirmed, int_arg, ip_arg, matching_ids, text_arg
 from .context import AdminError
 from .dates import parse_when
@@ -103,9 +103,7 @@ def vm_add(ctx):
                            VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id""",
                         (vm_name, user_id, osf, di_tag, vm_ip, storage, description))
             vm_id = cur.fetchone()[0]
-            cur.execute("""INSERT INTO vm_runtimes (vm_id, vm_state, user_state, blocked)
-                           VALUES (%s, 'stopped', 'disconnected', false)""", (vm_id,))
-            cur.execute("INSERT INTO vm_counters (vm_id) VALUES (%s)", (vm_id,))
+            runtime.create_vm_runtime(cur, vm_id)
             ids.append(vm_id)
         return ids
     for vm_id in ctx.tx(run):
@@ -158,14 +156,8 @@ def vm_list(ctx):
 
 
 def _start_one(cur, ctx, vm_id):
-    cur.execute("SELECT vm_state, host_id FROM vm_runtimes WHERE vm_id = %s FOR UPDATE", (vm_id,))
-    row = cur.fetchone()
-    if row is None or row[0] != "stopped":
-        return None
-    host_id = row[1] if row[1] is not None else pick_host(cur, ctx.cfg)
-    cur.execute("UPDATE vm_runtimes SET host_id = %s, vm_cmd = 'start' WHERE vm_id = %s", (host_id, vm_id))
-    notify(cur, f"qvd_cmd_for_vm_on_host{host_id}")
-    return host_id
+    placed = runtime.request_start(cur, ctx.cfg, vm_id)
+    return placed is not None and placed[1] != "not_stopped"
 
 
 @verb("vm", "start", FILTER_USAGE, "Starts stopped virtual machines (placing them on a host).")
@@ -176,7 +168,7 @@ def vm_start(ctx):
     started = 0
     for vm_id in ids:
         try:
-            if ctx.tx(_start_one, ctx, vm_id) is not None:
+            if ctx.tx(_start_one, ctx, vm_id):
                 started += 1
         except NoHostAvailable:
             ctx.warn(f"VM {vm_id}: Unable to start machine, no hosts available")
@@ -184,21 +176,7 @@ def vm_start(ctx):
 
 
 def _stop_one(cur, vm_id):
-    cur.execute("SELECT vm_state, vm_cmd, host_id FROM vm_runtimes WHERE vm_id = %s FOR UPDATE", (vm_id,))
-    row = cur.fetchone()
-    if row is None:
-        return False
-    state, cmd, host_id = row
-    if state in ("starting", "running", "debugging") and host_id is not None:
-        cur.execute("UPDATE vm_runtimes SET vm_cmd = 'stop' WHERE vm_id = %s", (vm_id,))
-    elif state == "stopped" and cmd == "start":
-        # A start the node has not picked up yet: cancel it and release the host.
-        cur.execute("UPDATE vm_runtimes SET vm_cmd = NULL, host_id = NULL WHERE vm_id = %s", (vm_id,))
-    else:
-        return False
-    if host_id is not None:
-        notify(cur, f"qvd_cmd_for_vm_on_host{host_id}")
-    return True
+    return runtime.request_stop(cur, vm_id) in ("commanded", "cancelled")
 
 
 @verb("vm", "stop", FILTER_USAGE, "Stops virtual machines.")
@@ -217,7 +195,7 @@ def _set_blocked(ctx, blocked):
 
     def run(cur):
         ids = matching_ids(cur, ctx, VM)
-        cur.execute("UPDATE vm_runtimes SET blocked = %s WHERE vm_id = ANY(%s)", (blocked, ids))
+        runtime.set_vms_blocked(cur, ids, blocked)
     ctx.tx(run)
     return 0
 
@@ -239,13 +217,7 @@ def vm_disconnect_user(ctx):
 
     def run(cur):
         ids = matching_ids(cur, ctx, VM)
-        cur.execute("""UPDATE vm_runtimes SET user_cmd = 'abort'
-                        WHERE vm_id = ANY(%s) AND user_state IN ('connecting', 'connected')
-                        RETURNING l7r_host_id""", (ids,))
-        hosts = [r[0] for r in cur.fetchall()]
-        for host_id in sorted({h for h in hosts if h is not None}):
-            notify(cur, f"qvd_cmd_for_user_on_host{host_id}")
-        return len(hosts)
+        return runtime.request_disconnect(cur, ids)
     ctx.say(f"Disconnected {ctx.tx(run)} users.")
 
 
@@ -278,10 +250,11 @@ def vm_edit(ctx):
 
     def run(cur):
         ids = matching_ids(cur, ctx, VM)
-        for table, key_col, cols in (("vms", "id", vm_cols), ("vm_runtimes", "vm_id", rt_cols)):
-            if cols:
-                sets = ", ".join(f"{col} = %s" for col in cols)  # names from the fixed lists above
-                cur.execute(f"UPDATE {table} SET {sets} WHERE {key_col} = ANY(%s)", list(cols.values()) + [ids])
+        if vm_cols:
+            sets = ", ".join(f"{col} = %s" for col in vm_cols)  # names from the fixed list above
+            cur.execute(f"UPDATE vms SET {sets} WHERE id = ANY(%s)", list(vm_cols.values()) + [ids])
+        if rt_cols:
+            runtime.set_vm_expirations(cur, ids, rt_cols)
         return len(ids)
     ctx.say(f"Edited {ctx.tx(run)} VMs.")
 

@@ -6,42 +6,13 @@ and notified a channel nobody listens on: docs/differences.md#cluster-monitor-ab
 """
 import logging
 import random
-import time
 
 import gevent
 import psycopg2
 
-from ..db import DatabaseError, notify
+from ..db import DatabaseError, runtime
 
 log = logging.getLogger("qvd.hkd.cluster")
-
-
-def scan(cur, my_host_id, node_timeout):
-    """One pass in one transaction. Returns (lost host ids, freed vm ids, hosts to notify)."""
-    cur.execute("UPDATE host_runtimes SET state = 'lost' "
-                "WHERE state NOT IN ('stopped', 'starting', 'lost') AND host_id <> %s "
-                "AND (ok_ts IS NULL OR extract(epoch FROM (now() AT TIME ZONE 'UTC') - ok_ts) > %s) "
-                "RETURNING host_id", (my_host_id, node_timeout))
-    lost = [r[0] for r in cur.fetchall()]
-    cur.execute("UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL, vm_vma_port = NULL, "
-                "vm_x_port = NULL, vm_vnc_port = NULL, vm_ssh_port = NULL, vm_serial_port = NULL, "
-                "vm_mon_port = NULL, vm_address = NULL, vm_expiration_soft = NULL, vm_expiration_hard = NULL, "
-                "vma_ok_ts = NULL, current_di_id = NULL "
-                "WHERE vm_state <> 'stopped' AND host_id IN (SELECT host_id FROM host_runtimes WHERE state = 'lost') "
-                "RETURNING vm_id")
-    freed = [r[0] for r in cur.fetchall()]
-    cur.execute("UPDATE vm_runtimes SET user_state = 'disconnected', user_state_ts = %s, user_cmd = NULL, "
-                "l7r_host_id = NULL, l7r_pid = NULL WHERE user_state <> 'disconnected' "
-                "AND l7r_host_id IN (SELECT host_id FROM host_runtimes WHERE state = 'lost')",
-                (int(time.time()),))
-    # the intended abort: sessions still connected to a VM that is not running any more
-    cur.execute("UPDATE vm_runtimes SET user_cmd = 'abort' WHERE user_state = 'connected' "
-                "AND vm_state = 'stopped' AND user_cmd IS NULL AND l7r_host_id IS NOT NULL "
-                "RETURNING l7r_host_id")
-    hosts = sorted({r[0] for r in cur.fetchall()})
-    for host_id in hosts:
-        notify(cur, f"qvd_cmd_for_user_on_host{host_id}", "")
-    return lost, freed, hosts
 
 
 class ClusterMonitor:
@@ -68,7 +39,7 @@ class ClusterMonitor:
 
     def run_once(self):
         timeout = self.cfg.get_int("internal.hkd.cluster.node.timeout")
-        lost, freed, hosts = self.db.transaction(scan, self.host_id, timeout)
+        lost, freed, hosts = self.db.transaction(runtime.mark_lost_hosts, self.host_id, timeout)
         for host_id in lost:
             log.warning("host %s marked as lost (no heartbeat for more than %s s)", host_id, timeout)
         if freed:

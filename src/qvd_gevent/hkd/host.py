@@ -18,7 +18,7 @@ import gevent.lock
 import gevent.queue
 import psycopg2
 
-from ..db import SCHEMA_VERSION, DatabaseError
+from ..db import SCHEMA_VERSION, DatabaseError, runtime
 from ..hypervisors import HypervisorError, get_hypervisor
 from ..hypervisors.base import VmHandle
 from ..common import metrics
@@ -213,8 +213,7 @@ class HKD:
             raise HkdError(f"node {self.nodename!r} is not registered in hosts "
                            f"(qvd-admin host add name={self.nodename} address=<its address>)")
         self.host_id, self.address = row
-        self.db.execute("INSERT INTO host_runtimes (host_id, state, blocked) VALUES (%s, 'stopped', false) "
-                        "ON CONFLICT (host_id) DO NOTHING", (self.host_id,))
+        self.db.transaction(runtime.ensure_host_runtime, self.host_id)
 
     def _step_check_hypervisor(self):
         name = self.cfg.get_str("vm.hypervisor")
@@ -269,17 +268,15 @@ class HKD:
 
     # --- setup -------------------------------------------------------------------------
     def _save_host_state(self, state):
-        self.db.execute("UPDATE host_runtimes SET state = %s WHERE host_id = %s", (state, self.host_id))
+        runtime.set_host_state(self.db, self.host_id, state)
 
     def _step_save_starting(self):
         # a stale `stop` left from an earlier run must not stop this one
-        self.db.execute("UPDATE host_runtimes SET state = 'starting', pid = %s, cmd = NULL WHERE host_id = %s",
-                        (os.getpid(), self.host_id))
+        runtime.host_starting(self.db, self.host_id, os.getpid())
 
     def _step_save_loadbal(self):
         ram, cpu = usable_ram_mb(), usable_cpu()
-        self.db.execute("UPDATE host_runtimes SET usable_ram = %s, usable_cpu = %s WHERE host_id = %s",
-                        (ram, cpu, self.host_id))
+        runtime.set_host_capacity(self.db, self.host_id, ram, cpu)
         log.info("host %s: usable_ram %.0f MB, usable_cpu %.0f", self.nodename, ram, cpu)
 
     def _step_first_tick(self):
@@ -288,9 +285,7 @@ class HKD:
         self._agents.append(gevent.spawn(self._ticker))
 
     def _step_reset_sessions(self):
-        count = self.db.execute("UPDATE vm_runtimes SET user_cmd = NULL, l7r_host_id = NULL, l7r_pid = NULL, "
-                                "user_state = 'disconnected', user_state_ts = %s WHERE l7r_host_id = %s",
-                                (int(time.time()), self.host_id))
+        count = runtime.release_host_sessions(self.db, self.host_id)
         if count:
             log.info("reset %d sessions left by this node", count)
 
@@ -345,7 +340,7 @@ class HKD:
                 if ip and runner.handle is not None:
                     runner.dhcp_registered = mac_from_ip(prefix, ip)
                     self.dnsmasq.add_host(runner.dhcp_registered, ip)
-        self._unsubscribe.append(self.listener.subscribe(f"qvd_cmd_for_host{hid}", lambda c, p: self._cmd_wake.set()))
+        self._unsubscribe.append(self.listener.subscribe(runtime.host_commands_channel(hid), lambda c, p: self._cmd_wake.set()))
         self.listener.on_reconnect(self._cmd_wake.set)
         self.listener.on_reconnect(self._vm_wake.set)
         self._agents.append(gevent.spawn(self._command_handler))
@@ -356,7 +351,7 @@ class HKD:
         self._save_host_state("running")
 
     def _step_start_vm_intake(self):
-        self._unsubscribe.append(self.listener.subscribe(f"qvd_cmd_for_vm_on_host{self.host_id}",
+        self._unsubscribe.append(self.listener.subscribe(runtime.vm_commands_channel(self.host_id),
                                                          lambda c, p: self._vm_wake.set()))
         self._intake = gevent.spawn(self._vm_command_handler)
 
@@ -414,8 +409,7 @@ class HKD:
     def _tick(self):
         """Heartbeat. True on success; on `lost`, kills the VMs the cluster released."""
         try:
-            row = self.db.query_one("UPDATE host_runtimes SET ok_ts = now() AT TIME ZONE 'UTC', pid = %s "
-                                    "WHERE host_id = %s AND state <> 'lost' RETURNING 1", (os.getpid(), self.host_id))
+            alive = runtime.heartbeat(self.db, self.host_id, os.getpid())
         except _DB_ERRORS as exc:
             metrics.inc("qvd_hkd_heartbeats_total", result="error")
             log.warning("heartbeat failed: %s", _first_line(exc))
@@ -430,7 +424,7 @@ class HKD:
                 else:
                     self._events.put(H.TickerDead())
             return False
-        if row is None:
+        if not alive:
             metrics.inc("qvd_hkd_heartbeats_total", result="lost")
             if not self.lost:
                 self.lost = True
@@ -458,12 +452,9 @@ class HKD:
             self._cmd_wake.wait(self.cfg.get_float("internal.hkd.agent.command_handler.delay"))
             self._cmd_wake.clear()
             try:
-                row = self.db.query_one("SELECT cmd FROM host_runtimes WHERE host_id = %s", (self.host_id,))
-                cmd = row[0] if row else None
+                cmd = runtime.take_host_command(self.db, self.host_id)
                 if cmd is None:
                     continue
-                self.db.execute("UPDATE host_runtimes SET cmd = NULL WHERE host_id = %s AND cmd = %s",
-                                (self.host_id, cmd))
             except _DB_ERRORS as exc:
                 log.warning("host command check failed: %s", _first_line(exc))
                 continue
@@ -484,16 +475,12 @@ class HKD:
     def process_vm_commands(self):
         """The original's atomic UPDATE ... RETURNING: stops first, then starts."""
         hid = self.host_id
-        stops = self.db.query("UPDATE vm_runtimes SET vm_cmd = NULL WHERE host_id = %s AND vm_cmd = 'stop' "
-                              "RETURNING vm_id", (hid,))
-        for (vm_id,) in stops:
+        stops, starts = runtime.take_vm_commands(self.db, hid)
+        for vm_id in stops:
             log.info("VM %s: stop command", vm_id)
             runner = self.vms.get(vm_id) or self._new_runner(vm_id)
             runner.send(M.CmdStop())
-        starts = self.db.query("UPDATE vm_runtimes SET vm_cmd = NULL, vm_state = 'starting', vm_state_ts = %s "
-                               "WHERE host_id = %s AND vm_cmd = 'start' AND vm_state = 'stopped' RETURNING vm_id",
-                               (int(time.time()), hid))
-        for (vm_id,) in starts:
+        for vm_id in starts:
             log.info("VM %s: start command", vm_id)
             existing = self.vms.get(vm_id)
             if existing is not None:
@@ -507,8 +494,7 @@ class HKD:
         ids = [vm_id for vm_id, r in self.vms.items()
                if r.state not in ("new", "stopped", "lost") and r.machine.state != "stopping.db"]
         if ids:
-            mine = {r[0] for r in self.db.query("SELECT vm_id FROM vm_runtimes WHERE vm_id = ANY(%s) AND host_id = %s",
-                                                (ids, hid))}
+            mine = runtime.vms_assigned(self.db, ids, hid)
             for vm_id in ids:
                 if vm_id not in mine and vm_id in self.vms:
                     self.vms[vm_id].send(M.RowLost())

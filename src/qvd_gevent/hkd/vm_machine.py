@@ -237,7 +237,6 @@ class VmMachine:
         self.pending = []               # delayed events
         self._serial = 0
         self._after = {}                # serial -> callable(ok, result) continuation
-        self.launched = False
 
     # --- public -----------------------------------------------------------------------
     @property
@@ -389,7 +388,6 @@ class VmMachine:
             out.append(Log(f"VM {self.vm_id}: launch failed: {info}"))
             self._cleanup(out)
             return
-        self.launched = True
         self._goto(out, "starting.waiting_for_vma")
         out.append(WatchExit())
         self._monitor(out, "starting")
@@ -587,7 +585,6 @@ class VmMachine:
 
     # adoption and loss ------------------------------------------------------------------
     def _adopt(self, out, db_state):
-        self.launched = True
         self.saved_state = db_state
         out.append(WatchExit())
         if db_state in ("running", "debugging"):

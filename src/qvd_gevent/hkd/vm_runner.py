@@ -13,6 +13,7 @@ import gevent
 import gevent.event
 import gevent.queue
 
+from ..db import runtime
 from ..hypervisors.base import HypervisorError, VmHandle, VmSpec
 from ..common import metrics
 from ..vma.client import VmaClient, VmaError
@@ -153,13 +154,6 @@ class VmRunner:
             return
         self.send(M.StepDone(step.serial, result))
 
-    # --- DB helpers ------------------------------------------------------------------
-    def _guarded_update(self, sql, params):
-        """UPDATE ... WHERE vm_id = %s AND host_id = me; no row -> RowLostError."""
-        count = self.db.execute(sql + " WHERE vm_id = %s AND host_id = %s", (*params, self.vm_id, self.hkd.host_id))
-        if count != 1:
-            raise RowLostError()
-
     # --- steps -----------------------------------------------------------------------
     def _step_Prepare(self, step):
         cfg = self.cfg
@@ -185,15 +179,8 @@ class VmRunner:
             vma_port = cfg.get_int("internal.vm.port.vma")
             x_port = cfg.get_int("internal.nxagent.display") + 4000
             ssh_port = cfg.get_int("internal.vm.port.ssh")
-            cur.execute("UPDATE vm_runtimes SET vm_address = %s, vm_vma_port = %s, vm_x_port = %s, vm_ssh_port = %s, "
-                        "vm_vnc_port = 0, vm_serial_port = 0, vm_mon_port = 0, vm_pid = NULL, current_di_id = %s "
-                        "WHERE vm_id = %s AND host_id = %s",
-                        (ip, vma_port, x_port, ssh_port, di_id, self.vm_id, self.hkd.host_id))
-            if cur.rowcount != 1:
+            if not runtime.prepare_vm(cur, self.vm_id, self.hkd.host_id, ip, vma_port, x_port, ssh_port, di_id):
                 raise RowLostError()
-            cur.execute("INSERT INTO vm_counters (vm_id, run_attempts, run_ok) VALUES (%s, 1, 0) "
-                        "ON CONFLICT (vm_id) DO UPDATE SET run_attempts = vm_counters.run_attempts + 1",
-                        (self.vm_id,))
             mac = mac_from_ip(cfg.get_str("vm.network.mac.prefix"), ip) if ip else None
             return VmSpec(vm_id=self.vm_id, name=name, ip=ip, mac=mac, memory=memory, di_id=di_id,
                           di_path=di_full_path(cfg, di_path), use_overlay=use_overlay,
@@ -225,23 +212,15 @@ class VmRunner:
         except Exception:
             metrics.inc("qvd_hkd_vm_starts_total", result="error")
             raise
-        self._guarded_update("UPDATE vm_runtimes SET vm_address = %s, vm_pid = %s",
-                             (self.handle.address, self.handle.pid))
+        if not runtime.set_vm_launched(self.db, self.vm_id, self.hkd.host_id, self.handle.address, self.handle.pid):
+            raise RowLostError()
         log.info("VM %s: launched (pid %s, address %s)", self.vm_id, self.handle.pid, self.handle.address)
 
     def _step_WriteState(self, step):
+        if not runtime.set_vm_state(self.db, self.vm_id, self.hkd.host_id, step.state, run_ok=step.run_ok):
+            raise RowLostError()
         if step.run_ok:
-            def write(cur):
-                cur.execute("UPDATE vm_runtimes SET vm_state = %s, vm_state_ts = %s WHERE vm_id = %s AND host_id = %s",
-                            (step.state, int(time.time()), self.vm_id, self.hkd.host_id))
-                if cur.rowcount != 1:
-                    raise RowLostError()
-                cur.execute("UPDATE vm_counters SET run_ok = run_ok + 1 WHERE vm_id = %s", (self.vm_id,))
-            self.db.transaction(write)
             metrics.inc("qvd_hkd_vm_starts_total", result="ok")
-        else:
-            self._guarded_update("UPDATE vm_runtimes SET vm_state = %s, vm_state_ts = %s",
-                                 (step.state, int(time.time())))
 
     def _vma(self):
         address = self.handle.address if self.handle else (self.spec.ip if self.spec else None)
@@ -275,12 +254,8 @@ class VmRunner:
         self.hkd.hypervisor.cleanup(self._handle())
 
     def _step_ClearRuntimeRow(self, step):
-        # exactly the original's columns (docs/schema.md#vm-runtimes); no row-count check there either
-        self.db.execute("UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL, vm_vma_port = NULL, "
-                        "vm_x_port = NULL, vm_ssh_port = NULL, vm_vnc_port = NULL, vm_serial_port = NULL, "
-                        "vm_mon_port = NULL, vm_address = NULL, vm_cmd = NULL, vm_expiration_soft = NULL, "
-                        "vm_expiration_hard = NULL, current_di_id = NULL WHERE vm_id = %s AND host_id = %s",
-                        (self.vm_id, self.hkd.host_id))
+        # exactly the original's columns (docs/schema.md#vm-runtimes)
+        runtime.clear_vm(self.db, self.vm_id, self.hkd.host_id)
 
     def _step_ExpireVma(self, step):
         params = {}

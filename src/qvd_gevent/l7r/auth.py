@@ -11,13 +11,12 @@ validated by its normalised name; a throttled login gets 429 (docs/differences.m
 """
 import base64
 import binascii
-import json
 import logging
 import secrets
 import time
 
 
-from ..db import now_epoch
+from ..db import runtime
 from ..db.passwords import hash_password, is_legacy, verify_password
 from ..common import metrics
 
@@ -40,15 +39,14 @@ class Throttled(Exception):
 
 
 class AuthResult:
-    __slots__ = ("user_id", "login", "tenant_id", "params", "token_vm_id", "method")
+    __slots__ = ("user_id", "login", "tenant_id", "params", "token_vm_id")
 
-    def __init__(self, user_id, login, tenant_id, params, token_vm_id=None, method="basic"):
+    def __init__(self, user_id, login, tenant_id, params, token_vm_id=None):
         self.user_id = user_id
         self.login = login
         self.tenant_id = tenant_id
         self.params = params
         self.token_vm_id = token_vm_id
-        self.method = method
 
 
 # --- pure parsing ---------------------------------------------------------------------
@@ -211,7 +209,6 @@ class Authenticator:
             raise
         self.throttle.record_success(peer_ip, login_key)
         cache["auth"] = (fp, result)
-        cache["auth_headers"] = parse_auth_headers(request.raw_headers)
         self.counters("auth_ok")
         return result
 
@@ -249,30 +246,9 @@ class Authenticator:
         return AuthResult(user_id, login, tenant_id, {"qvd.vm.user.name": login})
 
     def _bearer(self, token):
-        def run(cur):
-            cur.execute("SELECT t.user_id, t.vm_id, t.expiration, t.multi_use, p.parameters, "
-                        "u.login, u.tenant_id, u.blocked, tn.blocked "
-                        "FROM user_tokens t JOIN users u ON u.id = t.user_id JOIN tenants tn ON tn.id = u.tenant_id "
-                        "LEFT JOIN user_auth_parameters p ON p.id = t.auth_params_id WHERE t.token = %s", (token,))
-            row = cur.fetchone()
-            if row is None:
-                return "unknown_token", None
-            user_id, vm_id, expiration, multi_use, params, login, tenant_id, user_blocked, tenant_blocked = row
-            if now_epoch() > expiration:
-                cur.execute("DELETE FROM user_tokens WHERE token = %s", (token,))
-                return "expired_token", None
-            if tenant_blocked:
-                return "tenant_blocked", None
-            if user_blocked:
-                return "user_blocked", None
-            if not multi_use:
-                cur.execute("UPDATE user_tokens SET expiration = 0 WHERE token = %s", (token,))
-            if isinstance(params, str):
-                params = json.loads(params)
-            merged = {"qvd.vm.user.name": login}
-            merged.update(params or {})
-            return None, AuthResult(user_id, login, tenant_id, merged, vm_id, "bearer")
-        error, result = self.db.transaction(run)
+        error, grant = runtime.redeem_token(self.db, token)
         if error:
             raise AuthFailed(error)
-        return result
+        params = {"qvd.vm.user.name": grant.login}
+        params.update(grant.params)
+        return AuthResult(grant.user_id, grant.login, grant.tenant_id, params, grant.vm_id)

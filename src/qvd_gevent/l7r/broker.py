@@ -11,7 +11,6 @@ a session ends or its setup fails (docs/differences.md#release-after-setup-failu
 AND l7r_pid = this process.
 """
 import logging
-import os
 import secrets
 import string
 import time
@@ -20,8 +19,8 @@ import gevent
 import gevent.lock
 import gevent.socket
 
-from ..db import notify, now_epoch
-from ..db.placement import NoHostAvailable, pick_host
+from ..db import runtime
+from ..db.placement import NoHostAvailable
 from ..vma.client import VmaClient, VmaError
 from .splice import tune_socket
 
@@ -35,15 +34,7 @@ def slave_key():
     return "".join(secrets.choice(_ALNUM) for _ in range(64))
 
 
-def new_token():
-    """~256 bits in base62, like the original's Session::Token."""
-    return "".join(secrets.choice(_ALNUM) for _ in range(43))
-
-
 _claim_locks = {}     # vm_id -> Semaphore held around one claim of that VM in this process
-
-# serialization failures are expected under load (many claims at once); each retry backs off
-CLAIM_RETRIES = 30
 
 
 class SetupFailed(Exception):
@@ -55,24 +46,6 @@ class SessionAborted(BaseException):
 
 
 # --- pure decisions ------------------------------------------------------------------------
-def decide_claim(row, me_host, me_pid, live_here):
-    """row = (user_state, l7r_host_id, l7r_pid, user_cmd). Returns 'claim', 'abort' or 'wait'.
-
-    'claim' also when the holder is provably dead: this host held it from another process
-    (a previous run), or from this process with no live session (a lost greenlet).
-    """
-    user_state, holder_host, holder_pid, user_cmd = row
-    if user_state == "disconnected":
-        return "claim"
-    if holder_host == me_host and (holder_pid != me_pid or not live_here):
-        return "claim"
-    if holder_host is None:
-        return "claim"
-    if user_cmd == "abort":
-        return "wait"
-    return "abort"
-
-
 def vm_start_progress(vm_state, vm_cmd, user_cmd, now, deadline, vm_id):
     """While waiting for 'running': ('ready'|'wait', None) or ('fail', message) or ('aborted', msg)."""
     if user_cmd == "abort":
@@ -111,36 +84,6 @@ def merge_vma_params(client_params, properties, auth_params, slave):
     return merged
 
 
-def read_committed(cur):
-    """For single-row guarded writes: READ COMMITTED is exact there and does not fail on
-    the coarse predicate locks SERIALIZABLE takes on a small vm_runtimes table under load.
-    The session claim itself stays SERIALIZABLE."""
-    cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-
-
-def release_row(cur, vm_id, host_id, pid, older_than=None):
-    """Back to disconnected, only if this host and process still hold it (and, for the
-    reconcile sweep, only a claim older than older_than: never one made a moment ago)."""
-    read_committed(cur)
-    sql = ("UPDATE vm_runtimes SET user_state = 'disconnected', user_state_ts = %s, user_cmd = NULL, "
-           "l7r_host_id = NULL, l7r_pid = NULL WHERE vm_id = %s AND l7r_host_id = %s AND l7r_pid = %s")
-    params = [now_epoch(), vm_id, host_id, pid]
-    if older_than is not None:
-        sql += " AND coalesce(user_state_ts, 0) < %s"
-        params.append(older_than)
-    cur.execute(sql, params)
-    return cur.rowcount
-
-
-def release_aborted_row(cur, vm_id, host_id, pid):
-    """Release a row another client asked us to let go of, only while that request stands."""
-    read_committed(cur)
-    cur.execute("UPDATE vm_runtimes SET user_state = 'disconnected', user_state_ts = %s, user_cmd = NULL, "
-                "l7r_host_id = NULL, l7r_pid = NULL WHERE vm_id = %s AND l7r_host_id = %s AND l7r_pid = %s "
-                "AND user_cmd = 'abort'", (now_epoch(), vm_id, host_id, pid))
-    return cur.rowcount
-
-
 _PROPS_SQL = ("SELECT l.key, p.value FROM {table} p JOIN qvd_object_properties_list q ON q.id = p.property_id "
               "JOIN properties_list l ON l.id = q.property_id WHERE p.{col} = %s")
 
@@ -171,7 +114,7 @@ def combined_properties(cur, vm_id):
 class ConnectRunner:
     """Runs one connect_to_vm after its pre-checks. ``info(text)`` sends a 102 line."""
 
-    def __init__(self, service, session, auth, client_params, info):
+    def __init__(self, service, session, auth, client_params, info, auth_vars=None):
         self.svc = service
         self.cfg = service.cfg
         self.db = service.db
@@ -179,20 +122,18 @@ class ConnectRunner:
         self.vm_id = session.vm_id
         self.auth = auth
         self.client_params = client_params
+        self.auth_vars = auth_vars or {}
         self.info = info
         self.host_id = service.host_id
         self.pid = service.pid
 
     # --- helpers -------------------------------------------------------------------------
     def _row(self):
-        return self.db.query_one(
-            "SELECT vm_state, vm_cmd, user_state, user_cmd, host_id, l7r_host_id, l7r_pid, vm_address, "
-            "vm_vma_port, vm_x_port FROM vm_runtimes WHERE vm_id = %s", (self.vm_id,))
+        return runtime.session_row(self.db, self.vm_id)
 
     def _check_abort(self):
-        row = self.db.query_one("SELECT user_cmd, l7r_host_id, l7r_pid FROM vm_runtimes WHERE vm_id = %s",
-                                (self.vm_id,))
-        if row is None or row[0] == "abort" or (row[1], row[2]) != (self.host_id, self.pid):
+        row = self._row()
+        if row is None or row[3] == "abort" or (row[5], row[6]) != (self.host_id, self.pid):
             raise SetupFailed(f"Aborted by contending session VM_ID: {self.vm_id}")
 
     # --- the sequence ----------------------------------------------------------------------
@@ -227,7 +168,8 @@ class ConnectRunner:
             try:
                 with lock:
                     live_here = self.svc.has_live_session(self.vm_id, exclude=self.session)
-                    outcome, holder = self.db.transaction(self._claim_tx, live_here, retries=CLAIM_RETRIES)
+                    outcome, holder = runtime.claim_session(self.db, self.vm_id, self.host_id, self.pid,
+                                                            self.auth.user_id, live_here)
                     if outcome == "claim":
                         self.session.claimed = True
                         self.svc.sessions[self.vm_id] = self.session
@@ -247,25 +189,6 @@ class ConnectRunner:
                 raise SetupFailed("Unable to acquire VM, close other clients")
             self.svc.wait_vm_event(self.vm_id, min(poll, remaining))
 
-    def _claim_tx(self, cur, live_here):
-        cur.execute("SELECT user_state, l7r_host_id, l7r_pid, user_cmd FROM vm_runtimes WHERE vm_id = %s FOR UPDATE",
-                    (self.vm_id,))
-        row = cur.fetchone()
-        if row is None:
-            return "gone", None
-        decision = decide_claim(row, self.host_id, self.pid, live_here)
-        if decision == "claim":
-            cur.execute("UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = %s, l7r_pid = %s, "
-                        "l7r_host_id = %s, user_cmd = NULL, real_user_id = %s WHERE vm_id = %s",
-                        (now_epoch(), self.pid, self.host_id, self.auth.user_id, self.vm_id))
-        elif decision == "abort":
-            cur.execute("UPDATE vm_runtimes SET user_cmd = 'abort' WHERE vm_id = %s", (self.vm_id,))
-            notify(cur, f"qvd_cmd_for_user_on_host{row[1]}", str(self.vm_id))
-        elif decision == "wait" and row[1] is not None:
-            # re-announce: the holder may have missed the first NOTIFY (LISTEN reconnect)
-            notify(cur, f"qvd_cmd_for_user_on_host{row[1]}", str(self.vm_id))
-        return decision, (row[1], row[2])
-
     def ensure_running(self):
         row = self._row()
         if row is None:
@@ -275,29 +198,13 @@ class ConnectRunner:
             if host_id is None:
                 self.info(f"Assigning VM {self.vm_id} to host")
             self.info("Starting virtual machine")
-            self.db.transaction(self._assign_and_start_tx, retries=CLAIM_RETRIES)
+            try:
+                self.db.transaction(runtime.request_start, self.cfg, self.vm_id, retries=runtime.CLAIM_RETRIES)
+            except NoHostAvailable as exc:
+                raise SetupFailed(str(exc)) from None
         elif host_id is None:
             raise SetupFailed(f"Unable to start VM {self.vm_id}, state changed unexpectedly")
         self.wait_running()
-
-    def _assign_and_start_tx(self, cur):
-        """Node assignment and the start command in one transaction (the original's FIXME)."""
-        cur.execute("SELECT vm_state, vm_cmd, host_id FROM vm_runtimes WHERE vm_id = %s FOR UPDATE", (self.vm_id,))
-        vm_state, vm_cmd, host_id = cur.fetchone()
-        if vm_state != "stopped":
-            return host_id
-        if host_id is None:
-            try:
-                host_id = pick_host(cur, self.cfg)
-            except NoHostAvailable as exc:
-                raise SetupFailed(str(exc)) from None
-        if vm_cmd is None:
-            cur.execute("UPDATE vm_runtimes SET host_id = %s, vm_cmd = 'start' WHERE vm_id = %s", (host_id, self.vm_id))
-            notify(cur, f"qvd_cmd_for_vm_on_host{host_id}", str(self.vm_id))
-        elif vm_cmd == "start":
-            cur.execute("UPDATE vm_runtimes SET host_id = %s WHERE vm_id = %s", (host_id, self.vm_id))
-            notify(cur, f"qvd_cmd_for_vm_on_host{host_id}", str(self.vm_id))
-        return host_id
 
     def wait_running(self):
         poll = self.cfg.get_float("internal.l7r.poll_time.vm")
@@ -318,21 +225,17 @@ class ConnectRunner:
         raise SetupFailed("VM didn't reach state 'running'. Timeout")
 
     def vma_params(self, slave):
-        host_row = self.db.query_one("SELECT address FROM hosts WHERE id = %s", (self.host_id,))
-        token = new_token()
+        lifetime = self.cfg.get_int("l7r.token.lifetime")
 
         def tx(cur):
-            import json
-            read_committed(cur)
-            cur.execute("INSERT INTO user_auth_parameters (parameters) VALUES (%s) RETURNING id",
-                        (json.dumps(self.auth.params),))
-            params_id = cur.fetchone()[0]
-            cur.execute("INSERT INTO user_tokens (token, user_id, vm_id, expiration, auth_params_id, multi_use) "
-                        "VALUES (%s, %s, NULL, %s, %s, true)",
-                        (token, self.auth.user_id, now_epoch() + self.cfg.get_int("l7r.token.lifetime"), params_id))
-            return combined_properties(cur, self.vm_id)
-        properties = self.db.transaction(tx)
+            runtime.read_committed(cur)
+            cur.execute("SELECT address FROM hosts WHERE id = %s", (self.host_id,))
+            host_row = cur.fetchone()
+            token, _ = runtime.issue_token(cur, self.auth.user_id, self.auth.params, lifetime)
+            return host_row, token, combined_properties(cur, self.vm_id)
+        host_row, token, properties = self.db.transaction(tx)
         client = dict(self.client_params)
+        client.update({f"auth.{name}": value for name, value in self.auth_vars.items()})
         client["auth_token"] = token
         client["host_address"] = host_row[0] if host_row else ""
         return merge_vma_params(client, properties, self.auth.params, slave)
@@ -381,19 +284,7 @@ class ConnectRunner:
         return sock
 
     def mark_connected(self):
-        def tx(cur):
-            read_committed(cur)
-            cur.execute("SELECT user_state, user_cmd, l7r_host_id, l7r_pid FROM vm_runtimes WHERE vm_id = %s FOR UPDATE",
-                        (self.vm_id,))
-            row = cur.fetchone()
-            if row is None or row[1] == "abort" or (row[2], row[3]) != (self.host_id, self.pid):
-                return f"Aborted by contending session VM_ID: {self.vm_id}"
-            if row[0] != "connecting":
-                return f"User state unexpectedly went to {row[0]}"
-            cur.execute("UPDATE vm_runtimes SET user_state = 'connected', user_state_ts = %s WHERE vm_id = %s",
-                        (now_epoch(), self.vm_id))
-            return None
-        error = self.db.transaction(tx)
+        error = runtime.mark_connected(self.db, self.vm_id, self.host_id, self.pid)
         if error:
             raise SetupFailed(error)
 
@@ -409,36 +300,19 @@ class StopRunner:
         self.info = info
 
     def run(self):
-        row = self.db.query_one("SELECT vm_state FROM vm_runtimes WHERE vm_id = %s", (self.vm_id,))
-        if row[0] == "stopped":
+        outcome = self.db.transaction(runtime.request_stop, self.vm_id)
+        if outcome in ("stopped", "cancelled", "gone"):
             return 200, "Machine stopped\r\n"
+        if outcome not in ("commanded", "stopping"):
+            return 503, f"The requested virtual machine is in an unstoppable state ({outcome})"
         self.info("Stopping virtual machine")
-
-        def tx(cur):
-            cur.execute("SELECT vm_state, host_id FROM vm_runtimes WHERE vm_id = %s FOR UPDATE", (self.vm_id,))
-            state, host_id = cur.fetchone()
-            if state in ("starting", "running", "debugging"):
-                cur.execute("UPDATE vm_runtimes SET vm_cmd = 'stop' WHERE vm_id = %s", (self.vm_id,))
-                notify(cur, f"qvd_cmd_for_vm_on_host{host_id}", str(self.vm_id))
-                return None
-            if state not in ("stopping", "stopped"):
-                return state
-            return None
-        bad = self.db.transaction(tx)
-        if bad:
-            return 503, f"The requested virtual machine is in an unstoppable state ({bad})"
         poll = self.cfg.get_float("internal.l7r.poll_time.vm")
         deadline = time.monotonic() + self.cfg.get_float("internal.l7r.timeout.vm_stop")
         for _ in range(100000):
-            row = self.db.query_one("SELECT vm_state FROM vm_runtimes WHERE vm_id = %s", (self.vm_id,))
-            if row is None or row[0] == "stopped":
+            if runtime.vm_state(self.db, self.vm_id) in (None, "stopped"):
                 return 200, "Machine stopped\r\n"
             if time.monotonic() > deadline:
                 return 408, "VM didn't reach state 'stopped'. Timeout"
             self.info("Waiting for VM to reach state 'stopped'")
             self.svc.wait_vm_event(self.vm_id, max(0.05, min(poll * 5, deadline - time.monotonic() + 0.05)))
         return 408, "VM didn't reach state 'stopped'. Timeout"
-
-
-def current_pid():
-    return os.getpid()

@@ -20,12 +20,11 @@ import gevent.socket
 import h11
 from gevent.server import StreamServer
 
-from ..db import DatabaseUnavailable, now_epoch
+from ..db import DatabaseUnavailable, runtime
 from ..common import metrics
-from . import broker, tls
-from .auth import AuthFailed, Authenticator, Throttled, encode_token_for_client
-from .broker import (ConnectRunner, SessionAborted, SetupFailed, StopRunner, read_committed, release_aborted_row,
-                     release_row, slave_key)
+from . import tls
+from .auth import AuthFailed, Authenticator, Throttled, encode_token_for_client, parse_auth_headers
+from .broker import ConnectRunner, SessionAborted, SetupFailed, StopRunner, slave_key
 from .http import ClientGone, HttpConnection, HttpError, raw_error_response
 from .splice import Splice, tune_socket
 from .throttle import Throttle
@@ -169,10 +168,7 @@ class L7RService:
                 self._unsubscribe.append(self.listener.subscribe(
                     f"qvd_cmd_for_user_on_host{self.host_id}", self._on_user_cmd))
                 # rows this host held from an earlier run of the node are stale
-                swept = self.db.execute(
-                    "UPDATE vm_runtimes SET user_state = 'disconnected', user_state_ts = %s, user_cmd = NULL, "
-                    "l7r_host_id = NULL, l7r_pid = NULL WHERE l7r_host_id = %s AND l7r_pid IS DISTINCT FROM %s",
-                    (now_epoch(), self.host_id, self.pid))
+                swept = runtime.release_host_sessions(self.db, self.host_id, except_pid=self.pid)
                 if swept:
                     log.info("released %d session rows left by an earlier run of this node", swept)
         return self.host_id
@@ -182,7 +178,7 @@ class L7RService:
         host_id = self._lookup_host()
         if host_id is None:
             return None
-        row = self.db.query_one("SELECT state, blocked FROM host_runtimes WHERE host_id = %s", (host_id,))
+        row = runtime.host_state(self.db, host_id)
         return (host_id, row[0], row[1]) if row else (host_id, "stopped", False)
 
     def count(self, name, amount=1):
@@ -197,7 +193,7 @@ class L7RService:
         values = [counts[c] for c in cols]
 
         def tx(cur):
-            read_committed(cur)
+            runtime.read_committed(cur)
             cur.execute("INSERT INTO host_counters (host_id) VALUES (%s) ON CONFLICT (host_id) DO NOTHING", (self.host_id,))
             cur.execute("UPDATE host_counters SET " + ", ".join(f"{c} = {c} + %s" for c in cols) + " WHERE host_id = %s",
                         values + [self.host_id])
@@ -222,12 +218,11 @@ class L7RService:
         if self.host_id is None:
             return 0
         try:
-            rows = self.db.query("SELECT vm_id FROM vm_runtimes WHERE l7r_host_id = %s AND l7r_pid = %s",
-                                 (self.host_id, self.pid))
-            stale = [vm_id for (vm_id,) in rows if vm_id not in self.sessions]
+            held = runtime.sessions_held(self.db, self.host_id, self.pid)
+            stale = [vm_id for vm_id in held if vm_id not in self.sessions]
             for vm_id in stale:
                 if vm_id not in self.sessions:
-                    self.db.transaction(release_row, vm_id, self.host_id, self.pid, now_epoch() - 5)
+                    runtime.release_session(self.db, vm_id, self.host_id, self.pid, older_than=runtime.now_epoch() - 5)
             if stale:
                 log.warning("released %d session rows without a live session", len(stale))
             return len(stale)
@@ -272,10 +267,10 @@ class L7RService:
         while True:
             self._abort_check_wanted.wait()
             self._abort_check_wanted.clear()
-            self._check_abort(None)
+            self._check_abort()
             gevent.sleep(0.02)
 
-    def _check_abort(self, vm_ids):
+    def _check_abort(self):
         if self.host_id is None:
             return
         # The row names this process, not one session of it: an abort read here may be for a
@@ -283,14 +278,11 @@ class L7RService:
         # closed for it. Only sessions registered before the read are eligible.
         before = dict(self.sessions)
         try:
-            rows = self.db.query("SELECT vm_id FROM vm_runtimes WHERE l7r_host_id = %s AND l7r_pid = %s "
-                                 "AND user_cmd = 'abort'", (self.host_id, self.pid))
+            aborted = runtime.sessions_to_abort(self.db, self.host_id, self.pid)
         except Exception as exc:
             log.warning("cannot check for session aborts: %s", exc)
             return
-        for (vm_id,) in rows:
-            if vm_ids is not None and vm_id not in vm_ids:
-                continue
+        for vm_id in aborted:
             session = self.sessions.get(vm_id)
             if session is not None and before.get(vm_id) is session:
                 log.info("takeover: closing session of user %s on VM %s", session.login, vm_id)
@@ -298,7 +290,7 @@ class L7RService:
             elif session is None and before.get(vm_id) is None:
                 # nobody of ours holds it: release, unless a claim of ours since the read
                 # cleared user_cmd (the guard keeps that claim)
-                self.db.transaction(release_aborted_row, vm_id, self.host_id, self.pid)
+                runtime.release_aborted_session(self.db, vm_id, self.host_id, self.pid)
 
     def wait_vm_event(self, vm_id, timeout):
         event = gevent.event.Event()
@@ -439,8 +431,7 @@ class L7RService:
         self._list(conn, request, peer_ip, cache, True)
 
     def _store_auth(self, auth):
-        return self.db.query_one("INSERT INTO user_auth_parameters (parameters) VALUES (%s) RETURNING id",
-                                 (json.dumps(auth.params),))[0]
+        return self.db.transaction(runtime.store_auth_params, auth.params)
 
     def ep_authenticate_user(self, conn, request, peer_ip, cache):
         self._lookup_host()
@@ -453,20 +444,12 @@ class L7RService:
     def ep_create_auth_token(self, conn, request, peer_ip, cache):
         self._lookup_host()
         auth = self.auth.authenticate(request, peer_ip, cache)
-        token = broker.new_token()
-
-        def tx(cur):
-            cur.execute("INSERT INTO user_auth_parameters (parameters) VALUES (%s) RETURNING id", (json.dumps(auth.params),))
-            params_id = cur.fetchone()[0]
-            cur.execute("INSERT INTO user_tokens (token, user_id, vm_id, expiration, auth_params_id, multi_use) "
-                        "VALUES (%s, %s, NULL, %s, %s, true)",
-                        (token, auth.user_id, now_epoch() + self.cfg.get_int("l7r.token.lifetime"), params_id))
-            return params_id
-        params_id = self.db.transaction(tx)
+        token, params_id = self.db.transaction(runtime.issue_token, auth.user_id, auth.params,
+                                               self.cfg.get_int("l7r.token.lifetime"))
         conn.send_response(200, json.dumps({"auth_params_id": params_id, "auth_token": encode_token_for_client(token)}),
                            "application/json")
 
-    def _vm_id_param(self, request, auth):
+    def _vm_id_param(self, request):
         raw = request.query.get("id")
         if raw is None or raw == "":
             raise HttpError(422, "parameter id is missing")
@@ -478,21 +461,6 @@ class L7RService:
             raise HttpError(404, "The requested virtual machine does not exist")
         return vm_id
 
-    def _vm_access(self, cur, vm_id, auth, claim_user):
-        read_committed(cur)
-        cur.execute("SELECT v.user_id, vr.blocked FROM vms v JOIN vm_runtimes vr ON vr.vm_id = v.id WHERE v.id = %s",
-                    (vm_id,))
-        row = cur.fetchone()
-        if row is None:
-            return 404, "The requested virtual machine does not exist"
-        if row[0] != auth.user_id:
-            return 403, "You are not allowed to access requested virtual machine"
-        if row[1] and claim_user:
-            return 403, "The requested virtual machine is offline for maintenance"
-        if claim_user:
-            cur.execute("UPDATE vm_runtimes SET real_user_id = %s WHERE vm_id = %s", (auth.user_id, vm_id))
-        return None
-
     def ep_connect_to_vm(self, conn, request, peer_ip, cache):
         host = self._registered()
         self.count("http_requests")
@@ -500,23 +468,24 @@ class L7RService:
         self._check_host(host, False)
         if request.header("connection") != "Upgrade" or request.header("upgrade") != "QVD/1.0":
             raise HttpError(426)
-        vm_id = self._vm_id_param(request, auth)
+        vm_id = self._vm_id_param(request)
         if auth.token_vm_id is not None and auth.token_vm_id != vm_id:
             raise HttpError(403, "vm_id does not match with provided token")
         foreign = [k for k in request.query if k != "id" and not (k.startswith("qvd.client.") or k.startswith("custom."))]
         if foreign:
             raise HttpError(403, "Invalid parameters " + " ".join(foreign))
-        denied = self.db.transaction(self._vm_access, vm_id, auth, True)
+        denied = runtime.check_vm_access(self.db, vm_id, auth.user_id, True)
         if denied:
             metrics.inc("qvd_l7r_connects_total", result="denied")
             raise HttpError(*denied)
         client_params = {k: v for k, v in request.query.items() if k != "id"}
-        return self._run_session(conn, vm_id, auth, client_params, peer_ip)
+        auth_vars = parse_auth_headers(request.raw_headers)
+        return self._run_session(conn, vm_id, auth, client_params, auth_vars, peer_ip)
 
-    def _run_session(self, conn, vm_id, auth, client_params, peer_ip):
+    def _run_session(self, conn, vm_id, auth, client_params, auth_vars, peer_ip):
         session = Session(vm_id, auth.login, peer_ip)
         key = slave_key()
-        runner = ConnectRunner(self, session, auth, client_params, conn.send_info)
+        runner = ConnectRunner(self, session, auth, client_params, conn.send_info, auth_vars)
         vm_sock = None
         try:
             vm_sock = runner.run(key)
@@ -555,7 +524,7 @@ class L7RService:
     def _end_setup(self, session):
         if session.claimed:
             try:
-                self.db.transaction(release_row, session.vm_id, self.host_id, self.pid)
+                runtime.release_session(self.db, session.vm_id, self.host_id, self.pid)
             except Exception as exc:
                 log.error("VM %s: session row not released (%s)", session.vm_id, exc)
         # only after the release: until then a new claimer here must see the VM as held
@@ -578,7 +547,7 @@ class L7RService:
             self.count("short_sessions")
         for attempt in range(10):
             try:
-                self.db.transaction(release_row, session.vm_id, self.host_id, self.pid)
+                runtime.release_session(self.db, session.vm_id, self.host_id, self.pid)
                 break
             except Exception as exc:
                 log.warning("VM %s: session row not released yet (%s)", session.vm_id, exc)
@@ -594,10 +563,10 @@ class L7RService:
         self.count("http_requests")
         auth = self.auth.authenticate(request, peer_ip, cache)
         self._check_host(host, False)
-        vm_id = self._vm_id_param(request, auth)
+        vm_id = self._vm_id_param(request)
         if auth.token_vm_id is not None and auth.token_vm_id != vm_id:
             raise HttpError(403, "vm_id does not match with provided token")
-        denied = self.db.transaction(self._vm_access, vm_id, auth, False)
+        denied = runtime.check_vm_access(self.db, vm_id, auth.user_id, False)
         if denied:
             raise HttpError(*denied)
         status, body = StopRunner(self, vm_id, conn.send_info).run()

@@ -1,0 +1,238 @@
+"""The cluster's protocol (src/qvd_gevent/db/runtime.py) against a real PostgreSQL:
+each step once, with concurrent callers where nodes race in production."""
+import pathlib
+import re
+import select
+
+import gevent
+import pytest
+from helpers.hkd_env import add_host, add_vms
+
+from qvd_gevent.db import runtime
+from qvd_gevent.db.placement import NoHostAvailable
+
+SRC = pathlib.Path(__file__).resolve().parents[2] / "src" / "qvd_gevent"
+
+
+def row(db, vm_id, cols="user_state, l7r_host_id, l7r_pid, user_cmd"):
+    return db.query_one(f"SELECT {cols} FROM vm_runtimes WHERE vm_id = %s", (vm_id,))
+
+
+def owner(db, vm_id):
+    return db.query_one("SELECT user_id FROM vms WHERE id = %s", (vm_id,))[0]
+
+
+def running_host(db, name, address="127.0.0.1"):
+    host_id = add_host(db, name, address)
+    db.execute("UPDATE host_runtimes SET state = 'running', usable_ram = 1000, usable_cpu = 1000, "
+               "ok_ts = now() AT TIME ZONE 'UTC' WHERE host_id = %s", (host_id,))
+    return host_id
+
+
+def listen(db, channel):
+    conn = db.connect(autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute(f'LISTEN "{channel}"')
+    return conn
+
+
+def notified(conn, timeout=5):
+    select.select([conn], [], [], timeout)
+    conn.poll()
+    out = [(n.channel, n.payload) for n in conn.notifies]
+    conn.notifies.clear()
+    return out
+
+
+def test_nothing_else_writes_the_shared_rows():
+    """One owner: no INSERT, UPDATE or DELETE of the shared tables anywhere else in src/."""
+    pattern = re.compile(r"(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(vm_runtimes|host_runtimes|user_tokens|"
+                         r"user_auth_parameters)\b", re.I)
+    offenders = [f"{path.relative_to(SRC)}: {m.group(0)}"
+                 for path in SRC.rglob("*.py") if path.name != "runtime.py"
+                 for m in pattern.finditer(path.read_text())]
+    assert offenders == []
+
+
+def test_one_claim_wins_among_concurrent_claimers_and_the_holder_is_asked_to_let_go(db):
+    hosts = [running_host(db, f"node{i}", f"127.0.0.{i + 1}") for i in range(8)]
+    (vm_id,) = add_vms(db)
+    user = owner(db, vm_id)
+    outcomes = gevent.joinall([gevent.spawn(runtime.claim_session, db, vm_id, host, 1000 + i, user, False)
+                               for i, host in enumerate(hosts)], raise_error=True)
+    results = [g.value[0] for g in outcomes]
+    assert results.count("claim") == 1 and set(results) <= {"claim", "abort", "wait"}
+    winner = results.index("claim")
+    holder = (hosts[winner], 1000 + winner)
+    assert row(db, vm_id)[:3] == ("connecting", *holder)
+    assert row(db, vm_id)[3] == "abort"          # the losers asked the holder to let go
+    # only the holding process may release it, and (here) only while it is asked to
+    assert runtime.release_aborted_session(db, vm_id, holder[0], holder[1] + 1) == 0
+    assert runtime.release_aborted_session(db, vm_id, *holder) == 1
+    assert row(db, vm_id) == ("disconnected", None, None, None)
+    # a process of the holder's own host that finds no live session of its own takes over
+    runtime.claim_session(db, vm_id, hosts[0], 1, user, False)
+    assert runtime.claim_session(db, vm_id, hosts[0], 2, user, False)[0] == "claim"
+    assert runtime.claim_session(db, 999999, hosts[0], 1, user, False)[0] == "gone"
+
+
+def test_release_and_mark_connected_are_guarded_by_the_holder(db):
+    me = running_host(db, "me")
+    other = running_host(db, "other", "127.0.0.2")
+    (vm_id,) = add_vms(db)
+    assert runtime.claim_session(db, vm_id, me, 10, owner(db, vm_id), False)[0] == "claim"
+    assert runtime.mark_connected(db, vm_id, other, 10).startswith("Aborted by contending session")
+    assert runtime.mark_connected(db, vm_id, me, 10) is None
+    assert row(db, vm_id)[0] == "connected"
+    assert runtime.release_session(db, vm_id, me, 11) == 0
+    assert runtime.release_session(db, vm_id, me, 10, older_than=runtime.now_epoch() - 60) == 0   # too fresh
+    assert runtime.sessions_held(db, me, 10) == [vm_id]
+    assert runtime.release_session(db, vm_id, me, 10) == 1
+    assert runtime.sessions_held(db, me, 10) == []
+    # a claim by another node is answered with an abort request to the holder's node
+    assert runtime.claim_session(db, vm_id, me, 10, owner(db, vm_id), True)[0] == "claim"
+    conn = listen(db, runtime.user_commands_channel(me))
+    try:
+        assert runtime.claim_session(db, vm_id, other, 20, owner(db, vm_id), False) == ("abort", (me, 10))
+        assert notified(conn) == [(runtime.user_commands_channel(me), str(vm_id))]
+        assert runtime.sessions_to_abort(db, me, 10) == [vm_id]
+        assert runtime.mark_connected(db, vm_id, me, 10).startswith("Aborted by contending session")
+    finally:
+        conn.close()
+
+
+def test_release_host_sessions_spares_the_current_process(db):
+    me = running_host(db, "me")
+    old_run, current = add_vms(db, count=2)
+    runtime.claim_session(db, old_run, me, 1, owner(db, old_run), False)
+    runtime.claim_session(db, current, me, 2, owner(db, current), False)
+    assert runtime.release_host_sessions(db, me, except_pid=2) == 1
+    assert row(db, old_run)[0] == "disconnected" and row(db, current)[0] == "connecting"
+    assert runtime.release_host_sessions(db, me) == 1
+
+
+def test_vm_access(db):
+    (vm_id,) = add_vms(db)
+    owner = db.query_one("SELECT user_id FROM vms WHERE id = %s", (vm_id,))[0]
+    assert runtime.check_vm_access(db, vm_id, owner, True) is None
+    assert db.query_one("SELECT real_user_id FROM vm_runtimes WHERE vm_id = %s", (vm_id,))[0] == owner
+    assert runtime.check_vm_access(db, vm_id, owner + 1, False)[0] == 403
+    assert runtime.check_vm_access(db, 987654, owner, False)[0] == 404
+    db.transaction(runtime.set_vms_blocked, [vm_id], True)
+    assert runtime.check_vm_access(db, vm_id, owner, True)[0] == 403
+    assert runtime.check_vm_access(db, vm_id, owner, False) is None     # stop_vm still allowed
+
+
+def test_concurrent_starts_place_the_vm_once_and_the_node_takes_it_once(db, cfg):
+    host = running_host(db, "me")
+    (vm_id,) = add_vms(db)
+    conn = listen(db, runtime.vm_commands_channel(host))
+    try:
+        results = [g.value for g in gevent.joinall(
+            [gevent.spawn(db.transaction, runtime.request_start, cfg, vm_id, retries=runtime.CLAIM_RETRIES)
+             for _ in range(6)], raise_error=True)]
+        assert {r[0] for r in results} == {host}
+        assert [r[1] for r in results].count("commanded") == 1
+        assert notified(conn)[0] == (runtime.vm_commands_channel(host), str(vm_id))
+    finally:
+        conn.close()
+    assert runtime.take_vm_commands(db, host) == ([], [vm_id])
+    assert runtime.take_vm_commands(db, host) == ([], [])
+    assert row(db, vm_id, "vm_state, vm_cmd") == ("starting", None)
+    assert db.transaction(runtime.request_start, cfg, vm_id) == (host, "not_stopped")
+
+
+def test_start_without_a_usable_host(db, cfg):
+    (vm_id,) = add_vms(db)
+    with pytest.raises(NoHostAvailable):
+        db.transaction(runtime.request_start, cfg, vm_id)
+    assert row(db, vm_id, "vm_cmd, host_id") == (None, None)
+
+
+def test_stop_outcomes(db, cfg):
+    host = running_host(db, "me")
+    running, pending, zombie, stopped = add_vms(db, count=4)
+    db.execute("UPDATE vm_runtimes SET vm_state = 'running', host_id = %s WHERE vm_id = %s", (host, running))
+    db.execute("UPDATE vm_runtimes SET vm_state = 'zombie', host_id = %s WHERE vm_id = %s", (host, zombie))
+    db.transaction(runtime.request_start, cfg, pending)
+    assert db.transaction(runtime.request_stop, running) == "commanded"
+    assert db.transaction(runtime.request_stop, pending) == "cancelled"
+    assert row(db, pending, "vm_cmd, host_id") == (None, None)
+    assert db.transaction(runtime.request_stop, zombie) == "zombie"
+    assert db.transaction(runtime.request_stop, stopped) == "stopped"
+    assert db.transaction(runtime.request_stop, 424242) == "gone"
+    assert runtime.take_vm_commands(db, host) == ([running], [])
+
+
+def test_vm_rows_are_written_only_by_their_node(db):
+    me = running_host(db, "me")
+    other = running_host(db, "other", "127.0.0.2")
+    (vm_id,) = add_vms(db)
+    db.execute("UPDATE vm_runtimes SET vm_state = 'starting', host_id = %s WHERE vm_id = %s", (me, vm_id))
+    assert not db.transaction(runtime.prepare_vm, vm_id, other, "10.0.0.9", 3030, 5000, 22, None)
+    assert db.transaction(runtime.prepare_vm, vm_id, me, "10.0.0.9", 3030, 5000, 22, None)
+    assert not runtime.set_vm_launched(db, vm_id, other, "10.0.0.9", 123)
+    assert runtime.set_vm_launched(db, vm_id, me, "10.0.0.9", 123)
+    assert not runtime.set_vm_state(db, vm_id, other, "running", run_ok=True)
+    assert runtime.set_vm_state(db, vm_id, me, "running", run_ok=True)
+    assert db.query_one("SELECT run_attempts, run_ok FROM vm_counters WHERE vm_id = %s", (vm_id,)) == (1, 1)
+    assert row(db, vm_id, "vm_state, vm_address, vm_pid, vm_x_port") == ("running", "10.0.0.9", 123, 5000)
+    assert runtime.vms_assigned(db, [vm_id], me) == {vm_id} and runtime.vms_assigned(db, [vm_id], other) == set()
+    assert runtime.clear_vm(db, vm_id, other) == 0
+    assert runtime.clear_vm(db, vm_id, me) == 1
+    assert row(db, vm_id, "vm_state, host_id, vm_address, vm_x_port") == ("stopped", None, None, None)
+
+
+def test_host_lifecycle_heartbeat_and_commands(db):
+    host = add_host(db, "me")
+    db.transaction(runtime.ensure_host_runtime, host)        # idempotent
+    runtime.host_starting(db, host, 4242)
+    assert runtime.host_state(db, host) == ("starting", False)
+    runtime.set_host_capacity(db, host, 2048.0, 1600.0)
+    runtime.set_host_state(db, host, "running")
+    assert runtime.heartbeat(db, host, 4242)
+    assert db.query_one("SELECT pid, ok_ts IS NOT NULL, usable_ram FROM host_runtimes WHERE host_id = %s",
+                        (host,)) == (4242, True, 2048.0)
+    db.execute("UPDATE host_runtimes SET cmd = 'stop' WHERE host_id = %s", (host,))
+    assert runtime.take_host_command(db, host) == "stop"
+    assert runtime.take_host_command(db, host) is None
+    db.transaction(runtime.set_hosts_blocked, [host], True)
+    assert runtime.host_state(db, host) == ("running", True)
+    db.execute("UPDATE host_runtimes SET state = 'lost' WHERE host_id = %s", (host,))
+    assert not runtime.heartbeat(db, host, 4242)
+
+
+def test_disconnect_asks_each_holding_node_once(db):
+    a = running_host(db, "a")
+    b = running_host(db, "b", "127.0.0.2")
+    v1, v2, idle = add_vms(db, count=3)
+    runtime.claim_session(db, v1, a, 1, owner(db, v1), False)
+    runtime.claim_session(db, v2, b, 2, owner(db, v2), False)
+    conn = listen(db, runtime.user_commands_channel(a))
+    try:
+        assert db.transaction(runtime.request_disconnect, [v1, v2, idle]) == 2
+        assert notified(conn) == [(runtime.user_commands_channel(a), "")]
+    finally:
+        conn.close()
+    assert row(db, v1)[3] == "abort" and row(db, v2)[3] == "abort" and row(db, idle)[3] is None
+
+
+def test_tokens(db):
+    (vm_id,) = add_vms(db)
+    user_id, login = db.query_one("SELECT u.id, u.login FROM users u JOIN vms v ON v.user_id = u.id "
+                                  "WHERE v.id = %s", (vm_id,))
+    multi, params_id = db.transaction(runtime.issue_token, user_id, {"qvd.x": "1"}, 60)
+    assert params_id is not None
+    single, _ = db.transaction(runtime.issue_token, user_id, {}, 60, vm_id=vm_id, multi_use=False)
+    expired, _ = db.transaction(runtime.issue_token, user_id, {}, -1)
+    for _ in range(2):
+        error, grant = runtime.redeem_token(db, multi)
+        assert error is None and (grant.user_id, grant.login, grant.vm_id, grant.params) == (user_id, login, None,
+                                                                                             {"qvd.x": "1"})
+    assert runtime.redeem_token(db, single)[1].vm_id == vm_id
+    assert runtime.redeem_token(db, single) == ("expired_token", None)
+    assert runtime.redeem_token(db, expired) == ("expired_token", None)
+    assert db.query_one("SELECT count(*) FROM user_tokens WHERE token = %s", (expired,))[0] == 0
+    assert runtime.redeem_token(db, "no-such-token") == ("unknown_token", None)
+    db.execute("UPDATE users SET blocked = true WHERE id = %s", (user_id,))
+    assert runtime.redeem_token(db, multi) == ("user_blocked", None)
