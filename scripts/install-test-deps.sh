@@ -9,6 +9,7 @@ APT_PACKAGES=(
   haproxy socat                                                  # benchmark references
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-lxc libvirt-clients
   libvirt-dev pkg-config gcc qemu-system-x86 qemu-utils cpio     # kvm/lxc hypervisors
+  libconfig-properties-perl                                      # node.conf read as the original reads it
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -2,6 +2,7 @@ import gevent
 import gevent.event
 import psycopg2
 import pytest
+from psycopg2 import sql
 
 from qvd_gevent.config import Config
 from qvd_gevent.db import Database, notify
@@ -120,3 +121,27 @@ def test_config_set_in_db_reaches_a_running_node(cfg, db):
     finally:
         watcher.stop()
         listener.stop()
+
+
+def test_password_with_backslashes_and_trailing_blanks_reaches_the_database(tmp_path, pg_server, fresh_db_name):
+    """node.conf as an operator of the original writes it: `C:\\pa\\ss` is read verbatim (no
+    escapes there), and trailing blanks after it are retried away as the original does."""
+    role, password = "qvd_backslash", "C:\\pa\\ss\\x"
+    conn = pg_server.superuser_connect()
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD %s").format(sql.Identifier(role)), (password,))
+    try:
+        for written in ("C:\\pa\\ss\\x", "C:\\pa\\ss\\x   \t"):
+            conf = tmp_path / "node.conf"
+            conf.write_text(f"database.host = {pg_server.host}\ndatabase.port = {pg_server.port}\n"
+                            f"database.name = {fresh_db_name}  \ndatabase.user = {role}\n"
+                            f"database.password = {written}\n")
+            db = Database.from_config(Config.load(str(conf)))
+            assert db.query("SELECT current_user") == [(role,)]
+            db.connect().close()  # a new connection goes straight to what worked
+            db.close()
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        conn.close()

@@ -1,7 +1,8 @@
 """Configuration: built-in defaults < node.conf < the configs table (tenant -1).
 
 ``database.*``, ``nodename``, ``log.*`` and the other bootstrap keys come only from the
-file. ``${key}`` references are expanded when a value is read, as the original does.
+file. ``${key}`` references are expanded when a value is read, as the original's HKD does:
+``${`` up to the next ``}`` names a key, and ``${{}`` stands for a literal ``${``.
 """
 import os
 import re
@@ -9,7 +10,7 @@ import re
 from .db_servers import ServerListError, libpq_host_port, split_servers
 from .defaults import BOOTSTRAP_PREFIXES, DEFAULTS
 from .network import NetworkError, VmNetwork, parse_ip, parse_netmask
-from .properties import PropertiesError, parse_properties
+from .properties import BLANKS, PropertiesError, decode_properties, parse_properties
 
 DEFAULT_PATH = "/etc/qvd/node.conf"
 
@@ -20,7 +21,7 @@ class ConfigError(Exception):
     """A configuration problem, with a message fit for one line on stderr."""
 
 
-_REF = re.compile(r"\$\{([^{}]+)\}")
+_REF = re.compile(r"\$\{(.*?)\}")
 _TRUE = {"1", "yes", "true", "on", "y"}
 _FALSE = {"0", "no", "false", "off", "n", ""}
 
@@ -87,8 +88,8 @@ class Config:
                 raise ConfigError(f"configuration file {path} does not exist")
             return cls({}, None)
         try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
+            with open(path, "rb") as fh:
+                text = decode_properties(fh.read())
         except OSError as exc:
             raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
         try:
@@ -130,6 +131,8 @@ class Config:
 
         def sub(match):
             ref = match.group(1)
+            if ref == "{":
+                return "${"
             if ref in _seen:
                 raise ConfigError(f"configuration key {ref} refers to itself")
             inner = self.raw(ref)
@@ -137,7 +140,7 @@ class Config:
                 raise ConfigError(f"configuration key {ref} has no value")
             return str(self.expand(inner, _seen + (ref,)))
 
-        return _REF.sub(sub, value.replace("${{", "\0")).replace("\0", "${")
+        return _REF.sub(sub, value)
 
     def get(self, key, default=...):
         """Typed value of key. Raises ConfigError naming the key if unset or malformed."""
@@ -210,9 +213,11 @@ class Config:
         except ServerListError as exc:
             raise ConfigError(f"configuration keys database.host/database.port: {exc}") from None
         host, port = libpq_host_port(servers)
+        # The original pastes the name unquoted into a libpq conninfo string, where blanks
+        # around a value do not count; user and password are passed as they are.
         kw = {
             "host": host,
-            "dbname": self.get_str("database.name"),
+            "dbname": self.get_str("database.name").strip(BLANKS),
             "user": self.get_str("database.user"),
             "connect_timeout": self.get_int("internal.database.client.connect.timeout"),
             "keepalives": 1,

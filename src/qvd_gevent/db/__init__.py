@@ -24,6 +24,7 @@ from gevent.lock import BoundedSemaphore
 
 from ..config.db_servers import Server, split_servers
 from ..config.db_servers import describe as describe_server
+from ..config.properties import BLANKS
 
 SCHEMA_VERSION = "4.3.0"
 
@@ -128,6 +129,11 @@ def _connection_lost(exc):
     return code is None or code.startswith("08") or code in _SERVER_GONE_SQLSTATES
 
 
+def _without_trailing_blanks(kw):
+    return {k: v.rstrip(BLANKS) if k in ("user", "password") and isinstance(v, str) else v
+            for k, v in kw.items()}
+
+
 class Database:
     def __init__(self, dsn_kwargs, size=10, acquire_timeout=10, statement_timeout=30, retries=5):
         self.dsn_kwargs = dict(dsn_kwargs)
@@ -159,7 +165,18 @@ class Database:
         try:
             conn = psycopg2.connect(**kw)
         except psycopg2.OperationalError as exc:
-            raise DatabaseUnavailable(describe_connect_error(exc, kw)) from None
+            stripped = _without_trailing_blanks(kw)
+            if "password authentication failed" not in str(exc) or stripped == kw:
+                raise DatabaseUnavailable(describe_connect_error(exc, kw)) from None
+            # node.conf keeps trailing blanks in values (as Config::Properties does); the
+            # original then retries once without them, and so do we (and keep what worked).
+            try:
+                conn = psycopg2.connect(**stripped)
+            except psycopg2.OperationalError as exc:
+                raise DatabaseUnavailable(describe_connect_error(exc, stripped)) from None
+            for name in ("user", "password"):
+                if name in self.dsn_kwargs:
+                    self.dsn_kwargs[name] = stripped[name]
         conn.autocommit = autocommit
         if not autocommit:
             conn.set_session(isolation_level=psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE)
