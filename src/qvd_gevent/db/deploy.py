@@ -5,6 +5,7 @@ from importlib import resources
 
 import psycopg2
 
+from .. import add_version_option
 from . import SCHEMA_VERSION, Database, DatabaseUnavailable
 from ..config import Config, ConfigError
 
@@ -69,6 +70,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="qvd-deploy-db", description="Create the QVD-DB schema "
                                      f"(version {SCHEMA_VERSION}).")
     parser.add_argument("--config", help="node.conf (default $QVD_CONFIG or /etc/qvd/node.conf)")
+    add_version_option(parser)
     parser.add_argument("-f", "--force", action="store_true", help="drop an existing QVD schema and all its data first")
     args = parser.parse_args(argv)
     try:

@@ -12,11 +12,35 @@ QVD_PROP_QVD_VM_DESKTOP; otherwise it is chosen at the first x_start from
 qvd.vm.desktop in the params the L7R sends (VM properties travel there too; nx ->
 nxagent, anything else -> the echo desktop). SIGTERM and SIGINT stop the VMA, exit 0.
 """
+import argparse
 import logging
 import os
 import sys
 
+from .. import add_version_option
 from .server import build_parser, run
+
+
+_HELP = """\
+The init of a `process` or `netns` VM: the hypervisor runs it as the VM's disk image, and
+it runs the QVD VM agent (SimpleRPC on the VMA port) and the desktop (a line echo, or
+nxagent) until the agent's poweroff or SIGTERM.
+
+It takes its settings from the environment, which the hypervisor sets:
+  QVD_VM_ID, QVD_VM_NAME    the VM (for the log)
+  QVD_VM_ADDRESS            address to listen on (default 0.0.0.0)
+  QVD_VMA_PORT, QVD_X_PORT  agent and display ports (default 3030 and 4100)
+  QVD_VM_DESKTOP            echo or nx (else the VM property qvd.vm.desktop decides)
+  QVD_VMA_CONFIG            a vma.conf
+
+Register it as a disk image: qvd-admin di add path=$(which qvd-vm-init) osf=NAME
+"""
+
+
+def build_init_parser():
+    """qvd-vm-init's own command line: it has no options besides help and version."""
+    return argparse.ArgumentParser(prog="qvd-vm-init", description=_HELP,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def vma_args_from_env(env):
@@ -36,6 +60,14 @@ def vma_args_from_env(env):
 
 
 def main(argv=None):
+    parser = build_init_parser()
+    add_version_option(parser)
+    parser.parse_args(sys.argv[1:] if argv is None else argv)
+    vma_args = vma_args_from_env(os.environ)
+    desktop = vma_args[vma_args.index("--desktop") + 1]
+    if desktop not in ("echo", "nx", "auto"):
+        print(f"qvd-vm-init: QVD_VM_DESKTOP must be echo or nx, not {desktop!r}", file=sys.stderr)
+        sys.exit(2)
     from .server import patch_for_vma
     patch_for_vma()
     vm_id = os.environ.get("QVD_VM_ID", "?")
@@ -43,12 +75,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s vm {vm_id} %(name)s %(levelname)s %(message)s")
     logging.getLogger("qvd.vm-init").info("init of VM %s (%s), pid %d", vm_id, vm_name, os.getpid())
-    parser = build_parser(prog="qvd-vm-init")
-    args = parser.parse_args(vma_args_from_env(os.environ) + list(argv if argv is not None else sys.argv[1:]))
-    if args.desktop not in ("echo", "nx", "auto"):
-        print(f"qvd-vm-init: QVD_VM_DESKTOP must be echo or nx, not {args.desktop!r}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(run(args))
+    sys.exit(run(build_parser(prog="qvd-vm-init").parse_args(vma_args)))
 
 
 if __name__ == "__main__":

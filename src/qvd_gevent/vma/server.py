@@ -22,6 +22,7 @@ import gevent
 import gevent.event
 from gevent.server import StreamServer
 
+from .. import add_version_option
 from . import rpc
 from .desktop import DesktopError, EchoDesktop
 from .xstate import TIMEOUT_KEYS, InvalidOption, nxagent_options
@@ -196,6 +197,7 @@ def load_vma_config(path):
 
 def build_parser(prog="qvd-vma"):
     p = argparse.ArgumentParser(prog=prog, description="QVD VM agent (SimpleRPC on HTTP)")
+    add_version_option(p)
     p.add_argument("--config", help="vma.conf (default /etc/qvd/vma.conf when present)")
     p.add_argument("--address", default="0.0.0.0", help="bind address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=None, help="port (default internal.vm.port.vma, 3030)")
