@@ -7,6 +7,7 @@ APT_PACKAGES=(
   dnsmasq-base busybox-static iproute2 iptables procps psmisc   # netns VMs, DHCP, NAT
   nxagent nxproxy x11-apps x11-utils xauth xvfb                  # the NX desktop test (Xvfb: the user's screen)
   haproxy socat                                                  # benchmark references
+  postgresql                                                     # the failover test: primary + streaming standby
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-lxc libvirt-clients
   libvirt-dev pkg-config gcc qemu-system-x86 qemu-utils cpio     # kvm/lxc hypervisors
   libconfig-properties-perl                                      # node.conf read as the original reads it

@@ -76,11 +76,12 @@ def _reasons_by_server(text, servers):
     for line in text.splitlines():
         if not line.strip() or line.startswith("\t"):
             continue
-        match = _LIBPQ_SERVER_LINE.fullmatch(line.strip())
+        line = " ".join(line.split())        # libpq writes "FATAL:  the database system is ..."
+        match = _LIBPQ_SERVER_LINE.fullmatch(line)
         if match is None:
             # libpq's non-blocking connect (psycogreen) drops the prefix of the first server
             first = describe_server(servers[0]) if servers and not out else None
-            out.append((first, line.strip()))
+            out.append((first, line))
         elif match["socket"]:
             out.append((match["socket"], match["reason"]))
         else:

@@ -25,7 +25,9 @@ log = logging.getLogger("qvd.db.listen")
 
 
 class Listener:
-    def __init__(self, db, reconnect_delay=1.0, max_reconnect_delay=10.0, probe_interval=30.0):
+    # Retries stay frequent (a connect attempt is cheap): every notification sent while the
+    # listener is away is lost, so after a restart or a failover it must be back in seconds.
+    def __init__(self, db, reconnect_delay=1.0, max_reconnect_delay=2.0, probe_interval=30.0):
         self.db = db
         self.probe_interval = probe_interval
         self.reconnect_delay = reconnect_delay
