@@ -186,10 +186,11 @@ class BenchEnv:
 
     def add_token(self, login):
         from qvd_gevent.client.protocol import bearer_auth
+        from qvd_gevent.db.runtime import token_digest
         token = secrets.token_urlsafe(24)
         self.db.execute("INSERT INTO user_tokens (token, user_id, vm_id, expiration, multi_use) "
                         "SELECT %s, id, NULL, %s, true FROM users WHERE login = %s",
-                        (token, int(time.time()) + 86400, login))
+                        (token_digest(token), int(time.time()) + 86400, login))
         return bearer_auth(token)
 
     def _start_farm(self):

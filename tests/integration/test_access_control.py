@@ -14,6 +14,7 @@ import time
 import urllib.parse
 
 import pytest
+from qvd_gevent.db.runtime import token_digest
 
 from helpers.hostile import tls_node
 from helpers.l7r_env import Reader, basic, client_context, get
@@ -79,7 +80,8 @@ class World:
     def add_token(self, token, user_id, vm_id=None, expires_in=3600, multi_use=True):
         from qvd_gevent.db import now_epoch
         self.node.db.execute("INSERT INTO user_tokens (token, user_id, vm_id, expiration, multi_use) "
-                             "VALUES (%s, %s, %s, %s, %s)", (token, user_id, vm_id, now_epoch() + expires_in, multi_use))
+                             "VALUES (%s, %s, %s, %s, %s)",
+                             (token_digest(token), user_id, vm_id, now_epoch() + expires_in, multi_use))
         return bearer(token)
 
 
@@ -213,7 +215,7 @@ def test_expired_token_refused_and_deleted(world):
     token = w.add_token("old-token", w.alice, expires_in=-1)
     assert w.status("/qvd/list_of_vm", token) == 401
     assert w.connect(w.alice_vm, token).status == 401
-    assert w.node.db.query("SELECT token FROM user_tokens WHERE token = 'old-token'") == []
+    assert w.node.db.query("SELECT token FROM user_tokens WHERE token = %s", (token_digest("old-token"),)) == []
 
 
 def test_single_use_token_works_once(world):
@@ -243,14 +245,106 @@ def test_multi_use_token_from_create_auth_token_expires_after_its_lifetime(world
     body = json.loads(final.body)
     assert body["auth_token"].endswith("\n")          # the original's encode_base64 newline
     raw = base64.b64decode(body["auth_token"]).decode()
-    row = w.node.db.query_one("SELECT user_id, vm_id, expiration, multi_use FROM user_tokens WHERE token = %s", (raw,))
+    row = w.node.db.query_one("SELECT user_id, vm_id, expiration, multi_use FROM user_tokens WHERE token = %s",
+                              (token_digest(raw),))
     assert row[0] == w.alice and row[1] is None and row[3] is True
     assert abs(row[2] - (now_epoch() + 2)) <= 1       # l7r.token.lifetime = 2 in this test
     for value in ("Bearer " + body["auth_token"].strip(), bearer(raw)):
         assert w.status("/qvd/list_of_vm", value) == 200   # used twice: multi_use honoured
     time.sleep(3.2)
     assert w.status("/qvd/list_of_vm", bearer(raw)) == 401
-    assert w.node.db.query("SELECT 1 FROM user_tokens WHERE token = %s", (raw,)) == []
+    assert w.node.db.query("SELECT 1 FROM user_tokens WHERE token = %s", (token_digest(raw),)) == []
+
+
+def open_session(w, vm_id, auth):
+    """A live session: (socket, 101 response); the session lasts until the socket closes."""
+    sock = w.conn()
+    get(sock, f"/qvd/connect_to_vm?id={vm_id}", [("Authorization", auth)] + UPGRADE)
+    _, final = Reader(sock).final()
+    assert final.status == 101, final
+    return sock, final
+
+
+def wait_released(w, vm_id, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if w.node.db.query_one("SELECT user_state FROM vm_runtimes WHERE vm_id = %s", (vm_id,))[0] == "disconnected":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"session on VM {vm_id} not released")
+
+
+def test_the_desktops_token_opens_only_its_vm_and_dies_with_the_session(world):
+    """The token handed to the VM (x_start's auth_token) is bound to that VM and revoked when
+    the session ends: a desktop user cannot use it to reach another VM, or after logging out."""
+    w = world
+    sock, _ = open_session(w, w.alice_vm, ALICE)
+    vm_token = bearer(w.node.vma.x_start_calls[-1]["auth_token"])
+    try:
+        assert w.status("/qvd/list_of_vm", vm_token) == 200          # it is alice's token ...
+        final = w.connect(w.alice_vm2, vm_token)                      # ... for this VM only
+        assert (final.status, final.text) == (403, "vm_id does not match with provided token")
+        assert w.stop(w.alice_vm2, vm_token).status == 403
+        assert w.status("/qvd/create_auth_token", vm_token) == 401    # and it cannot mint another
+    finally:
+        sock.close()
+    wait_released(w, w.alice_vm)
+    assert w.status("/qvd/list_of_vm", vm_token) == 401
+    assert w.connect(w.alice_vm, vm_token).status == 401
+
+
+def test_a_bearer_token_cannot_mint_another(world):
+    w = world
+    final, _ = w.request("/qvd/create_auth_token", ALICE)
+    token = "Bearer " + json.loads(final.body)["auth_token"].strip()
+    count = w.node.db.query_one("SELECT count(*) FROM user_tokens")[0]
+    final, _ = w.request("/qvd/create_auth_token", token)
+    assert final.status == 401 and final.headers["www-authenticate"] == 'Basic realm="QVD"'
+    assert w.node.db.query_one("SELECT count(*) FROM user_tokens")[0] == count
+    assert w.status("/qvd/list_of_vm", token) == 200                  # the token itself still works
+
+
+def test_no_token_is_stored_in_clear(world):
+    """After create_auth_token and a connect, neither token appears anywhere in the database."""
+    w = world
+    final, _ = w.request("/qvd/create_auth_token", ALICE)
+    user_token = base64.b64decode(json.loads(final.body)["auth_token"]).decode()
+    sock, _ = open_session(w, w.alice_vm, bearer(user_token))
+    vm_token = w.node.vma.x_start_calls[-1]["auth_token"]
+    try:
+        tables = [t for (t,) in w.node.db.query(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        dump = "\n".join(str(r) for t in tables for r in w.node.db.query(f'SELECT t::text FROM "{t}" t'))
+        assert len(dump) > 1000                   # the dump holds the rows it should
+        assert user_token not in dump and vm_token not in dump
+        assert user_token[:16] not in dump and vm_token[:16] not in dump
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("verb", [("user", "passwd", "user=alice", "password=new-alice-pw-1"),
+                                  ("user", "block", "-f", "login=alice"),
+                                  ("user", "del", "-f", "login=alice")])
+def test_password_change_block_and_delete_revoke_tokens(world, verb):
+    import io
+
+    from qvd_gevent.admin.cli import run
+    w = world
+    final, _ = w.request("/qvd/create_auth_token", ALICE)
+    token = "Bearer " + json.loads(final.body)["auth_token"].strip()
+    bob_token = "Bearer " + json.loads(w.request("/qvd/create_auth_token", BOB)[0].body)["auth_token"].strip()
+    assert w.status("/qvd/list_of_vm", token) == 200
+    if verb[1] == "del":
+        w.node.db.execute("DELETE FROM vms WHERE user_id = %s", (w.alice,))    # only users without VMs go
+    out, err = io.StringIO(), io.StringIO()
+    assert run(["--config", str(w.node.conf_path), "--force", *verb], out, err, io.StringIO()) == 0, err.getvalue()
+    assert w.status("/qvd/list_of_vm", token) == 401
+    assert w.status("/qvd/list_of_vm", bob_token) == 200                 # nobody else's
+    if verb[1] == "block":
+        run(["--config", str(w.node.conf_path), "--force", "user", "unblock", "-f", "login=alice"],
+            out, err, io.StringIO())
+        assert w.status("/qvd/list_of_vm", ALICE) == 200
+        assert w.status("/qvd/list_of_vm", token) == 401                 # unblocking brings no token back
 
 
 def test_tokens_of_blocked_users_and_tenants_refused(world):

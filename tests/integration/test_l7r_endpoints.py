@@ -6,6 +6,7 @@ import pytest
 
 from helpers.l7r_env import Node, Reader, Seed, basic, get, make_cert, open_conn, write_conf
 from qvd_gevent.db.passwords import is_legacy, legacy_token
+from qvd_gevent.db.runtime import token_digest
 
 ORIGINAL_LIST = (b"GET /qvd/list_of_vm? HTTP/1.1\r\n"
                  b"Authorization: Basic cXZkOnF2ZA==\r\n"
@@ -169,8 +170,9 @@ def test_authenticate_user_and_tokens(env):
 
 def test_single_use_and_expired_tokens(env):
     env.db.execute("INSERT INTO user_tokens (token, user_id, expiration, multi_use) VALUES "
-                   "('once', %s, extract(epoch from now())::int + 100, false), "
-                   "('old', %s, extract(epoch from now())::int - 100, true)", (env.user, env.user))
+                   "(%s, %s, extract(epoch from now())::int + 100, false), "
+                   "(%s, %s, extract(epoch from now())::int - 100, true)",
+                   (token_digest("once"), env.user, token_digest("old"), env.user))
     bearer = lambda t: [("Authorization", "Bearer " + base64.b64encode(t.encode()).decode())]  # noqa: E731
     # single use: list and a second request on the same connection work (per-connection cache) ...
     sock = open_conn(env.svc.port, env.cert)
@@ -183,7 +185,7 @@ def test_single_use_and_expired_tokens(env):
     # ... but not on a new one
     assert ask(env, "/qvd/list_of_vm", bearer("once")).status == 401
     assert ask(env, "/qvd/list_of_vm", bearer("old")).status == 401
-    assert env.db.query_one("SELECT count(*) FROM user_tokens WHERE token = 'old'")[0] == 0
+    assert env.db.query_one("SELECT count(*) FROM user_tokens WHERE token = %s", (token_digest("old"),))[0] == 0
 
 
 def test_counters(env):

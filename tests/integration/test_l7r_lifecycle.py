@@ -7,6 +7,7 @@ import gevent
 
 from helpers.l7r_env import Reader, get, open_conn
 from qvd_gevent.common import metrics
+from qvd_gevent.db.runtime import token_digest
 from test_l7r_sessions import UPGRADE, connect, make_env, row, wait_for
 
 
@@ -92,7 +93,7 @@ def test_logs_name_user_and_vm_but_no_secrets(tmp_path, pg_server, fresh_db_name
         node.start()
         node.seed.running_at(vm, node.host_id, node.vma)
         node.db.execute("INSERT INTO user_tokens (token, user_id, expiration, multi_use) VALUES "
-                        "('SeCrEtToKeN', %s, extract(epoch from now())::int + 100, true)", (user,))
+                        "(%s, %s, extract(epoch from now())::int + 100, true)", (token_digest("SeCrEtToKeN"), user))
         caplog.set_level(logging.DEBUG)
         before = metrics.get("qvd_l7r_connects_total", result="ok")
         s = open_conn(node.svc.port, node.cert)

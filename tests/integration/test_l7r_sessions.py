@@ -7,6 +7,7 @@ import time
 
 import gevent
 import pytest
+from qvd_gevent.db.runtime import token_digest
 
 from helpers.l7r_env import Node, Reader, Seed, basic, get, make_cert, open_conn, write_conf
 from test_l7r_endpoints import original_connect
@@ -181,7 +182,7 @@ def test_token_bound_to_vm(env):
     second = env.seed.vm("second", env.user, env.osf)
     env.seed.running_at(second, env.host_id, env.vma)
     env.db.execute("INSERT INTO user_tokens (token, user_id, vm_id, expiration, multi_use) VALUES "
-                   "('bound', %s, %s, extract(epoch from now())::int + 100, true)", (env.user, env.vm_id))
+                   "(%s, %s, %s, extract(epoch from now())::int + 100, true)", (token_digest("bound"), env.user, env.vm_id))
     bearer = [("Authorization", "Bearer " + base64.b64encode(b"bound").decode())]
     sock, reader, infos, final = connect(env, vm_id=second, headers=bearer + UPGRADE)
     assert (final.status, final.text) == (403, "vm_id does not match with provided token")

@@ -236,3 +236,60 @@ def test_tokens(db):
     assert runtime.redeem_token(db, "no-such-token") == ("unknown_token", None)
     db.execute("UPDATE users SET blocked = true WHERE id = %s", (user_id,))
     assert runtime.redeem_token(db, multi) == ("user_blocked", None)
+
+
+def test_tokens_are_stored_as_digests_and_die_with_their_vms_session(db):
+    me = running_host(db, "me")
+    (vm_id,) = add_vms(db)
+    user = owner(db, vm_id)
+    user_token, _ = db.transaction(runtime.issue_token, user, {}, 60)
+    assert db.query("SELECT 1 FROM user_tokens WHERE token = %s", (user_token,)) == []
+    assert db.query("SELECT 1 FROM user_tokens WHERE token = %s", (runtime.token_digest(user_token),)) == [(1,)]
+    for release in ("release_session", "release_aborted_session", "release_host_sessions", "claim_over_dead_holder"):
+        assert runtime.claim_session(db, vm_id, me, 7, user, False)[0] == "claim"
+        session_token, _ = db.transaction(runtime.issue_token, user, {}, 60, vm_id=vm_id)
+        assert runtime.redeem_token(db, session_token)[0] is None
+        if release == "release_session":
+            runtime.release_session(db, vm_id, me, 7)
+        elif release == "release_aborted_session":
+            db.execute("UPDATE vm_runtimes SET user_cmd = 'abort' WHERE vm_id = %s", (vm_id,))
+            runtime.release_aborted_session(db, vm_id, me, 7)
+        elif release == "release_host_sessions":
+            runtime.release_host_sessions(db, me)
+        else:
+            assert runtime.claim_session(db, vm_id, me, 8, user, False)[0] == "claim"   # pid 7 is gone
+            runtime.release_session(db, vm_id, me, 8)
+        assert runtime.redeem_token(db, session_token) == ("unknown_token", None), release
+    assert runtime.redeem_token(db, user_token)[0] is None       # a token not bound to the VM stays
+    assert runtime.revoke_token(db, user_token)
+    assert runtime.redeem_token(db, user_token) == ("unknown_token", None)
+
+
+def test_lost_host_takes_its_session_tokens_along(db):
+    me = running_host(db, "me")
+    gone = running_host(db, "gone", "127.0.0.2")
+    (vm_id,) = add_vms(db)
+    user = owner(db, vm_id)
+    runtime.claim_session(db, vm_id, gone, 3, user, False)
+    session_token, _ = db.transaction(runtime.issue_token, user, {}, 60, vm_id=vm_id)
+    db.execute("UPDATE host_runtimes SET ok_ts = (now() AT TIME ZONE 'UTC') - interval '1 hour' WHERE host_id = %s",
+               (gone,))
+    db.transaction(runtime.mark_lost_hosts, me, 600)
+    assert runtime.redeem_token(db, session_token) == ("unknown_token", None)
+
+
+def test_sweep_purges_expired_tokens_and_parameters_nobody_refers_to(db):
+    (vm_id,) = add_vms(db)
+    user = owner(db, vm_id)
+    live, live_params = db.transaction(runtime.issue_token, user, {"a": 1}, 60)
+    db.transaction(runtime.issue_token, user, {"b": 2}, -5)                  # expired
+    stored_only = db.transaction(runtime.store_auth_params, {"c": 3})        # authenticate_user?store_auth
+    tokens, params, seen = runtime.purge_tokens(db)
+    assert (tokens, params) == (1, 0) and seen >= stored_only
+    # the next sweep takes the parameters no token refers to, but not a row stored since
+    fresh = db.transaction(runtime.store_auth_params, {"d": 4})
+    tokens, params, _ = runtime.purge_tokens(db, orphans_up_to=seen)
+    assert tokens == 0 and params == 2                                       # {"b"} of the expired token, {"c"}
+    left = {r[0] for r in db.query("SELECT id FROM user_auth_parameters")}
+    assert left == {live_params, fresh}
+    assert runtime.redeem_token(db, live)[0] is None

@@ -11,6 +11,7 @@ import time
 import urllib.parse
 
 import pytest
+from qvd_gevent.db.runtime import token_digest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -47,7 +48,7 @@ def fuzz_node(tmp_path, pg_server, fresh_db_name):
                                             ("bound-token", node.vm_id, now_epoch() + 3600, True),
                                             ("expired-token", None, now_epoch() - 10, True)):
         node.db.execute("INSERT INTO user_tokens (token, user_id, vm_id, expiration, multi_use) VALUES (%s, %s, %s, %s, %s)",
-                        (token, node.alice, vm_id, expiration, multi))
+                        (token_digest(token), node.alice, vm_id, expiration, multi))
     yield node
     node.close()
 

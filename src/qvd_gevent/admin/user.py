@@ -5,6 +5,7 @@ the original's salted SHA-256 tokens and upgrades them at the next login.
 """
 import getpass
 
+from ..db import runtime
 from ..db.passwords import hash_password
 from .common import confirmed, matching_ids, text_arg
 from .context import AdminError
@@ -111,8 +112,11 @@ def user_passwd(ctx):
         cur.execute("UPDATE users SET password = %s WHERE id = %s", (stored, user_id))
         if cur.rowcount != 1:
             raise AdminError(f"user {login!r} not found in tenant {tenant}")
-    ctx.tx(run)
+        return runtime.revoke_user_tokens(cur, [user_id])
+    revoked = ctx.tx(run)
     ctx.say(f"Password changed for user {login}")
+    if revoked:
+        ctx.say(f"{revoked} token(s) of user {login} revoked")
 
 
 def _set_blocked(ctx, blocked):
@@ -123,6 +127,8 @@ def _set_blocked(ctx, blocked):
     def run(cur):
         ids = matching_ids(cur, ctx, USER)
         cur.execute("UPDATE users SET blocked = %s WHERE id = ANY(%s)", (blocked, ids))
+        if blocked:
+            runtime.revoke_user_tokens(cur, ids)     # unblocking must not bring old tokens back
     ctx.tx(run)
     return 0
 

@@ -104,6 +104,8 @@ _TABLE = [
     ("internal.hkd.agent.vm_command_handler.delay", 61, "int", "vm_cmd poll (safety net behind NOTIFY)"),
     ("internal.hkd.agent.l7rkiller.delay", 61, "int", "user_cmd abort poll (safety net behind NOTIFY)"),
     ("internal.hkd.agent.expiration_monitor.delay", 3600, "int", "VM expiration check period"),
+    ("internal.hkd.agent.token_sweep.delay", 300, "int", "ours: seconds between purges of expired tokens and "
+     "of stored login parameters no token refers to"),
     ("internal.hkd.agent.cluster_monitor.delay", 120, "int", "lost-node check period"),
     ("internal.hkd.agent.cluster_monitor.long_delay", 600, "int", "first lost-node check and after DB trouble"),
     ("internal.hkd.agent.cluster_monitor.fuzzy_delay", 30, "int", "random extra seconds on the cluster check"),

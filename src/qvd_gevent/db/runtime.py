@@ -19,6 +19,7 @@ Guards: a session row is only released by the process that holds it (``l7r_host_
 ``l7r_pid``); a VM row is only written by the node it is assigned to (``host_id``). A
 guarded write that hits no row returns False: the caller lost the row to the cluster.
 """
+import hashlib
 import json
 import secrets
 import string
@@ -92,6 +93,8 @@ def _claim_tx(cur, vm_id, host_id, pid, user_id, live_here):
         return "gone", None
     decision = decide_claim(row, host_id, pid, live_here)
     if decision == "claim":
+        if row[0] != "disconnected":
+            _revoke_session_tokens(cur, [vm_id])       # the dead holder's session ends here
         cur.execute("UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = %s, l7r_pid = %s, "
                     "l7r_host_id = %s, user_cmd = NULL, real_user_id = %s WHERE vm_id = %s",
                     (now_epoch(), pid, host_id, user_id, vm_id))
@@ -121,7 +124,10 @@ def _release_tx(cur, vm_id, host_id, pid, older_than):
         sql += " AND coalesce(user_state_ts, 0) < %s"
         params.append(older_than)
     cur.execute(sql, params)
-    return cur.rowcount
+    released = cur.rowcount
+    if released:
+        _revoke_session_tokens(cur, [vm_id])
+    return released
 
 
 def release_session(db, vm_id, host_id, pid, older_than=None):
@@ -134,7 +140,10 @@ def _release_aborted_tx(cur, vm_id, host_id, pid):
     read_committed(cur)
     cur.execute(_RELEASE + " WHERE vm_id = %s AND l7r_host_id = %s AND l7r_pid = %s AND user_cmd = 'abort'",
                 (now_epoch(), vm_id, host_id, pid))
-    return cur.rowcount
+    released = cur.rowcount
+    if released:
+        _revoke_session_tokens(cur, [vm_id])
+    return released
 
 
 def release_aborted_session(db, vm_id, host_id, pid):
@@ -150,7 +159,13 @@ def release_host_sessions(db, host_id, except_pid=None):
     if except_pid is not None:
         sql += " AND l7r_pid IS DISTINCT FROM %s"
         params.append(except_pid)
-    return db.execute(sql, params)
+
+    def tx(cur):
+        cur.execute(sql + " RETURNING vm_id", params)
+        released = [r[0] for r in cur.fetchall()]
+        _revoke_session_tokens(cur, released)
+        return len(released)
+    return db.transaction(tx)
 
 
 def sessions_held(db, host_id, pid):
@@ -431,7 +446,9 @@ def mark_lost_hosts(cur, my_host_id, node_timeout):
                 "RETURNING vm_id")
     freed = [r[0] for r in cur.fetchall()]
     cur.execute(_RELEASE + " WHERE user_state <> 'disconnected' "
-                "AND l7r_host_id IN (SELECT host_id FROM host_runtimes WHERE state = 'lost')", (now_epoch(),))
+                "AND l7r_host_id IN (SELECT host_id FROM host_runtimes WHERE state = 'lost') RETURNING vm_id",
+                (now_epoch(),))
+    _revoke_session_tokens(cur, [r[0] for r in cur.fetchall()])
     cur.execute("UPDATE vm_runtimes SET user_cmd = 'abort' WHERE user_state = 'connected' "
                 "AND vm_state = 'stopped' AND user_cmd IS NULL AND l7r_host_id IS NOT NULL "
                 "RETURNING l7r_host_id")
@@ -442,9 +459,17 @@ def mark_lost_hosts(cur, my_host_id, node_timeout):
 
 
 # --- tokens and stored authentication parameters ---------------------------------------------
+# A token is stored as its SHA-256 (a token has ~256 bits of entropy, so a plain hash is
+# enough: nothing to brute-force); whoever reads the table learns no usable token.
+# A token bound to a VM is a session credential: it is handed to that VM's desktop and is
+# revoked whenever that VM's session row is released (every release path below does it).
 def new_token():
     """~256 bits in base62, like the original's Session::Token."""
     return "".join(secrets.choice(_ALNUM) for _ in range(43))
+
+
+def token_digest(token):
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def store_auth_params(cur, params):
@@ -454,13 +479,13 @@ def store_auth_params(cur, params):
 
 
 def issue_token(cur, user_id, params, lifetime, vm_id=None, multi_use=True):
-    """Fragment: a new bearer token for user_id, valid lifetime seconds, carrying params.
-    Returns (token, auth_params_id)."""
+    """Fragment: a new bearer token for user_id, valid lifetime seconds, carrying params
+    (bound to vm_id when given). Returns (token, auth_params_id); only its digest is stored."""
     params_id = store_auth_params(cur, params)
     token = new_token()
     cur.execute("INSERT INTO user_tokens (token, user_id, vm_id, expiration, auth_params_id, multi_use) "
                 "VALUES (%s, %s, %s, %s, %s, %s)",
-                (token, user_id, vm_id, now_epoch() + lifetime, params_id, multi_use))
+                (token_digest(token), user_id, vm_id, now_epoch() + lifetime, params_id, multi_use))
     return token, params_id
 
 
@@ -477,23 +502,24 @@ class TokenGrant:
 
 
 def _redeem_tx(cur, token):
+    digest = token_digest(token)
     cur.execute("SELECT t.user_id, t.vm_id, t.expiration, t.multi_use, p.parameters, "
                 "u.login, u.tenant_id, u.blocked, tn.blocked "
                 "FROM user_tokens t JOIN users u ON u.id = t.user_id JOIN tenants tn ON tn.id = u.tenant_id "
-                "LEFT JOIN user_auth_parameters p ON p.id = t.auth_params_id WHERE t.token = %s", (token,))
+                "LEFT JOIN user_auth_parameters p ON p.id = t.auth_params_id WHERE t.token = %s", (digest,))
     row = cur.fetchone()
     if row is None:
         return "unknown_token", None
     user_id, vm_id, expiration, multi_use, params, login, tenant_id, user_blocked, tenant_blocked = row
     if now_epoch() > expiration:
-        cur.execute("DELETE FROM user_tokens WHERE token = %s", (token,))
+        cur.execute("DELETE FROM user_tokens WHERE token = %s", (digest,))
         return "expired_token", None
     if tenant_blocked:
         return "tenant_blocked", None
     if user_blocked:
         return "user_blocked", None
     if not multi_use:
-        cur.execute("UPDATE user_tokens SET expiration = 0 WHERE token = %s", (token,))
+        cur.execute("UPDATE user_tokens SET expiration = 0 WHERE token = %s", (digest,))
     if isinstance(params, str):
         params = json.loads(params)
     return None, TokenGrant(user_id, vm_id, login, tenant_id, params or {})
@@ -504,3 +530,38 @@ def redeem_token(db, token):
     (reason, None) with reason unknown_token / expired_token (deleted) / user_blocked /
     tenant_blocked."""
     return db.transaction(_redeem_tx, token)
+
+
+def revoke_token(db, token):
+    """The token stops working at once. Returns whether it existed."""
+    return db.execute("DELETE FROM user_tokens WHERE token = %s", (token_digest(token),)) == 1
+
+
+def revoke_user_tokens(cur, user_ids):
+    """Fragment: every token of these users stops working (password change, block)."""
+    cur.execute("DELETE FROM user_tokens WHERE user_id = ANY(%s)", (list(user_ids),))
+    return cur.rowcount
+
+
+def _revoke_session_tokens(cur, vm_ids):
+    if vm_ids:
+        cur.execute("DELETE FROM user_tokens WHERE vm_id = ANY(%s)", (list(vm_ids),))
+
+
+def purge_tokens(db, orphans_up_to=None):
+    """The sweep: expired tokens go, and stored parameters that no token refers to, if their
+    id is at most orphans_up_to (the highest id seen by the previous sweep: a row just stored
+    by authenticate_user?store_auth is left one sweep period). Returns (tokens, parameters,
+    highest parameters id now)."""
+    def tx(cur):
+        read_committed(cur)
+        cur.execute("DELETE FROM user_tokens WHERE expiration < %s", (now_epoch(),))
+        tokens = cur.rowcount
+        params = 0
+        if orphans_up_to is not None:
+            cur.execute("DELETE FROM user_auth_parameters p WHERE p.id <= %s AND NOT EXISTS "
+                        "(SELECT 1 FROM user_tokens t WHERE t.auth_params_id = p.id)", (orphans_up_to,))
+            params = cur.rowcount
+        cur.execute("SELECT coalesce(max(id), 0) FROM user_auth_parameters")
+        return tokens, params, cur.fetchone()[0]
+    return db.transaction(tx)

@@ -345,6 +345,7 @@ class HKD:
         self.listener.on_reconnect(self._vm_wake.set)
         self._agents.append(gevent.spawn(self._command_handler))
         self._agents.append(gevent.spawn(self._expiration_monitor))
+        self._agents.append(gevent.spawn(self._token_sweeper))
         self._cluster = ClusterMonitor(self.cfg, self.db, hid).start()
 
     def _step_save_running(self):
@@ -548,6 +549,19 @@ class HKD:
             else:
                 log.info("VM %s: soft expiration reached; telling the VMA", vm_id)
                 runner.send(M.Expired(soft=soft, hard=hard))
+
+    def _token_sweeper(self):
+        """Expired tokens and orphaned login parameters would grow without bound otherwise;
+        every node sweeps (the deletes are idempotent)."""
+        seen = None
+        while True:
+            gevent.sleep(self.cfg.get_float("internal.hkd.agent.token_sweep.delay") * random.uniform(0.9, 1.0))
+            try:
+                tokens, params, seen = runtime.purge_tokens(self.db, orphans_up_to=seen)
+                if tokens or params:
+                    log.info("purged %d expired tokens and %d unused login parameter rows", tokens, params)
+            except _DB_ERRORS as exc:
+                log.warning("token sweep failed: %s", _first_line(exc))
 
     def _expiration_monitor(self):
         while True:

@@ -39,14 +39,15 @@ class Throttled(Exception):
 
 
 class AuthResult:
-    __slots__ = ("user_id", "login", "tenant_id", "params", "token_vm_id")
+    __slots__ = ("user_id", "login", "tenant_id", "params", "token_vm_id", "by_token")
 
-    def __init__(self, user_id, login, tenant_id, params, token_vm_id=None):
+    def __init__(self, user_id, login, tenant_id, params, token_vm_id=None, by_token=False):
         self.user_id = user_id
         self.login = login
         self.tenant_id = tenant_id
         self.params = params
         self.token_vm_id = token_vm_id
+        self.by_token = by_token
 
 
 # --- pure parsing ---------------------------------------------------------------------
@@ -251,4 +252,4 @@ class Authenticator:
             raise AuthFailed(error)
         params = {"qvd.vm.user.name": grant.login}
         params.update(grant.params)
-        return AuthResult(grant.user_id, grant.login, grant.tenant_id, params, grant.vm_id)
+        return AuthResult(grant.user_id, grant.login, grant.tenant_id, params, grant.vm_id, by_token=True)

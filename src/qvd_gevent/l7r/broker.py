@@ -231,7 +231,8 @@ class ConnectRunner:
             runtime.read_committed(cur)
             cur.execute("SELECT address FROM hosts WHERE id = %s", (self.host_id,))
             host_row = cur.fetchone()
-            token, _ = runtime.issue_token(cur, self.auth.user_id, self.auth.params, lifetime)
+            # the desktop's token opens this VM only and is revoked when the session row is released
+            token, _ = runtime.issue_token(cur, self.auth.user_id, self.auth.params, lifetime, vm_id=self.vm_id)
             return host_row, token, combined_properties(cur, self.vm_id)
         host_row, token, properties = self.db.transaction(tx)
         client = dict(self.client_params)

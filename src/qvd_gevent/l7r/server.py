@@ -444,6 +444,10 @@ class L7RService:
     def ep_create_auth_token(self, conn, request, peer_ip, cache):
         self._lookup_host()
         auth = self.auth.authenticate(request, peer_ip, cache)
+        if auth.by_token:
+            # a stolen token must not renew itself: only a password login mints tokens
+            raise HttpError(401, "A token cannot create another token; log in with a password",
+                            headers=[("WWW-Authenticate", 'Basic realm="QVD"')])
         token, params_id = self.db.transaction(runtime.issue_token, auth.user_id, auth.params,
                                                self.cfg.get_int("l7r.token.lifetime"))
         conn.send_response(200, json.dumps({"auth_params_id": params_id, "auth_token": encode_token_for_client(token)}),
