@@ -90,14 +90,17 @@ def wait_until(pred, timeout, step=0.05):
 class Pki:
     """A CA with server and client certificates and CRLs, as PEM files under folder."""
 
-    def __init__(self, folder, name="QVD test CA"):
+    def __init__(self, folder, name="QVD test CA", parent=None):
+        """parent: the CA that signs this one (an intermediate CA); None for a root."""
         from cryptography.hazmat.primitives.asymmetric import ec
         self.folder = folder
         os.makedirs(folder, exist_ok=True)
         self.ca_key = ec.generate_private_key(ec.SECP256R1())
         self.ca_name = self._name(name)
-        self.ca_cert = self._sign(self.ca_name, self.ca_key.public_key(), ca=True)
+        signer = parent or self
+        self.ca_cert = signer._sign(self.ca_name, self.ca_key.public_key(), ca=True)
         self.ca_path = self._write_cert("ca.pem", self.ca_cert)
+        self.serial = self.ca_cert.serial_number
 
     @staticmethod
     def _name(cn):
@@ -149,11 +152,12 @@ class Pki:
                                        serialization.NoEncryption()))
         return path
 
-    def issue(self, name, server=False, client=False, days=30):
+    def issue(self, name, server=False, client=False, days=30, rsa=False):
         """(cert_path, key_path, serial) of a new certificate for CN=name signed by this CA
-        (days < 0: one that expired that many days ago)."""
+        (days < 0: one that expired that many days ago; rsa: an RSA key instead of ECDSA)."""
         from cryptography.hazmat.primitives.asymmetric import ec
-        key = ec.generate_private_key(ec.SECP256R1())
+        from cryptography.hazmat.primitives.asymmetric import rsa as rsa_keys
+        key = rsa_keys.generate_private_key(65537, 2048) if rsa else ec.generate_private_key(ec.SECP256R1())
         cert = self._sign(self._name(name), key.public_key(), server=server, client=client, days=days)
         return self._write_cert(f"{name}-cert.pem", cert), self._write_key(f"{name}-key.pem", key), cert.serial_number
 
@@ -176,7 +180,7 @@ class Pki:
 
 # --- an L7R node with that PKI -------------------------------------------------------------------------
 def tls_node(tmp_path, pg_server, dbname, extra=None, pki=None, client_ca=False, crl_path=None, start=True,
-             nodename="test-node"):
+             nodename="test-node", rsa=False):
     """An l7r_env.Node whose certificate is signed by pki's CA; node.cert is the CA to trust.
 
     client_ca=True stores the CA as l7r.ssl.ca (and crl_path as l7r.ssl.crl) and sets
@@ -187,7 +191,7 @@ def tls_node(tmp_path, pg_server, dbname, extra=None, pki=None, client_ca=False,
     if client_ca:
         values["l7r.client.cert.require"] = 1
     conf = write_conf(tmp_path, pg_server, dbname, nodename, values)
-    cert, key, _serial = pki.issue("localhost", server=True)
+    cert, key, _serial = pki.issue("localhost", server=True, rsa=rsa)
     node = Node(conf, start=False)
     node.conf_path = conf
     node.pki = pki

@@ -60,6 +60,9 @@ def test_bad_config_set_changes_nothing(admin):
     admin.fails("config", "set", "vm.hypervisor=vmware", contains="unknown hypervisor 'vmware'")
     admin.fails("config", "set", "database.host=elsewhere", contains="only from node.conf")
     admin.fails("config", "set", "nodename=other", contains="only from node.conf")
+    for key in ("command.dhcpd=/bin/sh", "command.nft=/bin/sh", "path.storage.root=/tmp",
+                "vm.network.netns.udhcpc=/bin/sh -c id", "path.l7r.ssl.key=/tmp/k"):
+        admin.fails("config", "set", key, contains="only from node.conf")
     admin.fails("config", "set", "l7r.ssl.key=x", contains="config ssl")
     admin.fails("config", "set", contains="nothing to set")
     admin.fails("config", "set", "vm.network.bridge", contains="undefined value for key: 'vm.network.bridge'")

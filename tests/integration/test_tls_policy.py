@@ -72,8 +72,9 @@ def handshake(ctx, port):
 class ControlServer:
     """A permissive TLS server with the same certificate: proves what the client offers."""
 
-    def __init__(self, pki, min_version=ssl.TLSVersion.MINIMUM_SUPPORTED, ciphers="ALL:COMPLEMENTOFALL:@SECLEVEL=0"):
-        cert, key, _ = pki.issue("control", server=True)
+    def __init__(self, pki, min_version=ssl.TLSVersion.MINIMUM_SUPPORTED, ciphers="ALL:COMPLEMENTOFALL:@SECLEVEL=0",
+                 rsa=False):
+        cert, key, _ = pki.issue("control", server=True, rsa=rsa)
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.minimum_version = min_version
         self.ctx.set_ciphers(ciphers)
@@ -207,6 +208,22 @@ def test_weak_cipher_suites_are_refused(make_node, control):
         handshake(legacy_client(ssl.TLSVersion.TLSv1_2, WEAK), node.svc.port)
 
 
+STATIC_RSA = "AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA256:AES256-SHA256:AES128-SHA:AES256-SHA"
+
+
+@pytest.mark.parametrize("cipher_list", [None, "ALL:@SECLEVEL=0"], ids=["default", "operator-allows-all"])
+def test_static_rsa_key_exchange_is_refused_with_an_rsa_certificate(make_node, control, cipher_list):
+    """With an RSA certificate, a client offering only static-RSA suites (no forward secrecy)
+    is refused, whatever l7r.options.SSL_cipher_list says; a permissive server accepts it."""
+    client = legacy_client(ssl.TLSVersion.TLSv1_2, STATIC_RSA + ":@SECLEVEL=0")
+    assert handshake(client, control(rsa=True).port)[1] in STATIC_RSA.split(":")
+    node = make_node({"l7r.options.SSL_cipher_list": cipher_list} if cipher_list else None, rsa=True)
+    with pytest.raises(ssl.SSLError):
+        handshake(client, node.svc.port)
+    version, cipher = handshake(legacy_client(ssl.TLSVersion.TLSv1_2, cafile=node.cert), node.svc.port)
+    assert cipher.startswith("ECDHE-RSA-"), cipher
+
+
 # --- client certificates -----------------------------------------------------------------------------
 @pytest.fixture
 def cert_node(tmp_path, make_node):
@@ -256,6 +273,28 @@ def test_without_crl_the_same_certificate_is_accepted(tmp_path, make_node):
     revoked = pki.issue("revoked-client", client=True)
     node = make_node(pki=pki, client_ca=True)
     assert ping_with(client_ctx(node, revoked[:2]), node.svc.port) == 200
+
+
+@pytest.mark.parametrize("intermediate_revoked", [False, True], ids=["control", "intermediate-revoked"])
+def test_crl_is_checked_over_the_whole_chain(tmp_path, make_node, intermediate_revoked):
+    """A client certificate issued by an intermediate CA that the root revoked is refused,
+    though the client certificate itself is on no CRL (the leaf-only check let it in)."""
+    root = Pki(str(tmp_path / "root"), name="QVD root CA")
+    sub = Pki(str(tmp_path / "sub"), name="QVD intermediate CA", parent=root)
+    cert, key, _ = sub.issue("branch-client", client=True)
+    chain = str(tmp_path / "client-chain.pem")
+    with open(chain, "w") as fh:
+        fh.write(open(cert).read() + open(sub.ca_path).read())
+    crls = str(tmp_path / "crls.pem")
+    with open(crls, "w") as fh:
+        fh.write(open(root.crl([sub.serial] if intermediate_revoked else [])).read()
+                 + open(sub.crl([])).read())
+    node = seeded(make_node(pki=root, client_ca=True, crl_path=crls))
+    ctx = client_ctx(node, (chain, key), ssl.TLSVersion.TLSv1_2)
+    if intermediate_revoked:
+        assert refused(ctx, node.svc.port)
+    else:
+        assert ping_with(ctx, node.svc.port) == 200
 
 
 def test_crl_update_in_ssl_configs_applies_without_restart(cert_node):

@@ -33,6 +33,28 @@ def test_expansion_and_precedence(tmp_path):
     assert cfg.get("nodename") == "n1"
 
 
+def test_command_and_path_keys_in_the_database_are_ignored_with_a_warning(tmp_path, caplog):
+    """Whoever can write the configs table must not choose what the node runs as root."""
+    conf = tmp_path / "node.conf"
+    conf.write_text("nodename = n1\ncommand.dhcpd = /usr/sbin/dnsmasq\n")
+    cfg = Config.load(str(conf))
+    with caplog.at_level("WARNING", logger="qvd.config"):
+        cfg.set_db_overrides({"command.dhcpd": "/tmp/evil", "command.nxagent": "/tmp/evil",
+                              "path.storage.root": "/tmp/evil", "path.l7r.ssl.key": "/tmp/evil",
+                              "vm.network.netns.udhcpc": "/tmp/evil", "vma.poweroff.command": "/tmp/evil",
+                              "l7r.port": "10443"})
+    assert cfg.get("command.dhcpd") == "/usr/sbin/dnsmasq"
+    assert cfg.get("command.nxagent") == "nxagent"
+    assert cfg.get("path.storage.root") == "/var/lib/qvd/storage"
+    assert "/tmp/evil" not in cfg.get("path.l7r.ssl.key")
+    assert cfg.get("vm.network.netns.udhcpc") == "busybox udhcpc"
+    assert cfg.get("vma.poweroff.command") == "poweroff"
+    assert cfg.get("l7r.port") == 10443                     # other keys still come from the table
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    for key in ("command.dhcpd", "path.storage.root", "vm.network.netns.udhcpc"):
+        assert key in warned
+
+
 def test_malformed_value_names_the_key(tmp_path):
     conf = tmp_path / "node.conf"
     conf.write_text("l7r.port = eighty\nvm.network.netmask = 255.0.255.0\n")

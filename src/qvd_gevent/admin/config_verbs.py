@@ -14,7 +14,7 @@ Which keys `config set` accepts:
   for `vm ssh` (admin.ssh.opt.*) and the lxc hypervisor's knobs (vm.lxc.*, which the
   original's sample install sets). Anything else is refused as unknown (typos).
 """
-from ..config import DEFAULTS, ConfigError, is_bootstrap_key
+from ..config import DEFAULTS, ConfigError, is_bootstrap_key, is_file_only_key
 from ..config.network import NetworkError, VmNetwork, parse_ip
 from ..db import notify
 from . import sslcheck
@@ -38,6 +38,9 @@ def check_key(key):
         raise AdminError(f"{key}: SSL material is set with 'config ssl key=<file> cert=<file>'")
     if is_bootstrap_key(key):
         raise AdminError(f"{key} is read only from node.conf; set it there")
+    if is_file_only_key(key):
+        raise AdminError(f"{key} names a program or file the node uses as root: it is read only from node.conf; "
+                         "set it there")
     if key in DEFAULTS:
         return
     if any(key.startswith(p) and len(key) > len(p) for p in FREE_FORM_PREFIXES):
@@ -129,7 +132,7 @@ def config_get(ctx):
         return dict(cur.fetchall())
     rows = ctx.tx(run)
     if tenant == -1:  # a stray bootstrap row in the DB is ignored by the node; show what it uses
-        rows = {k: v for k, v in rows.items() if not is_bootstrap_key(k)}
+        rows = {k: v for k, v in rows.items() if not is_file_only_key(k)}
     cfg = ctx.cfg
     if keys:
         for key in keys:

@@ -4,6 +4,7 @@
 file. ``${key}`` references are expanded when a value is read, as the original's HKD does:
 ``${`` up to the next ``}`` names a key, and ``${{}`` stands for a literal ``${``.
 """
+import logging
 import os
 import re
 
@@ -14,7 +15,9 @@ from .properties import BLANKS, PropertiesError, decode_properties, parse_proper
 
 DEFAULT_PATH = "/etc/qvd/node.conf"
 
-__all__ = ["Config", "ConfigError", "DEFAULTS", "resolve_config_path", "is_bootstrap_key"]
+__all__ = ["Config", "ConfigError", "DEFAULTS", "resolve_config_path", "is_bootstrap_key", "is_file_only_key"]
+
+log = logging.getLogger("qvd.config")
 
 
 class ConfigError(Exception):
@@ -28,6 +31,20 @@ _FALSE = {"0", "no", "false", "off", "n", ""}
 
 def is_bootstrap_key(key):
     return any(key == p or key.startswith(p) for p in BOOTSTRAP_PREFIXES)
+
+
+# Keys that name a program the node runs, or a file it reads or writes, as root. From the
+# configs table, whoever can write the database would run anything on every node; so they
+# are read from node.conf only, like the bootstrap keys (docs/differences.md#file-only-keys).
+EXECUTABLE_KEYS = ("vm.network.netns.udhcpc", "vma.poweroff.command")
+
+
+def is_file_only_key(key):
+    """True for keys the node never takes from the configs table."""
+    if is_bootstrap_key(key) or key.startswith("command.") or key in EXECUTABLE_KEYS:
+        return True
+    spec = DEFAULTS.get(key)
+    return spec is not None and spec.type == "path"
 
 
 def resolve_config_path(path=None):
@@ -108,7 +125,9 @@ class Config:
     def set_db_overrides(self, rows):
         """rows: mapping or iterable of (key, value) from configs where tenant_id = -1."""
         values = dict(rows)
-        self.db_values = {k: v for k, v in values.items() if not is_bootstrap_key(k)}
+        for key in sorted(k for k in values if is_file_only_key(k) and not is_bootstrap_key(k)):
+            log.warning("configs table: %s is read only from node.conf; the value in the database is ignored", key)
+        self.db_values = {k: v for k, v in values.items() if not is_file_only_key(k)}
         self.generation += 1
 
     # --- lookup ----------------------------------------------------------------------
@@ -117,7 +136,7 @@ class Config:
 
     def raw(self, key):
         """The unexpanded string (or default object) for key, or None when unset."""
-        if key in self.db_values and not is_bootstrap_key(key):
+        if key in self.db_values and not is_file_only_key(key):
             return self.db_values[key]
         if key in self.file_values:
             return self.file_values[key]

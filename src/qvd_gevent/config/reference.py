@@ -6,7 +6,7 @@ prints. Regenerate with ``python -m qvd_gevent.config.reference > docs/config-ke
 """
 import sys
 
-from . import is_bootstrap_key
+from . import is_file_only_key
 from .defaults import DEFAULTS
 
 COMMAND = "python -m qvd_gevent.config.reference > docs/config-keys.md"
@@ -35,7 +35,9 @@ Every key of the node's defaults table, with its built-in default. A value is lo
 in this order, the first that has it wins: the `configs` table (tenant -1, changed live with
 `qvd-admin config set`, announced by NOTIFY `qvd_config_changed`), then `node.conf`, then
 the default below. Keys marked *file only* are read from `node.conf` and the defaults,
-never from the `configs` table (the node needs them before it can reach the database).
+never from the `configs` table: the node needs them before it can reach the database, or
+they name a program or a file the node uses as root (`command.*`, paths), which whoever can
+write the database must not be able to choose.
 `${{other.key}}` in a value is replaced by that key's value when the value is read.
 
 *Origin* says whether the key is the original QVD's (same name and meaning) or one this
@@ -88,7 +90,7 @@ def render():
             ours = k.meaning.startswith("ours:")
             meaning = k.meaning.removeprefix("ours:").strip()
             out.append(f"| `{k.name}` | {_cell(format_default(k.default))} | {k.type} | "
-                       f"{'yes' if is_bootstrap_key(k.name) else 'no'} | {'ours' if ours else 'QVD'} | "
+                       f"{'yes' if is_file_only_key(k.name) else 'no'} | {'ours' if ours else 'QVD'} | "
                        f"{_cell(meaning)} |")
         out.append("")
     return "\n".join(out)

@@ -84,6 +84,12 @@ def minimum_version(spec):
     return ssl.TLSVersion.TLSv1_2
 
 
+# Whatever l7r.options.SSL_cipher_list says, a TLS 1.2 key exchange must be forward secret
+# (a stolen key must not decrypt recorded sessions): no static RSA, no anonymous or null
+# suites, no pre-shared keys. TLS 1.3 suites are all forward secret.
+FORWARD_SECRET_ONLY = ":!kRSA:!aNULL:!eNULL:!PSK:!SRP"
+
+
 def build_context(cfg, paths=None):
     paths = paths or {name: cfg.get_str(f"path.l7r.ssl.{name}") for name in SSL_ROWS}
     check_permissions(paths["key"], paths["cert"])
@@ -93,10 +99,11 @@ def build_context(cfg, paths=None):
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     # a client half-close (TCP FIN without close_notify) is EOF, not an error answered by an alert
     ctx.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+    ciphers = cfg.get_str("l7r.options.SSL_cipher_list")
     try:
-        ctx.set_ciphers(cfg.get_str("l7r.options.SSL_cipher_list"))
+        ctx.set_ciphers(ciphers + FORWARD_SECRET_ONLY)
     except ssl.SSLError:
-        raise TlsError(f"l7r.options.SSL_cipher_list {cfg.get_str('l7r.options.SSL_cipher_list')!r} selects no cipher") from None
+        raise TlsError(f"l7r.options.SSL_cipher_list {ciphers!r} selects no forward-secret cipher") from None
     try:
         ctx.load_cert_chain(paths["cert"], paths["key"])
     except (ssl.SSLError, OSError) as exc:
@@ -107,8 +114,10 @@ def build_context(cfg, paths=None):
         try:
             ctx.load_verify_locations(cafile=paths["ca"])
             if os.path.exists(paths["crl"]):
+                # every certificate of the client's chain is checked, so a revoked intermediate CA
+                # revokes what it issued; the file must then hold a CRL of every CA in the chain
                 ctx.load_verify_locations(cafile=paths["crl"])
-                ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+                ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
         except (ssl.SSLError, OSError) as exc:
             raise TlsError(f"cannot load L7R client CA/CRL: {exc}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
