@@ -5,6 +5,7 @@ qvd_object_properties_list, and holds a value per object in <obj>_properties. pr
 creates the first two rows when missing (the legacy CLI predates this model and would
 fail on a 4.3 database). Host properties belong to tenant -1 (hosts have no tenant).
 """
+from ..db.provision import property_slot
 from .common import confirmed, matching_ids
 from .context import AdminError
 from .objects import KINDS, select_ids
@@ -15,18 +16,6 @@ _LABEL = {"host": "hosts", "user": "users", "osf": "OSFs", "di": "DIs", "vm": "v
 
 def _tenant(ctx, kind):
     return ctx.tenant(kind.default_tenant) if kind.tenant_sql else None
-
-
-def _property_id(cur, kind, key, tenant):
-    cur.execute("INSERT INTO properties_list (key, tenant_id) VALUES (%s, %s) ON CONFLICT (key, tenant_id) DO NOTHING",
-                (key, tenant))
-    cur.execute("SELECT id FROM properties_list WHERE key = %s AND tenant_id = %s", (key, tenant))
-    prop = cur.fetchone()[0]
-    cur.execute("INSERT INTO qvd_object_properties_list (property_id, qvd_object) VALUES (%s, %s)"
-                " ON CONFLICT (property_id, qvd_object) DO NOTHING", (prop, kind.qvd_object))
-    cur.execute("SELECT id FROM qvd_object_properties_list WHERE property_id = %s AND qvd_object = %s",
-                (prop, kind.qvd_object))
-    return cur.fetchone()[0]
 
 
 def make_propset(kind):
@@ -52,7 +41,7 @@ def make_propset(kind):
                 for key, value in pairs:
                     tkey = (key, tenants[obj_id])
                     if tkey not in cache:
-                        cache[tkey] = _property_id(cur, kind, key, tenants[obj_id])
+                        cache[tkey] = property_slot(cur, kind.qvd_object, key, tenants[obj_id])
                     cur.execute(f"INSERT INTO {kind.prop_table} ({kind.prop_fk}, property_id, value)"
                                 " VALUES (%s, %s, %s)"
                                 f" ON CONFLICT ({kind.prop_fk}, property_id) DO UPDATE SET value = EXCLUDED.value",

@@ -7,6 +7,7 @@ import getpass
 
 from ..db import runtime
 from ..db.passwords import hash_password
+from ..db.provision import add_user
 from .common import confirmed, matching_ids, text_arg
 from .context import AdminError
 from .objects import USER
@@ -42,9 +43,7 @@ def user_add(ctx):
         cur.execute("SELECT 1 FROM tenants WHERE id = %s", (tenant,))
         if cur.fetchone() is None:
             raise AdminError(f"tenant {tenant} does not exist")
-        cur.execute("INSERT INTO users (login, password, tenant_id, description) VALUES (%s, %s, %s, %s)"
-                    " RETURNING id", (login, stored, tenant, description))
-        return cur.fetchone()[0]
+        return add_user(cur, login, tenant, stored, description)
     ctx.say(f"User added with id {ctx.tx(run)}")
 
 

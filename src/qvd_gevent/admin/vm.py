@@ -13,6 +13,7 @@ from ..config import ConfigError
 from ..config.network import NetworkError
 from ..db import runtime
 from ..db.placement import NoHostAvailable
+from ..db.provision import add_vm, used_vm_addresses
 from .common import confirmed, int_arg, ip_arg, matching_ids, text_arg
 from .context import AdminError
 from .dates import parse_when
@@ -88,8 +89,7 @@ def vm_add(ctx):
         if user_tenant != osf_tenant:
             raise AdminError(f"the user (tenant {user_tenant}) and the OSF (tenant {osf_tenant}) "
                              "belong to different tenants")
-        cur.execute("SELECT ip, name FROM vms WHERE ip IS NOT NULL")
-        used = dict(cur.fetchall())
+        used = used_vm_addresses(cur)
         if ip is not None and ip in used:
             raise AdminError(f"IP address {ip} is already used by VM {used[ip]!r}")
         ids = []
@@ -99,12 +99,7 @@ def vm_add(ctx):
             except NetworkError as exc:
                 raise AdminError(str(exc)) from None
             used[vm_ip] = vm_name
-            cur.execute("""INSERT INTO vms (name, user_id, osf_id, di_tag, ip, storage, description)
-                           VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id""",
-                        (vm_name, user_id, osf, di_tag, vm_ip, storage, description))
-            vm_id = cur.fetchone()[0]
-            runtime.create_vm_runtime(cur, vm_id)
-            ids.append(vm_id)
+            ids.append(add_vm(cur, vm_name, user_id, osf, di_tag, vm_ip, storage, description))
         return ids
     for vm_id in ctx.tx(run):
         ctx.say(f"VM added with id {vm_id}")
