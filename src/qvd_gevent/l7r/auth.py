@@ -12,6 +12,7 @@ validated by its normalised name; a throttled login gets 429 (docs/differences.m
 import base64
 import binascii
 import logging
+import re
 import secrets
 import time
 
@@ -19,17 +20,10 @@ import time
 from ..db import runtime
 from ..db.passwords import hash_password, is_legacy, verify_password
 from ..common import metrics
+from .auth_plugins import AuthFailed, AuthPlugin, PluginChain
 
 log = logging.getLogger("qvd.l7r.auth")
-
-
-class AuthFailed(Exception):
-    """401. reason is a metrics label; never contains a secret."""
-
-    def __init__(self, reason, login=None):
-        super().__init__(reason)
-        self.reason = reason
-        self.login = login
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Throttled(Exception):
@@ -157,6 +151,18 @@ class VerifiedCache:
         self._items[self._key(login, tenant, password)] = (stored, now)
 
 
+class DefaultPlugin(AuthPlugin):
+    """The ``default`` plugin: the password stored in the users row."""
+
+    name = "default"
+
+    def __init__(self, authenticator):
+        self.authenticator = authenticator
+
+    def authenticate_basic(self, attempt, password):
+        return self.authenticator.check_stored_password(attempt, password)
+
+
 class Authenticator:
     def __init__(self, cfg, db, throttle, host_id_fn, counters):
         self.cfg = cfg
@@ -165,15 +171,10 @@ class Authenticator:
         self.host_id_fn = host_id_fn
         self.counters = counters
         self.verified = VerifiedCache(throttle)
-        self._warned_plugins = set()
+        self.chain = PluginChain(cfg, db, DefaultPlugin(self))
 
-    def _check_plugins(self):
-        plugins = (self.cfg.get_list("l7r.auth.plugins.head") + self.cfg.get_list("l7r.auth.plugins")
-                   + self.cfg.get_list("l7r.auth.plugins.tail"))
-        for name in plugins:
-            if name.lower() != "default" and name not in self._warned_plugins:
-                self._warned_plugins.add(name)
-                log.warning("authentication plugin %r is not available in qvd-gevent; ignored", name)
+    def close(self):
+        self.chain.close()
 
     def authenticate(self, request, peer_ip, cache):
         """Return AuthResult or raise AuthFailed / Throttled. cache: per-connection dict."""
@@ -213,21 +214,36 @@ class Authenticator:
         self.counters("auth_ok")
         return result
 
+    # --- basic logins: the plugin chain (auth_plugins/base.py says how it runs) ----------------
     def _basic(self, login, tenant, password):
-        self._check_plugins()
         if not password:
             raise AuthFailed("empty_password", login)
+        if _CONTROL_CHARACTERS.search(login) or _CONTROL_CHARACTERS.search(tenant):
+            raise AuthFailed("control_characters")   # no such login, and nothing a DB or directory should see
+        plugins = self.chain.plugins()
         row = self.db.query_one(
             "SELECT t.id, t.blocked, u.id, u.password, u.blocked FROM tenants t "
             "LEFT JOIN users u ON u.tenant_id = t.id AND u.login = %s WHERE t.name = %s",
             (login, tenant))
-        salt = self.cfg.get_str("l7r.auth.plugin.default.salt")
         if row is None or row[0] in (0, -1):
-            in_threadpool(verify_password, password, dummy_hash(), salt)  # same cost either way
-            raise AuthFailed("unknown_tenant", login)
+            in_threadpool(verify_password, password, dummy_hash(), self.cfg.get_str("l7r.auth.plugin.default.salt"))
+            raise AuthFailed("unknown_tenant", login)  # same cost as a wrong password
         tenant_id, tenant_blocked, user_id, stored, user_blocked = row
-        if user_id is None or not stored:
-            in_threadpool(verify_password, password, dummy_hash(), salt)
+        user = None if user_id is None else (user_id, user_blocked)
+        user_id, login, params = self.chain.authenticate_basic(plugins, login, tenant, tenant_id, tenant_blocked,
+                                                               user, stored, password)
+        return AuthResult(user_id, login, tenant_id, params)
+
+    def check_stored_password(self, attempt, password):
+        """The default plugin: the password against users.password (scrypt, or the
+        original's salted SHA-256, upgraded here to scrypt)."""
+        login, tenant, stored = attempt.login, attempt.tenant, attempt.stored_password
+        salt = self.cfg.get_str("l7r.auth.plugin.default.salt")
+        if not password:
+            raise AuthFailed("empty_password", login)
+        if attempt.user is None or not stored:
+            if not attempt.refusal_is_503:   # a directory outage must not queue 100s of dummy hashes
+                in_threadpool(verify_password, password, dummy_hash(), salt)  # same cost either way
             raise AuthFailed("unknown_user", login)
         now = time.monotonic()
         if not self.verified.matches(login, tenant, password, stored, now):
@@ -235,16 +251,12 @@ class Authenticator:
                 raise AuthFailed("bad_password", login)
             if not is_legacy(stored):
                 self.verified.remember(login, tenant, password, stored, now)
-        if tenant_blocked:
-            raise AuthFailed("tenant_blocked", login)
-        if user_blocked:
-            raise AuthFailed("user_blocked", login)
         if is_legacy(stored):
             fresh = in_threadpool(hash_password, password)
             self.db.execute("UPDATE users SET password = %s WHERE id = %s AND password = %s",
-                            (fresh, user_id, stored))
+                            (fresh, attempt.user[0], stored))
             log.info("password hash of user %s upgraded to scrypt", login)
-        return AuthResult(user_id, login, tenant_id, {"qvd.vm.user.name": login})
+        return True
 
     def _bearer(self, token):
         error, grant = runtime.redeem_token(self.db, token)

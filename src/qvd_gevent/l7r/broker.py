@@ -22,6 +22,7 @@ import gevent.socket
 from ..db import runtime
 from ..db.placement import NoHostAvailable
 from ..vma.client import VmaClient, VmaError
+from .auth_plugins.totp import PRIVATE_PREFIX as PRIVATE_PROPERTY_PREFIX  # a user's TOTP secret stays off the VM
 from .splice import tune_socket
 
 log = logging.getLogger("qvd.l7r.broker")
@@ -76,9 +77,10 @@ def x_state_progress(state, now, deadline, hard_deadline, vm_id):
 
 
 def merge_vma_params(client_params, properties, auth_params, slave):
-    """client < VM combined properties < auth params < qvd.slave.key (docs/protocol.md#vma-parameters)."""
+    """client < VM combined properties < auth params < qvd.slave.key (docs/protocol.md#vma-parameters).
+    The TOTP plugin's user properties (secret, last code) are not the VM's business."""
     merged = dict(client_params)
-    merged.update(properties)
+    merged.update((k, v) for k, v in properties.items() if not k.startswith(PRIVATE_PROPERTY_PREFIX))
     merged.update(auth_params)
     merged["qvd.slave.key"] = slave
     return merged

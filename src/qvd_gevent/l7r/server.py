@@ -158,6 +158,7 @@ class L7RService:
                 g.kill()
         self._flusher = self._abort_greenlet = None
         self.flush_counters()
+        self.auth.close()
 
     # --- host and counters ------------------------------------------------------------------
     def _lookup_host(self):
