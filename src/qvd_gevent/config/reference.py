@@ -17,6 +17,7 @@ SECTIONS = [
     ("Paths", ("path",)),
     ("Logging", ("log",)),
     ("L7R", ("l7r",)),
+    ("Directory login plugins (ldap, auto)", ("auth",)),
     ("HKD", ("hkd",)),
     ("VMs, hypervisors and network", ("vm",)),
     ("External commands", ("command",)),
