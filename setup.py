@@ -24,7 +24,6 @@ setup(
     install_requires=[
         "gevent>=24.2",
         "psycopg2-binary>=2.9",   # wheels: the demo must need no compiler or libpq-dev
-        "psycogreen>=1.0",
         "h11>=0.16",             # 0.16 fixes a request-smuggling flaw (CVE-2025-43859)
         "pyroute2>=0.7",
         "cryptography>=41",

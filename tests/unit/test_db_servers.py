@@ -48,7 +48,7 @@ def test_every_connection_asks_for_the_read_write_server():
 
 
 def test_connect_error_names_every_server_and_why():
-    # libpq's text for two servers refused in turn; in non-blocking mode (psycogreen) the
+    # libpq's text for two servers refused in turn; in non-blocking mode (under gevent) the
     # first server's line comes without its "connection to server at" prefix
     libpq = ('Connection refused\n\tIs the server running on that host and accepting TCP/IP connections?\n'
              'connection to server at "10.0.0.6", port 5433 failed: session is read-only\n')

@@ -25,7 +25,8 @@ _TABLE = [
     ("database.name", "qvd", "str", "database name"),
     ("database.user", "qvd", "str", "database user"),
     ("database.password", "", "str", "database password"),
-    ("internal.database.client.connect.timeout", 20, "int", "seconds to wait for a new DB connection"),
+    ("internal.database.client.connect.timeout", 20, "int", "seconds to wait for a new DB connection, "
+     "per server of database.host"),
     ("internal.database.client.statement.timeout", 30, "int", "ours: seconds before a statement is cancelled"),
     ("internal.database.client.socket.keepidle", 20, "int", "TCP keepalive idle seconds on DB sockets"),
     ("internal.database.client.socket.keepintvl", 5, "int", "TCP keepalive interval on DB sockets"),

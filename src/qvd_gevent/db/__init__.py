@@ -2,7 +2,7 @@
 
 Each greenlet borrows a connection for one unit of work (``db.transaction``) and gives it
 back; connections are never shared between greenlets. Under ``qvd-node`` psycopg2 is made
-cooperative by psycogreen (``make_green``), so a query waits on the hub, not the process.
+cooperative (``make_green``, connect.py), so a query waits on the hub, not the process.
 
 Every connection asks libpq for a read-write server (``target_session_attrs``): with
 ``database.host`` listing a primary and its standbys, a new connection finds whichever is
@@ -12,7 +12,6 @@ connection whose server has become read-only is closed, never reused.
 import copy
 import logging
 import random
-import re
 import time
 from contextlib import contextmanager
 
@@ -22,9 +21,11 @@ import psycopg2.errors
 import psycopg2.extensions
 from gevent.lock import BoundedSemaphore
 
-from ..config.db_servers import Server, split_servers
-from ..config.db_servers import describe as describe_server
 from ..config.properties import BLANKS
+from .connect import ConnectFailed, describe_connect_error, make_green, open_connection, servers_of
+
+__all__ = ["Database", "DatabaseError", "DatabaseUnavailable", "describe_connect_error", "make_green", "notify",
+           "now_epoch", "server_is_read_only"]
 
 SCHEMA_VERSION = "4.3.0"
 
@@ -46,64 +47,9 @@ class DatabaseUnavailable(DatabaseError):
     pass
 
 
-_green = False
-
-
-def make_green():
-    """Make psycopg2 wait on the gevent hub (psycogreen). Idempotent."""
-    global _green
-    if not _green:
-        from psycogreen.gevent import patch_psycopg
-        patch_psycopg()
-        _green = True
-
-
 def _first_line(exc):
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-# one line per server libpq tried: 'connection to server at "h" (10.0.0.5), port 5432 failed: why'
-# or 'connection to server on socket "/run/postgresql/.s.PGSQL.5432" failed: why'; its hints
-# follow on lines that start with a tab
-_LIBPQ_SERVER_LINE = re.compile(r'connection to server (?:at "(?P<host>[^"]*)"(?: \([^)]*\))?, port (?P<port>\d+)'
-                                r'|on socket "(?P<socket>[^"]*)") failed: (?P<reason>.*)')
-
-
-def _reasons_by_server(text, servers):
-    """[(server tried, why it failed)] from libpq's message, in the order it tried them."""
-    out = []
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("\t"):
-            continue
-        line = " ".join(line.split())        # libpq writes "FATAL:  the database system is ..."
-        match = _LIBPQ_SERVER_LINE.fullmatch(line)
-        if match is None:
-            # libpq's non-blocking connect (psycogreen) drops the prefix of the first server
-            first = describe_server(servers[0]) if servers and not out else None
-            out.append((first, line))
-        elif match["socket"]:
-            out.append((match["socket"], match["reason"]))
-        else:
-            out.append((f"{match['host']}:{match['port']}", match["reason"]))
-    return out
-
-
-def describe_connect_error(exc, kw):
-    """One line naming every server in database.host and why each refused."""
-    try:
-        servers = split_servers(kw.get("host") or "localhost", kw.get("port"))
-    except ValueError:
-        servers = [Server(str(kw.get("host")), str(kw.get("port") or ""))]
-    where = ", ".join(describe_server(s) for s in servers)
-    reasons = _reasons_by_server(str(exc), servers)
-    if not reasons:
-        why = _first_line(exc)
-    elif len(servers) == 1 and len(reasons) == 1:
-        why = reasons[0][1]
-    else:
-        why = "; ".join(f"{server}: {reason}" if server else reason for server, reason in reasons)
-    return f"cannot connect to database {kw.get('dbname')!r} at {where} as {kw.get('user')!r}: {why}"
 
 
 def server_is_read_only(conn):
@@ -141,6 +87,8 @@ class Database:
         # the node writes: with several hosts, libpq picks the primary (after a failover,
         # the promoted standby); with one, it refuses a standby
         self.dsn_kwargs.setdefault("target_session_attrs", "read-write")
+        self.servers = servers_of(self.dsn_kwargs) if self.dsn_kwargs.get("host") else []
+        self._preferred = None          # (host, port) of the server that took the last connection
         self.size = size
         self.acquire_timeout = acquire_timeout
         self.statement_timeout = statement_timeout
@@ -164,23 +112,34 @@ class Database:
         options = f"-c TimeZone=UTC -c statement_timeout={int(self.statement_timeout * 1000)}"
         kw["options"] = (kw.get("options", "") + " " + options).strip()
         try:
-            conn = psycopg2.connect(**kw)
-        except psycopg2.OperationalError as exc:
+            conn = self._open(kw)
+        except ConnectFailed as exc:
             stripped = _without_trailing_blanks(kw)
-            if "password authentication failed" not in str(exc) or stripped == kw:
-                raise DatabaseUnavailable(describe_connect_error(exc, kw)) from None
+            if not exc.password_refused or stripped == kw:
+                raise DatabaseUnavailable(exc.describe(kw)) from None
             # node.conf keeps trailing blanks in values (as Config::Properties does); the
             # original then retries once without them, and so do we (and keep what worked).
             try:
-                conn = psycopg2.connect(**stripped)
-            except psycopg2.OperationalError as exc:
-                raise DatabaseUnavailable(describe_connect_error(exc, stripped)) from None
+                conn = self._open(stripped)
+            except ConnectFailed as exc:
+                raise DatabaseUnavailable(exc.describe(stripped)) from None
             for name in ("user", "password"):
                 if name in self.dsn_kwargs:
                     self.dsn_kwargs[name] = stripped[name]
         conn.autocommit = autocommit
         if not autocommit:
             conn.set_session(isolation_level=psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE)
+        return conn
+
+    def _open(self, kw):
+        """The server that took the last connection first: after a failover to a standby behind
+        a silent primary, only the first new connection waits out connect_timeout."""
+        servers = sorted(self.servers, key=lambda s: (s.host, s.port or "5432") != self._preferred)
+        conn = open_connection(kw, servers, kw.get("connect_timeout"))
+        try:
+            self._preferred = (conn.info.host, str(conn.info.port))
+        except psycopg2.Error:
+            pass
         return conn
 
     @contextmanager
