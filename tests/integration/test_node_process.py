@@ -1,5 +1,8 @@
 """qvd-node as an operator runs it: a process with signals, logs and /metrics."""
+import json
 import os
+import pathlib
+import re
 import signal
 import socket
 import ssl
@@ -9,12 +12,28 @@ import time
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from qvd_gevent.config import Config
 from qvd_gevent.db import Database
 from qvd_gevent.node import demo
 
 from helpers.hkd_env import fast_hkd_settings
+
+
+DASHBOARD = pathlib.Path(__file__).resolve().parents[2] / "etc" / "grafana-qvd-node.json"
+
+
+def _dashboard_queries():
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs.append(dashboard["templating"]["list"][1]["definition"])
+    return exprs
+
+
+def _samples(body):
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
 
 
 def _free_port():
@@ -79,8 +98,18 @@ def test_node_serves_metrics_and_drains_sessions_on_sigterm(provisioned, tmp_pat
         sock.sendall(b"ping\n")
         assert sock.recv(100) == b"ping\n"
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        assert "qvd_l7r_sessions_open 1" in body
-        assert 'qvd_hkd_vms{state="running"} 1' in body
+        samples = _samples(body)
+        assert samples[("qvd_l7r_sessions_open", ())] == 1
+        assert samples[("qvd_hkd_vms", (("state", "running"),))] == 1
+        assert samples[("qvd_l7r_connects_total", (("result", "ok"),))] == 1
+        for histogram in ("qvd_l7r_tls_handshake_seconds", "qvd_l7r_connect_to_vm_seconds", "qvd_hkd_vm_start_seconds"):
+            assert samples[(histogram + "_count", ())] >= 1, histogram
+        assert samples[("process_resident_memory_bytes", ())] > 10e6
+        assert samples[("process_open_fds", ())] > 5
+        names = {name for name, _ in samples}
+        queried = {name for expr in _dashboard_queries() for name in re.findall(r"\b(?:qvd|process)_\w+", expr)}
+        assert len(queried) >= 15
+        assert queried <= names, f"the dashboard queries metrics the node does not serve: {queried - names}"
         proc.send_signal(signal.SIGHUP)
         _wait(lambda: "configuration file re-read" in open(log.name).read(), 10, "the SIGHUP log line")
         proc.send_signal(signal.SIGTERM)

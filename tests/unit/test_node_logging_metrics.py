@@ -1,5 +1,9 @@
 import io
 import logging
+import socket
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from qvd_gevent.common import metrics
 from qvd_gevent.common.logs import mask_secrets, setup_logging
@@ -22,17 +26,58 @@ def test_logged_password_never_reaches_the_stream():
     assert "topsecret" not in out and "password=****" in out and "10.0.0.1" in out
 
 
-def test_metrics_text_format():
-    metrics.reset()
+def _samples(text):
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_text_format_counts_and_escapes_label_values(monkeypatch):
+    monkeypatch.setattr(metrics, "_sources", dict(metrics._sources))  # the fake VM gauge ends with the test
+    before = metrics.get("qvd_l7r_connects_total", result="ok")
     metrics.inc("qvd_l7r_connects_total", result="ok")
     metrics.inc("qvd_l7r_connects_total", result="ok")
-    metrics.inc("qvd_l7r_connects_total", result="failed")
-    metrics.set_gauge("qvd_l7r_sessions_open", 3)
+    odd = 'a "quoted" back\\slash\nnewline'
+    metrics.inc("qvd_l7r_auth_failures_total", reason=odd)
     metrics.register_gauge_function("qvd_hkd_vms", lambda: {(("state", "running"),): 2})
     text = metrics.render()
     assert "# TYPE qvd_l7r_connects_total counter" in text
-    assert 'qvd_l7r_connects_total{result="ok"} 2' in text
-    assert 'qvd_l7r_connects_total{result="failed"} 1' in text
-    assert "qvd_l7r_sessions_open 3" in text
-    assert 'qvd_hkd_vms{state="running"} 2' in text
-    metrics.reset()
+    samples = _samples(text)   # a real Prometheus parser reads it back
+    assert samples[("qvd_l7r_connects_total", (("result", "ok"),))] == before + 2
+    assert samples[("qvd_l7r_auth_failures_total", (("reason", odd),))] == 1
+    assert samples[("qvd_hkd_vms", (("state", "running"),))] == 2
+    assert samples[("process_resident_memory_bytes", ())] > 0
+    assert samples[("process_open_fds", ())] > 0
+    assert ("process_cpu_seconds_total", ()) in samples
+
+
+def test_histograms_count_observations():
+    before = metrics.get("qvd_l7r_tls_handshake_seconds_count")
+    metrics.observe("qvd_l7r_tls_handshake_seconds", 0.004)
+    samples = _samples(metrics.render())
+    assert samples[("qvd_l7r_tls_handshake_seconds_count", ())] == before + 1
+    assert samples[("qvd_l7r_tls_handshake_seconds_bucket", (("le", "+Inf"),))] == before + 1
+
+
+def test_an_undeclared_metric_name_fails_at_once():
+    with pytest.raises(KeyError):
+        metrics.inc("qvd_l7r_conects_total", result="ok")
+    with pytest.raises(KeyError):
+        metrics.register_gauge_function("qvd_no_such_gauge", dict)
+
+
+def test_a_session_registers_no_metric(monkeypatch):
+    """The splice byte counter is registered once, when the module loads, not per session."""
+    from qvd_gevent.l7r.splice import Splice
+
+    def refuse(name, fn):
+        raise AssertionError(f"{name} registered again by a session")
+
+    monkeypatch.setattr(metrics, "register_gauge_function", refuse)
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        for _ in range(3):
+            Splice(pairs[0][0], pairs[1][0])
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()

@@ -110,7 +110,7 @@ _TABLE = [
     ("l7r.limits.connections", 20000, "int", "ours: most client connections held at once"),
     ("l7r.listen.backlog", 4096, "int", "ours: listen queue length (the kernel caps it at net.core.somaxconn); gevent's 128 drops SYNs in a connection flood"),
     ("l7r.drain.grace", 30, "int", "ours: seconds live sessions get to finish on SIGTERM"),
-    ("l7r.metrics.address", "127.0.0.1:9100", "str", "ours: host:port of the Prometheus /metrics endpoint; empty disables"),
+    ("l7r.metrics.address", "127.0.0.1:8444", "str", "ours: host:port of the Prometheus /metrics endpoint; empty disables"),
     ("l7r.token.lifetime", 86400, "int", "seconds a token from create_auth_token lives"),
     ("internal.l7r.timeout.takeover", 30, "int", "seconds to take a session over from another client"),
     ("internal.l7r.poll_time.vm", 2, "int", "seconds between session takeover attempts"),

@@ -50,6 +50,7 @@ class VmRunner:
         self.events = gevent.queue.Queue()
         self.spec = None
         self.handle = None
+        self._start_began = None   # monotonic time of this start's first step, for the histogram
         self.dhcp_registered = None
         self.holds_heavy = False
         self._timer = None
@@ -156,6 +157,7 @@ class VmRunner:
 
     # --- steps -----------------------------------------------------------------------
     def _step_Prepare(self, step):
+        self._start_began = time.monotonic()
         cfg = self.cfg
 
         def load(cur):
@@ -221,6 +223,9 @@ class VmRunner:
             raise RowLostError()
         if step.run_ok:
             metrics.inc("qvd_hkd_vm_starts_total", result="ok")
+            if self._start_began is not None:
+                metrics.observe("qvd_hkd_vm_start_seconds", time.monotonic() - self._start_began)
+                self._start_began = None
 
     def _vma(self):
         address = self.handle.address if self.handle else (self.spec.ip if self.spec else None)

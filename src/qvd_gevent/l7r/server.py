@@ -325,7 +325,9 @@ class L7RService:
                 timer = gevent.Timeout(request_timeout)
                 timer.start()
                 try:
+                    handshake_began = time.monotonic()
                     sock.do_handshake()
+                    metrics.observe("qvd_l7r_tls_handshake_seconds", time.monotonic() - handshake_began)
                 except gevent.Timeout as t:
                     if t is not timer:
                         raise
@@ -426,7 +428,11 @@ class L7RService:
         conn.send_response(200, json.dumps(items, indent=3, separators=(",", " : ")) + "\n", "application/json")
 
     def ep_list_of_vm(self, conn, request, peer_ip, cache):
-        self._list(conn, request, peer_ip, cache, False)
+        began = time.monotonic()
+        try:
+            self._list(conn, request, peer_ip, cache, False)
+        finally:
+            metrics.observe("qvd_l7r_list_of_vm_seconds", time.monotonic() - began)
 
     def ep_list_of_applications(self, conn, request, peer_ip, cache):
         self._list(conn, request, peer_ip, cache, True)
@@ -467,6 +473,7 @@ class L7RService:
         return vm_id
 
     def ep_connect_to_vm(self, conn, request, peer_ip, cache):
+        began = time.monotonic()
         host = self._registered()
         self.count("http_requests")
         auth = self.auth.authenticate(request, peer_ip, cache)
@@ -485,9 +492,9 @@ class L7RService:
             raise HttpError(*denied)
         client_params = {k: v for k, v in request.query.items() if k != "id"}
         auth_vars = parse_auth_headers(request.raw_headers)
-        return self._run_session(conn, vm_id, auth, client_params, auth_vars, peer_ip)
+        return self._run_session(conn, vm_id, auth, client_params, auth_vars, peer_ip, began)
 
-    def _run_session(self, conn, vm_id, auth, client_params, auth_vars, peer_ip):
+    def _run_session(self, conn, vm_id, auth, client_params, auth_vars, peer_ip, began):
         session = Session(vm_id, auth.login, peer_ip)
         key = slave_key()
         runner = ConnectRunner(self, session, auth, client_params, conn.send_info, auth_vars)
@@ -496,6 +503,7 @@ class L7RService:
             vm_sock = runner.run(key)
             conn.send_info("Connection established")
             conn.send_switch(key)
+            metrics.observe("qvd_l7r_connect_to_vm_seconds", time.monotonic() - began)
             session.greenlet = None  # from here on an abort closes the splice instead
         except (SetupFailed, SessionAborted) as exc:
             session.greenlet = None

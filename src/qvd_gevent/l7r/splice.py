@@ -51,6 +51,9 @@ def _splice_bytes():
     return {(("direction", k),): v for k, v in totals.items()}
 
 
+metrics.register_gauge_function("qvd_l7r_splice_bytes_total", _splice_bytes)
+
+
 def tune_socket(sock, keepalive=True):
     """TCP_NODELAY and keepalives on a session leg."""
     try:
@@ -266,7 +269,6 @@ class Splice:
         self.down = _Pump(self, vm, client, "to_client", use_pipe)
         self.uses_os_splice = use_pipe
         _live.add(self)
-        metrics.register_gauge_function("qvd_l7r_splice_bytes_total", _splice_bytes)
 
     def start(self, initial_to_vm=b""):
         self.up.start(initial_to_vm)

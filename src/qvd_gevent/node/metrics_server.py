@@ -1,20 +1,22 @@
-"""Serves common/metrics.render() as GET /metrics on l7r.metrics.address (off the public port)."""
+"""Serves the node's metrics as GET /metrics on l7r.metrics.address (off the public port)."""
 import logging
 
 from gevent.pywsgi import WSGIServer
+from prometheus_client import make_wsgi_app
 
 from ..common import metrics
 
 log = logging.getLogger("qvd.node.metrics")
 
 
+_exposition = make_wsgi_app(metrics.REGISTRY)
+
+
 def _app(environ, start_response):
-    if environ.get("PATH_INFO") != "/metrics" or environ.get("REQUEST_METHOD") != "GET":
+    if environ.get("PATH_INFO") != "/metrics" or environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
-    body = metrics.render().encode()
-    start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4"), ("Content-Length", str(len(body)))])
-    return [body]
+    return _exposition(environ, start_response)
 
 
 def parse_address(text):
