@@ -320,7 +320,9 @@ def test_100_concurrent_directory_logins_do_not_stall_other_sessions(l7r, direct
         worst = probe.worst_since(mark)
         print(f"100 directory logins: {took:.2f} s, worst session round trip meanwhile {worst * 1000:.0f} ms")
         assert statuses == [200] * 100
-        assert worst < 0.5
+        # a hub blocked on the directory would hold the session for whole directory round
+        # trips (3 s when hung, below); 100 TLS handshakes in one process cost ~0.1 s alone
+        assert worst < 1.0
         # the same against a hung directory: every login gets its 503 by the deadline, sessions flow
         directory.freeze()
         try:
@@ -331,7 +333,7 @@ def test_100_concurrent_directory_logins_do_not_stall_other_sessions(l7r, direct
             directory.thaw()
         print(f"100 logins, hung directory: {took:.2f} s, worst session round trip meanwhile {worst * 1000:.0f} ms")
         assert statuses == [503] * 100 and took < 3 + 3
-        assert worst < 0.5
+        assert worst < 1.0
     finally:
         probe.stop()
 
