@@ -141,7 +141,7 @@ HOSTILE = ["*", "ali*", "alice)(uid=*", "*)(|(uid=*", "alice)(|(objectClass=*", 
 
 @pytest.mark.parametrize("mode", ["search", "userbindpattern"])
 def test_hostile_logins_match_nobody(l7r, directory, mode):
-    conf = ldap_conf(directory, **{"l7r.auth.plugins": "auto,ldap"})
+    conf = ldap_conf(directory, **{"l7r.auth.plugins": "auto,ldap", "l7r.auth.plugins.tail": ""})
     if mode == "userbindpattern":
         conf.update({"auth.ldap.userbindpattern": f"uid=%u,{PEOPLE}", "auth.ldap.binddn": "", "auth.ldap.bindpass": ""})
     node = l7r(conf, auto=True)
@@ -256,7 +256,7 @@ def test_directory_down_or_hung_gives_a_prompt_503_and_recovers(l7r, own_directo
     own_directory.stop()
     for _ in range(8):       # more than l7r.auth.throttle.max_failures: a 503 is not held against the user
         resp, took = timed(request, node, "/qvd/list_of_vm", "alice", "alice-pw-Zq9")
-        assert (resp.status, "retry later" in resp.text) == (503, True) and took < 1.0, (resp, took)
+        assert (resp.status, "retry later" in resp.text) == (503, True) and took < 1.5, (resp, took)
     assert resp.headers.get("retry-after") == "5"
     assert request(node, "/qvd/list_of_vm", "local", "local-pw").status == 200        # local users still get in
     own_directory.restart()                         # the pooled connections are dead: replaced
