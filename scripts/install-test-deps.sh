@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(
-  dnsmasq-base busybox-static iproute2 iptables procps psmisc   # netns VMs, DHCP, NAT
+  dnsmasq-base busybox-static iproute2 iptables nftables procps psmisc   # netns VMs, DHCP, NAT, VM filter
   nxagent nxproxy x11-apps x11-utils xauth xvfb                  # the NX desktop test (Xvfb: the user's screen)
   haproxy socat                                                  # benchmark references
   postgresql                                                     # the failover test: primary + streaming standby

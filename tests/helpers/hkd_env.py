@@ -21,6 +21,10 @@ def fast_hkd_settings(tmp_path, nodename=NODE, **extra):
         "path.storage.root": tmp_path / "storage",
         "vm.hypervisor": "process",
         "vm.process.address.base": base,
+        # these nodes run in the machine's own network namespace, where a test must not load
+        # nftables rules (a killed node would leave them); tests/system/test_vm_filter.py tries
+        # the process VMs' filter inside a test namespace
+        "internal.vm.network.firewall.enable": 0,
         "internal.hkd.vmhandler.vma_monitor.delay.starting": 0.2,
         "internal.hkd.vmhandler.vma_monitor.delay.after.ok": 1,
         "internal.hkd.vmhandler.vma_monitor.delay.after.error": 0.3,

@@ -195,7 +195,15 @@ _TABLE = [
     ("vm.network.setup", False, "bool", "ours: create the bridge, forwarding and NAT at start, remove at stop"),
     ("vm.network.nat.public_address", "", "str", "ours: address clients reach (the seed's DNAT/SNAT rules)"),
     ("vm.network.firewall.nat.iface", "", "str", "MASQUERADE VM traffic out of this interface"),
-    ("vm.network.netns.prefix", "qvd", "str", "ours: name prefix of netns VMs' namespaces and veths"),
+    ("internal.vm.network.firewall.enable", True, "bool", "filter the VMs' network (nftables): the switches "
+     "below, and each VM only with its own MAC and address"),
+    ("internal.vm.network.firewall.protect_host", True, "bool", "VMs reach nothing on the node nor on other "
+     "nodes' addresses but DHCP (and DNS when dnsmasq serves it)"),
+    ("internal.vm.network.firewall.protect_vms", True, "bool", "VMs do not reach each other"),
+    ("internal.vm.network.firewall.allow_login_from_vm", False, "bool", "VMs may reach the L7R port (and ping) "
+     "of the node addresses"),
+    ("vm.network.netns.prefix", "qvd", "str", "ours: name prefix of netns VMs' namespaces, and of every "
+     "bridge VM's port <prefix>v<vm id> (netns veth, kvm tap, lxc veth)"),
     ("vm.network.netns.udhcpc", "busybox udhcpc", "str", "ours: DHCP client run inside a netns VM"),
     ("vm.network.netns.dhcp_timeout", 20, "int", "ours: seconds a netns VM may take to get its DHCP lease"),
     ("vm.process.address.base", "127.100.0.0/16", "str", "ours: loopback range for process VMs"),
@@ -203,6 +211,8 @@ _TABLE = [
     ("command.dhcpd", "dnsmasq", "str", "dnsmasq executable"),
     ("command.dhcpd.args.extra", "", "str", "extra dnsmasq arguments"),
     ("command.iptables", "iptables", "str", "iptables executable"),
+    ("command.nft", "nft", "str", "ours: nftables executable of the VM network filter (the original used "
+     "command.iptables and command.ebtables)"),
     ("internal.vm.port.vma", 3030, "int", "VMA port inside a VM"),
     ("internal.vm.port.ssh", 22, "int", "ssh port inside a VM"),
     ("internal.nxagent.display", 100, "int", "nxagent display; the X port is display + 4000"),

@@ -54,6 +54,7 @@ class HKD:
         self.hypervisor = None
         self.dnsmasq = None
         self.network_setup = None
+        self.vm_filter = None
         self.vm_settings = M.Settings()
         self.heavy_size = max(1, cfg.get_int("internal.hkd.max_heavy"))
         self.heavy = gevent.lock.Semaphore(self.heavy_size)
@@ -246,8 +247,18 @@ class HKD:
                                f"({net.network.network_address} < address < {net.start})")
 
     def _step_check_network(self):
-        if not self.hypervisor.uses_bridge:
-            return
+        if self.hypervisor.uses_bridge:
+            self._check_bridge_network()
+        from .vm_filter import VmFilterError, vm_filter_for
+        try:
+            vm_filter = vm_filter_for(self.cfg, self.hypervisor)
+            if vm_filter is not None:
+                vm_filter.install()
+        except VmFilterError as exc:
+            raise HkdError(str(exc)) from None
+        self.vm_filter = vm_filter
+
+    def _check_bridge_network(self):
         from .network import NetworkSetup, check_network
         if self.cfg.get_bool("vm.network.setup"):
             setup = NetworkSetup(self.cfg)
@@ -300,6 +311,13 @@ class HKD:
             if vm_id in running:
                 runner.handle = running[vm_id]
                 runner.adopted_ip = ip
+                if ip and self.hypervisor.uses_bridge:
+                    from .vm_runner import mac_from_ip
+                    try:
+                        runner.allow_in_filter(self.hypervisor.port_name(vm_id),
+                                               mac_from_ip(self.cfg.get_str("vm.network.mac.prefix"), ip), ip)
+                    except Exception as exc:  # noqa: BLE001 - its port stays closed; the VMA monitor acts
+                        log.error("VM %s: %s", vm_id, _first_line(exc))
                 log.info("VM %s: still running (pid %s), adopted in state %s", vm_id, runner.handle.pid, state)
                 runner.send(M.Adopt(state))
             else:
@@ -387,6 +405,12 @@ class HKD:
             except Exception as exc:  # noqa: BLE001 - reported, then the agent goes on
                 log.warning("dnsmasq stop: %s", _first_line(exc))
             self.dnsmasq = None
+        if self.vm_filter is not None:
+            try:
+                self.vm_filter.remove()
+            except Exception as exc:  # noqa: BLE001 - reported, then the agent goes on
+                log.warning("VM network filter: %s", _first_line(exc))
+            self.vm_filter = None
         if self.network_setup is not None:
             try:
                 self.network_setup.remove()

@@ -52,6 +52,7 @@ class VmRunner:
         self.handle = None
         self._start_began = None   # monotonic time of this start's first step, for the histogram
         self.dhcp_registered = None
+        self.filter_entry = None            # (port, mac, ip) given to the network filter
         self.holds_heavy = False
         self._timer = None
         self._monitor = None
@@ -187,7 +188,7 @@ class VmRunner:
             return VmSpec(vm_id=self.vm_id, name=name, ip=ip, mac=mac, memory=memory, di_id=di_id,
                           di_path=di_full_path(cfg, di_path), use_overlay=use_overlay,
                           user_storage_size=user_storage, login=login, vma_port=vma_port, x_port=x_port,
-                          properties=props)
+                          properties=props, port=self.hkd.hypervisor.port_name(self.vm_id))
         self.spec = self.db.transaction(load)
         log.info("VM %s (%s): starting with DI %s", self.vm_id, self.spec.name, self.spec.di_path)
 
@@ -209,6 +210,8 @@ class VmRunner:
         if hv.uses_bridge and self.hkd.dnsmasq is not None and spec.mac and spec.ip:
             self.hkd.dnsmasq.add_host(spec.mac, spec.ip)
             self.dhcp_registered = spec.mac
+        # before the port exists: until then a port with the VM's name passes nothing
+        self.allow_in_filter(spec.port, spec.mac, spec.ip)
         try:
             self.handle = hv.start(spec)
         except Exception:
@@ -252,10 +255,28 @@ class VmRunner:
         if self.handle is not None:
             self.hkd.hypervisor.kill(self.handle)
 
+    def allow_in_filter(self, port, mac, ip):
+        """Let the VM's bridge port carry its own MAC and address (docs/hkd.md#firewall)."""
+        vm_filter = self.hkd.vm_filter
+        if vm_filter is None or not (port and mac and ip):
+            return
+        vm_filter.add_vm(port, mac, ip)
+        self.filter_entry = (port, mac, ip)
+
+    def _forget_in_filter(self):
+        if self.filter_entry is None or self.hkd.vm_filter is None:
+            return
+        try:
+            self.hkd.vm_filter.remove_vm(*self.filter_entry)
+        except Exception as exc:  # noqa: BLE001 - the same VM id gets the same elements next time
+            log.warning("VM %s: %s", self.vm_id, exc)
+        self.filter_entry = None
+
     def _step_Cleanup(self, step):
         if self.dhcp_registered and self.hkd.dnsmasq is not None:
             self.hkd.dnsmasq.remove_host(self.dhcp_registered)
             self.dhcp_registered = None
+        self._forget_in_filter()
         self.hkd.hypervisor.cleanup(self._handle())
 
     def _step_ClearRuntimeRow(self, step):

@@ -4,7 +4,11 @@ The HKD's VM runner calls these from a greenlet. Implementations that use blocki
 libraries (libvirt) run those calls in gevent's threadpool; everything else must be
 cooperative (subprocess and sockets are, under monkey patching).
 """
+import re
 from dataclasses import dataclass, field
+
+IFNAMSIZ = 15               # longest interface name the kernel takes
+MAX_PORT_PREFIX = 8         # prefix + "v" + a 6-digit VM id fit in IFNAMSIZ
 
 
 class HypervisorError(Exception):
@@ -27,6 +31,7 @@ class VmSpec:
     vma_port: int = 3030
     x_port: int = 4100
     properties: dict = field(default_factory=dict)
+    port: str | None = None     # the VM's interface on vm.network.bridge (Hypervisor.port_name)
 
 
 @dataclass
@@ -49,6 +54,29 @@ class Hypervisor:
 
     def check(self):
         """Raise HypervisorError with a clear reason if this node cannot run such VMs."""
+
+    # --- the VM's port on the bridge, which the network filter names (docs/hkd.md#firewall) ---
+    def port_prefix(self):
+        return self.cfg.get_str("vm.network.netns.prefix")
+
+    def check_port_prefix(self):
+        prefix = self.port_prefix()
+        if not re.fullmatch(rf"[A-Za-z][A-Za-z0-9_]{{0,{MAX_PORT_PREFIX - 1}}}", prefix):
+            raise HypervisorError(f"vm.network.netns.prefix {prefix!r} must be 1-{MAX_PORT_PREFIX} letters/digits "
+                                  f"(interface names are at most {IFNAMSIZ} characters)")
+
+    def port_name(self, vm_id):
+        """``<prefix>v<vm id>``: the VM's interface on the bridge; None without a bridge."""
+        if not self.uses_bridge:
+            return None
+        name = f"{self.port_prefix()}v{vm_id}"
+        if len(name) > IFNAMSIZ:
+            raise HypervisorError(f"interface name {name} is too long (shorten vm.network.netns.prefix)")
+        return name
+
+    def port_pattern(self):
+        """What every VM port's name matches (nftables wildcard)."""
+        return f"{self.port_prefix()}v*"
 
     def start(self, spec: VmSpec) -> VmHandle:
         """Create and boot the VM. Returns once it is launched (not when the VMA answers)."""

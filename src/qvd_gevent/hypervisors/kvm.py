@@ -122,6 +122,8 @@ def kvm_domain_xml(spec: VmSpec, settings: KvmDomainSettings) -> str:
     _sub(nic, "source", bridge=settings.bridge)
     if spec.mac:
         _sub(nic, "mac", address=spec.mac)
+    if spec.port:
+        _sub(nic, "target", dev=spec.port)      # the host side's name, which the network filter names
     _sub(nic, "model", type="virtio" if settings.virtio else "e1000")
     if settings.serial_log:
         serial = _sub(devices, "serial", type="file")

@@ -364,6 +364,7 @@ class LibvirtHypervisor(Hypervisor):
                                                 self.cfg.get_int("internal.hkd.libvirt.keepalive.count")))
 
     def check(self):
+        self.check_port_prefix()
         require_libvirt()
         self.connection.open()          # fails here with libvirt's reason
 

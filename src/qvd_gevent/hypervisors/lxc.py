@@ -69,6 +69,8 @@ def lxc_domain_xml(spec: VmSpec, *, rootfs, bridge, init="/sbin/init", domain_ty
     _sub(nic, "source", bridge=bridge)
     if spec.mac:
         _sub(nic, "mac", address=spec.mac)
+    if spec.port:
+        _sub(nic, "target", dev=spec.port)      # the host side's name, which the network filter names
     _sub(devices, "console", type="pty")
     return ET.tostring(domain, encoding="unicode")
 

@@ -55,7 +55,6 @@ log = logging.getLogger("qvd.hypervisors.netns")
 MS_BIND = 4096
 MNT_DETACH = 2
 NETNS_DIR = "/run/netns"
-MAX_PREFIX = 8          # prefix + "v" + 6-digit id must fit in IFNAMSIZ-1 = 15
 SAFE_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "HOME")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -165,7 +164,7 @@ class NetnsHypervisor(Hypervisor):
         return f"{self.prefix}-vm{vm_id}"
 
     def veth_name(self, vm_id):
-        return f"{self.prefix}v{vm_id}"
+        return self.port_name(vm_id)
 
     def _state_path(self, ns):
         return os.path.join(self.state_dir, ns + ".json")
@@ -175,9 +174,7 @@ class NetnsHypervisor(Hypervisor):
         if os.geteuid() != 0:
             raise HypervisorError("the netns hypervisor needs root (network namespaces, veth pairs); "
                                   "run qvd-node as root or use vm.hypervisor=process")
-        if not re.fullmatch(rf"[A-Za-z][A-Za-z0-9_]{{0,{MAX_PREFIX - 1}}}", self.prefix):
-            raise HypervisorError(f"vm.network.netns.prefix {self.prefix!r} must be 1-{MAX_PREFIX} letters/digits "
-                                  f"(interface names are at most 15 characters)")
+        self.check_port_prefix()
         link = self.netlink.link(self.bridge)
         # with vm.network.setup the HKD creates the bridge after this check
         if not self.cfg.get_bool("vm.network.setup") and (link is None or link["kind"] != "bridge"):
@@ -198,8 +195,6 @@ class NetnsHypervisor(Hypervisor):
             raise HypervisorError(f"DI {spec.di_path} of VM {spec.vm_id} is not an executable file")
         ns = self.netns_name(spec.vm_id)
         veth = self.veth_name(spec.vm_id)
-        if len(veth) > 15:
-            raise HypervisorError(f"interface name {veth} is too long (shorten vm.network.netns.prefix)")
         handle = VmHandle(vm_id=spec.vm_id, address="", name=ns, extra={"veth": veth})
         os.makedirs(self.state_dir, exist_ok=True)
         started = time.monotonic()
