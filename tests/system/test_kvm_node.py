@@ -171,6 +171,10 @@ def test_admin_vm_start_boots_a_kvm_guest_to_running_and_vm_stop_leaves_nothing(
     assert row["vm_address"] == f"{VM_NET}.0.150" and row["host_id"] == node.host_id
     assert f"QVD-GUEST-LEASE {VM_NET}.0.150" in node.serial()          # leased from the node's dnsmasq
     assert node.domains() == [f"qvd-{node.vm_id}"]
+    tap = f"{node.host.vm_prefix}v{node.vm_id}"                       # named for the VM network filter
+    assert tap in node.host.run(["ip", "-o", "link", "show", "master", "qvdbr0"], check=True).stdout
+    assert f'"{tap}" . 54:52:00:4d:00:96 . {VM_NET}.0.150' in node.host.run(
+        ["nft", "list", "set", "bridge", "qvd", "vm_addresses"], check=True).stdout
 
     _admin(node.conf, "vm", "stop", "-f", f"id={node.vm_id}")
     row = wait_vm_state(node.db, node.vm_id, "stopped", timeout=60)
