@@ -144,6 +144,9 @@ class BenchEnv:
             f"l7r.metrics.address = 127.0.0.1:{free_port()}",
             "internal.hkd.address_check.enabled = 0", "vm.network.use_dhcp = 0",
             "vm.process.address.base = 127.78.0.0/16",
+            # the node runs in the machine's own network namespace: no nftables table there that a
+            # killed run would leave behind (docs/hkd.md#process-vms)
+            "internal.vm.network.firewall.enable = 0",
             # the farm host's heartbeat is the bench's: never call it lost during a run
             "internal.hkd.cluster.node.timeout = 86400",
         ]

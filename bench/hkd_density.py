@@ -68,8 +68,10 @@ def run(quick, hypervisor="netns", say=print):
             values = node_settings(ns, tmp)
             node_address, ip_of = "10.77.0.1", (lambda i: f"10.77.1.{i}")
         else:
+            # in the machine's own network namespace: no nftables table there (docs/hkd.md#process-vms)
             values = {"vm.hypervisor": "process", "vm.process.address.base": "127.81.0.0/16",
-                      "internal.hkd.address_check.enabled": "0", "vm.network.use_dhcp": "0", "path.run": tmp / "run"}
+                      "internal.hkd.address_check.enabled": "0", "vm.network.use_dhcp": "0", "path.run": tmp / "run",
+                      "internal.vm.network.firewall.enable": "0"}
             node_address, ip_of = "127.0.0.1", (lambda i: f"10.241.1.{i}")
         values.update({
             "nodename": "bench-hkd",
