@@ -29,6 +29,7 @@ if __name__ == "__main__":  # the attacker process: patch before anything else i
     monkey.patch_all()
 
 import gevent
+import gevent.event
 import gevent.socket
 import greenlet
 
@@ -323,8 +324,57 @@ def slowloris_main(argv):
     print(json.dumps(results), flush=True)
 
 
+def login_flood_main(argv):
+    """N TLS connections from one source address, each with one wrong Basic login: all
+    connected first (READY), then all requests at once when a line arrives on stdin; prints
+    the statuses as one JSON list."""
+    import argparse
+    import base64
+    p = argparse.ArgumentParser()
+    p.add_argument("port", type=int)
+    p.add_argument("--cafile", required=True)
+    p.add_argument("--source", default="127.0.0.1")
+    p.add_argument("--count", type=int, default=60)
+    p.add_argument("--login", default="bob")
+    p.add_argument("--max-seconds", type=float, default=60.0)
+    a = p.parse_args(argv)
+    ctx = ssl.create_default_context(cafile=a.cafile)
+    ctx.check_hostname = False
+    go = gevent.event.Event()
+    statuses, socks = [], []
+
+    def one(i):
+        raw = gevent.socket.create_connection(("127.0.0.1", a.port), timeout=a.max_seconds,
+                                              source_address=(a.source, 0))
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+        socks.append(s)
+        go.wait(a.max_seconds)
+        auth = base64.b64encode(f"{a.login}:flood-{i}".encode()).decode()
+        s.sendall(f"GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: Basic {auth}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        statuses.append(int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0)
+        s.close()
+    greenlets = [gevent.spawn(one, i) for i in range(a.count)]
+    deadline = time.monotonic() + a.max_seconds
+    while len(socks) < a.count and time.monotonic() < deadline and not all(g.ready() for g in greenlets):
+        gevent.sleep(0.02)
+    print(f"READY {len(socks)}", flush=True)
+    gevent.get_hub().threadpool.apply(sys.stdin.readline)
+    go.set()
+    gevent.joinall(greenlets, timeout=a.max_seconds)
+    print(json.dumps(statuses), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["slowloris"]:
         slowloris_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["login-flood"]:
+        login_flood_main(sys.argv[2:])
     else:
-        sys.exit("usage: hostile.py slowloris PORT --cafile CA [--per-kind N --period S --ramp S --max-seconds S]")
+        sys.exit("usage: hostile.py slowloris PORT --cafile CA [--per-kind N --period S --ramp S --max-seconds S]\n"
+                 "       hostile.py login-flood PORT --cafile CA [--source IP --count N --login L]")

@@ -125,9 +125,11 @@ def test_throttle_counts_client_retries_once(node_factory):
 
 def test_throttle_per_login_across_addresses():
     from qvd_gevent.l7r.throttle import Throttle
-    t = Throttle(max_failures=2, window=60, burst=5)
-    assert t.record_failure("10.0.0.1", "bob@default", "f1", 0)
-    assert t.record_failure("10.0.0.2", "bob@default", "f2", 1)
+    t = Throttle(max_failures=2, window=60, burst=5, max_login_failures=3)
+    assert t.begin("10.0.0.1", "bob@default", "f1", 0).entries
+    assert t.begin("10.0.0.2", "bob@default", "f2", 1).entries
+    assert t.blocked("10.0.0.3", "bob@default", 2) is None     # below the all-addresses ceiling
+    assert t.begin("10.0.0.4", "bob@default", "f3", 1).entries
     assert t.blocked("10.0.0.3", "bob@default", 2) == "login"
     assert t.blocked("10.0.0.3", "alice@default", 2) is None
     assert t.blocked("10.0.0.3", "bob@default", 62) is None

@@ -86,27 +86,51 @@ def test_split_tenant():
 
 
 # --- throttle ----------------------------------------------------------------------------
+def fail(t, address, login, secret, now):
+    """One failed attempt, as the authenticator runs it."""
+    return t.begin(address, login, t.fingerprint("basic", login, secret), now)
+
+
 def test_throttle_burst_counts_once_and_window_expires():
-    t = Throttle(max_failures=3, window=100, burst=10)
-    fp = t.fingerprint("basic", "bob", "wrong")
+    t = Throttle(max_failures=3, window=100, burst=10, max_login_failures=4)
     for i in range(5):  # the original client's five retries, within seconds
-        t.record_failure("1.2.3.4", "bob@d", fp, i)
+        fail(t, "1.2.3.4", "bob@d", "wrong", i)
     assert t.blocked("1.2.3.4", "bob@d", 5) is None
-    t.record_failure("1.2.3.4", "bob@d", t.fingerprint("basic", "bob", "w2"), 6)
-    t.record_failure("1.2.3.4", "bob@d", t.fingerprint("basic", "bob", "w3"), 7)
+    fail(t, "1.2.3.4", "bob@d", "w2", 6)
+    fail(t, "1.2.3.4", "bob@d", "w3", 7)
     assert t.blocked("1.2.3.4", "other@d", 8) == "address"
-    assert t.blocked("9.9.9.9", "bob@d", 8) == "login"
-    assert t.blocked("1.2.3.4", "bob@d", 200) is None
+    assert t.blocked("1.2.3.4", "bob@d", 8) == "address"
+    assert t.blocked("9.9.9.9", "bob@d", 8) is None            # bob elsewhere: not locked out
+    assert t.blocked("1.2.3.4", "bob@d", 200) is None          # the window passed
     # after the burst, the same wrong credentials count again
-    assert t.record_failure("1.2.3.4", "x", fp, 300) is True
+    assert fail(t, "1.2.3.4", "x", "wrong", 300).entries
 
 
-def test_throttle_success_clears_login():
-    t = Throttle(max_failures=1, window=100, burst=0)
-    t.record_failure("a", "bob", "f", 0)
-    assert t.blocked("b", "bob", 1) == "login"
-    t.record_success("a", "bob")
-    assert t.blocked("b", "bob", 1) is None
+def test_throttle_per_login_ceiling_spans_addresses():
+    t = Throttle(max_failures=3, window=100, burst=10, max_login_failures=4)
+    for i in range(4):
+        fail(t, f"10.0.0.{i}", "bob@d", f"guess{i}", i)
+    assert t.blocked("10.0.0.9", "bob@d", 5) == "login"       # spread guessing hits the ceiling
+    assert t.blocked("10.0.0.9", "alice@d", 5) is None
+
+
+def test_throttle_login_at_one_address():
+    t = Throttle(max_failures=2, window=100, burst=0, max_login_failures=50)
+    fail(t, "a", "bob", "x1", 0)
+    t.forget(t.begin("a", "alice", "fp-alice", 0))             # another login's success from a
+    fail(t, "a", "bob", "x2", 1)
+    assert t.blocked("a", "bob", 2) == "address"
+    assert t.blocked("b", "bob", 2) is None
+
+
+def test_throttle_counts_before_the_outcome_and_success_takes_it_back():
+    t = Throttle(max_failures=2, window=100, burst=0, max_login_failures=50)
+    pending = [t.begin("a", "bob", f"fp{i}", 0) for i in range(2)]   # two attempts still hashing
+    assert t.blocked("a", "carol", 0) == "address"                   # a third is refused at once
+    t.succeeded(pending[0], "a", "bob")
+    assert t.blocked("a", "carol", 0) is None
+    t.forget(pending[1])                                             # not held against anyone
+    assert t.blocked("a", "bob", 0) is None and not t._failures
 
 
 # --- broker decisions --------------------------------------------------------------------

@@ -96,7 +96,17 @@ _TABLE = [
     ("auth.auto.osf_id", None, "int", "auto: OSF of the VM given to a user at first login (required)"),
     ("auth.auto.di_tag", "default", "str", "auto: DI tag of that VM"),
     ("auth.auto.max_vms", 5, "int", "auto: VM names <login>-1 .. <login>-N tried before giving up"),
-    ("l7r.auth.throttle.max_failures", 5, "int", "ours: failed logins per address or login before throttling"),
+    ("l7r.auth.throttle.max_failures", 5, "int", "ours: failed logins from one address (any login, or one login) "
+     "before that address, or that login at that address, is throttled"),
+    ("l7r.auth.throttle.max_failures_per_login", 50, "int", "ours: failed logins of one login from all "
+     "addresses before that login is throttled everywhere (against guessing spread over many addresses)"),
+    ("l7r.auth.concurrent_per_address", 1, "int", "ours: password checks one source address may have running "
+     "at once (so a flood from one address never holds every hashing thread)"),
+    ("l7r.auth.waiting_per_address", 10, "int", "ours: logins of one source address that may wait behind "
+     "those; more get 429 at once"),
+    ("l7r.auth.hash.threads", 2, "int", "ours: threads hashing passwords (scrypt takes 16 MB each)"),
+    ("l7r.auth.hash.queue", 32, "int", "ours: password hashes waiting or running in the node; beyond, a login "
+     "gets 503 retry later instead of waiting in an unbounded queue"),
     ("l7r.auth.throttle.window", 300, "int", "ours: seconds failures are remembered and a throttle lasts"),
     ("l7r.auth.throttle.burst", 10, "int", "ours: identical failed credentials from one address within this many seconds count once (the original client retries 5 times)"),
     ("l7r.loadbalancer.plugin", "default", "str", "load balancer plugin"),

@@ -11,11 +11,13 @@ validated by its normalised name; a throttled login gets 429 (docs/differences.m
 """
 import base64
 import binascii
+import contextlib
 import logging
 import re
 import secrets
 import time
 
+import gevent.lock
 
 from ..db import runtime
 from ..db.passwords import hash_password, is_legacy, verify_password
@@ -27,9 +29,44 @@ _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Throttled(Exception):
+    """429: too many failures (what = 'address' or 'login'), or too many logins at once
+    from one address (what = 'concurrent')."""
+
     def __init__(self, what):
         super().__init__(what)
         self.what = what
+
+
+class LoginsBusy(Exception):
+    """503: the node's password-hashing queue is full; the client should retry later."""
+
+
+class AddressGate:
+    """At most ``running`` password checks per source address at once, and at most
+    ``waiting`` more queued behind them (the rest get 429 at once): a flood from one
+    address occupies one hashing thread, never all of them, while several users behind one
+    NAT address still get in one after the other."""
+
+    def __init__(self, running, waiting):
+        self.running = max(1, running)
+        self.waiting = max(0, waiting)
+        self._by_address = {}      # address -> [Semaphore, users]
+
+    @contextlib.contextmanager
+    def slot(self, address):
+        entry = self._by_address.get(address)
+        if entry is None:
+            entry = self._by_address[address] = [gevent.lock.Semaphore(self.running), 0]
+        if entry[1] >= self.running + self.waiting:
+            raise Throttled("concurrent")
+        entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0 and self._by_address.get(address) is entry:
+                del self._by_address[address]
 
 
 class AuthResult:
@@ -105,6 +142,9 @@ def encode_token_for_client(token):
 # --- the authenticator -------------------------------------------------------------------
 _hash_pool = None
 _dummy_hash = None
+_hash_jobs = 0                 # hashes waiting for or running in the pool
+HASH_THREADS = 2
+HASH_QUEUE = 32
 
 
 def dummy_hash():
@@ -116,15 +156,31 @@ def dummy_hash():
     return _dummy_hash
 
 
+def configure_hashing(threads, queue):
+    """l7r.auth.hash.threads and l7r.auth.hash.queue (read at L7R start)."""
+    global HASH_THREADS, HASH_QUEUE, _hash_pool
+    HASH_THREADS, HASH_QUEUE = max(1, threads), max(1, queue)
+    if _hash_pool is not None and _hash_pool.maxsize != HASH_THREADS:
+        _hash_pool.maxsize = HASH_THREADS
+
+
 def in_threadpool(fn, *args):
-    """Password hashing off the hub, in a pool of 2 threads: scrypt uses 16 MB per call and
-    each thread keeps its own malloc arena, so a small pool bounds that memory (and the CPU
-    spent on hashing during a login storm) on this 2-core class of machine."""
-    global _hash_pool
+    """Password hashing off the hub, in a small pool of threads: scrypt uses 16 MB per call
+    and each thread keeps its own malloc arena, so a small pool bounds that memory (and the
+    CPU spent on hashing during a login storm). At most HASH_QUEUE hashes wait or run: past
+    that, LoginsBusy (503) at once instead of a queue that grows with the storm."""
+    global _hash_pool, _hash_jobs
     if _hash_pool is None:
         import gevent.threadpool
-        _hash_pool = gevent.threadpool.ThreadPool(2)
-    return _hash_pool.apply(fn, args)
+        _hash_pool = gevent.threadpool.ThreadPool(HASH_THREADS)
+    if _hash_jobs >= HASH_QUEUE:
+        metrics.inc("qvd_l7r_auth_failures_total", reason="hash_queue_full")
+        raise LoginsBusy()
+    _hash_jobs += 1
+    try:
+        return _hash_pool.apply(fn, args)
+    finally:
+        _hash_jobs -= 1
 
 
 class VerifiedCache:
@@ -172,6 +228,9 @@ class Authenticator:
         self.counters = counters
         self.verified = VerifiedCache(throttle)
         self.chain = PluginChain(cfg, db, DefaultPlugin(self))
+        self.gate = AddressGate(cfg.get_int("l7r.auth.concurrent_per_address"),
+                                cfg.get_int("l7r.auth.waiting_per_address"))
+        configure_hashing(cfg.get_int("l7r.auth.hash.threads"), cfg.get_int("l7r.auth.hash.queue"))
 
     def close(self):
         self.chain.close()
@@ -194,24 +253,49 @@ class Authenticator:
             cs = self.cfg.get_bool("model.user.login.case-sensitive")
             login, tenant = normalize(login, cs), normalize(tenant, cs)
             login_key = f"{login}@{tenant}"
+        if creds[0] == "basic" and not creds[2]:
+            # costs no hash and guesses nothing: refused, not counted against anyone
+            metrics.inc("qvd_l7r_auth_failures_total", reason="empty_password")
+            raise AuthFailed("empty_password", login)
+        self._refuse_if_throttled(peer_ip, login_key, now)
+        if creds[0] == "basic":
+            try:
+                with self.gate.slot(peer_ip):
+                    # re-checked after the wait: failures of the attempts ahead now count
+                    self._refuse_if_throttled(peer_ip, login_key, time.monotonic())
+                    result = self._counted(peer_ip, login_key, fp, self._basic, login, tenant, creds[2])
+            except Throttled as exc:
+                if exc.what == "concurrent":
+                    metrics.inc("qvd_l7r_auth_failures_total", reason="concurrent")
+                raise
+        else:
+            result = self._counted(peer_ip, login_key, fp, self._bearer, creds[1])
+        cache["auth"] = (fp, result)
+        self.counters("auth_ok")
+        return result
+
+    def _refuse_if_throttled(self, peer_ip, login_key, now):
         what = self.throttle.blocked(peer_ip, login_key, now)
         if what:
             metrics.inc("qvd_l7r_auth_failures_total", reason="throttled")
             raise Throttled(what)
+
+    def _counted(self, peer_ip, login_key, fp, check, *args):
+        """Run check(*args) counted as a failure before it runs (a flood of concurrent wrong
+        logins is cut at the threshold, not after all were hashed), taken back if it succeeds."""
         self.counters("auth_attempts")
+        ticket = self.throttle.begin(peer_ip, login_key, fp, time.monotonic())
         try:
-            if creds[0] == "basic":
-                result = self._basic(login, tenant, creds[2])
-            else:
-                result = self._bearer(creds[1])
+            result = check(*args)
         except AuthFailed as exc:
             metrics.inc("qvd_l7r_auth_failures_total", reason=exc.reason)
-            if exc.reason not in ("user_blocked", "tenant_blocked"):
-                self.throttle.record_failure(peer_ip, login_key, fp, now)
+            if exc.reason in ("user_blocked", "tenant_blocked"):
+                self.throttle.forget(ticket)
             raise
-        self.throttle.record_success(peer_ip, login_key)
-        cache["auth"] = (fp, result)
-        self.counters("auth_ok")
+        except BaseException:
+            self.throttle.forget(ticket)      # directory down, queue full, database: nobody's fault
+            raise
+        self.throttle.succeeded(ticket, peer_ip, login_key)
         return result
 
     # --- basic logins: the plugin chain (auth_plugins/base.py says how it runs) ----------------
@@ -248,6 +332,10 @@ class Authenticator:
         now = time.monotonic()
         if not self.verified.matches(login, tenant, password, stored, now):
             if not in_threadpool(verify_password, password, stored, salt):
+                if is_legacy(stored):
+                    # the original's SHA-256 fails in microseconds: pay what a scrypt user or an
+                    # unknown login pays, or timing tells which logins exist and how they are stored
+                    in_threadpool(verify_password, password, dummy_hash(), salt)
                 raise AuthFailed("bad_password", login)
             if not is_legacy(stored):
                 self.verified.remember(login, tenant, password, stored, now)

@@ -23,7 +23,7 @@ from gevent.server import StreamServer
 from ..db import DatabaseUnavailable, runtime
 from ..common import metrics
 from . import tls
-from .auth import AuthFailed, Authenticator, Throttled, encode_token_for_client, parse_auth_headers
+from .auth import AuthFailed, Authenticator, LoginsBusy, Throttled, encode_token_for_client, parse_auth_headers
 from .broker import ConnectRunner, SessionAborted, SetupFailed, StopRunner, slave_key
 from .http import ClientGone, HttpConnection, HttpError, raw_error_response
 from .splice import Splice, tune_socket
@@ -94,7 +94,8 @@ class L7RService:
         self._abort_greenlet = None
         self.throttle = Throttle(cfg.get_int("l7r.auth.throttle.max_failures"),
                                  cfg.get_int("l7r.auth.throttle.window"),
-                                 cfg.get_int("l7r.auth.throttle.burst"))
+                                 cfg.get_int("l7r.auth.throttle.burst"),
+                                 cfg.get_int("l7r.auth.throttle.max_failures_per_login"))
         self.auth = Authenticator(cfg, db, self.throttle, lambda: self.host_id, self.count)
 
     # --- public API ---------------------------------------------------------------------
@@ -380,8 +381,14 @@ class L7RService:
             conn.send_error(401, headers=[("WWW-Authenticate", 'Basic realm="QVD"')])
             log.info("authentication failed (%s) for %s from %s", exc.reason, exc.login or "-", peer_ip)
         except Throttled as exc:
-            conn.send_error(429, f"Too many failed logins from this {exc.what}; try again later\n")
+            if exc.what == "concurrent":
+                conn.send_error(429, "Too many logins at once from this address; try again later\n")
+            else:
+                conn.send_error(429, f"Too many failed logins from this {exc.what}; try again later\n")
             log.info("login throttled by %s from %s", exc.what, peer_ip)
+        except LoginsBusy:
+            conn.send_error(503, "Too many logins in progress, retry later", [("Retry-After", "2")])
+            log.warning("login from %s refused: the password-hashing queue is full", peer_ip)
         except DatabaseUnavailable as exc:
             log.error("database unavailable: %s", exc)
             conn.send_error(503, "The database is not available, retry later")

@@ -1,10 +1,18 @@
-"""Throttling of failed logins per source address and per login (no I/O, clock passed in).
+"""Throttling of failed logins (no I/O, clock passed in).
 
-After ``max_failures`` failures within ``window`` seconds, further attempts from that
-address, or for that login, are refused until the oldest failure ages out. The original
-client retries a failed connection five times at once, so identical failed credentials
-from one address within ``burst`` seconds count as ONE failure: a person who typed a
-wrong password once is not locked out by their own client's retries.
+Three counters, each over the last ``window`` seconds:
+- per source address, any login: ``max_failures`` (a guesser's address is stopped, as
+  Guacamole's ban extension does);
+- per login at one address: ``max_failures``;
+- per login from all addresses: ``max_login_failures``, much higher, against guessing
+  spread over many addresses. A stranger's failures at one address therefore never lock a
+  user out at another, unless the stranger spreads more failures than that ceiling.
+
+A failure is counted when the attempt starts, before the password is hashed, and taken
+back when the attempt succeeds (``begin`` / ``succeeded`` / ``forget``): a flood of
+concurrent wrong logins from one address is cut after ``max_failures`` of them, not after
+all of them were hashed. The original client retries a failed connection five times at
+once, so identical credentials from one address within ``burst`` seconds count once.
 
 Credentials are remembered only as a keyed hash with a per-process random key.
 """
@@ -14,15 +22,25 @@ import secrets
 from collections import deque
 
 
+class Ticket:
+    """The failure entries one attempt counted: (key, time) pairs, and its burst key."""
+    __slots__ = ("entries", "recent_key")
+
+    def __init__(self, entries, recent_key):
+        self.entries = entries
+        self.recent_key = recent_key
+
+
 class Throttle:
-    def __init__(self, max_failures=5, window=300, burst=10, max_keys=100000):
+    def __init__(self, max_failures=5, window=300, burst=10, max_login_failures=50, max_keys=100000):
         self.max_failures = max_failures
         self.window = window
         self.burst = burst
+        self.max_login_failures = max_login_failures
         self.max_keys = max_keys
         self._key = secrets.token_bytes(16)
-        self._failures = {}        # ("addr", ip) / ("login", name) -> deque of times
-        self._recent = {}          # (ip, fingerprint) -> time of last counted failure
+        self._failures = {}        # ("addr", ip) / ("pair", ip, login) / ("login", login) -> deque of times
+        self._recent = {}          # (ip, fingerprint) -> time of last counted attempt
 
     def fingerprint(self, *parts):
         mac = hmac.new(self._key, digestmod=hashlib.sha256)
@@ -51,30 +69,64 @@ class Throttle:
             times.popleft()
         return len(times)
 
+    @staticmethod
+    def _keys(address, login):
+        keys = []
+        if address is not None:
+            keys.append(("addr", address))
+        if login:
+            if address is not None:
+                keys.append(("pair", address, login))
+            keys.append(("login", login))
+        return keys
+
     def blocked(self, address, login, now):
         """Return 'address' or 'login' when that one is throttled, else None."""
         if address is not None and self._count(("addr", address), now) >= self.max_failures:
             return "address"
-        if login and self._count(("login", login), now) >= self.max_failures:
+        if login and address is not None and self._count(("pair", address, login), now) >= self.max_failures:
+            return "login"
+        if login and self._count(("login", login), now) >= self.max_login_failures:
             return "login"
         return None
 
-    def record_failure(self, address, login, fingerprint, now):
-        """Count one failure, unless it repeats the same credentials from the same address within burst."""
+    def begin(self, address, login, fingerprint, now):
+        """Count this attempt as a failure until it succeeds. Returns its Ticket. Repeats of the
+        same credentials from the same address within burst are not counted again."""
         if len(self._failures) > self.max_keys or len(self._recent) > self.max_keys:
             self._prune(now)
         recent_key = (address, fingerprint)
         last = self._recent.get(recent_key)
         if last is not None and now - last < self.burst:
-            return False
+            return Ticket([], None)
         self._recent[recent_key] = now
-        if address is not None:
-            self._failures.setdefault(("addr", address), deque()).append(now)
-        if login:
-            self._failures.setdefault(("login", login), deque()).append(now)
-        return True
+        entries = []
+        for key in self._keys(address, login):
+            self._failures.setdefault(key, deque()).append(now)
+            entries.append((key, now))
+        return Ticket(entries, recent_key)
 
-    def record_success(self, address, login):
-        """A good login clears that login's failures (the address keeps its own)."""
+    def forget(self, ticket):
+        """The attempt is not held against anyone (blocked user, directory down...)."""
+        for key, when in ticket.entries:
+            times = self._failures.get(key)
+            if times is not None:
+                try:
+                    times.remove(when)
+                except ValueError:
+                    pass
+                if not times:
+                    del self._failures[key]
+        ticket.entries = []
+        if ticket.recent_key is not None:
+            self._recent.pop(ticket.recent_key, None)
+            ticket.recent_key = None
+
+    def succeeded(self, ticket, address, login):
+        """A good login: its own entry goes, and that login's failures at this address and
+        everywhere are cleared (the address keeps the failures of other logins)."""
+        self.forget(ticket)
         if login:
             self._failures.pop(("login", login), None)
+            if address is not None:
+                self._failures.pop(("pair", address, login), None)
