@@ -31,7 +31,7 @@ from qvd_gevent.db.passwords import legacy_token
 from .hkd_env import TINY_VM, fast_hkd_settings, pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
-# the node's own line (node/main.py), not an adopted VM's "still running (pid N)"
+# the node's own line (node/run.py), not an adopted VM's "still running (pid N)"
 _NODE_RUNNING = re.compile(r" qvd\.node - node \S+ running \(pid \d+")
 
 
@@ -271,16 +271,6 @@ def echo_roundtrip(sock, payload, timeout=20):
         got += chunk
     return got
 
-
-def wait_for(predicate, timeout=20.0, interval=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        gevent.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
 def vm_processes(node_run_dir):

@@ -3,11 +3,10 @@ provisioned exactly as `qvd-node demo` provisions (qvd-admin verbs; the VM's ima
 installed qvd-vm-init), against a fresh database of the test PostgreSQL."""
 import random
 
-from qvd_gevent.config import Config
 from qvd_gevent.node import demo
-from qvd_gevent.node.main import Node
 
 from .hkd_env import fast_hkd_settings
+from .nodes import start_node
 
 
 def start_full_node(tmp_path, pg_server, dbname, desktop="echo"):
@@ -28,6 +27,5 @@ def start_full_node(tmp_path, pg_server, dbname, desktop="echo"):
     conf = write_node_conf(tmp_path / "node.conf", pg_server, dbname, values)
     demo.provision(tmp_path, conf, desktop)
     vm_id = demo.demo_vm_id(conf)
-    node = Node(Config.load(str(conf)))
-    node.start()
+    node = start_node(conf)
     return node, vm_id, str(tmp_path / "ssl" / "cert.pem")

@@ -3,7 +3,8 @@ commands sent the way the admin CLI and the L7R send them, bounded waits."""
 import os
 import random
 import sys
-import time
+
+from .nodes import wait_for
 
 TINY_VM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_vm.py")
 # A node name of our own: several suites share this machine and a node adopts (or kills)
@@ -121,17 +122,6 @@ def vm_row(db, vm_id):
     keys = ("vm_state", "host_id", "vm_address", "vm_vma_port", "vm_x_port", "vm_pid", "current_di_id", "vm_cmd")
     return dict(zip(keys, row))
 
-
-def wait_for(predicate, timeout=20.0, interval=0.1, what="condition"):
-    import gevent
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        gevent.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
 def wait_vm_state(db, vm_id, state, timeout=20.0):

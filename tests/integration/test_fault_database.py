@@ -28,9 +28,9 @@ from helpers.cluster import (
     seed_ssl,
     seed_users_and_vms,
     vm_processes,
-    wait_for,
     write_conf,
 )
+from helpers.nodes import wait_for
 
 from qvd_gevent.db import Database
 from qvd_gevent.db.deploy import deploy
@@ -92,7 +92,7 @@ PROCESS_VMS = 2
 def test_postgres_restart_under_spliced_sessions(tmp_path, own_pg, fault_db, sessions, outage):
     """outage 0: pg_ctl restart (fast shutdown, start); else the server stays down that long."""
     SESSIONS = sessions  # noqa: N806
-    from qvd_gevent.node.main import raise_file_limit
+    from qvd_gevent.node.run import raise_file_limit
     assert raise_file_limit() > 2 * SESSIONS + 200, "this test holds two sockets per session"
     lines, db = fault_db
     cert, key = make_cert(tmp_path / "ssl")

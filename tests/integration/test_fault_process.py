@@ -24,9 +24,9 @@ from helpers.cluster import (
     seed_ssl,
     seed_users_and_vms,
     vm_processes,
-    wait_for,
     write_conf,
 )
+from helpers.nodes import wait_for
 from helpers.hkd_env import pid_alive
 
 from qvd_gevent.config import Config

@@ -14,11 +14,11 @@ from helpers.hkd_env import (
     start_vm,
     stop_vm,
     vm_row,
-    wait_for,
     wait_vm_state,
     write_conf,
     write_di_script,
 )
+from helpers.nodes import wait_for
 
 from qvd_gevent.config import Config
 from qvd_gevent.db import Database

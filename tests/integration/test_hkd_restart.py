@@ -1,8 +1,6 @@
 """A node killed with SIGKILL and restarted reconciles with what really runs: no orphans."""
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 from helpers.hkd_env import (
@@ -13,51 +11,21 @@ from helpers.hkd_env import (
     start_vm,
     stop_vm,
     vm_row,
-    wait_for,
     wait_vm_state,
     write_conf,
 )
+from helpers.nodes import HkdProcess, start_node, wait_for
 
 from qvd_gevent.config import Config
 from qvd_gevent.db import Database
 from qvd_gevent.vma.client import VmaClient
 
 
-class NodeProcess:
-    def __init__(self, conf, log_path):
-        self.conf = conf
-        self.log_path = log_path
-        self.proc = None
-
-    def start(self):
-        if getattr(self, "log", None) is not None:
-            self.log.close()
-        self.log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes to it until cleanup()
-        self.proc = subprocess.Popen([sys.executable, "-m", "qvd_gevent.hkd", "--config", str(self.conf)],
-                                     stdout=subprocess.PIPE, stderr=self.log)
-        line = self.proc.stdout.readline()
-        assert line.strip() == b"READY", f"HKD did not start: {line!r}; log: {self.log_path.read_text()[-2000:]}"
-
-    def kill9(self):
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def terminate(self):
-        self.proc.terminate()
-        return self.proc.wait(30)
-
-    def cleanup(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
-
-
 @pytest.mark.timeout(120)
 def test_sigkill_and_restart_adopts_cleans_and_kills(tmp_path, pg_server, fresh_db_name):
     conf = write_conf(tmp_path / "node.conf", pg_server, fresh_db_name, fast_hkd_settings(tmp_path))
     db = Database.from_config(Config.load(str(conf)))
-    node = NodeProcess(conf, tmp_path / "hkd.log")
+    node = HkdProcess(conf, tmp_path / "hkd.log")
     pids = []
     try:
         host_id = add_host(db)
@@ -107,7 +75,7 @@ def test_sigkill_and_restart_adopts_cleans_and_kills(tmp_path, pg_server, fresh_
 def test_sigterm_stops_running_vms_gracefully(tmp_path, pg_server, fresh_db_name):
     conf = write_conf(tmp_path / "node.conf", pg_server, fresh_db_name, fast_hkd_settings(tmp_path))
     db = Database.from_config(Config.load(str(conf)))
-    node = NodeProcess(conf, tmp_path / "hkd.log")
+    node = HkdProcess(conf, tmp_path / "hkd.log")
     try:
         host_id = add_host(db)
         vm_ids = add_vms(db, count=2)
@@ -129,8 +97,7 @@ def test_sigterm_stops_running_vms_gracefully(tmp_path, pg_server, fresh_db_name
 @pytest.mark.timeout(120)
 def test_dead_node_is_marked_lost_its_vm_runs_elsewhere_and_its_orphan_dies_on_restart(tmp_path, pg_server,
                                                                                        fresh_db_name):
-    from qvd_gevent.db.listen import Listener
-    from qvd_gevent.hkd import HKD
+    from qvd_gevent.node.run import HKD
 
     from helpers.hkd_env import NODE
     timing = {"internal.hkd.cluster.node.timeout": 2}
@@ -139,8 +106,8 @@ def test_dead_node_is_marked_lost_its_vm_runs_elsewhere_and_its_orphan_dies_on_r
     conf_two = write_conf(tmp_path / "two.conf", pg_server, fresh_db_name,
                           fast_hkd_settings(tmp_path, f"{NODE}-two", **timing))
     db = Database.from_config(Config.load(str(conf_two)))
-    one = NodeProcess(conf_one, tmp_path / "one.log")
-    listener = hkd_two = None
+    one = HkdProcess(conf_one, tmp_path / "one.log")
+    node_two = None
     orphan = None
     try:
         host_one = add_host(db, f"{NODE}-one", "127.0.0.1")
@@ -151,10 +118,7 @@ def test_dead_node_is_marked_lost_its_vm_runs_elsewhere_and_its_orphan_dies_on_r
         orphan = wait_vm_state(db, vm_id, "running")["vm_pid"]
         one.kill9()                                     # node one dies; its VM process lives on
 
-        listener = Listener(db).start()
-        listener.wait_connected(10)
-        hkd_two = HKD(Config.load(str(conf_two)), db, listener)
-        hkd_two.start()
+        node_two = start_node(conf_two, parts={HKD})
         wait_for(lambda: db.query_one("SELECT state FROM host_runtimes WHERE host_id = %s", (host_one,))[0] == "lost",
                  15, what="node one lost")
         row = wait_vm_state(db, vm_id, "stopped", timeout=10)
@@ -170,10 +134,8 @@ def test_dead_node_is_marked_lost_its_vm_runs_elsewhere_and_its_orphan_dies_on_r
         assert vm_row(db, vm_id)["host_id"] == host_two and pid_alive(row["vm_pid"])
         assert one.terminate() == 0
     finally:
-        if hkd_two is not None:
-            hkd_two.stop(timeout=5)
-        if listener is not None:
-            listener.stop()
+        if node_two is not None:
+            node_two.stop(0)
         one.cleanup()
         if orphan and pid_alive(orphan):
             os.killpg(orphan, signal.SIGKILL)

@@ -10,7 +10,8 @@ import pytest
 from helpers.l7r_env import Node, Reader, Seed, basic, client_context, get, make_cert, open_conn, write_conf
 from qvd_gevent.l7r.server import L7RError, L7RService
 from qvd_gevent.node.certs import make_self_signed
-from test_l7r_sessions import AUTH, UPGRADE, row, wait_for
+from test_l7r_sessions import AUTH, UPGRADE, row
+from helpers.nodes import wait_for
 
 
 def build(tmp_path, pg_server, dbname, extra=None, start=True, users=True):

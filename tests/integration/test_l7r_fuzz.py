@@ -41,7 +41,7 @@ def test_fuzz_request_handling(tmp_path, pg_server, fresh_db_name):
             s.close()
             return ok
         assert ping_ok()
-        from test_l7r_sessions import wait_for
+        from helpers.nodes import wait_for
         wait_for(lambda: node.svc.connections_open == 0)
         base_fds, base_greenlets = fds_open(), greenlets()
 

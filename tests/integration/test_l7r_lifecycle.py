@@ -8,7 +8,8 @@ import gevent
 from helpers.l7r_env import Reader, get, open_conn
 from qvd_gevent.common import metrics
 from qvd_gevent.db.runtime import token_digest
-from test_l7r_sessions import UPGRADE, connect, make_env, row, wait_for
+from test_l7r_sessions import UPGRADE, connect, make_env, row
+from helpers.nodes import wait_for
 
 
 def test_takeover_of_a_connecting_session(tmp_path, pg_server, fresh_db_name):

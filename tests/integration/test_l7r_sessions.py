@@ -10,6 +10,7 @@ import pytest
 from qvd_gevent.db.runtime import token_digest
 
 from helpers.l7r_env import Node, Reader, Seed, basic, get, make_cert, open_conn, write_conf
+from helpers.nodes import wait_for
 from test_l7r_endpoints import original_connect
 
 AUTH = [("Authorization", basic("qvd", "qvd"))]
@@ -54,15 +55,6 @@ def row(env, vm_id=None):
     return env.db.query_one("SELECT user_state, l7r_host_id, l7r_pid, user_cmd, vm_state, real_user_id "
                             "FROM vm_runtimes WHERE vm_id = %s", (vm_id or env.vm_id,))
 
-
-def wait_for(pred, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        gevent.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 def connect(env, vm_id=None, headers=None, extra=""):

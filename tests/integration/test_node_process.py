@@ -8,7 +8,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -19,6 +18,7 @@ from qvd_gevent.db import Database
 from qvd_gevent.node import demo
 
 from helpers.hkd_env import fast_hkd_settings
+from helpers.nodes import wait_for
 
 
 DASHBOARD = pathlib.Path(__file__).resolve().parents[2] / "etc" / "grafana-qvd-node.json"
@@ -40,15 +40,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -93,7 +84,7 @@ def test_node_serves_metrics_and_drains_sessions_on_sigterm(provisioned, tmp_pat
     conf, port, metrics_port, vm_id = provisioned
     proc, log = _start_node(conf)
     try:
-        _wait(lambda: _port_open(port), 30, "the L7R port")
+        wait_for(lambda: _port_open(port), 30, "the L7R port")
         sock = _connect_session(port, str(tmp_path / "ssl" / "cert.pem"), vm_id)
         sock.sendall(b"ping\n")
         assert sock.recv(100) == b"ping\n"
@@ -111,7 +102,7 @@ def test_node_serves_metrics_and_drains_sessions_on_sigterm(provisioned, tmp_pat
         assert len(queried) >= 15
         assert queried <= names, f"the dashboard queries metrics the node does not serve: {queried - names}"
         proc.send_signal(signal.SIGHUP)
-        _wait(lambda: "configuration file re-read" in open(log.name).read(), 10, "the SIGHUP log line")
+        wait_for(lambda: "configuration file re-read" in open(log.name).read(), 10, "the SIGHUP log line")
         proc.send_signal(signal.SIGTERM)
         sock.settimeout(30)
         assert sock.recv(100) == b"", "the session was not closed by the drain"

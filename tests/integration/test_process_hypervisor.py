@@ -7,7 +7,8 @@ import sys
 
 import gevent
 import pytest
-from helpers.hkd_env import TINY_VM, pid_alive, wait_for, write_di_script
+from helpers.hkd_env import TINY_VM, pid_alive, write_di_script
+from helpers.nodes import wait_for
 
 from qvd_gevent.config import Config
 from qvd_gevent.hypervisors import HypervisorError, VmSpec, get_hypervisor

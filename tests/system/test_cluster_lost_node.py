@@ -28,9 +28,9 @@ from helpers.cluster import (
     seed_ssl,
     seed_users_and_vms,
     vm_processes,
-    wait_for,
     write_conf,
 )
+from helpers.nodes import wait_for
 from helpers.netns import TestNamespace, list_netns, pids_in, processes_mentioning, require_root
 
 from qvd_gevent.config import Config

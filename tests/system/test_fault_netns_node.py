@@ -12,7 +12,8 @@ import sys
 import time
 
 import pytest
-from helpers.cluster import NodeProcess, make_cert, node_values, seed_host, seed_ssl, seed_users_and_vms, wait_for
+from helpers.cluster import NodeProcess, make_cert, node_values, seed_host, seed_ssl, seed_users_and_vms
+from helpers.nodes import wait_for
 from helpers.netns import VM_NET, node_settings, pids_in, test_host  # noqa: F401
 
 from qvd_gevent.config import Config

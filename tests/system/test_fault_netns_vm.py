@@ -8,13 +8,14 @@ PostgreSQL through the embedded server's unix socket.
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
-from helpers.hkd_env import add_host, add_vms, start_vm, vm_row, wait_for, wait_vm_state
+from helpers.hkd_env import add_host, add_vms, start_vm, vm_row, wait_vm_state
+from helpers.nodes import wait_for
 from helpers.netns import VM_NET, hkd_node_conf, pids_in, processes_mentioning, test_host  # noqa: F401
+from helpers.nodes import HkdProcess
 
 pytestmark = pytest.mark.root
 
@@ -33,17 +34,13 @@ def test_netns_vm_killed_is_noticed_and_cleaned(test_host, tmp_path, pg_server, 
     conf = hkd_node_conf(test_host, tmp_path, pg_server, fresh_db_name,
                          **{"internal.hkd.vmhandler.vma_monitor.delay.after.ok": 1})
     db = Database.from_config(Config.load(str(conf)))
-    log_path = tmp_path / "hkd.log"
-    node = None
+    node = HkdProcess(conf, tmp_path / "hkd.log", host=test_host)
     try:
         host_id = add_host(db, "test-node", f"{VM_NET}.0.1")
         (vm_id,) = add_vms(db, di_path=init)
         address = f"{VM_NET}.0.152"
         db.execute("UPDATE vms SET ip = %s WHERE id = %s", (address, vm_id))
-        with open(log_path, "ab") as log:
-            node = test_host.popen([sys.executable, "-m", "qvd_gevent.hkd", "--config", str(conf)],
-                                   stdout=subprocess.PIPE, stderr=log)
-        assert node.stdout.readline().strip() == b"READY", log_path.read_text()[-3000:]
+        node.start()
 
         start_vm(db, vm_id, host_id)
         wait_vm_state(db, vm_id, "running", timeout=40)
@@ -62,7 +59,7 @@ def test_netns_vm_killed_is_noticed_and_cleaned(test_host, tmp_path, pg_server, 
         assert row["host_id"] is None and row["vm_address"] is None
         wait_for(lambda: test_host.vm_namespaces() == [], 15, what="the VM namespace removed")
         assert address not in (tmp_path / "run" / "dhcp-hostsfile").read_text()
-        assert node.poll() is None, "the HKD died with its VM"
+        assert node.proc.poll() is None, "the HKD died with its VM"
 
         # started again: same leased address, a new namespace
         start_vm(db, vm_id, host_id)
@@ -73,13 +70,10 @@ def test_netns_vm_killed_is_noticed_and_cleaned(test_host, tmp_path, pg_server, 
         assert ping.returncode == 0, ping.stderr
         print(f"\nMEASURED: netns VM killed -> row stopped and cleaned in {noticed:.2f} s")
 
-        node.terminate()
-        assert node.wait(60) == 0
+        assert node.terminate(60) == 0
         assert vm_row(db, vm_id)["vm_state"] == "stopped"
         assert test_host.vm_namespaces() == []
     finally:
-        if node is not None and node.poll() is None:
-            node.kill()
-            node.wait(10)
+        node.cleanup()
         db.close()
     assert processes_mentioning(str(tmp_path)) == []

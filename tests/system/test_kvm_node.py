@@ -22,35 +22,12 @@ import gevent
 import pytest
 from helpers.hkd_env import add_host, add_vms, vm_row, wait_vm_state
 from helpers.netns import VM_NET, node_settings, processes_mentioning, test_host  # noqa: F401
+from helpers.nodes import HkdProcess
 from helpers.private_libvirtd import PrivateLibvirtd
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 BOOT_TIMEOUT = 120
-
-DRIVER = """
-from qvd_gevent.config import Config
-from qvd_gevent.db import Database, make_green
-from qvd_gevent.db.listen import Listener
-from qvd_gevent.hkd import HKD
-make_green()
-cfg = Config.load(os.environ["QVD_TEST_CONF"])
-db = Database.from_config(cfg)
-listener = Listener(db).start()
-listener.wait_connected(10)
-hkd = HKD(cfg, db, listener)
-hkd.start()
-open(os.environ["QVD_TEST_READY"], "w").write("ready")
-deadline = time.monotonic() + 240
-while not os.path.exists(os.environ["QVD_TEST_DONE"]) and time.monotonic() < deadline:
-    gevent.sleep(0.1)
-hkd.stop(timeout=30)
-links = os.popen("ip -o link show").read()
-listener.stop()
-db.close()
-report(dict(links=links))
-"""
-
 
 def _admin(conf, *argv):
     from qvd_gevent.admin.cli import run
@@ -90,6 +67,7 @@ class KvmNode:
             "internal.hkd.agent.vm_command_handler.delay": 2,
             "internal.hkd.timeout.on_state.stopping.shutdown": 30,
             "internal.hkd.timeout.on_state.stopping.stop": 10,
+            "internal.hkd.stopping.vms.timeout": 30,
         })
         values.update({
             "database.host": str(pg_server.embedded.directory), "database.port": pg_server.port,
@@ -102,23 +80,11 @@ class KvmNode:
         self.host_id = add_host(self.db, "test-node", f"{VM_NET}.0.1")
         (self.vm_id,) = add_vms(self.db, di_path=image.name)   # relative to path.storage.images, as QVD stores it
         self.db.execute("UPDATE vms SET ip = %s WHERE id = %s", (f"{VM_NET}.0.150", self.vm_id))
-        self.runs = 0
+        self.hkd = HkdProcess(self.conf, tmp_path / "hkd.log", host=test_host)
 
     def start_node(self):
-        """The HKD in a driver inside the test namespace; returns (greenlet, done file) once it runs."""
-        self.runs += 1
-        ready, done = self.tmp_path / f"ready{self.runs}", self.tmp_path / f"done{self.runs}"
-        driver = gevent.spawn(self.host.python, DRIVER, timeout=300,
-                              env={"QVD_TEST_CONF": str(self.conf), "QVD_TEST_READY": str(ready),
-                                   "QVD_TEST_DONE": str(done)})
-        for _ in range(300):
-            if ready.exists() or driver.ready():
-                break
-            gevent.sleep(0.1)
-        if driver.ready():
-            driver.get()
-        assert ready.exists(), "HKD did not start in the test namespace"
-        return driver, done
+        """The HKD inside the test namespace, once it runs."""
+        return self.hkd.start()
 
     def serial(self):
         return (self.tmp_path / "serial" / f"qvd-{self.vm_id}-serial.txt").read_text(errors="replace")
@@ -144,15 +110,13 @@ def kvm_node(test_host, tmp_path, pg_server, fresh_db_name, request):  # noqa: F
         pytest.skip(reason)
     node = KvmNode(test_host, tmp_path, pg_server, fresh_db_name, request)
     yield node
-    for done in tmp_path.glob("ready*"):
-        (tmp_path / done.name.replace("ready", "done")).write_text("1")
+    node.hkd.cleanup()
 
 
-def _finish(node, driver, done, bridge_made_by_this_node=True):
-    done.write_text("1")
-    result, _ = driver.get(timeout=90)
+def _finish(node, bridge_made_by_this_node=True):
+    assert node.hkd.terminate(90) == 0
     # vm.network.setup removes exactly what it made: a node that found the bridge leaves it
-    assert ("qvdbr0" in result["links"]) != bridge_made_by_this_node
+    assert ("qvdbr0" in node.host.links()) != bridge_made_by_this_node
     assert vm_row(node.db, node.vm_id)["vm_state"] == "stopped"
     assert node.db.query_one("SELECT state FROM host_runtimes WHERE host_id = %s", (node.host_id,))[0] == "stopped"
     node.libvirtd.stop()
@@ -163,7 +127,7 @@ def _finish(node, driver, done, bridge_made_by_this_node=True):
 
 def test_admin_vm_start_boots_a_kvm_guest_to_running_and_vm_stop_leaves_nothing(kvm_node):
     node = kvm_node
-    driver, done = node.start_node()
+    node.start_node()
     started = time.monotonic()
     assert _admin(node.conf, "vm", "start", "-f", f"id={node.vm_id}") == "Started 1 VMs.\n"
     row = wait_vm_state(node.db, node.vm_id, "running", timeout=BOOT_TIMEOUT)
@@ -181,28 +145,28 @@ def test_admin_vm_start_boots_a_kvm_guest_to_running_and_vm_stop_leaves_nothing(
     assert row["host_id"] is None and row["vm_address"] is None
     assert "QVD-GUEST-POWEROFF" in node.serial()                       # stopped by ACPI, not destroyed
     assert node.domains(all_=True) == []
-    _finish(node, driver, done)
+    _finish(node)
 
 
 def test_node_killed_with_sigkill_adopts_its_running_guest_on_restart(kvm_node):
     """The guest outlives its node (it belongs to libvirtd); the restarted node finds it by its domain
     name and metadata, keeps it running (no second boot) and can stop it."""
     node = kvm_node
-    driver, _ = node.start_node()
+    node.start_node()
     _admin(node.conf, "vm", "start", "-f", f"id={node.vm_id}")
     wait_vm_state(node.db, node.vm_id, "running", timeout=BOOT_TIMEOUT)
     boots = node.serial().count("QVD-GUEST-LEASE")
     # the whole node dies at once: its process and its dnsmasq child
-    victims = [pid for pid, cmd in processes_mentioning("hkd = HKD(cfg, db, listener)") if "python" in cmd]
+    victims = [pid for pid, cmd in processes_mentioning(f"qvd_gevent.node.hkd_only --config {node.conf}")
+               if "python" in cmd]
     dnsmasq_pid = int((node.tmp_path / "run" / "dnsmasq.pid").read_text())
     assert len(victims) == 1
     for pid in victims + [dnsmasq_pid]:
         os.kill(pid, signal.SIGKILL)
-    with pytest.raises(AssertionError):
-        driver.get(timeout=30)                                         # the driver died without a report
+    assert node.hkd.proc.wait(30) == -signal.SIGKILL                  # the node died at once
     assert node.domains() == [f"qvd-{node.vm_id}"]                     # the guest still runs
 
-    driver, done = node.start_node()
+    node.start_node()
     row = vm_row(node.db, node.vm_id)
     assert row["vm_state"] == "running" and row["host_id"] == node.host_id
     gevent.sleep(3)                                                    # a few VMA health checks
@@ -215,4 +179,4 @@ def test_node_killed_with_sigkill_adopts_its_running_guest_on_restart(kvm_node):
     _admin(node.conf, "vm", "stop", "-f", f"id={node.vm_id}")
     wait_vm_state(node.db, node.vm_id, "stopped", timeout=60)
     assert node.domains(all_=True) == []
-    _finish(node, driver, done, bridge_made_by_this_node=False)     # the killed node made it
+    _finish(node, bridge_made_by_this_node=False)     # the killed node made it

@@ -25,10 +25,10 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 
 import gevent
 import pytest
+from helpers.nodes import wait_for
 
 from qvd_gevent.config import Config
 from qvd_gevent.vma.client import VmaClient
@@ -38,15 +38,6 @@ pytestmark = pytest.mark.slow
 
 NEEDED = ("nxagent", "nxproxy", "Xvfb", "xlogo", "xwininfo", "xwd")
 
-
-def wait_for(predicate, limit, what):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        gevent.sleep(0.1)
-    raise AssertionError(f"timed out after {limit}s waiting for {what}")
 
 
 def x_output(argv, env):

@@ -154,13 +154,9 @@ def main(argv=None):
     print(f"  {client} --exec sh -c 'echo hello from the demo VM; head -n 1 >&2'", flush=True)
     _say("or keep a local port open for any client (e.g. nxproxy with --desktop nx):")
     print(f"  {client} --listen 127.0.0.1:4040", flush=True)
-    from ..common.logs import setup_logging
-    from .main import raise_file_limit, run_node
-    cfg = Config.load(str(conf))
-    setup_logging(cfg)
-    raise_file_limit()
+    from .run import run_node_from_file
     try:
-        return run_node(cfg)
+        return run_node_from_file(str(conf))
     finally:
         _say("stopping PostgreSQL (run the same command again to restart the demo)")
         pg.stop()

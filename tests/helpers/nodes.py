@@ -1,0 +1,86 @@
+"""How tests run nodes and wait for them: one place.
+
+- ``wait_for(predicate, timeout, ...)``: a bounded wait on the gevent hub.
+- ``HkdProcess``: the HKD alone (``python -m qvd_gevent.node.hkd_only``) as a child, inside a
+  test namespace when given one; started and stopped by node/run.py as qvd-node is.
+- ``start_node(conf, parts)``: the parts of a node in the test process (node/run.py's Node).
+"""
+import subprocess
+import sys
+import time
+
+import gevent
+
+from qvd_gevent.config import Config
+from qvd_gevent.node.run import ALL, Node
+
+
+def wait_for(predicate, timeout=10.0, what="condition", interval=0.1):
+    """predicate's first truthy value, asked every interval seconds; AssertionError (naming what,
+    with the last value) after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        gevent.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def start_node(conf, parts=ALL):
+    """A started node.run.Node for node.conf `conf`; the caller stops it (node.stop(0))."""
+    return Node(Config.load(str(conf)), parts).start()
+
+
+class HkdProcess:
+    """The HKD alone as a child process; ``host``: a helpers.netns.TestNamespace to run it in.
+
+    start() returns once it printed READY (the host is running); every start is a new
+    process (a restart after kill9()); cleanup() ends whatever still runs, gracefully first.
+    """
+
+    ARGV = [sys.executable, "-m", "qvd_gevent.node.hkd_only", "--config"]
+
+    def __init__(self, conf, log_path, host=None):
+        self.conf = conf
+        self.log_path = log_path
+        self.host = host
+        self.proc = None
+        self._all = []
+
+    def start(self):
+        popen = self.host.popen if self.host is not None else subprocess.Popen
+        with open(self.log_path, "ab") as log:
+            self.proc = popen(self.ARGV + [str(self.conf)], stdout=subprocess.PIPE, stderr=log)
+        self._all.append(self.proc)
+        line = self.proc.stdout.readline()
+        assert line.strip() == b"READY", f"HKD did not start: {line!r}; log: {self.log_tail()}"
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log_tail(self, chars=3000):
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def kill9(self):
+        self.proc.kill()
+        return self.proc.wait(10)
+
+    def terminate(self, timeout=30):
+        """SIGTERM (graceful stop); the exit code."""
+        self.proc.terminate()
+        return self.proc.wait(timeout)
+
+    def cleanup(self, grace=20):
+        for proc in self._all:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+            proc.stdout.close()
