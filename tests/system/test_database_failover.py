@@ -37,9 +37,9 @@ from helpers.cluster import (
     seed_ssl,
     seed_users_and_vms,
     vm_processes,
-    wait_for,
     write_conf,
 )
+from helpers.nodes import wait_for
 from helpers.pg_pair import StreamingPair, require_debian_postgres
 
 from qvd_gevent.db import Database
@@ -94,7 +94,7 @@ def _retrying(fn, timeout, what):
 
 @pytest.mark.timeout(300)
 def test_primary_lost_and_standby_promoted_under_200_sessions_on_two_nodes(tmp_path, pair):
-    from qvd_gevent.node.main import raise_file_limit
+    from qvd_gevent.node.run import raise_file_limit
     assert raise_file_limit() > 2 * SESSIONS + 200, "this test holds two sockets per session"
     t_begin = time.monotonic()
     pair.create_database(DB_NAME, DB_USER, DB_PASSWORD)
@@ -213,7 +213,7 @@ def test_primary_lost_and_standby_promoted_under_200_sessions_on_two_nodes(tmp_p
         def first_login_after(name):
             done = [finished for started, finished, outcome in logins[name] if outcome == 200 and started > t_stop]
             return min(done) if done else None
-        wait_for(lambda: all(first_login_after(name) for name in NAMES), 30, 0.05, what="a login on each node")
+        wait_for(lambda: all(first_login_after(name) for name in NAMES), 30, interval=0.05, what="a login on each node")
         login_after = {name: first_login_after(name) - t_promote for name in NAMES}
 
         # the test's pool is on the new primary too
