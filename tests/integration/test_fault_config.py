@@ -21,7 +21,7 @@ def test_malformed_timer_refuses_start_with_one_line(tmp_path, pg_server, fresh_
         host_id = seed_host(db, "cfg-node")
         run = subprocess.run([sys.executable, "-m", "qvd_gevent.node.main", "--config", str(conf)],
                              capture_output=True, text=True, timeout=60, check=False)
-        assert run.returncode == 1, run.stderr[-2000:]
+        assert run.returncode == 78, run.stderr[-2000:]
         assert run.stderr.strip().count("\n") == 0, run.stderr
         assert "internal.hkd.agent.ticker.delay" in run.stderr and "Traceback" not in run.stderr
         # it never came up: the host row was not touched

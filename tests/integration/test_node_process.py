@@ -8,6 +8,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -56,11 +57,53 @@ def provisioned(tmp_path, pg_server, fresh_db_name):
     return conf, port, metrics_port, demo.demo_vm_id(conf)
 
 
-def _start_node(conf):
+def _start_node(conf, env=None):
     log = open(str(conf) + ".log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "qvd_gevent.node.main", "--config", str(conf)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=None if env is None else dict(os.environ, **env))
     return proc, log
+
+
+class NotifySocket:
+    """What systemd does for a Type=notify unit: a datagram socket whose messages we read."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+
+    def next(self, timeout):
+        """The next message's fields, or None when none came within timeout seconds."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(4096)
+        except socket.timeout:
+            return None
+        return dict(line.split("=", 1) for line in data.decode().splitlines())
+
+    def wait_for(self, field, timeout, seen=None):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.next(max(0.01, deadline - time.monotonic()))
+            if message is None:
+                break
+            if seen is not None:
+                seen.append(message)
+            if field in message:
+                return message
+        raise AssertionError(f"no {field} from the node within {timeout} s (got {seen})")
+
+    def pings_within(self, seconds):
+        count, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            message = self.next(max(0.01, deadline - time.monotonic()))
+            if message is not None and message.get("WATCHDOG") == "1":
+                count += 1
+        return count
+
+    def close(self):
+        self.sock.close()
 
 
 def _connect_session(port, cafile, vm_id):
@@ -131,11 +174,17 @@ def _port_open(port):
 
 def test_unregistered_node_refuses_to_start_with_one_line(tmp_path, pg_server, fresh_db_name):
     from conftest import write_node_conf
+    from helpers.cluster import make_cert, seed_ssl
     conf = write_node_conf(tmp_path / "node.conf", pg_server, fresh_db_name,
                            {"l7r.port": _free_port(), "l7r.metrics.address": "", "path.run": tmp_path / "run"})
+    db = Database.from_config(Config.load(str(conf)))
+    try:
+        seed_ssl(db, *make_cert(tmp_path / "ssl"))
+    finally:
+        db.close()
     run = subprocess.run([sys.executable, "-m", "qvd_gevent.node.main", "--config", str(conf)],
                          capture_output=True, text=True, timeout=60)
-    assert run.returncode == 1
+    assert run.returncode == 78   # EX_CONFIG: the unit's RestartPreventExitStatus keeps systemd from retrying
     last = [line for line in run.stderr.splitlines() if line.startswith("qvd-node:")]
     assert len(last) == 1 and "test-node" in last[0], run.stderr
     assert "Traceback" not in run.stderr
@@ -144,9 +193,77 @@ def test_unregistered_node_refuses_to_start_with_one_line(tmp_path, pg_server, f
 def test_bad_config_is_one_line(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "qvd_gevent.node.main", "--config", str(tmp_path / "nope.conf")],
                              capture_output=True, text=True, timeout=30)
-    assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0 and "does not exist" in missing.stderr
+    assert missing.returncode == 78 and missing.stderr.strip().count("\n") == 0 and "does not exist" in missing.stderr
     conf = tmp_path / "node.conf"
     conf.write_text("database.port = 5432\n")
     unnamed = subprocess.run([sys.executable, "-m", "qvd_gevent.node.main", "--config", str(conf)],
                              capture_output=True, text=True, timeout=30)
-    assert unnamed.returncode == 1 and "nodename" in unnamed.stderr and "Traceback" not in unnamed.stderr
+    assert unnamed.returncode == 78 and "nodename" in unnamed.stderr and "Traceback" not in unnamed.stderr
+
+
+def test_systemd_notify_ready_watchdog_and_stopping(provisioned, tmp_path, pg_server):
+    """qvd-node under a Type=notify unit with WatchdogSec=2: READY=1 only once the L7R
+    accepts and the HKD runs, WATCHDOG=1 every second while the process runs (none while it
+    is frozen), STOPPING=1 when the drain begins, exit 0."""
+    conf, port, _, _ = provisioned
+    notify = NotifySocket(tmp_path / "notify.sock")
+    proc, log = _start_node(conf, {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000"})
+    try:
+        seen = []
+        ready = notify.wait_for("READY", 60, seen)
+        assert ready["READY"] == "1" and "serving on port" in ready.get("STATUS", ""), seen
+        assert _port_open(port)         # the L7R listened before READY=1
+        db = Database.from_config(Config.load(str(conf)))
+        try:
+            assert db.query("SELECT state FROM host_runtimes") == [("running",)]   # and the HKD ran
+        finally:
+            db.close()
+        assert notify.pings_within(3.5) >= 2
+        os.kill(proc.pid, signal.SIGSTOP)          # a hub that does not run sends no ping
+        try:
+            notify.pings_within(0.3)               # one may have been in flight
+            assert notify.pings_within(2.5) == 0
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert notify.pings_within(2.5) >= 1
+        proc.send_signal(signal.SIGTERM)
+        stopping = notify.wait_for("STOPPING", 30)
+        assert stopping["STOPPING"] == "1"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        notify.close()
+
+
+def test_configuration_error_exits_78_without_notifying_ready(tmp_path):
+    notify = NotifySocket(tmp_path / "notify.sock")
+    conf = tmp_path / "node.conf"
+    conf.write_text("nodename = n1\nl7r.port = eighty\n")
+    try:
+        run = subprocess.run([sys.executable, "-m", "qvd_gevent.node.main", "--config", str(conf)],
+                             capture_output=True, text=True, timeout=30,
+                             env=dict(os.environ, NOTIFY_SOCKET=notify.path))
+        assert run.returncode == 78 and "l7r.port" in run.stderr
+        assert notify.next(0.2) is None
+    finally:
+        notify.close()
+
+
+def test_a_missing_certificate_stops_the_node_before_it_touches_the_host(provisioned, tmp_path):
+    """The L7R's certificate and key are checked before the HKD starts: no heartbeat, no
+    host row changed, nothing to tear down; one line and exit 78."""
+    conf, _, _, _ = provisioned
+    db = Database.from_config(Config.load(str(conf)))
+    try:
+        db.execute("DELETE FROM ssl_configs")
+        before = db.query("SELECT state, ok_ts FROM host_runtimes")
+        run = subprocess.run([sys.executable, "-m", "qvd_gevent.node.main", "--config", str(conf)],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 78, run.stderr[-2000:]
+        lines = [line for line in run.stderr.splitlines() if line.startswith("qvd-node:")]
+        assert len(lines) == 1 and "qvd-admin config ssl" in lines[0], run.stderr[-2000:]
+        assert "HKD" not in run.stderr and "host " not in run.stderr.replace("qvd-node:", "")
+        assert db.query("SELECT state, ok_ts FROM host_runtimes") == before
+    finally:
+        db.close()

@@ -373,7 +373,7 @@ def test_qvd_node_process_refuses_a_loose_key_with_one_line(tmp_path, pg_server,
         db.close()
     run = subprocess.run([sys.executable, "-m", "qvd_gevent.node.main", "--config", str(conf)],
                          capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1, run.stderr[-2000:]
+    assert run.returncode == 78, run.stderr[-2000:]
     lines = [line for line in run.stderr.splitlines() if line.startswith("qvd-node:")]
     assert len(lines) == 1, run.stderr[-2000:]
     assert "insecure permissions 0640" in lines[0] and key in lines[0], lines[0]

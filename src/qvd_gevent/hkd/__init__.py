@@ -3,6 +3,6 @@
 ``HKD(cfg, db, listener).start()`` returns once the host is running (or raises HkdError);
 ``.stop(timeout=None)`` stops the VMs and marks the host stopped.
 """
-from .host import HKD, HkdError
+from .host import HKD, HkdConfigError, HkdError
 
-__all__ = ["HKD", "HkdError"]
+__all__ = ["HKD", "HkdConfigError", "HkdError"]

@@ -9,6 +9,8 @@ import fcntl
 import logging
 import os
 import random
+import shlex
+import shutil
 import socket
 import time
 
@@ -35,6 +37,11 @@ _DB_ERRORS = (DatabaseError, psycopg2.Error)
 
 class HkdError(Exception):
     """The HKD cannot start; one line for the operator."""
+
+
+class HkdConfigError(HkdError):
+    """The HKD cannot start until the operator changes something (configuration, the hosts
+    row, a missing program): restarting it as it is would fail the same way."""
 
 
 def _first_line(exc):
@@ -64,6 +71,7 @@ class HKD:
         self.lost = False
         self.on_stop_command = None         # the node sets this to stop L7R and HKD together
         self._ready = gevent.event.AsyncResult()
+        self._start_failure = None
         self._events = gevent.queue.Queue()
         self._loop = None
         self._lock_fd = None
@@ -84,7 +92,7 @@ class HKD:
         self._events.put(H.Run())
         reason = self._ready.get()
         if reason is not True:
-            raise HkdError(reason)
+            raise (HkdConfigError if isinstance(self._start_failure, HkdConfigError) else HkdError)(reason)
         metrics.register_gauge_function("qvd_hkd_vms", self._vm_gauge)
         return self
 
@@ -172,6 +180,7 @@ class HKD:
         except Exception as exc:
             if not isinstance(exc, (HkdError, HypervisorError) + _DB_ERRORS):
                 log.exception("HKD step %s crashed", name)
+            self._start_failure = exc
             self._events.put(H.StepFailed(name, _first_line(exc)))
             return
         self._events.put(H.StepDone(name))
@@ -206,12 +215,12 @@ class HKD:
         row = self.db.query_one("SELECT version FROM versions WHERE component = 'schema'")
         if row is None or row[0] != SCHEMA_VERSION:
             found = row[0] if row else "none"
-            raise HkdError(f"database schema version is {found}, this node needs {SCHEMA_VERSION} (run qvd-deploy-db)")
+            raise HkdConfigError(f"database schema version is {found}, this node needs {SCHEMA_VERSION} (run qvd-deploy-db)")
 
     def _step_load_host(self):
         row = self.db.query_one("SELECT id, address FROM hosts WHERE name = %s", (self.nodename,))
         if row is None:
-            raise HkdError(f"node {self.nodename!r} is not registered in hosts "
+            raise HkdConfigError(f"node {self.nodename!r} is not registered in hosts "
                            f"(qvd-admin host add name={self.nodename} address=<its address>)")
         self.host_id, self.address = row
         self.db.transaction(runtime.ensure_host_runtime, self.host_id)
@@ -220,12 +229,12 @@ class HKD:
         name = self.cfg.get_str("vm.hypervisor")
         allowed = self.cfg.get_list("internal.hkd.hypervisor_list")
         if name not in allowed:
-            raise HkdError(f"vm.hypervisor {name!r} is not in internal.hkd.hypervisor_list ({', '.join(allowed)})")
+            raise HkdConfigError(f"vm.hypervisor {name!r} is not in internal.hkd.hypervisor_list ({', '.join(allowed)})")
         try:
             hv = get_hypervisor(name, self.cfg)
             hv.check()
         except HypervisorError as exc:
-            raise HkdError(f"hypervisor check failed: {exc}") from None
+            raise HkdConfigError(f"hypervisor check failed: {exc}") from None
         self.hypervisor = hv
         self.vm_settings = M.settings_from_config(self.cfg, name)
 
@@ -236,15 +245,30 @@ class HKD:
         try:
             sock.bind((self.address, 0))
         except OSError:
-            raise HkdError(f"host address {self.address} (hosts.address of {self.nodename}) is not an address "
+            raise HkdConfigError(f"host address {self.address} (hosts.address of {self.nodename}) is not an address "
                            "of this machine") from None
         finally:
             sock.close()
         if self.hypervisor.uses_bridge:
             net = self.cfg.vm_network()
             if not net.is_node_address(self.address):
-                raise HkdError(f"host address {self.address} is outside the node range of the VM network "
+                raise HkdConfigError(f"host address {self.address} is outside the node range of the VM network "
                                f"({net.network.network_address} < address < {net.start})")
+
+    def _step_check_tools(self):
+        """The programs this node will run, found before it touches the host (the bridge,
+        iptables, dnsmasq): a missing one is one line now, not a half-built network later."""
+        needed = []
+        if self.hypervisor.uses_bridge and self.cfg.get_bool("vm.network.use_dhcp"):
+            needed.append(("command.dhcpd", "dnsmasq"))
+        if self.hypervisor.uses_bridge and self.cfg.get_bool("vm.network.setup") \
+                and self.cfg.get_str("vm.network.firewall.nat.iface"):
+            needed.append(("command.iptables", "iptables"))
+        for key, what in needed:
+            argv = shlex.split(self.cfg.get_str(key) or "")
+            if not argv or shutil.which(argv[0]) is None:
+                raise HkdConfigError(f"{what} executable {argv[0] if argv else ''!r} ({key}) not found; install it "
+                               f"or set {key}")
 
     def _step_check_network(self):
         if self.hypervisor.uses_bridge:

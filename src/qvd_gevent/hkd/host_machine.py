@@ -89,8 +89,9 @@ class Log:
 
 
 # starting/zero: nothing written yet, a failure just ends the start
-# (network before address: with vm.network.setup the node's address is the bridge's gateway)
-CHECKS = ("check_schema", "load_host", "check_hypervisor", "check_network", "check_address")
+# (tools before network: nothing on the host changes until every program the node runs is
+# there; network before address: with vm.network.setup the node's address is the bridge's gateway)
+CHECKS = ("check_schema", "load_host", "check_hypervisor", "check_tools", "check_network", "check_address")
 # starting/setup: the row says 'starting'; a failure goes through stopping
 SETUP = ("save_starting", "save_loadbal", "first_tick", "reset_sessions", "reconcile", "start_agents")
 RUNNING = ("save_running", "start_vm_intake")

@@ -38,6 +38,10 @@ class L7RError(Exception):
     """The L7R cannot start; one line for the operator."""
 
 
+class L7RConfigError(L7RError):
+    """The L7R cannot start until its configuration changes (certificate, key, TLS settings)."""
+
+
 class Session:
     """One connect_to_vm, from claim to the end of its splice."""
 
@@ -103,23 +107,34 @@ class L7RService:
     def sessions_open(self):
         return self.spliced
 
-    def start(self):
+    def prepare(self):
+        """Load the certificate and key and bind the port, without serving yet: the node does
+        this before the HKD touches the host, so a missing certificate or a taken port stops
+        it with nothing to undo."""
         cfg = self.cfg
         self._lookup_host()
         if cfg.get_bool("l7r.use_ssl"):
             try:
                 self.ssl_context = tls.context_from_database(cfg, self.db)
             except (tls.TlsError, OSError) as exc:
-                raise L7RError(str(exc)) from None
+                raise L7RConfigError(str(exc)) from None
         address = cfg.get_str("l7r.address")
         address = "0.0.0.0" if address in ("*", "") else address
         pool = gevent.pool.Pool(cfg.get_int("l7r.limits.connections"))
         try:
             self.server = StreamServer((address, cfg.get_int("l7r.port")), self._handle, spawn=pool,
                                        backlog=cfg.get_int("l7r.listen.backlog"))
-            self.server.start()
+            self.server.init_socket()
         except OSError as exc:
             raise L7RError(f"cannot listen on {address}:{cfg.get_int('l7r.port')}: {exc.strerror or exc}") from None
+        self._address = address
+        return self
+
+    def start(self):
+        if self.server is None:
+            self.prepare()
+        address = self._address
+        self.server.start()
         self.port = self.server.server_port
         self._unsubscribe.append(self.listener.subscribe("qvd_config_changed", self._on_config_changed))
         self._unsubscribe.append(self.listener.subscribe("qvd_vm_runtime", self._on_vm_runtime))

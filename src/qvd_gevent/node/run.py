@@ -24,6 +24,7 @@ from ..config import Config, ConfigError
 from ..config.live import ConfigWatcher
 from ..db import Database, DatabaseUnavailable, make_green
 from ..db.listen import Listener
+from . import systemd
 from .metrics_server import start_metrics_server
 
 log = logging.getLogger("qvd.node")
@@ -87,6 +88,7 @@ class Node:
         self.hkd = None
         self.l7r = None
         self.metrics_server = None
+        self.watchdog = None
         self.stopped = gevent.event.Event()
         self._stopping = False
 
@@ -100,15 +102,17 @@ class Node:
         self.watcher = ConfigWatcher(cfg, self.db, self.listener)
         self.watcher.load_now()
         self.watcher.start()
+        if L7R in self.parts:
+            # certificate, key and port before the HKD's start changes the host (bridge, dnsmasq)
+            from ..l7r.server import L7RService
+            self.l7r = L7RService(cfg, self.db, self.listener).prepare()
         if HKD in self.parts:
             from ..hkd import HKD as HouseKeeper
             self.hkd = HouseKeeper(cfg, self.db, self.listener)
             self.hkd.on_stop_command = self.stop    # host command `stop` stops the whole node
             self.watcher.on_change(self.hkd.on_config_changed)
             self.hkd.start()
-        if L7R in self.parts:
-            from ..l7r.server import L7RService
-            self.l7r = L7RService(cfg, self.db, self.listener)
+        if self.l7r is not None:
             self.l7r.start()
         if METRICS in self.parts:
             try:
@@ -116,6 +120,10 @@ class Node:
             except (OSError, ValueError) as exc:
                 log.warning("metrics endpoint not started: %s", exc)
         log.info("node %s running (pid %d, qvd-gevent %s)", cfg.get("nodename"), os.getpid(), __version__)
+        serving = [f"serving on port {self.l7r.port}"] if self.l7r is not None else []
+        serving += [f"{len(self.hkd.vms)} VMs"] if self.hkd is not None else []
+        systemd.notify("READY=1", "STATUS=" + ", ".join(serving or ["running"]))
+        self.watchdog = systemd.start_watchdog()
         return self
 
     def stop(self, grace=None, fence=False):
@@ -125,6 +133,7 @@ class Node:
         if self._stopping:
             return
         self._stopping = True
+        systemd.notify("STOPPING=1", "STATUS=stopping: draining sessions, then stopping VMs")
         grace = 0 if fence else self.cfg.get_int("l7r.drain.grace") if grace is None else grace
         if fence:
             log.info("stopping at once: VMs stopped while sessions are closed")
@@ -150,6 +159,8 @@ class Node:
                 self.listener.stop()
             if self.db is not None:
                 self.db.close()
+            if self.watchdog is not None:
+                self.watchdog.kill(block=False)
             log.info("node stopped")
             self.stopped.set()
 
@@ -177,11 +188,20 @@ def _first_line(exc):
 
 def run_node(cfg, parts=ALL, on_ready=None, prog="qvd-node"):
     """Start the parts of a node for cfg and serve until a signal stops them. Returns an exit
-    code: 0 after a stop, 1 when the node cannot start (one line on stderr, prefixed by prog).
+    code: 0 after a stop, 78 (EX_CONFIG) when the configuration stops it from starting, 1 when
+    anything else does (one line on stderr, prefixed by prog).
     on_ready() is called once every part runs."""
+    from ..hkd import HkdConfigError
+    from ..l7r.server import L7RConfigError
     node = Node(cfg, parts)
     try:
         node.start()
+    except (ConfigError, HkdConfigError, L7RConfigError) as exc:
+        # systemd must not restart a node every few seconds for this (RestartPreventExitStatus=78)
+        log.error("cannot start: %s", exc)
+        print(f"{prog}: {exc}", file=sys.stderr)
+        node.stop(0)
+        return systemd.EXIT_CONFIG
     except Exception as exc:
         # ours are one line already; a part's own error (HkdError ...) may carry more
         known = isinstance(exc, (NodeError, ConfigError, DatabaseUnavailable))
@@ -198,11 +218,11 @@ def run_node(cfg, parts=ALL, on_ready=None, prog="qvd-node"):
 
 def run_node_from_file(path, parts=ALL, on_ready=None, prog="qvd-node"):
     """run_node for the node.conf at path (see load_node_config), with the open-file limit raised;
-    a configuration error is one line on stderr and exit code 1."""
+    a configuration error is one line on stderr and exit code 78 (EX_CONFIG)."""
     try:
         cfg = load_node_config(path)
     except (ConfigError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
+        return systemd.EXIT_CONFIG
     raise_file_limit()
     return run_node(cfg, parts, on_ready, prog)
