@@ -204,10 +204,17 @@ def test_bad_config_is_one_line(tmp_path):
 def test_systemd_notify_ready_watchdog_and_stopping(provisioned, tmp_path, pg_server):
     """qvd-node under a Type=notify unit with WatchdogSec=2: READY=1 only once the L7R
     accepts and the HKD runs, WATCHDOG=1 every second while the process runs (none while it
-    is frozen), STOPPING=1 when the drain begins, exit 0."""
+    is frozen), STOPPING=1 when the drain begins, exit 0. Its stderr is "the journal", with
+    log.format = json: each log line is <priority>{json}."""
     conf, port, _, _ = provisioned
+    with open(conf, "a") as fh:
+        fh.write("log.format = json\n")
     notify = NotifySocket(tmp_path / "notify.sock")
-    proc, log = _start_node(conf, {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000"})
+    log_file = pathlib.Path(str(conf) + ".log")
+    log_file.touch()
+    info = os.stat(log_file)     # the node's stderr is this file: to it, the journal
+    proc, log = _start_node(conf, {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000",
+                                   "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"})
     try:
         seen = []
         ready = notify.wait_for("READY", 60, seen)
@@ -230,6 +237,12 @@ def test_systemd_notify_ready_watchdog_and_stopping(provisioned, tmp_path, pg_se
         stopping = notify.wait_for("STOPPING", 30)
         assert stopping["STOPPING"] == "1"
         assert proc.wait(60) == 0
+        entries = [(int(line[1]), json.loads(line[3:])) for line in log_file.read_text().splitlines()
+                   if line.startswith("<") and line[3:4] == "{"]
+        running = [e for p, e in entries if e["message"].startswith("node ") and " running " in e["message"]]
+        assert len(running) == 1 and running[0]["level"] == "INFO" and running[0]["logger"] == "qvd.node"
+        assert all(p == {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}[e["level"]]
+                   for p, e in entries)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -246,6 +259,11 @@ def test_configuration_error_exits_78_without_notifying_ready(tmp_path):
                              env=dict(os.environ, NOTIFY_SOCKET=notify.path))
         assert run.returncode == 78 and "l7r.port" in run.stderr
         assert notify.next(0.2) is None
+        conf.write_text("nodename = n1\nlog.format = xml\n")
+        run = subprocess.run([sys.executable, "-m", "qvd_gevent.node.main", "--config", str(conf)],
+                             capture_output=True, text=True, timeout=30)
+        assert run.returncode == 78 and run.stderr == "qvd-node: configuration key log.format: 'xml' is not one of " \
+            "text, json\n"
     finally:
         notify.close()
 

@@ -40,6 +40,11 @@ def test_h11_floor_excludes_the_request_smuggling_versions():
     assert h11.specifier.contains("0.16.0")
 
 
+def test_node_help_mentions_the_demo():
+    res = subprocess.run(["qvd-node", "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "qvd-node demo" in res.stdout and "qvd-node demo --help" in res.stdout
+
+
 def test_vm_init_help_is_its_own_usage_only():
     res = subprocess.run(["qvd-vm-init", "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stderr == ""     # no log line

@@ -1,5 +1,15 @@
-"""Logging for the node: one line per event, to stderr, stdout or log.filename; secrets masked."""
+"""Logging for the node: one line per event, to stderr, stdout or log.filename; secrets masked.
+
+``log.format = text`` (the default) writes ``time pid LEVEL logger - message``;
+``log.format = json`` one JSON object per line (time, level, logger, pid, message, and the
+traceback as ``exception``). When the stream is the systemd journal (JOURNAL_STREAM names
+it), every line starts with its syslog priority (``<3>`` for errors ...), so
+``journalctl -p err`` finds the errors; the journal adds time and pid itself.
+"""
+import datetime
+import json
 import logging
+import os
 import re
 import sys
 
@@ -27,14 +37,77 @@ class SecretMaskingFilter(logging.Filter):
         return True
 
 
+FORMATS = ("text", "json")
+
+# syslog priorities (sd-daemon(3)), the prefix journald reads from a service's stream
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+def priority_of(levelno):
+    for level in sorted(_PRIORITY, reverse=True):
+        if levelno >= level:
+            return _PRIORITY[level]
+    return 7
+
+
+def is_journal(stream):
+    """True when stream is the journal's socket: JOURNAL_STREAM is "device:inode" of it."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        info = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return bool(expected) and expected == f"{info.st_dev}:{info.st_ino}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; the message is masked before it gets here (the filter)."""
+
+    def format(self, record):
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+                            .isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = mask_secrets(self.formatException(record.exc_info))
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class JournalPrefix(logging.Formatter):
+    """Wraps a formatter: each line of a record (a traceback has many) starts with <priority>."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record):
+        prefix = f"<{priority_of(record.levelno)}>"
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
+
+
 def setup_logging(cfg, stream=None):
+    """Log as cfg's log.* keys say; ValueError (naming the key) for a log.format we do not know."""
     level = _LEVELS.get(str(cfg.get("log.level")).upper(), logging.INFO)
     preset = str(cfg.get("log.preset")).lower()
+    form = str(cfg.get("log.format", "text")).strip().lower()
+    if form not in FORMATS:
+        raise ValueError(f"configuration key log.format: {form!r} is not one of {', '.join(FORMATS)}")
     if preset == "file":
         handler = logging.FileHandler(cfg.get_str("log.filename"))
     else:
         handler = logging.StreamHandler(stream or (sys.stdout if preset == "stdout" else sys.stderr))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s - %(message)s"))
+    journal = preset != "file" and is_journal(handler.stream)
+    if form == "json":
+        formatter = JsonFormatter()
+    elif journal:
+        formatter = logging.Formatter("%(levelname)s %(name)s - %(message)s")   # the journal adds time and pid
+    else:
+        formatter = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s - %(message)s")
+    handler.setFormatter(JournalPrefix(formatter) if journal else formatter)
     handler.addFilter(SecretMaskingFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -42,3 +115,10 @@ def setup_logging(cfg, stream=None):
     root.addHandler(handler)
     root.setLevel(level)
     return handler
+
+
+def say_error(prog, message, stream=None):
+    """The one line a command prints when it cannot go on; an error priority in the journal."""
+    stream = stream or sys.stderr
+    prefix = f"<{_PRIORITY[logging.ERROR]}>" if is_journal(stream) else ""
+    print(f"{prefix}{prog}: {message}", file=stream)

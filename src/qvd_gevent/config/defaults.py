@@ -56,6 +56,7 @@ _TABLE = [
     ("log.filename", "${path.log}/qvd.log", "path", "log file when log.preset=file"),
     ("log.level", "INFO", "str", "FATAL ERROR WARN INFO DEBUG TRACE"),
     ("log.preset", "stderr", "str", "file, stdout or stderr (ours defaults to stderr; systemd collects it)"),
+    ("log.format", "text", "str", "ours: text (one line per event) or json (one JSON object per line)"),
     # --- L7R ---
     ("l7r.use_ssl", True, "bool", "serve TLS on the L7R port"),
     ("l7r.port", 8443, "int", "L7R listen port"),

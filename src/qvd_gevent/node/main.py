@@ -21,7 +21,11 @@ def main(argv=None):
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
         return demo_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="qvd-node", description="Run a QVD server node (L7R + HKD).")
+    parser = argparse.ArgumentParser(
+        prog="qvd-node", description="Run a QVD server node (L7R + HKD) until SIGTERM (drain) or SIGINT; "
+                                     "SIGHUP re-reads node.conf.",
+        epilog="qvd-node demo [--dir DIR] [--port N] [--desktop echo|nx]: the one-command demo (an embedded "
+               "PostgreSQL, a user demo/demo with one VM, then the node); see 'qvd-node demo --help'.")
     parser.add_argument("--config", help="node.conf (default $QVD_CONFIG, else /etc/qvd/node.conf)")
     parser.add_argument("--version", action="version", version=f"qvd-gevent {__version__}")
     args = parser.parse_args(argv)

@@ -13,13 +13,12 @@ import logging
 import os
 import resource
 import signal
-import sys
 
 import gevent
 import gevent.event
 
 from .. import __version__
-from ..common.logs import setup_logging
+from ..common.logs import say_error, setup_logging
 from ..config import Config, ConfigError
 from ..config.live import ConfigWatcher
 from ..db import Database, DatabaseUnavailable, make_green
@@ -55,7 +54,10 @@ def load_node_config(path):
     cfg.get("nodename")
     for key in list(cfg.file_values):
         cfg.get(key)
-    setup_logging(cfg)
+    try:
+        setup_logging(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return cfg
 
 
@@ -199,7 +201,7 @@ def run_node(cfg, parts=ALL, on_ready=None, prog="qvd-node"):
     except (ConfigError, HkdConfigError, L7RConfigError) as exc:
         # systemd must not restart a node every few seconds for this (RestartPreventExitStatus=78)
         log.error("cannot start: %s", exc)
-        print(f"{prog}: {exc}", file=sys.stderr)
+        say_error(prog, exc)
         node.stop(0)
         return systemd.EXIT_CONFIG
     except Exception as exc:
@@ -207,7 +209,7 @@ def run_node(cfg, parts=ALL, on_ready=None, prog="qvd-node"):
         known = isinstance(exc, (NodeError, ConfigError, DatabaseUnavailable))
         message = exc if known else _first_line(exc)
         log.error("cannot start: %s", message)
-        print(f"{prog}: {message}", file=sys.stderr)
+        say_error(prog, message)
         node.stop(0)
         return 1
     if on_ready is not None:
@@ -222,7 +224,7 @@ def run_node_from_file(path, parts=ALL, on_ready=None, prog="qvd-node"):
     try:
         cfg = load_node_config(path)
     except (ConfigError, OSError) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        say_error(prog, exc)
         return systemd.EXIT_CONFIG
     raise_file_limit()
     return run_node(cfg, parts, on_ready, prog)
