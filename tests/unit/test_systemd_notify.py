@@ -72,11 +72,11 @@ def test_watchdog_pings_come_from_the_hub_and_stop_while_it_is_blocked(tmp_path,
     pinger = systemd.start_watchdog()
     try:
         gevent.sleep(0.55)
-        assert len(_drain(receiver)) >= 4
+        assert len(_drain(receiver)) >= 2                  # about 5; fewer on a busy machine
         _real_sleep(0.6)                                   # the hub is stuck in a blocking call
         assert _drain(receiver) == []                      # so systemd hears nothing and restarts us
         gevent.sleep(0.35)
-        assert len(_drain(receiver)) >= 2                  # the hub runs again, so do the pings
+        assert len(_drain(receiver)) >= 1                  # the hub runs again, so do the pings
     finally:
         pinger.kill()
         receiver.close()
