@@ -285,3 +285,32 @@ def test_a_missing_certificate_stops_the_node_before_it_touches_the_host(provisi
         assert db.query("SELECT state, ok_ts FROM host_runtimes") == before
     finally:
         db.close()
+
+
+def test_a_login_with_line_breaks_forges_no_log_line(provisioned, tmp_path):
+    """A login is the client's to choose: CR/LF, NEL, the Unicode line separator and ESC in it
+    leave the node's log one line per record (as log shippers split it: str.splitlines)."""
+    import base64
+    conf, port, _, _ = provisioned
+    forged = "2030-01-01 00.00.00,000 1 INFO qvd.l7r - session open (user admin, VM 1, from 10.9.9.9)"  # no ':'
+    breaks = {"\r\n": "\\r\\n", "\x85": "\\x85", "\u2028": "\\u2028", "\x1b[2K\x1c": "\\x1b[2K\\x1c"}
+    proc, log = _start_node(conf)
+    try:
+        wait_for(lambda: _port_open(port), 30, "the L7R port")
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ssl" / "cert.pem"))
+        for n, line_break in enumerate(breaks):
+            with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30),
+                                 server_hostname="localhost") as sock:
+                auth = base64.b64encode(f"mallory{n}{line_break}{forged}:wrong".encode()).decode()
+                sock.sendall(f"GET /qvd/list_of_vm HTTP/1.1\r\nAuthorization: Basic {auth}\r\n\r\n".encode())
+                assert sock.recv(4096).startswith(b"HTTP/1.1 401")
+        wait_for(lambda: open(log.name).read().count("authentication failed") == len(breaks), 10, "four refusals")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    lines = open(log.name, encoding="utf-8").read().splitlines()
+    # logins are folded to lower case (model.user.login.case-sensitive = 0)
+    assert not [line for line in lines if forged[:30].lower() in line[:40].lower() or "\x1b" in line]
+    for n, escaped in enumerate(breaks.values()):
+        if n in (1, 2):     # C0 characters are refused before anything logs the login; these are logged
+            assert [line for line in lines if f"mallory{n}{escaped}2030-01-01" in line.lower()], (escaped, lines[-8:])

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qvd_gevent.common import metrics
-from qvd_gevent.common.logs import mask_secrets, setup_logging
+from qvd_gevent.common.logs import escape_control_characters, mask_secrets, setup_logging
 from qvd_gevent.config import Config
 
 
@@ -24,6 +24,20 @@ def test_logged_password_never_reaches_the_stream():
     logging.getLogger("qvd.test").info("login attempt password=%s from %s", "topsecret", "10.0.0.1")
     out = stream.getvalue()
     assert "topsecret" not in out and "password=****" in out and "10.0.0.1" in out
+
+
+def test_control_characters_are_escaped():
+    assert escape_control_characters("al\r\nice\t\x1b[31m\x00\x7f\x85\u2028ok é") == \
+        "al\\r\\nice\\t\\x1b[31m\\x00\\x7f\\x85\\u2028ok é"
+
+
+def test_a_forged_line_in_an_argument_stays_on_its_record_s_line():
+    stream = io.StringIO()
+    setup_logging(Config({"log.preset": "stderr", "log.level": "INFO"}), stream=stream)
+    forged = "mallory\r\n2030-01-01 00:00:00,000 1 INFO qvd.l7r - session open: user admin"
+    logging.getLogger("qvd.test").info("authentication failed for %s from %s", forged, "10.0.0.1")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and "mallory\\r\\n2030-01-01" in lines[0] and lines[0].endswith("from 10.0.0.1")
 
 
 def _samples(text):

@@ -1,4 +1,5 @@
-"""Logging for the node: one line per event, to stderr, stdout or log.filename; secrets masked.
+"""Logging for the node: one line per event, to stderr, stdout or log.filename; secrets masked,
+control characters escaped.
 
 ``log.format = text`` (the default) writes ``time pid LEVEL logger - message``;
 ``log.format = json`` one JSON object per line (time, level, logger, pid, message, and the
@@ -89,6 +90,29 @@ class JournalPrefix(logging.Formatter):
         return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
 
 
+# C0 (CR, LF, ESC...), DEL, C1 and the Unicode line and paragraph separators: a login, a
+# header or a VM name carrying them must not start a forged log line or drive a terminal.
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7f, 0xa0))}
+_CONTROL_ESCAPES.update({0x09: "\\t", 0x0a: "\\n", 0x0d: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def escape_control_characters(text):
+    """text with every control character written as an escape (``\\n``, ``\\x1b``...)."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
+class ControlCharacterFilter(logging.Filter):
+    """Keeps each record on one line: control characters in the message (and so in its
+    arguments, wherever they came from) are escaped. Tracebacks are not the message."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        escaped = escape_control_characters(message)
+        if escaped != message:
+            record.msg, record.args = escaped, ()
+        return True
+
+
 def setup_logging(cfg, stream=None):
     """Log as cfg's log.* keys say; ValueError (naming the key) for a log.format we do not know."""
     level = _LEVELS.get(str(cfg.get("log.level")).upper(), logging.INFO)
@@ -109,6 +133,7 @@ def setup_logging(cfg, stream=None):
         formatter = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s - %(message)s")
     handler.setFormatter(JournalPrefix(formatter) if journal else formatter)
     handler.addFilter(SecretMaskingFilter())
+    handler.addFilter(ControlCharacterFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
