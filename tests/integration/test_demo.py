@@ -21,11 +21,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _wait_port(port, timeout):
+def _wait_port(port, timeout, host="127.0.0.1"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            socket.create_connection((host, port), timeout=1).close()
             return True
         except OSError:
             time.sleep(0.2)
@@ -41,10 +41,10 @@ def _as_user():
     return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 
 
-def _start_demo(directory, port):
+def _start_demo(directory, port, *extra, host="127.0.0.1", folder="d"):
     env = dict(os.environ, HOME=str(directory), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(_as_user() + [shutil.which("qvd-node"), "demo", "--dir", str(directory / "d"),
-                                          "--port", str(port)],
+    proc = subprocess.Popen(_as_user() + [shutil.which("qvd-node"), "demo", "--dir", str(directory / folder),
+                                          "--port", str(port), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             cwd=str(directory), start_new_session=True)
     lines, client_line = [], None
@@ -58,7 +58,7 @@ def _start_demo(directory, port):
             client_line = line.strip()
             break
     assert client_line, "demo printed no qvd-client line:\n" + "".join(lines)
-    assert _wait_port(port, 60), "the demo's L7R never listened:\n" + "".join(lines)
+    assert _wait_port(port, 60, host), "the demo's L7R never listened:\n" + "".join(lines)
     return proc, client_line, lines
 
 
@@ -125,6 +125,53 @@ def test_demo_run_twice_reuses_its_folder(demo_dir):
         run = subprocess.run(_as_user() + shlex.split(client_line.split(" --exec ")[0]) + ["--exec", "sh", "-c",
                              "echo again; head -n 1 >&2"], capture_output=True, text=True, timeout=60)
         assert "again" in run.stdout + run.stderr, run.stderr
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out
+
+
+def _addresses_of_this_machine():
+    """This machine's IPv4 and IPv6 addresses other than loopback (iproute2)."""
+    out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        fields = line.split()
+        address = fields[3].split("/")[0]
+        if fields[1] != "lo" and not address.startswith("fe80:"):
+            found.append(address)
+    return found
+
+
+def _reachable(address, port):
+    try:
+        socket.create_connection((address, port), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_demo_listens_on_loopback_unless_told_otherwise(demo_dir):
+    """Anyone who reaches the demo may log in as demo/demo: by default only this machine can."""
+    others = _addresses_of_this_machine()
+    assert others, "this machine has no address besides loopback to try the demo's port on"
+    port = _free_port()
+    proc, _, _ = _start_demo(demo_dir, port)
+    try:
+        listeners = [line.split()[1] for line in open("/proc/net/tcp").read().splitlines()[1:] + \
+                     open("/proc/net/tcp6").read().splitlines()[1:]
+                     if line.split()[3] == "0A" and line.split()[1].endswith(f":{port:04X}")]
+        assert listeners == [f"0100007F:{port:04X}"], listeners        # 127.0.0.1 and nothing else
+        assert not [address for address in others if _reachable(address, port)]
+    finally:
+        _stop(proc)
+    address = others[0]
+    proc, client_line, lines = _start_demo(demo_dir, port, "--listen", address, host=address)
+    try:
+        assert f"--host {address} " in client_line
+        assert not _reachable("127.0.0.1", port)
+        run = subprocess.run(_as_user() + ["sh", "-c", client_line], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, HOME=str(demo_dir)))
+        assert "hello from the demo VM" in run.stdout + run.stderr, run.stdout + run.stderr
     finally:
         code, out = _stop(proc)
     assert code == 0, out

@@ -30,3 +30,14 @@ def make_self_signed(cert_path, key_path, common_name="localhost", dns_names=("l
         fh.write(cert.public_bytes(serialization.Encoding.PEM))
     os.chmod(cert_path, 0o644)
     return cert_path, key_path
+
+
+def certificate_names(cert_path):
+    """The DNS names and IP addresses (as strings) a certificate's subjectAltName lists."""
+    with open(cert_path, "rb") as fh:
+        cert = x509.load_pem_x509_certificate(fh.read())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return set(san.get_values_for_type(x509.DNSName)) | {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}

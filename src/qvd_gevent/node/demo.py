@@ -7,6 +7,7 @@ DIR/node.conf, so `qvd-admin --config DIR/node.conf ...` administers it while it
 Run again, it reuses DIR.
 """
 import argparse
+import ipaddress
 import os
 import secrets
 import shutil
@@ -44,7 +45,7 @@ def installed_script(name, directory=None):
     return beside if os.access(beside, os.X_OK) else shutil.which(name)
 
 
-def write_node_conf(path, pg, password, directory, port, nodename, metrics_port):
+def write_node_conf(path, pg, password, directory, port, nodename, metrics_port, listen="127.0.0.1"):
     lines = [
         "# node.conf written by `qvd-node demo`",
         f"nodename = {nodename}",
@@ -53,6 +54,7 @@ def write_node_conf(path, pg, password, directory, port, nodename, metrics_port)
         f"path.log = {directory}/log",
         f"path.storage.root = {directory}/storage",
         "log.preset = stderr",
+        f"l7r.address = {listen}",
         f"l7r.port = {port}",
         f"l7r.metrics.address = 127.0.0.1:{metrics_port}",
         "# process VMs live on loopback: no bridge, no DHCP, no node address check",
@@ -68,7 +70,6 @@ def provision(directory, conf, desktop):
     """Schema, certificate, host, OSF, DI, user and VM: once per DIR."""
     from ..db import Database
     from ..db.deploy import deploy
-    from .certs import make_self_signed
     cfg = Config.load(str(conf))
     db = Database.from_config(cfg)
     try:
@@ -76,16 +77,11 @@ def provision(directory, conf, desktop):
             _say("schema deployed")
     finally:
         db.close()
-    ssl_dir = directory / "ssl"
-    ssl_dir.mkdir(mode=0o700, exist_ok=True)
-    cert, key = ssl_dir / "cert.pem", ssl_dir / "key.pem"
-    if not cert.exists():
-        make_self_signed(str(cert), str(key), dns_names=("localhost", socket.gethostname()))
-        _say(f"self-signed certificate {cert}")
+    ensure_certificate(directory, conf)
     init = installed_script("qvd-vm-init", directory)
     if not init:
         raise RuntimeError("qvd-vm-init is not on PATH; install the package first")
-    _admin(conf, "config", "ssl", f"key={key}", f"cert={cert}")
+    load_certificate(directory, conf)
     _admin(conf, "config", "set", "vm.hypervisor=process", "vm.network.ip.start=10.240.0.10",
            "vm.network.netmask=16", "vm.network.gateway=10.240.0.1")
     _admin(conf, "host", "add", f"name={cfg.get('nodename')}", "address=127.0.0.1")
@@ -96,6 +92,35 @@ def provision(directory, conf, desktop):
     if desktop == "nx":
         _admin(conf, "vm", "propset", "qvd.vm.desktop=nx")
     (directory / ".provisioned").write_text("1\n")
+
+
+def ensure_certificate(directory, conf, address="127.0.0.1"):
+    """A self-signed certificate for localhost, this host's name, 127.0.0.1 and the address
+    the demo listens on; made again when that address is new. True when it was made."""
+    from .certs import certificate_names, make_self_signed
+    ssl_dir = directory / "ssl"
+    ssl_dir.mkdir(mode=0o700, exist_ok=True)
+    cert, key = ssl_dir / "cert.pem", ssl_dir / "key.pem"
+    addresses = tuple(dict.fromkeys(("127.0.0.1", address)))
+    if cert.exists() and set(addresses) <= certificate_names(str(cert)):
+        return False
+    make_self_signed(str(cert), str(key), dns_names=("localhost", socket.gethostname()), ip_addresses=addresses)
+    _say(f"self-signed certificate {cert}")
+    return True
+
+
+def load_certificate(directory, conf):
+    _admin(conf, "config", "ssl", f"key={directory / 'ssl' / 'key.pem'}", f"cert={directory / 'ssl' / 'cert.pem'}")
+
+
+def listen_address(value):
+    """--listen: an IP address of this machine, or 0.0.0.0 / :: / * for all of them."""
+    if value == "*":
+        return "0.0.0.0"
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an IP address") from None
 
 
 def demo_vm_id(conf):
@@ -113,6 +138,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="qvd-node demo", description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="qvd-demo", help="folder for the demo's database and files (default ./qvd-demo)")
     parser.add_argument("--port", type=int, default=8443, help="L7R port (default 8443)")
+    parser.add_argument("--listen", type=listen_address, default="127.0.0.1", metavar="ADDR",
+                        help="address the L7R listens on (default 127.0.0.1: only this machine; "
+                             "0.0.0.0 for every address)")
     parser.add_argument("--desktop", choices=("echo", "nx"), default="echo",
                         help="echo: a line-echo desktop; nx: a real nxagent desktop")
     args = parser.parse_args(argv)
@@ -133,9 +161,12 @@ def main(argv=None):
         password = password_file.read_text().strip()
         pg.create_database(DEMO_DB, DEMO_DB_USER, password)
         nodename = "demo-" + socket.gethostname().split(".")[0]
-        write_node_conf(conf, pg, password, directory, args.port, nodename, args.port + 1000)
+        write_node_conf(conf, pg, password, directory, args.port, nodename, args.port + 1000, args.listen)
         if not (directory / ".provisioned").exists():
             provision(directory, conf, args.desktop)
+        wildcard = ipaddress.ip_address(args.listen).is_unspecified
+        if not wildcard and ensure_certificate(directory, conf, args.listen):
+            load_certificate(directory, conf)
     except (EmbeddedPostgresError, RuntimeError, ConfigError, OSError) as exc:
         print(f"qvd-node demo: {exc}", file=sys.stderr)
         return 1
@@ -143,12 +174,17 @@ def main(argv=None):
     cert = directory / "ssl" / "cert.pem"
     admin_cmd = installed_script("qvd-admin", directory) or "qvd-admin"
     _say(f"node.conf: {conf}  (try: {admin_cmd} --config {conf} vm list)")
-    _say(f"L7R: https://127.0.0.1:{args.port}/qvd/   metrics: http://127.0.0.1:{args.port + 1000}/metrics")
+    host = socket.gethostname() if wildcard else args.listen     # the certificate names both
+    url_host = f"[{host}]" if ":" in host else host
+    _say(f"L7R: https://{url_host}:{args.port}/qvd/   metrics: http://127.0.0.1:{args.port + 1000}/metrics")
+    if wildcard:
+        _say(f"listening on every address of this machine ({args.listen}): anyone who reaches it may log in "
+             f"as {DEMO_USER}/{DEMO_PASSWORD}")
     _say("list your VMs:")
     client_cmd = installed_script("qvd-client", directory) or "qvd-client"
-    print(f"  {client_cmd} --host 127.0.0.1 --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
+    print(f"  {client_cmd} --host {host} --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
           f"--ca {cert} list", flush=True)
-    client = (f"{client_cmd} --host 127.0.0.1 --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
+    client = (f"{client_cmd} --host {host} --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
               f"--ca {cert} connect --vm {vm_id}")
     _say("connect to the demo VM: its desktop echoes every line, so this prints the line back:")
     print(f"  {client} --exec sh -c 'echo hello from the demo VM; head -n 1 >&2'", flush=True)
