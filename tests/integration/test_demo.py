@@ -175,3 +175,22 @@ def test_demo_listens_on_loopback_unless_told_otherwise(demo_dir):
     finally:
         code, out = _stop(proc)
     assert code == 0, out
+
+
+def test_two_demos_in_two_folders_on_one_machine_both_connect(demo_dir):
+    """Each demo's VM 1 gets an address of its own (the node's range is its own)."""
+    demos = []
+    try:
+        for folder in ("one", "two"):
+            port = _free_port()
+            proc, client_line, _ = _start_demo(demo_dir, port, folder=folder)
+            demos.append(proc)
+            run = subprocess.run(_as_user() + shlex.split(client_line.split(" --exec ")[0]) +
+                                 ["--exec", "sh", "-c", f"echo hello from {folder}; head -n 1 >&2"],
+                                 capture_output=True, text=True, timeout=60)
+            assert f"hello from {folder}" in run.stdout + run.stderr, run.stdout + run.stderr
+        ranges = {(demo_dir / folder / "run" / "process-vms" / "address-range").read_text() for folder in ("one", "two")}
+        assert len(ranges) == 2
+    finally:
+        outcomes = [_stop(proc) for proc in demos]
+    assert [code for code, _ in outcomes] == [0, 0], outcomes

@@ -38,6 +38,7 @@ def hv(tmp_path):
         except OSError:
             pass
         hypervisor.cleanup(handle)
+    hypervisor.close()
 
 
 def spec(vm_id, path=TINY_VM, **kw):
@@ -141,7 +142,7 @@ def test_a_namesake_node_with_another_run_dir_does_not_see_our_vms(hv, tmp_path)
     """Two nodes with one name on one machine (parallel test suites) must not adopt each other's VMs."""
     handle = hv.start(spec(10006))
     conf = tmp_path / "other.conf"
-    conf.write_text(f"nodename = {hv.nodename}\npath.run = {tmp_path}/other-run\nvm.process.address.base = {hv.base}\n")
+    conf.write_text(f"nodename = {hv.nodename}\npath.run = {tmp_path}/other-run\nvm.process.address.base = {hv.address_range}\n")
     other = ProcessHypervisor(Config.load(str(conf)))
     assert 10006 in hv.list_running() and 10006 not in other.list_running()
     assert not other.is_running(handle)
@@ -158,3 +159,29 @@ def test_refuses_an_address_someone_else_answers_on(hv):
             hv.start(spec(10007))
     finally:
         squatter.close()
+
+
+def _process_hypervisor(tmp_path, run, base="auto"):
+    conf = tmp_path / f"{run}.conf"
+    conf.write_text(f"nodename = same-name\npath.run = {tmp_path}/{run}\nvm.process.address.base = {base}\n")
+    hypervisor = ProcessHypervisor(Config.load(str(conf)))
+    hypervisor.check()
+    return hypervisor
+
+
+def test_nodes_on_one_machine_get_ranges_of_their_own_and_keep_them_across_restarts(tmp_path):
+    """Two nodes (two demos) on one machine: their VM 1 must not get the same address."""
+    first, second = _process_hypervisor(tmp_path, "a"), _process_hypervisor(tmp_path, "b")
+    try:
+        assert first.address_range != second.address_range
+        assert first.address_for(1) != second.address_for(1)
+        range_of_first = first.address_range
+        first.close()                                   # a restart of the first node
+        again = _process_hypervisor(tmp_path, "a")
+        assert again.address_range == range_of_first    # the VMs it adopts keep their addresses
+        with pytest.raises(HypervisorError, match="taken by another node"):
+            _process_hypervisor(tmp_path, "c", base=again.address_range)
+        again.close()
+    finally:
+        first.close()
+        second.close()

@@ -217,7 +217,9 @@ _TABLE = [
      "bridge VM's port <prefix>v<vm id> (netns veth, kvm tap, lxc veth)"),
     ("vm.network.netns.udhcpc", "busybox udhcpc", "str", "ours: DHCP client run inside a netns VM"),
     ("vm.network.netns.dhcp_timeout", 20, "int", "ours: seconds a netns VM may take to get its DHCP lease"),
-    ("vm.process.address.base", "127.100.0.0/16", "str", "ours: loopback range for process VMs"),
+    ("vm.process.address.base", "auto", "str", "ours: loopback range of this node's process VMs (VM n gets "
+     "its n-th address); auto: a /16 of 127.0.0.0/8 that no other node on this machine holds, kept in "
+     "${path.run}/process-vms/address-range"),
     ("internal.vm.network.dhcp-hostsfile", "${path.run}/dhcp-hostsfile", "path", "dnsmasq static leases"),
     ("command.dhcpd", "dnsmasq", "str", "dnsmasq executable"),
     ("command.dhcpd.args.extra", "", "str", "extra dnsmasq arguments"),

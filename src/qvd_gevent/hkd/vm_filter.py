@@ -286,10 +286,9 @@ class BridgeFilter(NftFilter):
 class LoopbackFilter(NftFilter):
     needs = "inet family"
 
-    def __init__(self, cfg, ports, node_uid):
+    def __init__(self, cfg, ports, node_uid, address_range):
         self.tables = (("inet", loopback_table(cfg.get_str("path.run"))),)
-        super().__init__(cfg, loopback_ruleset(self.tables[0][1], cfg.get_str("vm.process.address.base"),
-                                               ports, node_uid))
+        super().__init__(cfg, loopback_ruleset(self.tables[0][1], address_range, ports, node_uid))
 
 
 def vm_filter_for(cfg, hypervisor):
@@ -305,4 +304,4 @@ def vm_filter_for(cfg, hypervisor):
                     "(or the VMs, which run as this node's user) from the VMs' VMA and display ports")
         return None
     ports = (cfg.get_int("internal.vm.port.vma"), cfg.get_int("internal.nxagent.display") + 4000)
-    return LoopbackFilter(cfg, ports, os.getuid())
+    return LoopbackFilter(cfg, ports, os.getuid(), hypervisor.address_range)

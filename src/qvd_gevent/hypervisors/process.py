@@ -1,11 +1,14 @@
 """The `process` hypervisor: a VM is the DI executable run as a child process, no root.
 
-Each VM gets its own loopback address (vm.process.address.base, derived from the vm id)
-so every VM's VMA and display listen on the same ports at different addresses, as in a
-real VM network. The init runs in its own session/process group: shutdown is SIGTERM to
+Each VM gets its own loopback address (the node's range plus the vm id) so every VM's VMA
+and display listen on the same ports at different addresses, as in a real VM network.
+The node's range (vm.process.address.base) is by default a /16 of 127.0.0.0/8 of its
+own: several nodes or demos on one machine must not hand their first VMs one address
+(``NodeAddressRange``). The init runs in its own session/process group: shutdown is SIGTERM to
 the group, kill is SIGKILL. QVD_NODE=<nodename> and QVD_NODE_RUN=<path.run> in its
 environment let a restarted node find its VMs again in /proc (adoption after a crash).
 """
+import hashlib
 import ipaddress
 import logging
 import os
@@ -30,6 +33,98 @@ def vm_loopback_address(base, vm_id):
     return str(net.network_address + 1 + (int(vm_id) % usable))
 
 
+AUTO = "auto"
+# 127.X.0.0/16 for X in 2..254: 127.0.0.1 and 127.0.1.1 (Debian's host name) are the machine's own
+AUTO_BLOCKS = [ipaddress.ip_network(f"127.{x}.0.0/16") for x in range(2, 255)]
+
+
+class NodeAddressRange:
+    """The loopback range of this node's VMs, claimed for as long as the node runs.
+
+    The claim is an abstract unix socket named after the range: abstract names, like
+    loopback addresses, belong to the network namespace, and the kernel drops the name when
+    the node's process ends, however it ends. ``auto`` takes the first free /16 in an order
+    given by path.run (so two nodes rarely even try the same one) and keeps it in
+    ``<path.run>/process-vms/address-range``: a restarted node takes the same range back,
+    so the VMs it adopts keep their addresses. A /16 on which anything listens (a node
+    that is down while its VMs run, a test's own range) is passed over.
+    """
+
+    def __init__(self, configured, run_dir, state_dir):
+        self.configured = configured.strip() or AUTO
+        self.run_dir = run_dir
+        self.state_path = os.path.join(state_dir, "address-range")
+        self.network = None
+        self._claim = None
+
+    def claim(self):
+        if self.configured != AUTO:
+            network = self._parse(self.configured)
+            if not self._take(network):
+                raise HypervisorError(f"vm.process.address.base {network} is taken by another node on this "
+                                      "machine (give each node its own range, or 'auto')")
+            return network
+        stored = self._stored()
+        if stored is not None:
+            if self._take(stored):
+                return stored
+            log.warning("process VMs: this node's range %s is now taken by another node; choosing another "
+                        "(VMs still running keep their addresses)", stored)
+        busy = {address for _, address, _ in procfs.listening_sockets()}
+        digest = int(hashlib.sha256(self.run_dir.encode()).hexdigest()[:8], 16)
+        for i in range(len(AUTO_BLOCKS)):
+            network = AUTO_BLOCKS[(digest + i) % len(AUTO_BLOCKS)]
+            if network == stored or any(_in(address, network) for address in busy):
+                continue
+            if self._take(network):
+                tmp = f"{self.state_path}.{os.getpid()}"
+                with open(tmp, "w") as fh:
+                    fh.write(f"{network}\n")
+                os.replace(tmp, self.state_path)
+                return network
+        raise HypervisorError("no free /16 of 127.0.0.0/8 for process VMs (set vm.process.address.base)")
+
+    @staticmethod
+    def _parse(text):
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise HypervisorError(f"vm.process.address.base {text!r} is not an address range (or 'auto')") from None
+        if not network.is_loopback or network.num_addresses < 4:
+            raise HypervisorError(f"vm.process.address.base {text} must be a loopback range with room for VMs")
+        return network
+
+    def _stored(self):
+        try:
+            with open(self.state_path) as fh:
+                return self._parse(fh.read().strip())
+        except (OSError, HypervisorError):
+            return None
+
+    def _take(self, network):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(f"\0qvd-process-vms/{network}")
+        except OSError:
+            sock.close()
+            return False
+        self.release()
+        self._claim, self.network = sock, network
+        return True
+
+    def release(self):
+        if self._claim is not None:
+            self._claim.close()
+            self._claim = None
+
+
+def _in(address, network):
+    try:
+        return ipaddress.ip_address(address) in network
+    except ValueError:
+        return False
+
+
 class ProcessHypervisor(Hypervisor):
     name = "process"
     needs_root = False
@@ -38,16 +133,23 @@ class ProcessHypervisor(Hypervisor):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.nodename = cfg.get_str("nodename")
-        self.base = cfg.get_str("vm.process.address.base")
         # A VM belongs to this node when both its QVD_NODE and its QVD_NODE_RUN match: two
         # nodes with one name on one machine (test suites) never adopt each other's VMs.
         self.run_dir = os.path.abspath(cfg.get_str("path.run"))
         self.log_dir = os.path.join(self.run_dir, "process-vms")
+        self.addresses = NodeAddressRange(cfg.get_str("vm.process.address.base"), self.run_dir, self.log_dir)
         self._children = {}      # vm_id -> Popen (started by this process)
 
     # --- helpers -----------------------------------------------------------------------
+    @property
+    def address_range(self):
+        """This node's loopback range (claimed by check())."""
+        if self.addresses.network is None:
+            raise HypervisorError("process VMs: the node's address range is not chosen yet (check() first)")
+        return str(self.addresses.network)
+
     def address_for(self, vm_id):
-        return vm_loopback_address(self.base, vm_id)
+        return vm_loopback_address(self.address_range, vm_id)
 
     def _belongs(self, pid, vm_id):
         """pid is still the init of vm_id on this node (guards against pid reuse)."""
@@ -74,6 +176,9 @@ class ProcessHypervisor(Hypervisor):
 
     # --- interface ---------------------------------------------------------------------
     def check(self):
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.addresses.claim()
+        log.info("process VMs: addresses in %s", self.addresses.network)
         address = self.address_for(1)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -82,7 +187,6 @@ class ProcessHypervisor(Hypervisor):
             raise HypervisorError(f"cannot bind loopback address {address} for process VMs: {exc.strerror}") from None
         finally:
             sock.close()
-        os.makedirs(self.log_dir, exist_ok=True)
 
     def start(self, spec: VmSpec) -> VmHandle:
         path = spec.di_path
@@ -196,3 +300,6 @@ class ProcessHypervisor(Hypervisor):
             found[vm_id] = VmHandle(vm_id=vm_id, address=env.get("QVD_VM_ADDRESS", ""), pid=pid,
                                     name=f"vm-{vm_id}")
         return found
+
+    def close(self):
+        self.addresses.release()
