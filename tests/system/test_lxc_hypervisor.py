@@ -169,6 +169,9 @@ report(out)
 """
 
 
+KNOWN_LXC_HOST_FAULT = "Unable to create directory /sys/fs/cgroup/unified"
+
+
 @pytest.mark.root
 def test_real_container_in_a_test_namespace(test_host, tmp_path, request):  # noqa: F811
     _require_libvirt()
@@ -191,6 +194,9 @@ def test_real_container_in_a_test_namespace(test_host, tmp_path, request):  # no
     result, _ = run_driver(test_host, tmp_path, REAL_CONTAINER_DRIVER, settings=settings, timeout=120, di=str(root))
     libvirtd.stop()
     if "error" in result:
+        # only the known machine fault (docs/kvm-lxc-notes.md: a hybrid cgroup layout where
+        # libvirt_lxc cannot make /sys/fs/cgroup/unified) is a skip; any other failure is ours
+        assert KNOWN_LXC_HOST_FAULT in result["error"], f"the container did not start: {result['error']}"
         reason = f"libvirt's lxc driver cannot start a container on this machine: {result['error']}"
         print(f"SKIP: {reason}")
         pytest.skip(reason)
