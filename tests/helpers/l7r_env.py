@@ -221,6 +221,25 @@ class Response:
         return f"<Response {self.status} {self.reason} {self.body[:200]!r}>"
 
 
+def read_to_close(sock, timeout=5):
+    """Every byte the peer sends until it closes the connection (end of stream, a reset, or
+    a TLS close without close_notify). A receive that times out is not a close: it raises
+    AssertionError, so a server that merely stops talking never passes for one that closed."""
+    sock.settimeout(timeout)
+    data = b""
+    for _ in range(10000):
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise AssertionError(f"still open after {timeout} s (received {data[:200]!r})") from None
+        except OSError:      # ConnectionResetError, ssl.SSLEOFError, ssl.SSLError...
+            return data
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError(f"the peer kept sending ({len(data)} bytes) and never closed")
+
+
 def get(sock, target, headers=()):
     lines = [f"GET {target} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())

@@ -135,6 +135,8 @@ def refused(ctx, port):
     certificates are checked after the client's Finished) at the first read, with no HTTP answer."""
     try:
         status = ping_with(ctx, port)
+    except TimeoutError:
+        raise AssertionError("the server neither answered nor refused within 5 s") from None
     except (ssl.SSLError, OSError, EOFError):
         return True
     raise AssertionError(f"the server answered {status}")
