@@ -225,7 +225,8 @@ def test_lost_node_releases_vms_and_the_lost_node_kills_them(make_node, admin_db
     host1 = add_host(admin_db, f"{NODE}-one", "127.0.0.1")
     host2 = add_host(admin_db, f"{NODE}-two", "127.0.0.2")
     (vm_id,) = add_vms(admin_db)
-    timing = {"internal.hkd.cluster.node.timeout": 2}
+    timing = {"internal.hkd.cluster.node.timeout": 4, "internal.hkd.agent.ticker.timeout": 3,
+              "internal.hkd.fence.kill_time": 1}
     one = make_node(f"{NODE}-one", **timing)
     one.hkd.start()
     start_vm(admin_db, vm_id, host1)

@@ -100,7 +100,8 @@ def test_dead_node_is_marked_lost_its_vm_runs_elsewhere_and_its_orphan_dies_on_r
     from qvd_gevent.node.run import HKD
 
     from helpers.hkd_env import NODE
-    timing = {"internal.hkd.cluster.node.timeout": 2}
+    timing = {"internal.hkd.cluster.node.timeout": 4, "internal.hkd.agent.ticker.timeout": 3,
+              "internal.hkd.fence.kill_time": 1}
     conf_one = write_conf(tmp_path / "one.conf", pg_server, fresh_db_name,
                           fast_hkd_settings(tmp_path, f"{NODE}-one", **timing))
     conf_two = write_conf(tmp_path / "two.conf", pg_server, fresh_db_name,

@@ -40,3 +40,25 @@ def test_delays(tmp_path):
         monitor._run()
     assert delays == [600, 120, 120, 600, 120]
     assert monitor.passes == 4
+
+
+@pytest.mark.parametrize("values,wrong", [
+    ({"internal.hkd.agent.ticker.delay": 20}, "internal.hkd.agent.ticker.delay"),
+    ({"internal.hkd.cluster.node.timeout": 35}, "internal.hkd.cluster.node.timeout"),
+    ({"internal.hkd.fence.kill_time": 20}, "internal.hkd.cluster.node.timeout"),
+])
+def test_timers_that_could_run_a_vm_twice_are_refused_with_one_line(tmp_path, values, wrong):
+    from qvd_gevent.hkd.host import HkdError, check_cluster_timers
+    check_cluster_timers(Config(None))                 # the defaults are consistent
+    conf = tmp_path / "node.conf"
+    conf.write_text("nodename = n\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
+    with pytest.raises(HkdError) as info:
+        check_cluster_timers(Config.load(str(conf)))
+    assert wrong in str(info.value) and "\n" not in str(info.value)
+
+
+def test_by_default_a_lost_node_is_called_lost_within_a_minute():
+    cfg = Config(None)
+    worst = (cfg.get_int("internal.hkd.cluster.node.timeout") + cfg.get_int("internal.hkd.agent.cluster_monitor.delay")
+             + cfg.get_int("internal.hkd.agent.cluster_monitor.fuzzy_delay"))
+    assert worst < 60

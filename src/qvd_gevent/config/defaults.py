@@ -101,10 +101,11 @@ _TABLE = [
      "before that address, or that login at that address, is throttled"),
     ("l7r.auth.throttle.max_failures_per_login", 50, "int", "ours: failed logins of one login from all "
      "addresses before that login is throttled everywhere (against guessing spread over many addresses)"),
-    ("l7r.auth.concurrent_per_address", 1, "int", "ours: password checks one source address may have running "
-     "at once (so a flood from one address never holds every hashing thread)"),
-    ("l7r.auth.waiting_per_address", 10, "int", "ours: logins of one source address that may wait behind "
-     "those; more get 429 at once"),
+    ("l7r.auth.concurrent_per_address", 1, "int", "ours: password hashes one source address may have running "
+     "at once (so a flood from one address never holds every hashing thread; raise it, or "
+     "l7r.auth.hash.threads, for many users behind one NAT address)"),
+    ("l7r.auth.waiting_per_address", 100, "int", "ours: password hashes of one source address that may wait "
+     "behind those; more get 429 at once"),
     ("l7r.auth.hash.threads", 2, "int", "ours: threads hashing passwords (scrypt takes 16 MB each)"),
     ("l7r.auth.hash.queue", 32, "int", "ours: password hashes waiting or running in the node; beyond, a login "
      "gets 503 retry later instead of waiting in an unbounded queue"),
@@ -136,18 +137,24 @@ _TABLE = [
     ("hkd.pid_file", "${path.run}/qvd-hkd.pid", "path", "pid file of the node"),
     ("hkd.user.umask", "0022", "octal", "umask of the node"),
     ("internal.hkd.lock.path", "${path.run}/hkd.lock", "path", "single-instance lock file"),
-    ("internal.hkd.cluster.node.timeout", 600, "int", "heartbeat age after which a node is lost"),
-    ("internal.hkd.agent.ticker.timeout", 450, "int", "seconds without a heartbeat before the node stops itself"),
-    ("internal.hkd.agent.ticker.delay", 120, "int", "heartbeat period"),
+    ("internal.hkd.cluster.node.timeout", 45, "int", "heartbeat age after which the other nodes call a node lost "
+     "and start its VMs elsewhere (original: 600); at least ticker.timeout + fence.kill_time"),
+    ("internal.hkd.agent.ticker.timeout", 30, "int", "seconds without a written heartbeat after which the node "
+     "fences itself: kills its VMs and stops (original: 450)"),
+    ("internal.hkd.agent.ticker.delay", 5, "int", "heartbeat period (original: 120); at most half of ticker.timeout"),
+    ("internal.hkd.fence.kill_time", 10, "int", "ours: seconds a fencing node is given to kill its VMs; the other "
+     "nodes wait this much longer than ticker.timeout before they call it lost"),
     ("internal.hkd.agent.command_handler.delay", 60, "int", "host command poll (safety net behind NOTIFY)"),
     ("internal.hkd.agent.vm_command_handler.delay", 61, "int", "vm_cmd poll (safety net behind NOTIFY)"),
     ("internal.hkd.agent.l7rkiller.delay", 61, "int", "user_cmd abort poll (safety net behind NOTIFY)"),
     ("internal.hkd.agent.expiration_monitor.delay", 3600, "int", "VM expiration check period"),
     ("internal.hkd.agent.token_sweep.delay", 300, "int", "ours: seconds between purges of expired tokens and "
      "of stored login parameters no token refers to"),
-    ("internal.hkd.agent.cluster_monitor.delay", 120, "int", "lost-node check period"),
-    ("internal.hkd.agent.cluster_monitor.long_delay", 600, "int", "first lost-node check and after DB trouble"),
-    ("internal.hkd.agent.cluster_monitor.fuzzy_delay", 30, "int", "random extra seconds on the cluster check"),
+    ("internal.hkd.agent.cluster_monitor.delay", 5, "int", "lost-node check period (original: 120)"),
+    ("internal.hkd.agent.cluster_monitor.long_delay", 45, "int", "first lost-node check and after DB trouble: "
+     "the other nodes get this long to write a heartbeat again (original: 600)"),
+    ("internal.hkd.agent.cluster_monitor.fuzzy_delay", 2, "int", "random extra seconds on the cluster check "
+     "(original: 30)"),
     ("internal.hkd.agent.config.delay", 10, "int", "retry of a failed config reload"),
     ("internal.hkd.agent.rpc.timeout", 3, "int", "VMA RPC timeout"),
     ("internal.hkd.agent.rpc.retry.count", 3, "int", "VMA RPC retries"),

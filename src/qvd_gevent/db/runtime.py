@@ -397,7 +397,8 @@ def host_starting(db, host_id, pid):
 
 
 def set_host_state(db, host_id, state):
-    db.execute("UPDATE host_runtimes SET state = %s WHERE host_id = %s", (state, host_id))
+    """The node's own state; never over 'lost' (only a restart, host_starting, leaves that)."""
+    db.execute("UPDATE host_runtimes SET state = %s WHERE host_id = %s AND state <> 'lost'", (state, host_id))
 
 
 def set_host_capacity(db, host_id, ram_mb, cpu):

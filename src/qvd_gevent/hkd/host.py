@@ -49,6 +49,22 @@ def _first_line(exc):
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def check_cluster_timers(cfg):
+    """The heartbeat, fencing and lost-node timers must keep one VM from running on two
+    nodes, and a node from fencing itself between two heartbeats; one line otherwise."""
+    delay = cfg.get_float("internal.hkd.agent.ticker.delay")
+    fence_after = cfg.get_float("internal.hkd.agent.ticker.timeout")
+    lost_after = cfg.get_float("internal.hkd.cluster.node.timeout")
+    kill_time = cfg.get_float("internal.hkd.fence.kill_time")
+    if delay <= 0 or 2 * delay > fence_after:
+        raise HkdError(f"internal.hkd.agent.ticker.delay ({delay:g}) must be more than 0 and at most half of "
+                       f"internal.hkd.agent.ticker.timeout ({fence_after:g}), or one late heartbeat fences the node")
+    if lost_after < fence_after + kill_time:
+        raise HkdError(f"internal.hkd.cluster.node.timeout ({lost_after:g}) must be at least "
+                       f"internal.hkd.agent.ticker.timeout + internal.hkd.fence.kill_time ({fence_after:g} + "
+                       f"{kill_time:g}), or other nodes may start VMs that a fencing node still runs")
+
+
 class HKD:
     def __init__(self, cfg, db, listener):
         self.cfg = cfg
@@ -69,6 +85,7 @@ class HKD:
                                      cfg.get_float("internal.hkd.killing.vms.retry.timeout"))
         self.stopped = gevent.event.Event()     # set when the host reached stopped (or never started)
         self.lost = False
+        self.fenced = False
         self.on_stop_command = None         # the node sets this to stop L7R and HKD together
         self._ready = gevent.event.AsyncResult()
         self._start_failure = None
@@ -87,6 +104,7 @@ class HKD:
     # --- public API ----------------------------------------------------------------------
     def start(self):
         """Run the startup sequence; return once the host is running, else raise HkdError."""
+        check_cluster_timers(self.cfg)
         self._loop = gevent.spawn(self._run_loop)
         self._loop.link_exception(self._loop_crashed)
         self._events.put(H.Run())
@@ -303,6 +321,10 @@ class HKD:
 
     # --- setup -------------------------------------------------------------------------
     def _save_host_state(self, state):
+        if self.fenced:
+            # the row must keep its stale heartbeat and state: the cluster monitor calls this
+            # node lost and releases the rows of the VMs it killed (a 'stopped' host is skipped)
+            return
         runtime.set_host_state(self.db, self.host_id, state)
 
     def _step_save_starting(self):
@@ -318,6 +340,7 @@ class HKD:
         if not self._tick():
             raise HkdError("first heartbeat failed")
         self._agents.append(gevent.spawn(self._ticker))
+        self._agents.append(gevent.spawn(self._fence_watch))
 
     def _step_reset_sessions(self):
         count = runtime.release_host_sessions(self.db, self.host_id)
@@ -457,21 +480,12 @@ class HKD:
     # --- agents --------------------------------------------------------------------------
     def _tick(self):
         """Heartbeat. True on success; on `lost`, kills the VMs the cluster released."""
+        sent = time.monotonic()     # the row's ok_ts is written no earlier than this
         try:
             alive = runtime.heartbeat(self.db, self.host_id, os.getpid())
         except _DB_ERRORS as exc:
             metrics.inc("qvd_hkd_heartbeats_total", result="error")
             log.warning("heartbeat failed: %s", _first_line(exc))
-            timeout = self.cfg.get_float("internal.hkd.agent.ticker.timeout")
-            if self._last_tick is not None and time.monotonic() - self._last_tick > timeout:
-                log.error("no heartbeat for more than %.0f s: stopping (other nodes will take over)", timeout)
-                self._last_tick = None              # once
-                if self.on_stop_command is not None and self.machine.state == "running":
-                    # the whole node stops, as the original HKD exits; at once: the others
-                    # start our VMs elsewhere after the lost-node timeout
-                    gevent.spawn(self.on_stop_command, fence=True)
-                else:
-                    self._events.put(H.TickerDead())
             return False
         if not alive:
             metrics.inc("qvd_hkd_heartbeats_total", result="lost")
@@ -483,8 +497,52 @@ class HKD:
                     runner.send(M.RowLost())
             return False
         metrics.inc("qvd_hkd_heartbeats_total", result="ok")
-        self._last_tick = time.monotonic()
+        self._last_tick = max(self._last_tick or sent, sent)
         return True
+
+    def _fence_watch(self):
+        """Fencing, on a clock of its own (a heartbeat stuck in a dead connection must not
+        delay it): ticker.timeout after the last heartbeat that was written, kill every VM
+        here and stop. The other nodes call this node lost only node.timeout after that
+        heartbeat, and node.timeout >= ticker.timeout + fence.kill_time (checked at start),
+        so no VM ever runs here and elsewhere at once (docs/hkd.md#fencing)."""
+        while True:
+            deadline = self._last_tick + self.cfg.get_float("internal.hkd.agent.ticker.timeout")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            gevent.sleep(min(remaining, 1.0))      # a newer heartbeat moves the deadline
+        self._fence()
+
+    def _fence(self):
+        timeout = self.cfg.get_float("internal.hkd.agent.ticker.timeout")
+        log.error("no heartbeat written for %.0f s (internal.hkd.agent.ticker.timeout): fencing this node: killing "
+                  "its %d VMs and stopping; the other nodes start them after internal.hkd.cluster.node.timeout",
+                  timeout, len(self.vms))
+        self.fenced = True
+        runners = list(self.vms.values())
+        for runner in runners:
+            runner.send(M.Fence())
+        kill_time = self.cfg.get_float("internal.hkd.fence.kill_time")
+        gevent.joinall([gevent.spawn(r.finished.wait, kill_time) for r in runners], timeout=kill_time)
+        alive = [r.vm_id for r in runners if not r.finished.is_set()]
+        if alive:
+            log.error("fencing: VMs %s not confirmed dead within %.0f s", ", ".join(map(str, alive)), kill_time)
+        dead = [r.vm_id for r in runners if r.finished.is_set()]
+        if dead:
+            # if the database still takes writes (only our heartbeat row failing), the users
+            # need not wait for node.timeout: these VMs are gone, their rows can say so
+            try:
+                with gevent.Timeout(2):
+                    for vm_id in dead:
+                        runtime.clear_vm(self.db, vm_id, self.host_id)
+            except (gevent.Timeout, *_DB_ERRORS):
+                log.info("fencing: VM rows left for the cluster monitor to release")
+        if self.on_stop_command is not None and self.machine.state == "running":
+            # the whole node stops, as the original HKD exits when it loses the database
+            gevent.spawn(self.on_stop_command, fence=True)
+        else:
+            self._events.put(H.TickerDead())
 
     def _ticker(self):
         while True:

@@ -51,6 +51,12 @@ class RowLost:
 
 
 @dataclass(frozen=True)
+class Fence:
+    """This node has not written its heartbeat for too long: the cluster will give every VM
+    away. Kill the VM now, touch no row (the database is not reachable anyway)."""
+
+
+@dataclass(frozen=True)
 class VmaAlive:
     pass
 
@@ -328,9 +334,9 @@ class VmMachine:
     # --- dispatch ---------------------------------------------------------------------
     def _dispatch(self, out, ev):
         st = self.state
-        if isinstance(ev, RowLost):
+        if isinstance(ev, (RowLost, Fence)):
             if st not in ("stopped", "lost"):
-                self._lost(out)
+                self._lost(out, fenced=isinstance(ev, Fence))
             return
         if st == "new":
             if isinstance(ev, CmdStart):
@@ -596,8 +602,11 @@ class VmMachine:
         else:                                   # it was being stopped or reaped: finish that
             self._stop(out)
 
-    def _lost(self, out):
-        out.append(Log(f"VM {self.vm_id}: runtime row no longer assigned to this node; killing the VM"))
+    def _lost(self, out, fenced=False):
+        if fenced:
+            out.append(Log(f"VM {self.vm_id}: this node is fencing itself; killing the VM"))
+        else:
+            out.append(Log(f"VM {self.vm_id}: runtime row no longer assigned to this node; killing the VM"))
         self._unmonitor(out)
         self._goto(out, "lost")
         self.pending = []

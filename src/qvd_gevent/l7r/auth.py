@@ -11,13 +11,15 @@ validated by its normalised name; a throttled login gets 429 (docs/differences.m
 """
 import base64
 import binascii
-import contextlib
+import contextvars
 import logging
 import re
 import secrets
 import time
 
+import gevent.event
 import gevent.lock
+import gevent.threadpool
 
 from ..db import runtime
 from ..db.passwords import hash_password, is_legacy, verify_password
@@ -39,34 +41,6 @@ class Throttled(Exception):
 
 class LoginsBusy(Exception):
     """503: the node's password-hashing queue is full; the client should retry later."""
-
-
-class AddressGate:
-    """At most ``running`` password checks per source address at once, and at most
-    ``waiting`` more queued behind them (the rest get 429 at once): a flood from one
-    address occupies one hashing thread, never all of them, while several users behind one
-    NAT address still get in one after the other."""
-
-    def __init__(self, running, waiting):
-        self.running = max(1, running)
-        self.waiting = max(0, waiting)
-        self._by_address = {}      # address -> [Semaphore, users]
-
-    @contextlib.contextmanager
-    def slot(self, address):
-        entry = self._by_address.get(address)
-        if entry is None:
-            entry = self._by_address[address] = [gevent.lock.Semaphore(self.running), 0]
-        if entry[1] >= self.running + self.waiting:
-            raise Throttled("concurrent")
-        entry[1] += 1
-        try:
-            with entry[0]:
-                yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0 and self._by_address.get(address) is entry:
-                del self._by_address[address]
 
 
 class AuthResult:
@@ -145,6 +119,11 @@ _dummy_hash = None
 _hash_jobs = 0                 # hashes waiting for or running in the pool
 HASH_THREADS = 2
 HASH_QUEUE = 32
+PER_SOURCE = 1                 # hashes one source address may have in the pool at once
+WAITING_PER_SOURCE = 100       # ... and waiting for that
+_by_source = {}                # source address -> [Semaphore(PER_SOURCE), users]
+# the source address of the login being checked in this greenlet (set by Authenticator)
+login_source = contextvars.ContextVar("login_source", default=None)
 
 
 def dummy_hash():
@@ -156,10 +135,13 @@ def dummy_hash():
     return _dummy_hash
 
 
-def configure_hashing(threads, queue):
-    """l7r.auth.hash.threads and l7r.auth.hash.queue (read at L7R start)."""
-    global HASH_THREADS, HASH_QUEUE, _hash_pool
+def configure_hashing(threads, queue, per_source, waiting_per_source):
+    """l7r.auth.hash.threads, l7r.auth.hash.queue, l7r.auth.concurrent_per_address and
+    l7r.auth.waiting_per_address (read at L7R start)."""
+    global HASH_THREADS, HASH_QUEUE, PER_SOURCE, WAITING_PER_SOURCE, _hash_pool
     HASH_THREADS, HASH_QUEUE = max(1, threads), max(1, queue)
+    PER_SOURCE, WAITING_PER_SOURCE = max(1, per_source), max(0, waiting_per_source)
+    _by_source.clear()
     if _hash_pool is not None and _hash_pool.maxsize != HASH_THREADS:
         _hash_pool.maxsize = HASH_THREADS
 
@@ -168,19 +150,42 @@ def in_threadpool(fn, *args):
     """Password hashing off the hub, in a small pool of threads: scrypt uses 16 MB per call
     and each thread keeps its own malloc arena, so a small pool bounds that memory (and the
     CPU spent on hashing during a login storm). At most HASH_QUEUE hashes wait or run: past
-    that, LoginsBusy (503) at once instead of a queue that grows with the storm."""
+    that, LoginsBusy (503) at once instead of a queue that grows with the storm. The hashes
+    of one source address (login_source) run PER_SOURCE at a time, so a flood from one
+    address never holds every thread; more than WAITING_PER_SOURCE waiting get 429."""
     global _hash_pool, _hash_jobs
     if _hash_pool is None:
-        import gevent.threadpool
         _hash_pool = gevent.threadpool.ThreadPool(HASH_THREADS)
-    if _hash_jobs >= HASH_QUEUE:
-        metrics.inc("qvd_l7r_auth_failures_total", reason="hash_queue_full")
-        raise LoginsBusy()
-    _hash_jobs += 1
+    source = login_source.get()
+    entry = None
+    if source is not None:
+        entry = _by_source.get(source)
+        if entry is None:
+            entry = _by_source[source] = [gevent.lock.Semaphore(PER_SOURCE), 0]
+        if entry[1] >= PER_SOURCE + WAITING_PER_SOURCE:
+            metrics.inc("qvd_l7r_auth_failures_total", reason="concurrent")
+            raise Throttled("concurrent")
+        entry[1] += 1
     try:
-        return _hash_pool.apply(fn, args)
+        if entry is not None:
+            entry[0].acquire()
+        try:
+            if _hash_jobs >= HASH_QUEUE:
+                metrics.inc("qvd_l7r_auth_failures_total", reason="hash_queue_full")
+                raise LoginsBusy()
+            _hash_jobs += 1
+            try:
+                return _hash_pool.apply(fn, args)
+            finally:
+                _hash_jobs -= 1
+        finally:
+            if entry is not None:
+                entry[0].release()
     finally:
-        _hash_jobs -= 1
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0 and _by_source.get(source) is entry:
+                del _by_source[source]
 
 
 class VerifiedCache:
@@ -228,9 +233,9 @@ class Authenticator:
         self.counters = counters
         self.verified = VerifiedCache(throttle)
         self.chain = PluginChain(cfg, db, DefaultPlugin(self))
-        self.gate = AddressGate(cfg.get_int("l7r.auth.concurrent_per_address"),
-                                cfg.get_int("l7r.auth.waiting_per_address"))
-        configure_hashing(cfg.get_int("l7r.auth.hash.threads"), cfg.get_int("l7r.auth.hash.queue"))
+        self._verifying = {}       # credentials being hashed now -> AsyncResult (one hash for all)
+        configure_hashing(cfg.get_int("l7r.auth.hash.threads"), cfg.get_int("l7r.auth.hash.queue"),
+                          cfg.get_int("l7r.auth.concurrent_per_address"), cfg.get_int("l7r.auth.waiting_per_address"))
 
     def close(self):
         self.chain.close()
@@ -259,15 +264,11 @@ class Authenticator:
             raise AuthFailed("empty_password", login)
         self._refuse_if_throttled(peer_ip, login_key, now)
         if creds[0] == "basic":
+            token = login_source.set(peer_ip)
             try:
-                with self.gate.slot(peer_ip):
-                    # re-checked after the wait: failures of the attempts ahead now count
-                    self._refuse_if_throttled(peer_ip, login_key, time.monotonic())
-                    result = self._counted(peer_ip, login_key, fp, self._basic, login, tenant, creds[2])
-            except Throttled as exc:
-                if exc.what == "concurrent":
-                    metrics.inc("qvd_l7r_auth_failures_total", reason="concurrent")
-                raise
+                result = self._counted(peer_ip, login_key, fp, self._basic, login, tenant, creds[2])
+            finally:
+                login_source.reset(token)
         else:
             result = self._counted(peer_ip, login_key, fp, self._bearer, creds[1])
         cache["auth"] = (fp, result)
@@ -318,6 +319,25 @@ class Authenticator:
                                                                user, stored, password)
         return AuthResult(user_id, login, tenant_id, params)
 
+    def _verify_once(self, login, tenant, password, stored, salt):
+        """verify_password, but concurrent checks of the same credentials against the same
+        stored hash share one hash (a client's parallel connections, a launcher's burst)."""
+        key = (self.verified._key(login, tenant, password), stored)
+        pending = self._verifying.get(key)
+        if pending is not None:
+            return pending.get()
+        pending = self._verifying[key] = gevent.event.AsyncResult()
+        try:
+            ok = in_threadpool(verify_password, password, stored, salt)
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        finally:
+            if self._verifying.get(key) is pending:
+                del self._verifying[key]
+        pending.set(ok)
+        return ok
+
     def check_stored_password(self, attempt, password):
         """The default plugin: the password against users.password (scrypt, or the
         original's salted SHA-256, upgraded here to scrypt)."""
@@ -331,7 +351,7 @@ class Authenticator:
             raise AuthFailed("unknown_user", login)
         now = time.monotonic()
         if not self.verified.matches(login, tenant, password, stored, now):
-            if not in_threadpool(verify_password, password, stored, salt):
+            if not self._verify_once(login, tenant, password, stored, salt):
                 if is_legacy(stored):
                     # the original's SHA-256 fails in microseconds: pay what a scrypt user or an
                     # unknown login pays, or timing tells which logins exist and how they are stored

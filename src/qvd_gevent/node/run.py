@@ -93,6 +93,7 @@ class Node:
         self.watchdog = None
         self.stopped = gevent.event.Event()
         self._stopping = False
+        self.fenced = False
 
     def start(self):
         cfg = self.cfg
@@ -135,6 +136,7 @@ class Node:
         if self._stopping:
             return
         self._stopping = True
+        self.fenced = fence
         systemd.notify("STOPPING=1", "STATUS=stopping: draining sessions, then stopping VMs")
         grace = 0 if fence else self.cfg.get_int("l7r.drain.grace") if grace is None else grace
         if fence:
@@ -190,6 +192,8 @@ def _first_line(exc):
 
 def run_node(cfg, parts=ALL, on_ready=None, prog="qvd-node"):
     """Start the parts of a node for cfg and serve until a signal stops them. Returns an exit
+    code: 0 after a stop, 1 when the node cannot start (one line on stderr, prefixed by prog)
+    or fenced itself (no heartbeat: a supervisor should start it again to rejoin).
     code: 0 after a stop, 78 (EX_CONFIG) when the configuration stops it from starting, 1 when
     anything else does (one line on stderr, prefixed by prog).
     on_ready() is called once every part runs."""
@@ -215,7 +219,7 @@ def run_node(cfg, parts=ALL, on_ready=None, prog="qvd-node"):
     if on_ready is not None:
         on_ready()
     node.run_forever()
-    return 0
+    return 1 if node.fenced else 0
 
 
 def run_node_from_file(path, parts=ALL, on_ready=None, prog="qvd-node"):
