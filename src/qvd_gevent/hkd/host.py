@@ -44,11 +44,6 @@ class HkdConfigError(HkdError):
     row, a missing program): restarting it as it is would fail the same way."""
 
 
-def _first_line(exc):
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def check_cluster_timers(cfg):
     """The heartbeat, fencing and lost-node timers must keep one VM from running on two
     nodes, and a node from fencing itself between two heartbeats; one line otherwise."""
@@ -57,12 +52,17 @@ def check_cluster_timers(cfg):
     lost_after = cfg.get_float("internal.hkd.cluster.node.timeout")
     kill_time = cfg.get_float("internal.hkd.fence.kill_time")
     if delay <= 0 or 2 * delay > fence_after:
-        raise HkdError(f"internal.hkd.agent.ticker.delay ({delay:g}) must be more than 0 and at most half of "
+        raise HkdConfigError(f"internal.hkd.agent.ticker.delay ({delay:g}) must be more than 0 and at most half of "
                        f"internal.hkd.agent.ticker.timeout ({fence_after:g}), or one late heartbeat fences the node")
     if lost_after < fence_after + kill_time:
-        raise HkdError(f"internal.hkd.cluster.node.timeout ({lost_after:g}) must be at least "
+        raise HkdConfigError(f"internal.hkd.cluster.node.timeout ({lost_after:g}) must be at least "
                        f"internal.hkd.agent.ticker.timeout + internal.hkd.fence.kill_time ({fence_after:g} + "
                        f"{kill_time:g}), or other nodes may start VMs that a fencing node still runs")
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class HKD:
