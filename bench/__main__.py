@@ -17,7 +17,7 @@ from pathlib import Path
 from . import report
 from .procstat import machine
 
-ORDER = ("bulk", "relay", "handshake", "connect", "cold", "idle", "hkd")
+ORDER = ("bulk", "relay", "handshake", "connect", "cold", "idle", "tlslib", "hkd")
 
 
 def source_state():

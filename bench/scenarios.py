@@ -316,6 +316,87 @@ def idle(env, quick):
     return out
 
 
+# --- the TLS library: stdlib ssl against pyOpenSSL, the same server on each ----------------------
+def _tls_lib_server(env, lib):
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "bench.tls_libs", "--lib", lib, "--cert", env.cert,
+                             "--key", env.key], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    line = proc.stdout.readline()
+    if not line.startswith("PORT "):
+        proc.kill()
+        raise RuntimeError(f"bench.tls_libs --lib {lib} did not start: {line!r}")
+    return proc, int(line.split()[1])
+
+
+def tls_libraries(env, quick):
+    """Why the L7R uses the standard library's ssl: the same gevent TLS server on ssl and on
+    pyOpenSSL (bench/tls_libs.py), full handshakes per CPU-second and memory per idle TLS
+    connection, interleaved, in the same run."""
+    seconds = 3 if quick else 8
+    levels = (200,) if quick else (1000, 4000)
+    rounds = 1 if quick else 2
+    out = {"certificate": "ECDSA P-256 (self-signed)", "libs": {"ssl": {"handshake": [], "idle": []},
+                                                                "pyopenssl": {"handshake": [], "idle": []}}}
+    for _ in range(rounds):
+        for lib in ("ssl", "pyopenssl"):
+            proc, port = _tls_lib_server(env, lib)
+            try:
+                target = {"kind": "tls", "host": "127.0.0.1", "port": port, "ca": env.cert}
+                specs = [{"job": "handshake", "target": target, "count": 50000, "seconds": seconds,
+                          "concurrency": 10, "ping": True} for _ in range(2)]
+                with Crew(specs) as crew:
+                    crew.ready(30)
+                    cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+                    crew.go()
+                    results = crew.results(seconds + 60)
+                    cpu, wall = cpu_seconds(proc.pid) - cpu0, time.monotonic() - t0
+                done = sum(r["handshakes"] for r in results)
+                out["libs"][lib]["handshake"].append({
+                    "handshakes": done, "errors": sum(r["errors"] for r in results), "server_cpu_s": cpu,
+                    "wall_s": wall, "per_cpu_s": done / cpu if cpu else 0.0,
+                    "last_error": next((r["last_error"] for r in results if r["last_error"]), None)})
+                points = []
+                specs = [{"job": "idle", "target": target, "parallel": 100}]
+                with Crew(specs) as crew:
+                    crew.ready(30)
+                    time.sleep(1)
+                    rss0, held = rss_bytes(proc.pid), 0
+                    for level in levels:
+                        crew.send_all(f"open {level - held}")
+                        results = crew.results(300)
+                        held = sum(r["open"] for r in results)
+                        time.sleep(1)
+                        points.append({"sessions": held, "failures": sum(r["failures"] for r in results),
+                                       "rss_bytes": rss_bytes(proc.pid),
+                                       "bytes_per_session": (rss_bytes(proc.pid) - rss0) / held if held else 0.0})
+                    crew.send_all("close")
+                    crew.results(120)
+                out["libs"][lib]["idle"].append(points)
+            finally:
+                proc.stdin.close()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+
+    def hs(lib):
+        return _median([r["per_cpu_s"] for r in out["libs"][lib]["handshake"]])
+
+    def kb(lib, i):
+        return _median([run[i]["bytes_per_session"] for run in out["libs"][lib]["idle"]]) / 1024
+    out["rows"] = [("TLS library under gevent: full handshakes + GET per server CPU-second (stdlib ssl vs "
+                    "pyOpenSSL, same server)", f"{hs('ssl'):.0f}", f"pyOpenSSL {hs('pyopenssl'):.0f}",
+                    "- (no target: shown so the choice is made on figures)", "-")]
+    for i, level in enumerate(levels):
+        out["rows"].append((f"TLS library under gevent: RSS per idle TLS connection at {level} (KB; "
+                            "both with OpenSSL's release-buffers mode)",
+                            f"{kb('ssl', i):.1f}", f"pyOpenSSL {kb('pyopenssl', i):.1f}", "ssl < pyOpenSSL",
+                            _verdict(kb("ssl", i) < kb("pyopenssl", i))))
+    return out
+
+
 SCENARIOS = {
     "bulk": bulk,
     "relay": relay,
@@ -323,4 +404,5 @@ SCENARIOS = {
     "connect": connect,
     "cold": cold_start,
     "idle": idle,
+    "tlslib": tls_libraries,
 }

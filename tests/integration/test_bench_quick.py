@@ -30,7 +30,7 @@ def test_quick_bench_writes_every_scenario(tmp_path):
                           env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-5000:]
     data = {name: json.loads((tmp_path / f"{name}.json").read_text())
-            for name in ("bulk", "relay", "handshake", "connect", "cold", "idle", "hkd")}
+            for name in ("bulk", "relay", "handshake", "connect", "cold", "idle", "tlslib", "hkd")}
 
     for kind in ("l7r", "haproxy", "direct"):
         bulk = data["bulk"]["paths"][kind]
@@ -55,6 +55,10 @@ def test_quick_bench_writes_every_scenario(tmp_path):
     assert len(cold["connect_to_101_s"]) == cold["runs"] and len(cold["vm_start_s"]) == cold["runs"]
     assert cold["median_connect_s"] > 0 and cold["median_vm_start_s"] > 0
     assert any("Starting virtual machine" in text for _, text in cold["progress_first_run"])
+    for lib in ("ssl", "pyopenssl"):
+        runs = data["tlslib"]["libs"][lib]
+        assert all(r["handshakes"] > 0 and r["errors"] == 0 and positive(r["per_cpu_s"]) for r in runs["handshake"])
+        assert all(p["failures"] == 0 and positive(p["bytes_per_session"]) for run in runs["idle"] for p in run)
     hkd = data["hkd"]
     assert hkd["running_at_end"] == hkd["vms"] and positive(hkd["idle_node_cpu_s"])
 
