@@ -1,12 +1,15 @@
-"""10,000 Hypothesis-generated requests against a running L7R (real PostgreSQL, a stand-in
-VM): structured requests to every endpoint with valid, wrong and hostile credentials,
-ids and parameters, pipelined, then mutated and truncated. Whatever arrives, every
-answer is a well-formed HTTP/1.1 response and never a 500, no exception escapes a
-greenlet, and afterwards no greenlet, file descriptor, connection or session is left."""
+"""10,000 Hypothesis-generated requests against a running L7R over TLS (real PostgreSQL, a
+stand-in VM): structured requests to every endpoint with valid, wrong and hostile
+credentials, ids and parameters, pipelined, then mutated and truncated. Whatever arrives,
+every answer is a well-formed HTTP/1.1 response and never a 500, no exception escapes a
+greenlet, and afterwards no greenlet, file descriptor, connection or session is left. A
+trigger records every change of a session row while the fuzzer runs: no VM is ever claimed
+by anyone but its owner, not only in the rows left at the end."""
 import base64
 import logging
 import re
 import socket
+import ssl
 import time
 import urllib.parse
 
@@ -16,7 +19,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from helpers.hostile import HubErrors, live_greenlets, open_fds, raise_nofile, tls_node, wait_until
-from helpers.l7r_env import Reader, basic, get
+from helpers.l7r_env import Reader, basic, client_context, get
 
 REQUESTS_WANTED = 10_000
 EXAMPLES = 5_000              # 1..4 pipelined requests each; the total is counted and asserted
@@ -30,7 +33,7 @@ def b64(text):
 def fuzz_node(tmp_path, pg_server, fresh_db_name):
     from qvd_gevent.db import now_epoch
     node = tls_node(tmp_path, pg_server, fresh_db_name, {
-        "l7r.use_ssl": 0, "l7r.timeout.request": 3, "l7r.timeout.idle": 3,
+        "l7r.timeout.request": 3, "l7r.timeout.idle": 3,
         # the fuzzer sends thousands of wrong passwords from one address: throttling is tested elsewhere
         "l7r.auth.throttle.max_failures": 10_000_000,
         "l7r.limits.request_line": 2048, "l7r.limits.headers": 4096})
@@ -44,6 +47,7 @@ def fuzz_node(tmp_path, pg_server, fresh_db_name):
     node.bob_vm = seed.vm("bob-vm", node.bob, node.osf)
     node.blocked_vm = seed.vm("alice-blocked", node.alice, node.osf, blocked=True)
     seed.running_at(node.vm_id, node.host_id, node.vma)
+    record_session_rows(node.db)
     for token, vm_id, expiration, multi in (("multi-token", None, now_epoch() + 3600, True),
                                             ("bound-token", node.vm_id, now_epoch() + 3600, True),
                                             ("expired-token", None, now_epoch() - 10, True)):
@@ -51,6 +55,67 @@ def fuzz_node(tmp_path, pg_server, fresh_db_name):
                         (token_digest(token), node.alice, vm_id, expiration, multi))
     yield node
     node.close()
+
+
+def record_session_rows(db):
+    """Every change of a vm_runtimes row, as it happens, into session_row_changes (a table of
+    this test's own database): a claim that a later one overwrites is still seen."""
+    db.execute("CREATE TABLE session_row_changes (vm_id int, real_user_id int, user_state text, "
+               "l7r_host_id int)")
+    db.execute("CREATE FUNCTION record_session_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+               "INSERT INTO session_row_changes VALUES (NEW.vm_id, NEW.real_user_id, NEW.user_state, NEW.l7r_host_id); "
+               "RETURN NEW; END $$")
+    db.execute("CREATE TRIGGER record_session_row AFTER UPDATE ON vm_runtimes FOR EACH ROW "
+               "EXECUTE FUNCTION record_session_row()")
+
+
+def tls_exchange(port, ctx, payload, timeout=15):
+    """Everything the server answers to payload, sent over TLS and followed by the client's
+    close_notify and a TCP half-close (so the server answers what it got, then closes)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    data = b""
+    try:
+        for _ in range(100):
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionResetError("closed during the handshake") from None
+                incoming.write(chunk)
+        tls.write(payload)
+        try:
+            tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        sock.sendall(outgoing.read())
+        sock.shutdown(socket.SHUT_WR)
+        for _ in range(10_000):
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            if chunk:
+                incoming.write(chunk)
+            else:
+                incoming.write_eof()
+            for _ in range(10_000):
+                try:
+                    piece = tls.read(65536)
+                except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    break
+                if not piece:       # the server's close_notify
+                    break
+                data += piece
+            if not chunk:
+                break
+    finally:
+        sock.close()
+    return data
 
 
 def request_strategy(vm_ids):
@@ -174,9 +239,10 @@ def test_10000_generated_requests_no_crash_no_leak(fuzz_node, caplog):
     node = fuzz_node
     raise_nofile(65536)
     port = node.svc.port
+    ctx = client_context(node.cert)
 
     def ping_ok():
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="localhost")
         get(s, "/qvd/list_of_vm", [("Authorization", basic("alice", "alice-pw"))])
         ok = Reader(s).response().status == 200
         s.close()
@@ -194,20 +260,7 @@ def test_10000_generated_requests_no_crash_no_leak(fuzz_node, caplog):
     def exchange(raws):
         sent["examples"] += 1
         sent["requests"] += len(raws)
-        s = socket.create_connection(("127.0.0.1", port), timeout=15)
-        data = b""
-        try:
-            s.sendall(b"".join(raws))
-            s.shutdown(socket.SHUT_WR)
-            for _ in range(10_000):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        except ConnectionResetError:
-            pass
-        finally:
-            s.close()
+        data = tls_exchange(port, ctx, b"".join(raws))
         for code in split_responses(data):
             seen[code] = seen.get(code, 0) + 1
             assert code in ALLOWED, (code, data[:300], raws)
@@ -232,7 +285,22 @@ def test_10000_generated_requests_no_crash_no_leak(fuzz_node, caplog):
         "SELECT count(*) FROM vm_runtimes WHERE user_state <> 'disconnected' OR l7r_host_id IS NOT NULL")[0] == 0, 10), row
     assert wait_until(lambda: open_fds() <= base_fds + 3, 15), (open_fds(), base_fds)
     assert wait_until(lambda: live_greenlets() <= base_greenlets + 3, 10), (live_greenlets(), base_greenlets)
-    # no VM was ever claimed by anyone but its owner, and the blocked one not at all
-    assert node.db.query("SELECT vr.vm_id, vr.real_user_id FROM vm_runtimes vr JOIN vms v ON v.id = vr.vm_id "
-                         "WHERE vr.real_user_id IS DISTINCT FROM v.user_id AND vr.real_user_id IS NOT NULL") == []
-    assert node.db.query_one("SELECT real_user_id FROM vm_runtimes WHERE vm_id = %s", (node.blocked_vm,)) == (None,)
+    # no VM was ever claimed by anyone but its owner, and the blocked one not at all: every
+    # change the trigger saw while the fuzzer ran, not only the rows left at the end
+    changes = node.db.query("SELECT c.vm_id, c.real_user_id, c.user_state, v.user_id FROM session_row_changes c "
+                            "JOIN vms v ON v.id = c.vm_id")
+    claims = [c for c in changes if c[2] != "disconnected"]
+    print(f"fuzz: {len(changes)} session row changes seen, {len(claims)} of them claims, "
+          f"on VMs {sorted({c[0] for c in claims})}")
+    assert [c for c in changes if c[1] is not None and c[1] != c[3]] == []
+    assert [c for c in claims if c[1] != c[3]] == []
+    assert [c for c in changes if c[0] == node.blocked_vm and (c[1] is not None or c[2] != "disconnected")] == []
+    # and the record does see claims: the owner's own session, after the fuzzer
+    node.db.execute("DELETE FROM session_row_changes")
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost")
+    get(s, f"/qvd/connect_to_vm?id={node.vm_id}", [("Authorization", basic("alice", "alice-pw")),
+                                                   ("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")])
+    assert Reader(s).final()[1].status == 101
+    s.close()
+    assert (node.vm_id, node.alice, "connecting", node.alice) in node.db.query(
+        "SELECT c.vm_id, c.real_user_id, c.user_state, v.user_id FROM session_row_changes c JOIN vms v ON v.id = c.vm_id")
