@@ -197,8 +197,10 @@ class BenchEnv:
         return bearer_auth(token)
 
     def _start_farm(self):
+        self.farm_key = secrets.token_urlsafe(32)      # the agent key of every farm VM
         self.farm = subprocess.Popen([sys.executable, "-m", "bench.farm", "--address", FARM_ADDRESS],
-                                     stdout=subprocess.PIPE, text=True, cwd=self._repo())
+                                     stdout=subprocess.PIPE, text=True, cwd=self._repo(),
+                                     env=dict(os.environ, QVD_VMA_SECRET=self.farm_key))
         self.procs.append(self.farm)
         self.farm_ports = json.loads(self.farm.stdout.readline())
 
@@ -234,6 +236,8 @@ class BenchEnv:
                             "SELECT id, %s, 'running', %s, 'disconnected', false, %s, %s, %s FROM unnest(%s) id",
                             (host_id, int(time.time()), FARM_ADDRESS, ports["rpc"], ports["echo"], ids))
                 cur.execute("INSERT INTO vm_counters (vm_id) SELECT unnest(%s)", (ids,))
+                cur.execute("INSERT INTO vm_agent_keys (vm_id, secret, created) SELECT id, %s, %s FROM unnest(%s) id",
+                            (self.farm_key, int(time.time()), ids))
             # the bulk VM: its display is the sink
             cur.execute("UPDATE vm_runtimes SET vm_x_port = %s WHERE vm_id = %s", (ports["sink"], vm_ids["bench"][-1]))
             return host_id, vm_ids
@@ -265,6 +269,8 @@ class BenchEnv:
                         "SELECT id, %s, 'running', %s, 'disconnected', false, %s, %s, %s FROM unnest(%s) id",
                         (self.farm_host, int(time.time()), FARM_ADDRESS, ports["rpc"], ports["echo"], ids))
             cur.execute("INSERT INTO vm_counters (vm_id) SELECT unnest(%s)", (ids,))
+            cur.execute("INSERT INTO vm_agent_keys (vm_id, secret, created) SELECT id, %s, %s FROM unnest(%s) id",
+                        (self.farm_key, int(time.time()), ids))
             return ids
         self.echo_vms += self.db.transaction(run)
 

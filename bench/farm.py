@@ -9,6 +9,14 @@
 - a sink port (the bulk VM's display): an 8-byte big-endian length N, then N bytes that
   are counted and dropped; it answers b"OK" + the count as 8 bytes once N arrived.
 
+With QVD_VMA_SECRET=K in its environment (as a VM gets its agent key) every VMA call must
+carry ``Authorization: Bearer K`` (else 401), and a
+display connection that starts with the VMA's display preamble
+(qvd_gevent/vma/display_gate.py) is admitted as the VMA's gate admits it: its key must be
+one an x_start armed (each key once), and it gets the ACK before the echo or sink starts.
+Connections without a preamble (HAProxy, the direct client) are served as they come, so
+the L7R pays the handshake a real VM asks for and the others do not.
+
 The L7R, HAProxy and the direct client all reach these same ports, so the backend's own
 cost is the same in every comparison. It stops on SIGTERM or when its parent dies.
 """
@@ -29,8 +37,14 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
+from qvd_gevent.vma import display_gate, rpc  # noqa: E402
+
 RPC_ANSWERS = {"ping": b"1", "x_start": b'"starting"', "x_state": b'"listening"', "x_suspend": b'"suspended"',
                "x_stop": b'"stopping"', "poweroff": b"1"}
+
+
+AGENT_KEY = None           # QVD_VMA_SECRET: what every VMA call must carry
+ARMED = set()             # display keys armed by x_start calls, each admitted once
 
 
 def serve_rpc(sock, _peer):
@@ -42,9 +56,15 @@ def serve_rpc(sock, _peer):
         data += chunk
     try:
         target = data.split(b"\r\n", 1)[0].split(b" ")[1].decode()
-    except IndexError:
+        request = rpc.parse_request_head(data.split(b"\r\n\r\n", 1)[0])
+    except (IndexError, rpc.BadRequest):
+        return
+    if AGENT_KEY is not None and not rpc.bearer_matches(request.headers, AGENT_KEY):
+        sock.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         return
     method = target.split("?", 1)[0].rsplit("/", 1)[-1]
+    if method == "x_start" and display_gate.PARAM in request.params:
+        ARMED.add(request.params[display_gate.PARAM])
     body = RPC_ANSWERS.get(method)
     if body is None:
         head = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -54,9 +74,32 @@ def serve_rpc(sock, _peer):
                  b"Connection: close\r\n\r\n%s" % (len(body), body))
 
 
+def admitted(sock):
+    """False when the connection presented a display key that no x_start armed (closed
+    unserved, as the VMA's gate does); True for an armed key (spent, ACK sent) and for a
+    connection without any preamble."""
+    prefix = display_gate.PREAMBLE_PREFIX
+    head = b""
+    for _ in range(5000):       # a client that stops inside the prefix is served raw after ~5 s
+        head = sock.recv(len(prefix), socket.MSG_PEEK)
+        if not head or not prefix.startswith(head) or len(head) == len(prefix):
+            break
+        gevent.sleep(0.001)
+    if head != prefix:
+        return True
+    key = display_gate.key_of_preamble(display_gate.recv_exactly(sock, display_gate.PREAMBLE_LENGTH))
+    if key is None or key not in ARMED:
+        return False
+    ARMED.discard(key)
+    sock.sendall(display_gate.ACK)
+    return True
+
+
 def serve_echo(sock, _peer):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
+        if not admitted(sock):
+            return
         while True:
             data = sock.recv(65536)
             if not data:
@@ -82,6 +125,8 @@ def serve_sink(sock, _peer):
     buf = bytearray(1 << 18)
     view = memoryview(buf)
     try:
+        if not admitted(sock):
+            return
         (want,) = struct.unpack("!Q", _recv_exact(sock, 8))
         got = 0
         while got < want:
@@ -107,6 +152,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.farm")
     parser.add_argument("--address", default="127.77.0.1")
     args = parser.parse_args(argv)
+    global AGENT_KEY
+    AGENT_KEY = os.environ.pop("QVD_VMA_SECRET", None)
     if not args.address.startswith("127."):
         parser.error("the farm serves loopback addresses only")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

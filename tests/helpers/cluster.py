@@ -26,7 +26,9 @@ from pathlib import Path
 
 import gevent
 
+from qvd_gevent.db import runtime
 from qvd_gevent.db.passwords import legacy_token
+from qvd_gevent.vma import display_gate
 
 from .hkd_env import TINY_VM, fast_hkd_settings, pid_alive
 
@@ -135,12 +137,14 @@ class Farm:
 
     def __init__(self, address=None):
         self.address = address or f"127.{random.randint(60, 99)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+        self.key = display_gate.new_key()      # the agent key of every farm VM
         self.proc = None
         self.ports = None
 
     def start(self):
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.farm", "--address", self.address],
-                                     stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+                                     stdout=subprocess.PIPE, text=True, cwd=str(REPO),
+                                     env=dict(os.environ, QVD_VMA_SECRET=self.key))
         self.ports = json.loads(self.proc.stdout.readline())
         return self
 
@@ -210,6 +214,8 @@ def seed_users_and_vms(db, users, vms_per_user=1, di_path=TINY_VM):
 
 def place_on_farm(db, vm_ids, farm_host, farm):
     """The VMs run on the farm host (backend=false: never placed there by anyone else)."""
+    for vm_id in vm_ids:
+        db.transaction(runtime.set_vm_agent_key, vm_id, farm.key)
     db.execute("UPDATE vm_runtimes SET host_id = %s, vm_state = 'running', vm_state_ts = %s, vm_address = %s, "
                "vm_vma_port = %s, vm_x_port = %s WHERE vm_id = ANY(%s)",
                (farm_host, int(time.time()), farm.address, farm.ports["rpc"], farm.ports["echo"], list(vm_ids)))

@@ -1,13 +1,16 @@
 """A stand-in VM for L7R integration tests: a SimpleRPC VMA, a byte echo display port,
 and a test HKD greenlet that starts VMs by the database's rules.
 
-- FakeVma: GET /vma/ping|x_state|x_start on 127.0.0.1:<port>; x_start records its
-  params and moves x_state from 'starting' to 'listening' after ``listen_delay``.
-  The display port echoes bytes exactly; on EOF from the client it finishes echoing and
+- FakeVma: GET /vma/ping|x_state|x_start on 127.0.0.1:<port>, answered only with its
+  agent key (``Authorization: Bearer <key>``, else 401) unless made with legacy=True;
+  x_start records its params, arms the display with their one-time key and moves x_state
+  from 'starting' to 'listening' after ``listen_delay``.
+  The display port is the VMA's real gate (qvd_gevent.vma.display_gate) in front of an
+  echo that returns bytes exactly; on EOF from the client it finishes echoing and
   half-closes its side, so half-close propagation can be observed.
 - TestHkd: takes vm_cmd='start' rows for its host (NOTIFY qvd_cmd_for_vm_on_host<id> and
-  a slow re-check), marks them starting, then running at the FakeVma's address; 'stop'
-  moves them to stopped. Only loopback addresses: nothing leaves the machine.
+  a slow re-check), marks them starting, then running at the FakeVma's address with its
+  agent key; 'stop' moves them to stopped. Only loopback addresses: nothing leaves the machine.
 """
 import json
 import socket
@@ -17,25 +20,30 @@ import gevent
 import gevent.event
 from gevent.server import StreamServer
 
+from qvd_gevent.db import runtime
+from qvd_gevent.vma import display_gate, rpc
+
 
 class FakeVma:
-    def __init__(self, listen_delay=0.05, x_start_failures=0):
+    def __init__(self, listen_delay=0.05, x_start_failures=0, legacy=False):
         self.listen_delay = listen_delay
         self.x_start_failures = x_start_failures
+        self.key = None if legacy else display_gate.new_key()
         self.state = "stopped"
         self.x_start_calls = []
+        self.refused_calls = 0
         self.echo_connections = 0
         self.rpc = StreamServer(("127.0.0.1", 0), self._rpc)
-        self.echo = StreamServer(("127.0.0.1", 0), self._echo)
+        self.gate = display_gate.DisplayGate("127.0.0.1", 0, self._echo, keyed=not legacy)
 
     def start(self):
         self.rpc.start()
-        self.echo.start()
+        self.gate.start()
         return self
 
     def stop(self):
         self.rpc.stop(timeout=1)
-        self.echo.stop(timeout=1)
+        self.gate.stop()
 
     @property
     def vma_port(self):
@@ -43,7 +51,7 @@ class FakeVma:
 
     @property
     def x_port(self):
-        return self.echo.server_port
+        return self.gate.port
 
     def _answer(self, sock, status, body):
         head = f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -56,9 +64,12 @@ class FakeVma:
             if not chunk:
                 return
             data += chunk
-        line = data.split(b"\r\n", 1)[0].decode()
-        target = line.split(" ")[1]
-        parts = urllib.parse.urlsplit(target)
+        request = rpc.parse_request_head(data.split(b"\r\n\r\n", 1)[0])
+        if self.key is not None and not rpc.bearer_matches(request.headers, self.key):
+            self.refused_calls += 1
+            self._answer(sock, 401, b"Unauthorized\r\n")
+            return
+        parts = urllib.parse.urlsplit(data.split(b"\r\n", 1)[0].decode().split(" ")[1])
         method = parts.path.rsplit("/", 1)[-1]
         params = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
         if method == "ping":
@@ -67,6 +78,8 @@ class FakeVma:
             self._answer(sock, 200, json.dumps(self.state).encode() + b"\r\n")
         elif method == "x_start":
             self.x_start_calls.append(params)
+            if self.key is not None:
+                self.gate.arm(params[display_gate.PARAM])
             if len(self.x_start_calls) <= self.x_start_failures:
                 self._answer(sock, 200, b'"",' + json.dumps("not yet").encode() + b"\r\n")
                 return
@@ -76,7 +89,8 @@ class FakeVma:
         else:
             self._answer(sock, 200, b'"",' + json.dumps(f"unknown method {method}").encode() + b"\r\n")
 
-    def _echo(self, sock, addr):
+    def _echo(self, sock, ack):
+        ack()
         self.echo_connections += 1
         try:
             while True:
@@ -139,5 +153,6 @@ class TestHkd:
         if self.fail_start:
             self.db.execute("UPDATE vm_runtimes SET vm_state = 'stopped', host_id = NULL WHERE vm_id = %s", (vm_id,))
             return
+        self.db.transaction(runtime.set_vm_agent_key, vm_id, self.vma.key)
         self.db.execute("UPDATE vm_runtimes SET vm_state = 'running', vm_address = '127.0.0.1', vm_vma_port = %s, "
                         "vm_x_port = %s WHERE vm_id = %s", (self.vma.vma_port, self.vma.x_port, vm_id))

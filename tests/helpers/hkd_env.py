@@ -136,3 +136,20 @@ def pid_alive(pid):
         return state not in ("Z", "X")
     except OSError:
         return False
+
+
+def vma_of(db, vm_id, address, port=3030):
+    """A VMA client of a running VM with the agent key its node made for this start."""
+    from qvd_gevent.db import runtime
+    from qvd_gevent.vma.client import VmaClient
+    return VmaClient(address, port, timeout=2, key=runtime.vm_agent_key(db, vm_id))
+
+
+def proc_environ(pid):
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        return dict(item.decode(errors="replace").partition("=")[::2] for item in fh.read().split(b"\0") if item)
+
+
+def proc_cmdline(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return fh.read().decode(errors="replace")

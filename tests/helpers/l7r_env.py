@@ -8,7 +8,7 @@ import socket
 import ssl
 
 from qvd_gevent.config import Config
-from qvd_gevent.db import Database
+from qvd_gevent.db import Database, runtime
 from qvd_gevent.db.listen import Listener
 from qvd_gevent.db.passwords import legacy_token
 from qvd_gevent.l7r.server import L7RService
@@ -87,6 +87,8 @@ class Seed:
         return vm_id
 
     def running_at(self, vm_id, host_id, vma):
+        """As the HKD leaves a started VM: running at the VMA's ports, with its agent key (vma.key)."""
+        self.db.transaction(runtime.set_vm_agent_key, vm_id, getattr(vma, "key", None))
         self.db.execute("UPDATE vm_runtimes SET vm_state = 'running', host_id = %s, vm_address = '127.0.0.1', "
                         "vm_vma_port = %s, vm_x_port = %s WHERE vm_id = %s", (host_id, vma.vma_port, vma.x_port, vm_id))
 

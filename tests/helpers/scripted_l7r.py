@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from gevent.server import StreamServer
 
-from qvd_gevent.vma.client import VmaClient
+from qvd_gevent.vma import display_gate
+from qvd_gevent.vma.client import VmaClient, open_display
 
 GOOD_AUTH = "Basic cXZkOnF2ZA=="  # qvd:qvd, as in the transcript
 LIST_BODY = (b'[\n   {\n      "name" : "qvd-vm1",\n      "state" : "running",\n      "id" : 10,\n'
@@ -115,16 +116,19 @@ class ScriptedL7R:
             sock.close()
 
     def connect_vm(self, sock):
-        client = VmaClient(self.vma.address, self.vma.port)
+        # a VMA with an agent key answers only with it, and its display admits the
+        # connection armed by this connect's x_start (docs/protocol.md#display-gate)
+        client = VmaClient(self.vma.address, self.vma.port, key=self.vma.key)
+        display_key = None if self.vma.key is None else display_gate.new_key()
         state = client.x_state()
-        if state != "listening":
-            client.x_start(**self.x_start_params)
+        if state != "listening" or display_key is not None:
+            client.x_start(**self.x_start_params, **({display_gate.PARAM: display_key} if display_key else {}))
         deadline = gevent.get_hub().loop.now() + 15
         while client.x_state() != "listening" and gevent.get_hub().loop.now() < deadline:
             gevent.sleep(0.1)  # like the L7R's wait for the X session (docs/protocol.md#connect-to-vm)
         answer = b"".join(b"HTTP/1.1 102 Processing\r\nX-QVD-VM-Info: %s\r\n\r\n" % text for text in PROGRESS)
         answer += b"HTTP/1.1 101 Switching Protocols\r\nX-QVD-Slave-Key: %s\r\n\r\n" % SLAVE_KEY
-        vm = socket.create_connection((self.vma.address, self.x_port), timeout=5)
+        vm = open_display(self.vma.address, self.x_port, display_key, timeout=5)
         vm.settimeout(None)
         sock.sendall(answer + self.early_bytes)  # early bytes in the same write as the 101
 

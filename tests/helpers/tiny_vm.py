@@ -4,21 +4,33 @@
 Serves the VMA's SimpleRPC calls the HKD and the L7R use on QVD_VM_ADDRESS:QVD_VMA_PORT
 (GET /vma/ping, /vma/x_state, /vma/x_start, /vma/poweroff) and echoes lines on the
 display port. Exits on SIGTERM and after answering poweroff.
+With QVD_VMA_SECRET (the agent key the HKD made for this start) every call must carry
+``Authorization: Bearer <key>`` (else 401, counted in the log as "refused"), and the
+display admits only the connection presenting the key of the last x_start, as
+qvd-vma's gate does (docs/protocol.md#display-gate). Without it (the node's
+vm.vma.legacy_unauthenticated) it answers everyone, like the original VMA.
 Env knobs for tests: TINY_VM_NO_VMA=1 (never answer: a VM whose agent is dead),
 TINY_VM_IGNORE_TERM=1 (ignore SIGTERM: forces the HKD to SIGKILL).
 """
+import hmac
 import json
 import os
 import signal
 import socketserver
 import sys
 import threading
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from qvd_gevent.vma import display_gate
 
 ADDRESS = os.environ.get("QVD_VM_ADDRESS", "127.0.0.1")
 VMA_PORT = int(os.environ.get("QVD_VMA_PORT", "3030"))
 X_PORT = int(os.environ.get("QVD_X_PORT", "4100"))
+SECRET = os.environ.pop("QVD_VMA_SECRET", None)
 x_state = {"value": "stopped"}
+armed = {"key": None}
+armed_lock = threading.Lock()
 
 
 class Vma(BaseHTTPRequestHandler):
@@ -34,12 +46,20 @@ class Vma(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        method = self.path.split("?", 1)[0]
+        method, _, query = self.path.partition("?")
+        if SECRET is not None and not hmac.compare_digest(self.headers.get("Authorization", "").encode(),
+                                                          f"Bearer {SECRET}".encode()):
+            sys.stderr.write(f"vma: refused {method}\n")
+            self.send_error(401)
+            return
         if method == "/vma/ping":
             self._answer(1)
         elif method == "/vma/x_state":
             self._answer(x_state["value"])
         elif method == "/vma/x_start":
+            params = dict(urllib.parse.parse_qsl(query))
+            with armed_lock:
+                armed["key"] = params.get(display_gate.PARAM)
             x_state["value"] = "listening"
             self._answer(1)
         elif method == "/vma/poweroff":
@@ -53,6 +73,18 @@ class Vma(BaseHTTPRequestHandler):
 
 class Echo(socketserver.StreamRequestHandler):
     def handle(self):
+        if SECRET is not None:
+            self.request.settimeout(5)
+            try:
+                key = display_gate.key_of_preamble(self.rfile.read(display_gate.PREAMBLE_LENGTH))
+            except OSError:
+                return
+            with armed_lock:
+                if key is None or armed["key"] is None or not hmac.compare_digest(key, armed["key"]):
+                    return
+                armed["key"] = None
+            self.request.settimeout(None)
+            self.wfile.write(display_gate.ACK)
         for line in self.rfile:
             self.wfile.write(line)
 

@@ -17,12 +17,13 @@ import pytest
 from helpers.scripted_l7r import PROGRESS, ScriptedL7R, make_cert
 
 from qvd_gevent.config import Config
+from qvd_gevent.vma.display_gate import new_key
 from qvd_gevent.vma.server import VmaService
 
 
 @pytest.fixture
 def l7r(tmp_path):
-    vma = VmaService(Config({}, None), f"127.103.{os.getpid() % 250 + 1}.1").start()
+    vma = VmaService(Config({}, None), f"127.103.{os.getpid() % 250 + 1}.1", key=new_key()).start()
     cert, key = make_cert(str(tmp_path))
     server = ScriptedL7R(cert, key, vma)
     server.cert = cert

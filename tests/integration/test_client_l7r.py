@@ -15,6 +15,7 @@ from helpers.l7r_env import Node, Seed, make_cert, write_conf
 
 from qvd_gevent.config import Config
 from qvd_gevent.vma.client import VmaClient
+from qvd_gevent.vma.display_gate import new_key
 from qvd_gevent.vma.server import VmaService
 
 CLIENT = [sys.executable, "-c", "from qvd_gevent.client.cli import main; main()"]
@@ -41,8 +42,8 @@ def node(tmp_path, pg_server, fresh_db_name):
     other = seed.user("other", "other")
     n.other_vm = seed.vm("not-yours", other, osf)
     n.blocked_vm = seed.vm("blocked-vm", n.user, osf, blocked=True)
-    n.real_vma = VmaService(Config({}, None), "127.0.0.1", port=0, x_port=free_port()).start()
-    seed.running_at(n.vm_id, n.host_id, SimpleNamespace(vma_port=n.real_vma.port,
+    n.real_vma = VmaService(Config({}, None), "127.0.0.1", port=0, x_port=free_port(), key=new_key()).start()
+    seed.running_at(n.vm_id, n.host_id, SimpleNamespace(vma_port=n.real_vma.port, key=n.real_vma.key,
                                                          x_port=n.real_vma.display + 4000))
     n.start()
     yield n
@@ -75,7 +76,7 @@ def test_connect_exec_through_the_l7r_to_the_vma_echo(node, tmp_path):
     assert f"qvd-client: Session acquired for VM_ID: {node.vm_id}" in err
     assert f"qvd-client: Starting X session at VM {node.vm_id}" in err
     assert "qvd-client: Connection established" in err
-    vma = VmaClient("127.0.0.1", node.real_vma.port)
+    vma = VmaClient("127.0.0.1", node.real_vma.port, key=node.real_vma.key)
     deadline = gevent.get_hub().loop.now() + 10
     while vma.x_state() != "suspended":  # the client left: the desktop suspends
         assert gevent.get_hub().loop.now() < deadline, vma.x_state()

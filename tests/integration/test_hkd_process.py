@@ -1,7 +1,6 @@
 """The HKD against a real PostgreSQL with `process` VMs (tiny_vm.py as the DI)."""
 import os
 import signal
-import socket
 
 import gevent
 import pytest
@@ -11,9 +10,12 @@ from helpers.hkd_env import (
     add_vms,
     fast_hkd_settings,
     pid_alive,
+    proc_cmdline,
+    proc_environ,
     start_vm,
     stop_vm,
     vm_row,
+    vma_of,
     wait_vm_state,
     write_conf,
     write_di_script,
@@ -23,8 +25,10 @@ from helpers.nodes import wait_for
 from qvd_gevent.config import Config
 from qvd_gevent.db import Database
 from qvd_gevent.db.listen import Listener
+from qvd_gevent.db import runtime
 from qvd_gevent.hkd import HKD, HkdError
-from qvd_gevent.vma.client import VmaClient
+from qvd_gevent.vma import display_gate
+from qvd_gevent.vma.client import VmaClient, VmaError, open_display
 
 
 class Node:
@@ -73,8 +77,11 @@ def host_row(db, host_id):
                         (host_id,))
 
 
-def echo_roundtrip(address, port):
-    with socket.create_connection((address, port), timeout=5) as sock:
+def echo_roundtrip(vma, address, port):
+    """As the L7R reaches a VM's display: x_start arms a one-time key, the connection presents it."""
+    display_key = display_gate.new_key()
+    vma.x_start(**{display_gate.PARAM: display_key})
+    with open_display(address, port, display_key, timeout=5) as sock:
         sock.sendall(b"hello\n")
         return sock.recv(100)
 
@@ -114,8 +121,15 @@ def test_host_lifecycle_and_vm_start_stop(make_node, admin_db):
     row = wait_vm_state(admin_db, vm_id, "running")
     assert row["vm_address"].startswith("127.") and row["vm_vma_port"] == 3030 and row["vm_x_port"] == 4100
     assert row["current_di_id"] is not None and pid_alive(row["vm_pid"])
-    assert VmaClient(row["vm_address"], 3030, timeout=2).ping()
-    assert echo_roundtrip(row["vm_address"], 4100) == b"hello\n"
+    # the HKD's pings got through with the key it made for this start (tiny_vm answers 401 otherwise)
+    key = runtime.vm_agent_key(admin_db, vm_id)
+    assert len(key) >= 43 and proc_environ(row["vm_pid"])["QVD_VMA_SECRET"] == key
+    assert key not in proc_cmdline(row["vm_pid"])
+    with pytest.raises(VmaError, match="no agent key \\(401\\)"):
+        VmaClient(row["vm_address"], 3030, timeout=2).ping()
+    vma = vma_of(admin_db, vm_id, row["vm_address"])
+    assert vma.ping()
+    assert echo_roundtrip(vma, row["vm_address"], 4100) == b"hello\n"
     counters = admin_db.query_one("SELECT run_attempts, run_ok FROM vm_counters WHERE vm_id = %s", (vm_id,))
     assert counters == (1, 1)
     assert node.hkd.vms[vm_id].state == "running"
@@ -123,7 +137,12 @@ def test_host_lifecycle_and_vm_start_stop(make_node, admin_db):
     stop_vm(admin_db, vm_id)
     row = wait_vm_state(admin_db, vm_id, "stopped")
     assert row["host_id"] is None and row["vm_address"] is None and row["vm_cmd"] is None
+    assert runtime.vm_agent_key(admin_db, vm_id) is None       # forgotten with the row
     wait_for(lambda: not pid_alive(row["vm_pid"] or 0) and vm_id not in node.hkd.vms, 5, what="VM process gone")
+
+    start_vm(admin_db, vm_id, host_id)                          # every start makes a new key
+    wait_vm_state(admin_db, vm_id, "running")
+    assert runtime.vm_agent_key(admin_db, vm_id) not in (None, key)
 
     node.hkd.stop()
     assert host_row(admin_db, host_id)[0] == "stopped"
@@ -247,7 +266,7 @@ def test_lost_node_releases_vms_and_the_lost_node_kills_them(make_node, admin_db
     start_vm(admin_db, vm_id, host2)
     new = wait_vm_state(admin_db, vm_id, "running")
     assert new["host_id"] == host2 and pid_alive(new["vm_pid"])
-    assert VmaClient(new["vm_address"], 3030, timeout=2).ping()
+    assert vma_of(admin_db, vm_id, new["vm_address"]).ping()
 
 
 def test_vm_gauge_reports_states(make_node, admin_db):
@@ -298,7 +317,9 @@ def test_vm_with_the_real_qvd_vm_init(make_node, admin_db):
     node.hkd.start()
     start_vm(admin_db, vm_id, host_id)
     row = wait_vm_state(admin_db, vm_id, "running", timeout=30)
-    assert VmaClient(row["vm_address"], 3030, timeout=2).x_state() is not None
+    assert vma_of(admin_db, vm_id, row["vm_address"]).x_state() == "stopped"
+    with pytest.raises(VmaError, match="no agent key \\(401\\)"):
+        VmaClient(row["vm_address"], 3030, timeout=2).x_state()
     stop_vm(admin_db, vm_id)
     wait_vm_state(admin_db, vm_id, "stopped", timeout=20)
     wait_for(lambda: not pid_alive(row["vm_pid"]), 5, what="init gone")
@@ -389,3 +410,22 @@ def test_stop_of_a_vm_queued_for_the_heavy_semaphore_is_immediate(make_node, adm
     stop_vm(admin_db, slow)
     wait_vm_state(admin_db, slow, "stopped", timeout=15)
     assert node.hkd.heavy.counter == 1                  # every permit came back
+
+
+def test_legacy_setting_runs_vms_without_a_key_and_warns(make_node, admin_db, caplog):
+    """vm.vma.legacy_unauthenticated: no key is made or handed to the VM (tiny_vm then
+    answers everyone, like the original VMA), the HKD calls without one, and says so."""
+    host_id = add_host(admin_db)
+    (vm_id,) = add_vms(admin_db)
+    node = make_node(**{"vm.vma.legacy_unauthenticated": 1})
+    with caplog.at_level("WARNING", logger="qvd.vma"):
+        node.hkd.start()
+    assert any("HKD: vm.vma.legacy_unauthenticated is on" in r.getMessage() for r in caplog.records)
+    start_vm(admin_db, vm_id, host_id)
+    row = wait_vm_state(admin_db, vm_id, "running")
+    env = proc_environ(row["vm_pid"])
+    assert "QVD_VMA_SECRET" not in env and env["QVD_VMA_UNAUTHENTICATED"] == "1"
+    assert runtime.vm_agent_key(admin_db, vm_id) is None
+    assert VmaClient(row["vm_address"], 3030, timeout=2).ping()
+    stop_vm(admin_db, vm_id)
+    wait_vm_state(admin_db, vm_id, "stopped")

@@ -11,6 +11,7 @@ from helpers.hkd_env import (
     start_vm,
     stop_vm,
     vm_row,
+    vma_of,
     wait_vm_state,
     write_conf,
 )
@@ -18,12 +19,12 @@ from helpers.nodes import HkdProcess, start_node, wait_for
 
 from qvd_gevent.config import Config
 from qvd_gevent.db import Database
-from qvd_gevent.vma.client import VmaClient
 
 
 @pytest.mark.timeout(120)
 def test_sigkill_and_restart_adopts_cleans_and_kills(tmp_path, pg_server, fresh_db_name):
-    conf = write_conf(tmp_path / "node.conf", pg_server, fresh_db_name, fast_hkd_settings(tmp_path))
+    settings = fast_hkd_settings(tmp_path)
+    conf = write_conf(tmp_path / "node.conf", pg_server, fresh_db_name, settings)
     db = Database.from_config(Config.load(str(conf)))
     node = HkdProcess(conf, tmp_path / "hkd.log")
     pids = []
@@ -46,7 +47,12 @@ def test_sigkill_and_restart_adopts_cleans_and_kills(tmp_path, pg_server, fresh_
         # adopted: same process, row untouched, still monitored
         row = vm_row(db, keep)
         assert row["vm_state"] == "running" and row["vm_pid"] == rows[keep]["vm_pid"] and row["host_id"] == host_id
-        assert pid_alive(row["vm_pid"]) and VmaClient(row["vm_address"], 3030, timeout=2).ping()
+        assert pid_alive(row["vm_pid"]) and vma_of(db, keep, row["vm_address"]).ping()
+        # the restarted node pings the adopted VM with the key it was started with (from the database)
+        vm_log = os.path.join(str(settings["path.run"]), "process-vms", f"vm-{keep}.log")
+        pings = open(vm_log).read().count("GET /vma/ping")
+        wait_for(lambda: open(vm_log).read().count("GET /vma/ping") > pings + 1, 10, what="pings after adoption")
+        assert "refused" not in open(vm_log).read()
         # the VM that died meanwhile: row cleaned
         row = vm_row(db, crash)
         assert row["vm_state"] == "stopped" and row["host_id"] is None and row["vm_address"] is None
@@ -127,7 +133,7 @@ def test_dead_node_is_marked_lost_its_vm_runs_elsewhere_and_its_orphan_dies_on_r
         start_vm(db, vm_id, host_two)                   # the next connect places it on node two
         row = wait_vm_state(db, vm_id, "running")
         assert row["host_id"] == host_two and row["vm_pid"] != orphan
-        assert VmaClient(row["vm_address"], 3030, timeout=2).ping()
+        assert vma_of(db, vm_id, row["vm_address"]).ping()
 
         one.start()                                     # node one comes back: the orphan must go
         wait_for(lambda: not pid_alive(orphan), 10, what="orphan VM of the lost node killed")

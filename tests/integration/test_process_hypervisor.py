@@ -7,7 +7,7 @@ import sys
 
 import gevent
 import pytest
-from helpers.hkd_env import TINY_VM, pid_alive, write_di_script
+from helpers.hkd_env import TINY_VM, pid_alive, proc_cmdline, proc_environ, write_di_script
 from helpers.nodes import wait_for
 
 from qvd_gevent.config import Config
@@ -41,6 +41,9 @@ def hv(tmp_path):
     hypervisor.close()
 
 
+KEY = "k" * 43
+
+
 def spec(vm_id, path=TINY_VM, **kw):
     return VmSpec(vm_id=vm_id, name=f"vm{vm_id}", ip=None, mac=None, memory=256, di_id=1, di_path=path, **kw)
 
@@ -54,24 +57,27 @@ def test_address_is_stable_per_vm_and_inside_the_range():
 
 
 def test_start_sets_environment_and_vma_answers(hv):
-    handle = hv.start(spec(10001, properties={"qvd.vm.desktop": "echo"}))
+    handle = hv.start(spec(10001, properties={"qvd.vm.desktop": "echo"}, agent_key=KEY))
     assert handle.address == hv.address_for(10001) and hv.is_running(handle)
-    with open(f"/proc/{handle.pid}/environ") as fh:
-        env = dict(item.split("=", 1) for item in fh.read().split("\0") if "=" in item)
+    env = proc_environ(handle.pid)
     assert env["QVD_VM_ID"] == "10001" and env["QVD_VM_NAME"] == "vm10001"
     assert env["QVD_VM_ADDRESS"] == handle.address and env["QVD_NODE"] == hv.nodename
     assert env["QVD_PROP_QVD_VM_DESKTOP"] == "echo"
+    # the agent key in the environment (readable by its own user only), never on the command line
+    assert env["QVD_VMA_SECRET"] == KEY and "QVD_VMA_UNAUTHENTICATED" not in env
+    assert KEY not in proc_cmdline(handle.pid) and KEY not in repr(spec(1, agent_key=KEY))
     assert os.getpgid(handle.pid) == handle.pid          # its own process group
-    wait_for(lambda: _pings(handle.address), 10, what="VMA up")
+    wait_for(lambda: _pings(handle.address, KEY), 10, what="VMA up")
+    assert not _pings(handle.address)                    # tiny_vm requires the key it was given
     hv.shutdown(handle)
     assert hv.wait_exit(handle, timeout=5)
     assert not hv.is_running(handle)
     assert os.path.exists(handle.extra["log"])
 
 
-def _pings(address):
+def _pings(address, key=None):
     try:
-        return VmaClient(address, 3030, timeout=1).ping()
+        return VmaClient(address, 3030, timeout=1, key=key).ping()
     except VmaError:
         return False
 
@@ -124,10 +130,12 @@ def test_real_qvd_vm_init_as_di(hv):
         init = shutil.which("qvd-vm-init")
     if not init:
         pytest.skip("qvd-vm-init is not installed (pip install -e .)")
-    handle = hv.start(spec(10005, init))
+    handle = hv.start(spec(10005, init, agent_key=KEY))
     try:
-        wait_for(lambda: _pings(handle.address), 20, what="qvd-vm-init's VMA up")
-        VmaClient(handle.address, 3030, timeout=2).call("poweroff")
+        wait_for(lambda: _pings(handle.address, KEY), 20, what="qvd-vm-init's VMA up")
+        with pytest.raises(VmaError, match="401"):
+            VmaClient(handle.address, 3030, timeout=2).call("poweroff")
+        VmaClient(handle.address, 3030, timeout=2, key=KEY).call("poweroff")
         assert hv.wait_exit(handle, timeout=10)
     finally:
         hv.kill(handle)

@@ -1,4 +1,5 @@
-"""qvd-vma over real sockets: SimpleRPC framing, every method, the echo desktop, x_state.
+"""qvd-vma over real sockets: SimpleRPC framing, every method, the echo desktop, x_state,
+the agent key every call needs and the display gate.
 
 Each test runs its own VMA on its own loopback address (127.101.x.y) on the real ports
 (3030 for the RPC, 4100 for the display), so tests never collide with each other or
@@ -13,7 +14,8 @@ import gevent
 import pytest
 
 from qvd_gevent.config import Config
-from qvd_gevent.vma.client import VmaClient, VmaError
+from qvd_gevent.vma import display_gate
+from qvd_gevent.vma.client import VmaClient, VmaError, open_display
 from qvd_gevent.vma.server import VmaService
 
 _addresses = itertools.count(1)
@@ -28,15 +30,34 @@ def loopback_address():
 def make_vma():
     services = []
 
-    def make(overrides=None, desktop="echo", **kw):
+    def make(overrides=None, desktop="echo", key=AGENT_KEY, **kw):
         cfg = Config(overrides or {}, None)
-        service = VmaService(cfg, loopback_address(), desktop=desktop, **kw).start()
+        service = VmaService(cfg, loopback_address(), desktop=desktop, key=key, **kw).start()
         services.append(service)
-        return service, VmaClient(service.address, service.port, timeout=4)
+        return service, ArmingClient(service.address, service.port, timeout=4, key=key)
 
     yield make
     for service in services:
         service.stop()
+
+
+AGENT_KEY = display_gate.new_key()
+AUTH = b"Authorization: Bearer " + AGENT_KEY.encode() + b"\r\n"
+
+
+class ArmingClient(VmaClient):
+    """Calls as the L7R does: each x_start arms the display with a new one-time key."""
+
+    display_key = None
+
+    def x_start(self, **params):
+        if self.key is not None:
+            self.display_key = display_gate.new_key()
+            params.setdefault(display_gate.PARAM, self.display_key)
+        return self.call("x_start", **params)
+
+    def display(self, address, port=4100):
+        return open_display(address, port, self.display_key, timeout=5)
 
 
 def raw_request(address, port, data):
@@ -54,7 +75,8 @@ def raw_request(address, port, data):
 def test_framing_on_the_wire_without_host_header(make_vma):
     service, _ = make_vma()
     answer = raw_request(service.address, service.port,
-                         b"GET /vma/x_state HTTP/1.1\r\nUser-Agent: QVD::HTTPC/0.01 (linux)\r\nConnection: close\r\n\r\n")
+                         b"GET /vma/x_state HTTP/1.1\r\nUser-Agent: QVD::HTTPC/0.01 (linux)\r\nConnection: close\r\n"
+                         + AUTH + b"\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     assert lines[0] == b"HTTP/1.1 200 OK"
@@ -65,20 +87,23 @@ def test_framing_on_the_wire_without_host_header(make_vma):
 def test_error_framing_and_404(make_vma):
     service, client = make_vma()
     answer = raw_request(service.address, service.port,
-                         b"GET /vma/x_start?qvd.client.geometry=1024x768%20bad HTTP/1.1\r\nConnection: close\r\n\r\n")
+                         b"GET /vma/x_start?qvd.client.geometry=1024x768%20bad&qvd.display.key="
+                         + display_gate.new_key().encode() + b" HTTP/1.1\r\nConnection: close\r\n" + AUTH + b"\r\n")
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert answer.partition(b"\r\n\r\n")[2].startswith(b'"",')
     with pytest.raises(VmaError, match="Invalid value"):
         client.x_start(**{"qvd.client.geometry": "1024x768 bad"})
     assert raw_request(service.address, service.port,
-                       b"GET /vma/no_such_method HTTP/1.1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 404")
+                       b"GET /vma/no_such_method HTTP/1.1\r\nConnection: close\r\n" + AUTH + b"\r\n"
+                       ).startswith(b"HTTP/1.1 404")
     assert raw_request(service.address, service.port, b"garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(make_vma):
     service, _ = make_vma()
     answer = raw_request(service.address, service.port,
-                         b"GET /vma/ping HTTP/1.1\r\n\r\nGET /vma/x_state HTTP/1.1\r\nConnection: close\r\n\r\n")
+                         b"GET /vma/ping HTTP/1.1\r\n" + AUTH + b"\r\nGET /vma/x_state HTTP/1.1\r\nConnection: close\r\n"
+                         + AUTH + b"\r\n")
     assert answer.count(b"HTTP/1.1 200 OK") == 2
     assert answer.endswith(b'"stopped"\r\n')
 
@@ -92,8 +117,8 @@ def test_ping_expire_and_unknown_state_methods(make_vma):
     assert client.call("x_stop") == "stopped"
 
 
-def echo_roundtrip(address, payload):
-    with socket.create_connection((address, 4100), timeout=5) as s:
+def echo_roundtrip(client, address, payload):
+    with client.display(address) as s:
         sender = gevent.spawn(s.sendall, payload)
         got = bytearray()
         while len(got) < len(payload):
@@ -121,10 +146,10 @@ def test_echo_desktop_is_byte_exact_over_many_connections(make_vma):
     service, client = make_vma()
     with pytest.raises(OSError):
         socket.create_connection((service.address, 4100), timeout=2)  # nothing before x_start
-    assert client.x_start(**{"qvd.client.geometry": "800x600"}) == "starting"
     payload = os.urandom(1 << 20) + b"\x00\r\n\xff"
     for _ in range(3):
-        assert echo_roundtrip(service.address, payload) == payload
+        assert client.x_start(**{"qvd.client.geometry": "800x600"}) == "starting"     # arms a new key
+        assert echo_roundtrip(client, service.address, payload) == payload
         wait_state(client, "suspended")
     assert service.desktop.sessions == 3
 
@@ -134,7 +159,7 @@ def test_x_state_transitions(make_vma):
     assert client.x_state() == "stopped"
     assert client.x_start() == "starting"
     assert client.x_state() == "listening"
-    conn = socket.create_connection((service.address, 4100), timeout=5)
+    conn = client.display(service.address)
     wait_state(client, "connected")
     # A second x_start while connected suspends the session and fails, as the original.
     with pytest.raises(VmaError, match="in state connected, suspending it"):
@@ -144,15 +169,112 @@ def test_x_state_transitions(make_vma):
     assert client.x_state() == "suspended"
     assert client.x_start() == "starting"  # resume
     assert client.x_state() == "listening"
-    conn = socket.create_connection((service.address, 4100), timeout=5)
+    conn = client.display(service.address)
     wait_state(client, "connected")
     assert client.call("x_suspend") == "suspended"
     conn.close()
     assert client.x_start() == "starting"
     assert client.call("x_stop") == "stopping"
     assert client.x_state() == "stopped"
+    with pytest.raises(ConnectionRefusedError):
+        client.display(service.address)     # x_stop disarmed the display
+
+
+def test_every_call_needs_the_agent_key_and_a_refused_one_changes_nothing(make_vma):
+    service, client = make_vma()
+    wrong = VmaClient(service.address, service.port, timeout=4, key=display_gate.new_key())
+    keyless = VmaClient(service.address, service.port, timeout=4)
+    for caller, why in ((keyless, "no agent key"), (wrong, "wrong agent key")):
+        for method in ("ping", "x_state", "x_start", "x_suspend", "x_stop", "expire", "poweroff", "no_such"):
+            with pytest.raises(VmaError, match=f"refused: {why} \\(401\\)"):
+                caller.call(method, **{display_gate.PARAM: display_gate.new_key()})
+    answer = raw_request(service.address, service.port, b"GET /vma/ping HTTP/1.1\r\nAuthorization: Basic "
+                         + AGENT_KEY.encode() + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
+    assert b'WWW-Authenticate: Bearer realm="qvd-vma"' in answer
+    gevent.sleep(0.2)               # a poweroff would have been called back by now
+    assert client.x_state() == "stopped" and service.desktop.sessions == 0
     with pytest.raises(OSError):
-        socket.create_connection((service.address, 4100), timeout=2)
+        socket.create_connection((service.address, 4100), timeout=2)  # no x_start got through
+
+
+def closed_unanswered(sock):
+    """The peer closed without sending a byte (a reset: it closed with our bytes unread).
+    A receive timeout raises instead: silence is not a refusal."""
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_the_display_admits_only_the_armed_connection_once(make_vma):
+    service, client = make_vma()
+    assert client.x_start() == "starting"
+    spent = client.display_key
+    # no preamble at all, a preamble with a key nobody armed, silence: closed unanswered
+    for opening in (b"GET / HTTP/1.0\r\n\r\n" + b"x" * 60, display_gate.preamble(display_gate.new_key()), b""):
+        with socket.create_connection((service.address, 4100), timeout=5) as s:
+            s.sendall(opening)
+            if not opening:
+                s.shutdown(socket.SHUT_WR)
+            assert closed_unanswered(s)
+    assert client.x_state() == "listening" and service.desktop.sessions == 0   # nothing reached the desktop
+    conn = client.display(service.address)
+    conn.sendall(b"mine\n")
+    assert conn.recv(100) == b"mine\n"
+    with pytest.raises(ConnectionRefusedError):
+        open_display(service.address, 4100, spent, timeout=5)      # a key admits one connection only
+    conn.sendall(b"still mine\n")
+    assert conn.recv(100) == b"still mine\n"                      # and the refusal did not disturb it
+    assert service.gate.refused == 4 and service.gate.admitted == 1
+    conn.close()
+
+
+def test_a_new_arming_closes_the_previous_display_connection(make_vma):
+    service, client = make_vma()
+    assert client.x_start() == "starting"
+    old = client.display(service.address)
+    wait_state(client, "connected")
+    old_key = client.display_key
+    with pytest.raises(VmaError, match="in state connected"):
+        client.x_start()            # a takeover: the new session's key is armed at once
+    assert old.recv(10) == b""      # the holder's connection is gone
+    old.close()
+    with pytest.raises(ConnectionRefusedError):
+        open_display(service.address, 4100, old_key, timeout=5)
+    assert client.x_start() == "starting"
+    new = client.display(service.address)
+    new.sendall(b"new session\n")
+    assert new.recv(100) == b"new session\n"
+    new.close()
+
+
+def test_silent_strangers_do_not_hold_up_the_armed_client(make_vma):
+    service, client = make_vma({"internal.vma.display.key_timeout": "30"})
+    assert client.x_start() == "starting"
+    strangers = [socket.create_connection((service.address, 4100), timeout=5) for _ in range(8)]
+    try:
+        conn = client.display(service.address)
+        conn.sendall(b"through\n")
+        assert conn.recv(100) == b"through\n"
+        conn.close()
+    finally:
+        for s in strangers:
+            s.close()
+
+
+def test_an_unauthenticated_vma_serves_everyone_as_the_original(make_vma):
+    service, client = make_vma(key=None)
+    assert client.ping() is True
+    assert client.x_start() == "starting"
+    with socket.create_connection((service.address, 4100), timeout=5) as s:
+        s.sendall(b"no preamble\n")
+        assert s.recv(100) == b"no preamble\n"
+
+
+def test_the_gate_refuses_direct_nxagent_with_a_key():
+    with pytest.raises(ValueError, match="vma.nxagent.direct"):
+        VmaService(Config({"vma.nxagent.direct": "1"}, None), "127.0.0.1", desktop="nx", key=AGENT_KEY)
 
 
 def test_listening_timeout_stops_an_unclaimed_session(make_vma):

@@ -13,10 +13,12 @@ Invocations found by experiment with nx-libs 3.5.99.26:
         "Session: Session started at ..." when nxproxy has connected;
         "Session: Suspending session" / "Session suspended" when the proxy goes away.
     DISPLAY=:X nxproxy -S localhost:D     (the client side; ":D" means port 4000+D)
-By default the VMA runs nxagent on a free local display L with ``loopback=1`` in its
-options (it then listens on 127.0.0.1:4000+L only) and relays its own <address>:4000+D
-to it; the first two tests go through that relay, the last one checks the original's
-direct layout (vma.nxagent.direct).
+By default the VMA runs nxagent on a free local display L with ``listen=unix:<run
+dir>/nxagent.sock`` in its options (no TCP port at all) and its display gate on
+<address>:4000+D admits the connection armed by x_start and relays it there; the first
+test reaches it through the gate's open form (an unauthenticated VMA, as the original)
+so that a bare nxproxy can dial it, the others through keyed gates (qvd-client and an
+L7R in front), and one checks the original's direct layout (vma.nxagent.direct).
 The test uses D and X away from 100 so it never collides with a VMA on port 4100.
 """
 import os
@@ -32,6 +34,7 @@ from helpers.nodes import wait_for
 
 from qvd_gevent.config import Config
 from qvd_gevent.vma.client import VmaClient
+from qvd_gevent.vma.display_gate import new_key
 from qvd_gevent.vma.server import VmaService
 
 pytestmark = pytest.mark.slow
@@ -119,7 +122,7 @@ def test_nx_session_comes_up_and_an_x_client_draws(displays, tmp_path):
     env = dict(os.environ, HOME=str(home), NX_HOME=str(home))
     xvfb = proxy = None
     cfg = Config({"internal.nxagent.display": str(agent_display), "command.x-session": "xlogo"}, None)
-    vma = VmaService(cfg, "127.0.0.1", port=0, desktop="nx", run_dir=str(tmp_path)).start()
+    vma = VmaService(cfg, "127.0.0.1", port=0, desktop="nx", run_dir=str(tmp_path), key=None).start()
     client = VmaClient("127.0.0.1", vma.port, timeout=4)
     try:
         xvfb = subprocess.Popen(["Xvfb", f":{screen_display}", "-nolisten", "tcp", "-noreset", "-screen", "0", "1024x768x24"],
@@ -130,13 +133,16 @@ def test_nx_session_comes_up_and_an_x_client_draws(displays, tmp_path):
         assert client.x_start(**{"qvd.client.geometry": "800x600", "qvd.client.keyboard": "pc105/us",
                                  "qvd.client.link": "adsl", "qvd.vm.user.name": "qvd"}) == "starting"
         options = (tmp_path / "nxagent.conf").read_text().strip()
-        # nxagent runs on a free local display (loopback only) behind the VMA's relay
-        # of 127.0.0.1:4000+D; the client still dials 4000+D.
+        # nxagent runs on a free local display, listening on a unix socket only, behind the
+        # VMA's display gate on 127.0.0.1:4000+D; the client still dials 4000+D.
         local = vma.desktop.agent_display
         assert local != agent_display
-        assert options == (f"nx/nx,keyboard=pc105/us,link=adsl,geometry=800x600,loopback=1,"
-                           f"tolerancechecks=risky:{local}")
+        assert options == (f"nx/nx,keyboard=pc105/us,link=adsl,geometry=800x600,"
+                           f"listen=unix:{tmp_path}/nxagent.sock,tolerancechecks=risky:{local}")
         wait_for(lambda: client.x_state() == "listening", 15, "x_state listening")
+        wait_for(lambda: os.path.exists(tmp_path / "nxagent.sock"), 15, "nxagent's socket")
+        listening = x_output(["ss", "-ltnpH"], os.environ)
+        assert f"pid={vma.desktop.agent.pid}," not in listening, listening     # no TCP port of its own
 
         proxy = subprocess.Popen(["nxproxy", "-S", f"localhost:{agent_display}"],
                                  env=dict(env, DISPLAY=f":{screen_display}"),
@@ -150,6 +156,16 @@ def test_nx_session_comes_up_and_an_x_client_draws(displays, tmp_path):
 
         stop(proxy)  # the user goes away: nxagent suspends by itself
         wait_for(lambda: client.x_state() == "suspended", 20, "x_state suspended")
+
+        # the next x_start resumes it, and nxagent listens on its socket again
+        assert client.x_start(**{"qvd.client.geometry": "800x600", "qvd.client.link": "adsl"}) == "starting"
+        wait_for(lambda: client.x_state() == "listening", 20, "x_state listening again")
+        proxy = subprocess.Popen(["nxproxy", "-S", f"localhost:{agent_display}"],
+                                 env=dict(env, DISPLAY=f":{screen_display}"),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: client.x_state() == "connected", 20, "x_state connected after the resume")
+        stop(proxy)
+        wait_for(lambda: client.x_state() == "suspended", 20, "x_state suspended again")
 
         assert client.call("x_stop") == "stopping"
         wait_for(lambda: client.x_state() == "stopped", 25, "x_state stopped")
@@ -176,8 +192,8 @@ def test_nx_session_through_qvd_client(displays, tmp_path):
     env = dict(os.environ, HOME=str(home), NX_HOME=str(home))
     xvfb = proxy = qvd_client = None
     cfg = Config({"internal.nxagent.display": str(agent_display), "command.x-session": "xlogo"}, None)
-    vma = VmaService(cfg, "127.0.0.1", port=0, desktop="nx", run_dir=str(tmp_path)).start()
-    vma_client = VmaClient("127.0.0.1", vma.port, timeout=4)
+    vma = VmaService(cfg, "127.0.0.1", port=0, desktop="nx", run_dir=str(tmp_path), key=new_key()).start()
+    vma_client = VmaClient("127.0.0.1", vma.port, timeout=4, key=vma.key)
     cert, key = make_cert(str(tmp_path))
     l7r = ScriptedL7R(cert, key, vma, x_port=4000 + agent_display,
                       x_start_params={"qvd.client.geometry": "800x600", "qvd.client.link": "adsl"})
@@ -223,7 +239,7 @@ def test_direct_layout_nxagent_listens_itself(displays, tmp_path):
         assert (tmp_path / "nxagent.conf").read_text().strip() == \
             f"nx/nx,keyboard=pc105/en,link=adsl,geometry=640x480,tolerancechecks=risky:{agent_display}"
         wait_for(lambda: client.x_state() == "listening", 15, "x_state listening")
-        assert vma.desktop.relay is None
+        assert vma.gate.server is None
         listening = x_output(["ss", "-ltnp", f"sport = :{4000 + agent_display}"], os.environ)
         assert "nxagent" in listening
         assert client.call("x_stop") == "stopping"
@@ -252,10 +268,10 @@ def test_nx_session_through_the_l7r(displays, tmp_path, pg_server, fresh_db_name
     host_id = seed.host("test-node", "127.0.0.1")
     vm_id = seed.vm("nx-vm", seed.user("qvd", "qvd"), seed.osf())
     cfg = Config({"internal.nxagent.display": str(agent_display), "command.x-session": "xlogo"}, None)
-    vma = VmaService(cfg, "127.0.0.1", port=0, desktop="nx", run_dir=str(tmp_path)).start()
-    seed.running_at(vm_id, host_id, SimpleNamespace(vma_port=vma.port, x_port=4000 + agent_display))
+    vma = VmaService(cfg, "127.0.0.1", port=0, desktop="nx", run_dir=str(tmp_path), key=new_key()).start()
+    seed.running_at(vm_id, host_id, SimpleNamespace(vma_port=vma.port, x_port=4000 + agent_display, key=vma.key))
     node.start()
-    vma_client = VmaClient("127.0.0.1", vma.port, timeout=4)
+    vma_client = VmaClient("127.0.0.1", vma.port, timeout=4, key=vma.key)
     xvfb = proxy = qvd_client = None
     try:
         xvfb = subprocess.Popen(["Xvfb", f":{screen_display}", "-nolisten", "tcp", "-noreset", "-screen", "0", "1024x768x24"],

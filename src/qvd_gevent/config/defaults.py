@@ -234,6 +234,8 @@ _TABLE = [
     ("command.nft", "nft", "str", "ours: nftables executable of the VM network filter (the original used "
      "command.iptables and command.ebtables)"),
     ("internal.vm.port.vma", 3030, "int", "VMA port inside a VM"),
+    ("vm.vma.legacy_unauthenticated", False, "bool", "ours: call VMAs without their secret and open their display without a key, "
+     "as the original did (for images that carry the original VMA); logged as a warning at every start"),
     ("internal.vm.port.ssh", 22, "int", "ssh port inside a VM"),
     ("internal.nxagent.display", 100, "int", "nxagent display; the X port is display + 4000"),
     # --- admin defaults ---
@@ -258,6 +260,7 @@ _TABLE = [
     ("command.nxagent", "nxagent", "str", "ours: nxagent executable of the nx desktop"),
     ("vma.nxagent.display.first", 200, "int", "ours: first local X display tried for nxagent behind the VMA's display relay"),
     ("internal.vma.http.timeout", 20, "int", "ours: seconds the VMA waits on a silent RPC connection before closing it"),
+    ("internal.vma.display.key_timeout", 5, "int", "ours: seconds the VMA's display port waits for a new connection's one-time key"),
     ("vma.nxagent.direct", False, "bool", "ours: nxagent listens on 4000+internal.nxagent.display itself (the original's layout) instead of behind the VMA's relay"),
     ("command.x-session", "", "str", "X session the nx desktop starts on its display (original: /usr/bin/startlubuntu); empty: none"),
     ("vma.poweroff.command", "poweroff", "str", "ours: command the VMA runs on poweroff (unless it runs as qvd-vm-init)"),

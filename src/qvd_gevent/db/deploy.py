@@ -14,7 +14,7 @@ EXIT_OK, EXIT_ALREADY, EXIT_FAILED = 0, 2, 3
 # Every object the schema creates, dropped by --force before it deploys again.
 _DROP = """
 DROP TABLE IF EXISTS host_properties, user_properties, vm_properties, osf_properties, di_properties,
-    qvd_object_properties_list, properties_list, user_tokens, user_auth_parameters, vm_counters,
+    qvd_object_properties_list, properties_list, vm_agent_keys, user_tokens, user_auth_parameters, vm_counters,
     vm_runtimes, vms, di_runtimes, di_tags, dis, osfs, users, host_counters, host_runtimes, hosts,
     ssl_configs, configs, tenants, vm_states, vm_cmds, user_states, user_cmds, host_states, host_cmds,
     versions CASCADE;

@@ -1,8 +1,8 @@
 """The rows every part of a cluster shares, and the only code that writes them.
 
 ``vm_runtimes`` (a VM's state, its commands and its user session), ``host_runtimes`` (a
-node's state, heartbeat and commands), ``user_tokens`` and ``user_auth_parameters`` are
-written by the L7R, the HKD, the cluster monitor and ``qvd-admin`` of every node at once.
+node's state, heartbeat and commands), ``user_tokens``, ``user_auth_parameters`` and
+``vm_agent_keys`` (ours: the secret of each running VM's agent) are written by the L7R, the HKD, the cluster monitor and ``qvd-admin`` of every node at once.
 Their rules live here, once: each function below is one step of the cluster's protocol
 (see docs/schema.md for the columns and docs/hkd.md for the state machines). Nothing else
 in the code base INSERTs, UPDATEs or DELETEs these tables (tests/unit/test_layers.py).
@@ -367,10 +367,56 @@ _CLEARED_VM = ("vm_state = 'stopped', host_id = NULL, vm_vma_port = NULL, vm_x_p
                "vm_expiration_soft = NULL, vm_expiration_hard = NULL, current_di_id = NULL")
 
 
+def _clear_vm_tx(cur, vm_id, host_id):
+    read_committed(cur)
+    cur.execute("UPDATE vm_runtimes SET " + _CLEARED_VM + ", vm_cmd = NULL WHERE vm_id = %s AND host_id = %s",
+                (vm_id, host_id))
+    cleared = cur.rowcount
+    if cleared:
+        _forget_agent_keys(cur, [vm_id])
+    return cleared
+
+
 def clear_vm(db, vm_id, host_id):
-    """A VM that stopped on host_id: 'stopped', unassigned, no ports, no pending command."""
-    return db.execute("UPDATE vm_runtimes SET " + _CLEARED_VM + ", vm_cmd = NULL WHERE vm_id = %s AND host_id = %s",
-                      (vm_id, host_id))
+    """A VM that stopped on host_id: 'stopped', unassigned, no ports, no pending command,
+    its agent's secret forgotten. Returns the rows cleared (0: the row went elsewhere)."""
+    return db.transaction(_clear_vm_tx, vm_id, host_id)
+
+
+# --- VM agent secrets (ours, docs/hkd.md#vma-secret) ---------------------------------------
+# A new secret is made at each start of a VM, by the node that starts it, and is gone when
+# the VM's row is cleared: the L7R of any node reads it to call that VM's agent.
+def set_vm_agent_key(cur, vm_id, secret):
+    """Fragment (the HKD preparing a start, after prepare_vm succeeded): the secret the VM's
+    agent requires from now on; None: it runs without one (vm.vma.legacy_unauthenticated)."""
+    if secret is None:
+        _forget_agent_keys(cur, [vm_id])
+        return
+    cur.execute("INSERT INTO vm_agent_keys (vm_id, secret, created) VALUES (%s, %s, %s) "
+                "ON CONFLICT (vm_id) DO UPDATE SET secret = EXCLUDED.secret, created = EXCLUDED.created",
+                (vm_id, secret, now_epoch()))
+
+
+def read_vm_agent_key(cur, vm_id):
+    """Fragment: the secret of the VM's agent, or None (not running, or running without one)."""
+    cur.execute("SELECT secret FROM vm_agent_keys WHERE vm_id = %s", (vm_id,))
+    row = cur.fetchone()
+    return row[0] if row else None
+
+
+def vm_agent_key(db, vm_id):
+    """The secret of the VM's agent, or None (not running, or running without one)."""
+    return db.transaction(read_vm_agent_key, vm_id)
+
+
+def vm_agent_keys(db, vm_ids):
+    """{vm_id: secret} of those VMs that have one."""
+    return dict(db.query("SELECT vm_id, secret FROM vm_agent_keys WHERE vm_id = ANY(%s)", (list(vm_ids),)))
+
+
+def _forget_agent_keys(cur, vm_ids):
+    if vm_ids:
+        cur.execute("DELETE FROM vm_agent_keys WHERE vm_id = ANY(%s)", (list(vm_ids),))
 
 
 # --- hosts ---------------------------------------------------------------------------------
@@ -446,6 +492,7 @@ def mark_lost_hosts(cur, my_host_id, node_timeout):
                 "WHERE vm_state <> 'stopped' AND host_id IN (SELECT host_id FROM host_runtimes WHERE state = 'lost') "
                 "RETURNING vm_id")
     freed = [r[0] for r in cur.fetchall()]
+    _forget_agent_keys(cur, freed)
     cur.execute(_RELEASE + " WHERE user_state <> 'disconnected' "
                 "AND l7r_host_id IN (SELECT host_id FROM host_runtimes WHERE state = 'lost') RETURNING vm_id",
                 (now_epoch(),))

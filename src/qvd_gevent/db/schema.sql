@@ -167,6 +167,14 @@ CREATE TABLE vm_counters (
     run_ok       integer NOT NULL DEFAULT 0
 );
 
+-- Ours, not in the original schema: the secret a running VM's agent requires of every
+-- caller (docs/hkd.md#vma-secret). One row while the VM runs; made at each start.
+CREATE TABLE vm_agent_keys (
+    vm_id   integer PRIMARY KEY REFERENCES vms(id) ON DELETE CASCADE,
+    secret  varchar(64) NOT NULL,
+    created integer NOT NULL
+);
+
 CREATE TABLE user_auth_parameters (id serial PRIMARY KEY, parameters json);
 
 CREATE TABLE user_tokens (

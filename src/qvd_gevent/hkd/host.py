@@ -25,6 +25,7 @@ from ..hypervisors import HypervisorError, get_hypervisor
 from ..hypervisors.base import VmHandle
 from ..common import metrics
 from ..system.procfs import usable_cpu, usable_ram_mb
+from ..vma.client import legacy_unauthenticated
 from . import host_machine as H
 from . import vm_machine as M
 from .cluster import ClusterMonitor
@@ -105,6 +106,7 @@ class HKD:
     def start(self):
         """Run the startup sequence; return once the host is running, else raise HkdError."""
         check_cluster_timers(self.cfg)
+        legacy_unauthenticated(self.cfg, "HKD")
         self._loop = gevent.spawn(self._run_loop)
         self._loop.link_exception(self._loop_crashed)
         self._events.put(H.Run())
@@ -234,6 +236,9 @@ class HKD:
         if row is None or row[0] != SCHEMA_VERSION:
             found = row[0] if row else "none"
             raise HkdConfigError(f"database schema version is {found}, this node needs {SCHEMA_VERSION} (run qvd-deploy-db)")
+        if self.db.query_one("SELECT to_regclass('vm_agent_keys')")[0] is None:
+            raise HkdConfigError("table vm_agent_keys is missing (it came after this database was deployed): "
+                                 "create it as src/qvd_gevent/db/schema.sql does (docs/schema.md#vm-agent-keys)")
 
     def _step_load_host(self):
         row = self.db.query_one("SELECT id, address FROM hosts WHERE name = %s", (self.nodename,))
@@ -351,6 +356,7 @@ class HKD:
         rows = self.db.query("SELECT r.vm_id, r.vm_state, v.ip FROM vm_runtimes r JOIN vms v ON v.id = r.vm_id "
                              "WHERE r.host_id = %s AND r.vm_state <> 'stopped'", (self.host_id,))
         running = self.hypervisor.list_running()
+        agent_keys = runtime.vm_agent_keys(self.db, [row[0] for row in rows])
         zombies = []
         for vm_id, state, ip in rows:
             runner = VmRunner(self, vm_id)
@@ -365,6 +371,7 @@ class HKD:
                                                mac_from_ip(self.cfg.get_str("vm.network.mac.prefix"), ip), ip)
                     except Exception as exc:  # noqa: BLE001 - its port stays closed; the VMA monitor acts
                         log.error("VM %s: %s", vm_id, _first_line(exc))
+                runner.agent_key = agent_keys.get(vm_id)     # the secret its VMA was started with
                 log.info("VM %s: still running (pid %s), adopted in state %s", vm_id, runner.handle.pid, state)
                 runner.send(M.Adopt(state))
             else:

@@ -7,6 +7,7 @@ the cluster gave the VM away (this node was marked lost), and the VM is killed a
 """
 import logging
 import os
+import secrets
 import time
 
 import gevent
@@ -53,6 +54,7 @@ class VmRunner:
         self._start_began = None   # monotonic time of this start's first step, for the histogram
         self.dhcp_registered = None
         self.filter_entry = None            # (port, mac, ip) given to the network filter
+        self.agent_key = None               # the secret of this start's VMA (docs/hkd.md#vma-secret)
         self.holds_heavy = False
         self._timer = None
         self._monitor = None
@@ -184,12 +186,17 @@ class VmRunner:
             ssh_port = cfg.get_int("internal.vm.port.ssh")
             if not runtime.prepare_vm(cur, self.vm_id, self.hkd.host_id, ip, vma_port, x_port, ssh_port, di_id):
                 raise RowLostError()
+            # a new secret at every start: whoever learnt an earlier one can do nothing with it
+            agent_key = None if cfg.get_bool("vm.vma.legacy_unauthenticated") else secrets.token_urlsafe(32)
+            runtime.set_vm_agent_key(cur, self.vm_id, agent_key)
             mac = mac_from_ip(cfg.get_str("vm.network.mac.prefix"), ip) if ip else None
             return VmSpec(vm_id=self.vm_id, name=name, ip=ip, mac=mac, memory=memory, di_id=di_id,
                           di_path=di_full_path(cfg, di_path), use_overlay=use_overlay,
                           user_storage_size=user_storage, login=login, vma_port=vma_port, x_port=x_port,
-                          properties=props, port=self.hkd.hypervisor.port_name(self.vm_id))
+                          properties=props, port=self.hkd.hypervisor.port_name(self.vm_id),
+                          agent_key=agent_key)
         self.spec = self.db.transaction(load)
+        self.agent_key = self.spec.agent_key
         log.info("VM %s (%s): starting with DI %s", self.vm_id, self.spec.name, self.spec.di_path)
 
     def _step_AcquireHeavy(self, step):
@@ -233,7 +240,7 @@ class VmRunner:
     def _vma(self):
         address = self.handle.address if self.handle else (self.spec.ip if self.spec else None)
         return VmaClient(address, self.cfg.get_int("internal.vm.port.vma"),
-                         timeout=self.cfg.get_float("internal.hkd.agent.rpc.timeout"))
+                         timeout=self.cfg.get_float("internal.hkd.agent.rpc.timeout"), key=self.agent_key)
 
     def _step_Poweroff(self, step):
         try:

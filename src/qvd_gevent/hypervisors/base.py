@@ -32,6 +32,17 @@ class VmSpec:
     x_port: int = 4100
     properties: dict = field(default_factory=dict)
     port: str | None = None     # the VM's interface on vm.network.bridge (Hypervisor.port_name)
+    # the secret the VM's agent must require of every caller, made at this start
+    # (docs/hkd.md#vma-secret); None with vm.vma.legacy_unauthenticated. Never in a repr.
+    agent_key: str | None = field(default=None, repr=False)
+
+
+def agent_key_environment(spec):
+    """How process, netns and lxc VMs get the secret: their init's environment (never its
+    command line, which every user of the machine can read)."""
+    if spec.agent_key:
+        return {"QVD_VMA_SECRET": spec.agent_key}
+    return {"QVD_VMA_UNAUTHENTICATED": "1"}
 
 
 @dataclass

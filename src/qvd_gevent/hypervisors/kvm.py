@@ -28,6 +28,11 @@
   with a state check every ``internal.hkd.libvirt.state_check.interval`` seconds.
 - What the node needs to adopt a domain after a restart (IP, DI, overlay) is kept in the
   domain's <metadata>, read back by list_running().
+- The VM's agent key (docs/hkd.md#vma-secret) is a fw_cfg entry ``opt/qvd/vma-secret``
+  (libvirt's ``<sysinfo type='fwcfg'>``): the guest reads it as root from
+  /sys/firmware/qemu_fw_cfg/by_name/opt/qvd/vma-secret/raw (module qemu_fw_cfg) and hands
+  it to its VMA (``qvd-vma --key-file``). Like the domain XML, qemu's command line shows it
+  to whoever can list the node's processes; nothing in another VM sees it.
 """
 import ctypes
 import dataclasses
@@ -48,6 +53,8 @@ from .libvirt_common import LibvirtHypervisor, add_metadata, domain_name, parse_
 from .libvirt_common import xml_sub as _sub
 
 log = logging.getLogger("qvd.hypervisors.kvm")
+
+FW_CFG_AGENT_KEY = "opt/qvd/vma-secret"
 
 
 @dataclass
@@ -100,6 +107,9 @@ def kvm_domain_xml(spec: VmSpec, settings: KvmDomainSettings) -> str:
     _sub(domain, "on_poweroff", "destroy")
     _sub(domain, "on_reboot", "restart")
     _sub(domain, "on_crash", "destroy")
+    if spec.agent_key:
+        fw_cfg = _sub(domain, "sysinfo", type="fwcfg")
+        _sub(fw_cfg, "entry", spec.agent_key, name=FW_CFG_AGENT_KEY)
     devices = _sub(domain, "devices")
     if settings.disk_path:
         disk = _sub(devices, "disk", type="file", device="disk")

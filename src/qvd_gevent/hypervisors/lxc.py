@@ -30,7 +30,7 @@ import xml.etree.ElementTree as ET
 import gevent.lock
 from gevent import subprocess
 
-from .base import HypervisorError, VmSpec
+from .base import HypervisorError, VmSpec, agent_key_environment
 from .libvirt_common import LibvirtHypervisor, add_metadata, domain_name, require_libvirt
 from .libvirt_common import xml_sub as _sub
 
@@ -58,6 +58,8 @@ def lxc_domain_xml(spec: VmSpec, *, rootfs, bridge, init="/sbin/init", domain_ty
     os_el = _sub(domain, "os")
     _sub(os_el, "type", "exe")
     _sub(os_el, "init", init)
+    for name, value in agent_key_environment(spec).items():
+        _sub(os_el, "initenv", value, name=name)     # the init's environment (docs/hkd.md#vma-secret)
     _sub(domain, "on_poweroff", "destroy")
     _sub(domain, "on_reboot", "restart")
     _sub(domain, "on_crash", "destroy")

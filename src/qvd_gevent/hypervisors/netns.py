@@ -48,7 +48,7 @@ from gevent import subprocess
 from ..system import procfs
 from ..system.netlink import shared_netlink
 from ..system.spawn import SpawnedChild, SpawnError, run_collect, wait_exit
-from .base import Hypervisor, HypervisorError, VmHandle, VmSpec
+from .base import Hypervisor, HypervisorError, VmHandle, VmSpec, agent_key_environment
 
 log = logging.getLogger("qvd.hypervisors.netns")
 
@@ -291,6 +291,7 @@ class NetnsHypervisor(Hypervisor):
         env.setdefault("PATH", DEFAULT_PATH)
         env.update(QVD_VM_ID=str(spec.vm_id), QVD_VM_NAME=spec.name, QVD_VM_ADDRESS=address,
                    QVD_NODE=self.cfg.get_str("nodename", "") or "", QVD_VMA_PORT=str(spec.vma_port))
+        env.update(agent_key_environment(spec))
         logfile = os.path.join(self.state_dir, ns + ".log")
         fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:

@@ -19,7 +19,7 @@ import time
 
 from ..system import procfs
 from ..system.spawn import wait_exit
-from .base import Hypervisor, HypervisorError, VmHandle, VmSpec
+from .base import Hypervisor, HypervisorError, VmHandle, VmSpec, agent_key_environment
 
 log = logging.getLogger("qvd.hkd.process")
 
@@ -205,6 +205,7 @@ class ProcessHypervisor(Hypervisor):
             "QVD_NODE": self.nodename,
             "QVD_NODE_RUN": self.run_dir,
         })
+        env.update(agent_key_environment(spec))
         for key, value in (spec.properties or {}).items():
             env["QVD_PROP_" + "".join(c if c.isalnum() else "_" for c in key).upper()] = str(value)
         os.makedirs(self.log_dir, exist_ok=True)

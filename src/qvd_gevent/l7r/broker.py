@@ -21,7 +21,8 @@ import gevent.socket
 
 from ..db import runtime
 from ..db.placement import NoHostAvailable
-from ..vma.client import VmaClient, VmaError
+from ..vma import display_gate
+from ..vma.client import VmaClient, VmaError, legacy_unauthenticated, open_display
 from .auth_plugins.totp import PRIVATE_PREFIX as PRIVATE_PROPERTY_PREFIX  # a user's TOTP secret stays off the VM
 from .splice import tune_socket
 
@@ -146,9 +147,14 @@ class ConnectRunner:
         vm_address, vma_port, x_port = row[7], row[8], row[9]
         if not vm_address or not x_port:
             raise SetupFailed(f"VM {self.vm_id} has no address yet")
-        params = self.vma_params(slave)
-        self.start_x(vm_address, vma_port or self.cfg.get_int("internal.vm.port.vma"), params)
-        vm_sock = self.connect_x(vm_address, x_port)
+        params, agent_key = self.vma_params(slave)
+        # a one-time key for this connect: the VM's display admits one connection with it,
+        # and arming it ends the connection of the session before (docs/protocol.md#display-gate)
+        display_key = None if agent_key is None else display_gate.new_key()
+        if display_key is not None:
+            params[display_gate.PARAM] = display_key
+        self.start_x(vm_address, vma_port or self.cfg.get_int("internal.vm.port.vma"), params, agent_key)
+        vm_sock = self.connect_x(vm_address, x_port, display_key)
         try:
             self.mark_connected()
         except BaseException:
@@ -227,24 +233,33 @@ class ConnectRunner:
         raise SetupFailed("VM didn't reach state 'running'. Timeout")
 
     def vma_params(self, slave):
+        """(x_start parameters, the VM's agent key: None with vm.vma.legacy_unauthenticated)."""
         lifetime = self.cfg.get_int("l7r.token.lifetime")
+        legacy = legacy_unauthenticated(self.cfg)
 
         def tx(cur):
             runtime.read_committed(cur)
             cur.execute("SELECT address FROM hosts WHERE id = %s", (self.host_id,))
             host_row = cur.fetchone()
+            agent_key = None if legacy else runtime.read_vm_agent_key(cur, self.vm_id)
+            if agent_key is None and not legacy:
+                return None
             # the desktop's token opens this VM only and is revoked when the session row is released
             token, _ = runtime.issue_token(cur, self.auth.user_id, self.auth.params, lifetime, vm_id=self.vm_id)
-            return host_row, token, combined_properties(cur, self.vm_id)
-        host_row, token, properties = self.db.transaction(tx)
+            return host_row, token, combined_properties(cur, self.vm_id), agent_key
+        found = self.db.transaction(tx)
+        if found is None:
+            raise SetupFailed(f"VM {self.vm_id} runs without an agent key (started with "
+                              "vm.vma.legacy_unauthenticated on?); restart it")
+        host_row, token, properties, agent_key = found
         client = dict(self.client_params)
         client.update({f"auth.{name}": value for name, value in self.auth_vars.items()})
         client["auth_token"] = token
         client["host_address"] = host_row[0] if host_row else ""
-        return merge_vma_params(client, properties, self.auth.params, slave)
+        return merge_vma_params(client, properties, self.auth.params, slave), agent_key
 
-    def start_x(self, address, port, params):
-        vma = VmaClient(address, port, timeout=self.cfg.get_float("internal.l7r.timeout.vma"))
+    def start_x(self, address, port, params, agent_key):
+        vma = VmaClient(address, port, timeout=self.cfg.get_float("internal.l7r.timeout.vma"), key=agent_key)
         poll = self.cfg.get_float("internal.l7r.poll_time.x")
         self.info(f"Starting X session at VM {self.vm_id}")
         tries = self.cfg.get_int("internal.l7r.retry.x_start") + 1
@@ -274,12 +289,11 @@ class ConnectRunner:
             gevent.sleep(poll)
         raise SetupFailed(f"Unable to start X session on VM {self.vm_id}: operation timed out!")
 
-    def connect_x(self, address, port):
+    def connect_x(self, address, port, display_key):
         self.info(f"Connecting X session for VM_ID: {self.vm_id}")
         self.svc.count("nx_attempts")
         try:
-            sock = gevent.socket.create_connection((address, int(port)),
-                                                   timeout=self.cfg.get_float("internal.l7r.timeout.vma"))
+            sock = open_display(address, port, display_key, timeout=self.cfg.get_float("internal.l7r.timeout.vma"))
         except OSError as exc:
             raise SetupFailed(f"Unable to connect X session for VM_ID: {self.vm_id}: {exc.strerror or exc}") from None
         tune_socket(sock)

@@ -22,6 +22,7 @@ from gevent.server import StreamServer
 
 from ..db import DatabaseUnavailable, runtime
 from ..common import metrics
+from ..vma.client import legacy_unauthenticated
 from . import tls
 from .auth import AuthFailed, Authenticator, LoginsBusy, Throttled, encode_token_for_client, parse_auth_headers
 from .broker import ConnectRunner, SessionAborted, SetupFailed, StopRunner, slave_key
@@ -112,6 +113,7 @@ class L7RService:
         this before the HKD touches the host, so a missing certificate or a taken port stops
         it with nothing to undo."""
         cfg = self.cfg
+        legacy_unauthenticated(cfg, "L7R")
         self._lookup_host()
         if cfg.get_bool("l7r.use_ssl"):
             try:

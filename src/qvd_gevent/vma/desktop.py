@@ -3,15 +3,15 @@ comes back unchanged, byte for byte.
 
 It behaves like an nxagent session to the L7R: x_start moves it from stopped to
 listening, a connected client makes it connected, the client leaving makes it
-suspended, the next x_start resumes (listening again). Connections are served one after
-another; a second one waits in the listen backlog until the first has gone.
+suspended, the next x_start resumes (listening again). It has no socket of its own: the
+VMA's display gate (vma/display_gate.py) hands it each admitted connection, in the gate's
+greenlet, so nothing but the gate reaches it.
 """
 import logging
 import socket
 import time
 
 import gevent
-from gevent.server import StreamServer
 
 from .xstate import StateTracker
 
@@ -27,19 +27,17 @@ class DesktopError(Exception):
 class EchoDesktop:
     kind = "echo"
 
-    def __init__(self, address, port, timeouts, validate=None, clock=time.monotonic):
-        self.address = address
+    def __init__(self, timeouts, validate=None, clock=time.monotonic):
         self.validate = validate  # params -> None or raises DesktopError (same checks as nx)
-        self.port = port
         self.clock = clock
         self.tracker = StateTracker(timeouts, clock())
-        self.server = None
+        self.running = False
         self.client = None
         self.sessions = 0
 
     # --- the RPC side ------------------------------------------------------------------
     def x_state(self):
-        state, expired = self.tracker.x_state(self.clock(), alive=self.server is not None)
+        state, expired = self.tracker.x_state(self.clock(), alive=self.running)
         if expired:
             log.info("echo desktop: %s timed out, stopping it", self.tracker.current)
             self._shutdown()
@@ -55,7 +53,7 @@ class EchoDesktop:
             raise DesktopError("Can't connect to X session in state connected, suspending it, retry later")
         if state == "stopped":
             self.tracker.set("initiating", self.clock())
-            self._listen()
+            self.running = True
             self.tracker.set("starting", self.clock())
         elif state == "suspended":
             self.tracker.set("resuming", self.clock())
@@ -71,7 +69,7 @@ class EchoDesktop:
         return self.x_state()
 
     def x_stop(self):
-        if self.server is None:
+        if not self.running:
             return self.x_state()
         self._shutdown()
         return "stopping"
@@ -79,27 +77,15 @@ class EchoDesktop:
     def close(self):
         self._shutdown()
 
-    # --- the display port ----------------------------------------------------------------
-    def _listen(self):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((self.address, self.port))
-            listener.listen(8)
-        except OSError as exc:
-            listener.close()
-            self.tracker.set("aborted", self.clock())
-            raise DesktopError(f"cannot listen on display port {self.address}:{self.port}: {exc.strerror}") from None
-        # One connection at a time: the handler runs in the accept loop's own greenlet
-        # through a pool of size 1, so the next accept waits for the previous client.
-        self.server = StreamServer(listener, self._serve, spawn=1)
-        self.server.start()
-
-    def _serve(self, conn, peer):
+    # --- the display side: a connection the gate admitted ------------------------------
+    def serve(self, conn, ack):
+        """Echo until the client leaves (runs in the gate's greenlet)."""
+        if not self.running:
+            return                  # no session: the connection is closed unanswered
+        ack()
         self.client = conn
         self.sessions += 1
         self.tracker.set("started", self.clock())
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             while True:
                 data = conn.recv(CHUNK)
@@ -113,10 +99,9 @@ class EchoDesktop:
         except OSError:
             pass
         finally:
-            conn.close()
             if self.client is conn:
                 self.client = None
-                if self.server is not None:
+                if self.running:
                     self.tracker.set("suspended", self.clock())
 
     def _drop_client(self):
@@ -126,13 +111,10 @@ class EchoDesktop:
                 client.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            client.close()
 
     def _shutdown(self):
         self.tracker.set("terminating", self.clock())
-        server, self.server = self.server, None
+        self.running = False
         self._drop_client()
-        if server is not None:
-            server.stop(timeout=1)
         self.tracker.set("terminated", self.clock())
         gevent.sleep(0)

@@ -4,7 +4,10 @@ Environment (set by the hypervisor): QVD_VM_ID, QVD_VM_NAME, QVD_VM_ADDRESS (bin
 address, default 0.0.0.0), optionally QVD_VMA_PORT and QVD_X_PORT (default 3030 and
 4100), QVD_VM_DESKTOP (echo or nx), QVD_PROP_QVD_VM_DESKTOP (the VM property
 qvd.vm.desktop as the process hypervisor exports properties) and QVD_VMA_CONFIG (a
-vma.conf).
+vma.conf). QVD_VMA_SECRET is the agent key every caller must present (the VMA takes it
+out of the environment at start); without it the init refuses to start unless
+QVD_VMA_UNAUTHENTICATED=1 (the node's vm.vma.legacy_unauthenticated) says to serve
+everyone, as the original VMA did.
 
 It runs the VMA in this same process (no second interpreter per VM) with poweroff
 meaning "this VM's init exits". The desktop: QVD_VM_DESKTOP when set, else
@@ -32,6 +35,8 @@ It takes its settings from the environment, which the hypervisor sets:
   QVD_VMA_PORT, QVD_X_PORT  agent and display ports (default 3030 and 4100)
   QVD_VM_DESKTOP            echo or nx (else the VM property qvd.vm.desktop decides)
   QVD_VMA_CONFIG            a vma.conf
+  QVD_VMA_SECRET            the agent key every caller must present (made at each VM start)
+  QVD_VMA_UNAUTHENTICATED   1: no key, serve everyone (as the original VMA)
 
 Register it as a disk image: qvd-admin di add path=$(which qvd-vm-init) osf=NAME
 """
@@ -56,6 +61,8 @@ def vma_args_from_env(env):
         argv += ["--config", env["QVD_VMA_CONFIG"]]
     if env.get("QVD_VMA_PORT"):
         argv += ["--port", env["QVD_VMA_PORT"]]
+    if not env.get("QVD_VMA_SECRET") and env.get("QVD_VMA_UNAUTHENTICATED", "").strip() == "1":
+        argv += ["--unauthenticated"]
     return argv
 
 
@@ -68,6 +75,10 @@ def main(argv=None):
     if desktop not in ("echo", "nx", "auto"):
         print(f"qvd-vm-init: QVD_VM_DESKTOP must be echo or nx, not {desktop!r}", file=sys.stderr)
         sys.exit(2)
+    if not os.environ.get("QVD_VMA_SECRET") and "--unauthenticated" not in vma_args:
+        print("qvd-vm-init: no agent key: QVD_VMA_SECRET is not set (QVD_VMA_UNAUTHENTICATED=1 serves "
+              "without one, as the original VMA)", file=sys.stderr)
+        sys.exit(2)
     from .server import patch_for_vma
     patch_for_vma()
     vm_id = os.environ.get("QVD_VM_ID", "?")
@@ -75,7 +86,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s vm {vm_id} %(name)s %(levelname)s %(message)s")
     logging.getLogger("qvd.vm-init").info("init of VM %s (%s), pid %d", vm_id, vm_name, os.getpid())
-    sys.exit(run(build_parser(prog="qvd-vm-init").parse_args(vma_args)))
+    sys.exit(run(build_parser(prog="qvd-vm-init").parse_args(vma_args), prog="qvd-vm-init"))
 
 
 if __name__ == "__main__":

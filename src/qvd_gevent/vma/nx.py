@@ -6,12 +6,14 @@ the original, nxagent runs as the VMA's own user (no user provisioning, no xinit
 optional X session command (``command.x-session``) is started with DISPLAY=:<display>
 once nxagent announces its session.
 
-Ports: by default nxagent runs on a free local display with ``loopback=1`` and the VMA
-relays <address>:4000+display to it. VMs of the `process` and `netns` hypervisors share
-one /tmp/.X11-unix (and, for `process`, one network stack), so a fixed display :100
-would let only one of them run. ``vma.nxagent.direct`` restores the original layout
-(nxagent itself on :display, listening on *:4000+display), for images with one VMA per
-kernel.
+Ports: by default nxagent runs on a free local display and listens only on a unix socket
+in the VMA's run folder (``listen=unix:<run dir>/nxagent.sock``); the VMA's display gate
+on <address>:4000+display admits the armed connection and relays it there
+(vma/display_gate.py). So no other process reaches nxagent over the network, not even
+another `process` VM on the same loopback, and VMs of the `process` and `netns`
+hypervisors, which share one /tmp/.X11-unix, do not fight over display :100.
+``vma.nxagent.direct`` restores the original layout (nxagent itself on :display,
+listening on *:4000+display) for an unauthenticated VMA only, as it bypasses the gate.
 
 Invocation found by experiment (nx-libs 3.5.99.26):
     nxagent :100 -ac -name QVD -nolisten tcp -display nx/nx,options=<file>:100
@@ -28,7 +30,6 @@ import time
 
 import gevent
 from gevent import subprocess
-from gevent.server import StreamServer
 
 from .desktop import DesktopError
 from .xstate import InvalidOption, StateTracker, nxagent_options
@@ -46,7 +47,7 @@ class NxDesktop:
         self.address = address
         self.relayed = not cfg.get("vma.nxagent.direct")
         self.agent_display = None  # where nxagent runs; chosen at the first start
-        self.relay = None
+        self.socket_path = os.path.join(run_dir, "nxagent.sock")
         self.clock = clock
         self.tracker = StateTracker(timeouts, clock())
         self.options_path = os.path.join(run_dir, "nxagent.conf")
@@ -84,8 +85,6 @@ class NxDesktop:
                 if self.relayed else self.display
         self._write_options(params)
         self.tracker.set("initiating", self.clock())
-        if self.relayed and self.relay is None:
-            self._start_relay()
         self._spawn_agent()
         return "starting"
 
@@ -103,9 +102,6 @@ class NxDesktop:
         return "stopping"
 
     def close(self):
-        if self.relay is not None:
-            self.relay.stop(timeout=1)
-            self.relay = None
         grace = self.tracker.timeouts.get("stopping", 20)
         for proc in (self.session, self.agent):
             if proc is None or proc.poll() is not None:
@@ -122,7 +118,8 @@ class NxDesktop:
     # --- nxagent ---------------------------------------------------------------------
     def _write_options(self, params):
         try:
-            line = nxagent_options(params, self.cfg.get, self.agent_display, loopback=self.relayed)
+            line = nxagent_options(params, self.cfg.get, self.agent_display,
+                                   listen_socket=self.socket_path if self.relayed else None)
         except InvalidOption as exc:
             raise DesktopError(str(exc)) from None
         tmp = self.options_path + ".tmp"
@@ -134,6 +131,11 @@ class NxDesktop:
         if self.session is not None and self.session.poll() is not None:
             self.session = None  # the previous session's X client is gone; start a new one
         d = self.agent_display
+        if self.relayed:
+            try:
+                os.unlink(self.socket_path)     # a previous nxagent's: the relay must not dial it
+            except FileNotFoundError:
+                pass
         argv = [self.cfg.get("command.nxagent"), f":{d}", "-ac", "-name", "QVD", "-nolisten", "tcp",
                 "-display", f"nx/nx,options={self.options_path}:{d}"]
         env = dict(os.environ, NX_HOME=self.run_dir, HOME=os.environ.get("HOME", self.run_dir))
@@ -177,43 +179,34 @@ class NxDesktop:
         except OSError as exc:
             log.error("cannot start X session %r: %s", command, exc.strerror)
 
-    # --- the relay from <address>:4000+display to nxagent on 127.0.0.1 ------------------
-    def _start_relay(self):
-        port = self.display + 4000
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((self.address, port))
-            listener.listen(4)
-        except OSError as exc:
-            listener.close()
-            raise DesktopError(f"cannot listen on display port {self.address}:{port}: {exc.strerror}") from None
-        self.relay = StreamServer(listener, self._relay_one, spawn=1)
-        self.relay.start()
-
-    def _relay_one(self, conn, peer):
-        # nxagent logs "Starting session" (x_state listening) a moment before it binds its
-        # port, so a client quick off the mark may arrive first: retry for a while.
+    # --- the display side: a connection the gate admitted, relayed to nxagent's socket ----
+    def serve(self, conn, ack):
+        """Relay conn to nxagent until either side leaves (runs in the gate's greenlet)."""
+        # nxagent logs "Starting session" (x_state listening) a moment before it listens,
+        # so a client quick off the mark may arrive first: retry for a while.
         deadline = self.clock() + self.tracker.timeouts.get("listening", 10)
         while True:
+            agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                agent = socket.create_connection(("127.0.0.1", 4000 + self.agent_display), timeout=5)
+                agent.settimeout(5)
+                agent.connect(self.socket_path)
                 break
             except OSError as exc:
+                agent.close()
                 if self.clock() > deadline or not self._alive():
                     log.info("display relay: nxagent not reachable: %s", exc)
-                    conn.close()
                     return
                 gevent.sleep(0.05)
         agent.settimeout(None)
-        for s in (conn, agent):
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        pumps = [gevent.spawn(_pump, conn, agent), gevent.spawn(_pump, agent, conn)]
         try:
-            gevent.joinall(pumps)
-        finally:
+            ack()
+            pumps = [gevent.spawn(_pump, conn, agent), gevent.spawn(_pump, agent, conn)]
+            # either side gone (the client, or a new arming closing it) ends the relay; the
+            # other direction gets a moment to drain its last bytes
+            gevent.wait(pumps, count=1)
+            gevent.wait(pumps, timeout=1)
             gevent.killall(pumps)
-            conn.close()
+        finally:
             agent.close()
 
     def _signal(self, signum):

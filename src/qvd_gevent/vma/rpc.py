@@ -8,6 +8,7 @@ application/json-simplerpc``; the body is ``JSON(result)\\r\\n`` or, for an erro
 The parser is tolerant like the original's: no ``Host`` header needed (the Perl
 SimpleRPC client sends none), header names compared case-insensitively.
 """
+import hmac
 import json
 import re
 import urllib.parse
@@ -16,7 +17,7 @@ CONTENT_TYPE = "application/json-simplerpc"
 MAX_HEAD = 16384  # a request head longer than this is refused (x_start params fit easily)
 
 _REQUEST_LINE = re.compile(r"^([A-Z]+) (\S+) HTTP/(1\.[01])$")
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
             431: "Request Header Fields Too Large"}
 
 
@@ -88,16 +89,22 @@ def encode_error(message):
     return ('"",' + json.dumps(str(message)) + "\r\n").encode("ascii")
 
 
-def response(body, status=200, keep_alive=False, content_type=CONTENT_TYPE):
+def response(body, status=200, keep_alive=False, content_type=CONTENT_TYPE, headers=()):
     reason = _REASONS.get(status, "Error")
     head = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}",
-            f"Content-Length: {len(body)}"]
+            f"Content-Length: {len(body)}", *headers]
     if not keep_alive:
         head.append("Connection: close")
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
 
 
 _SECRET_KEY = re.compile(r"passw(or)?d|token|secret|\.key$", re.IGNORECASE)
+
+
+def bearer_matches(headers, secret):
+    """The request carries ``Authorization: Bearer <secret>`` (compared in constant time)."""
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), secret.encode())
 
 
 def mask_params(params):

@@ -1,7 +1,12 @@
 """qvd-vma: the agent inside a VM (docs/protocol.md#the-vma).
 
 Plain HTTP SimpleRPC on --address:--port (internal.vm.port.vma, 3030) with the methods
-ping, x_state, x_start, x_suspend, x_stop, poweroff and expire. The desktop is the
+ping, x_state, x_start, x_suspend, x_stop, poweroff and expire. Every call must carry
+``Authorization: Bearer <agent key>``, the secret the HKD made for this start of the VM
+(QVD_VMA_SECRET in the environment, or --key-file); a call without it, or with another,
+gets 401 and changes nothing. The display port is a gate (vma/display_gate.py) that
+admits only the connection armed by the last x_start. ``--unauthenticated`` serves
+without a key, as the original did. The desktop is the
 line-echo service (``echo``), nxagent (``nx``), or ``auto``: chosen at the first x_start
 from the VM property ``qvd.vm.desktop`` in its params (``nx`` -> nx, anything else ->
 echo) and kept for the VMA's life.
@@ -25,18 +30,29 @@ from gevent.server import StreamServer
 from .. import add_version_option
 from . import rpc
 from .desktop import DesktopError, EchoDesktop
+from .display_gate import PARAM as DISPLAY_KEY_PARAM
+from .display_gate import DisplayGate, DisplayKeyError, check_key
 from .xstate import TIMEOUT_KEYS, InvalidOption, nxagent_options
 
 log = logging.getLogger("qvd.vma")
 
 METHODS = ("ping", "x_state", "x_start", "x_suspend", "x_stop", "poweroff", "expire")
+KEY_ENV = "QVD_VMA_SECRET"
+MIN_KEY_LENGTH = 32     # characters; the HKD makes 43 (256 bits, base64url)
 
 
 class VmaService:
-    """The RPC methods over one desktop. on_poweroff() is called after the answer went out."""
+    """The RPC methods over one desktop. on_poweroff() is called after the answer went out.
+
+    key: the agent key every call must carry, and the display gate armed per x_start; None
+    serves everyone, as the original VMA did."""
 
     def __init__(self, cfg, address="0.0.0.0", port=None, desktop="echo", run_dir=None,
-                 on_poweroff=None, x_port=None):
+                 on_poweroff=None, x_port=None, key=None):
+        if key is not None and cfg.get("vma.nxagent.direct"):
+            raise ValueError("vma.nxagent.direct puts nxagent on the display port, past the display gate: "
+                             "it needs an unauthenticated VMA (--unauthenticated)")
+        self.key = key
         self.cfg = cfg
         self.address = address
         self.port = cfg.get("internal.vm.port.vma") if port is None else port
@@ -48,12 +64,14 @@ class VmaService:
         self.timeouts = {state: cfg.get(key) for state, key in TIMEOUT_KEYS.items()}
         self._own_run_dir = False
         self.desktop = None if desktop == "auto" else self._make_desktop(desktop)
+        self.gate = DisplayGate(address, self.display + 4000, self._serve_display, keyed=key is not None,
+                                key_timeout=cfg.get("internal.vma.display.key_timeout"))
         self.server = None
 
     # --- desktops ----------------------------------------------------------------------
     def _make_desktop(self, kind):
         if kind == "echo":
-            return EchoDesktop(self.address, self.display + 4000, self.timeouts, validate=self._validate)
+            return EchoDesktop(self.timeouts, validate=self._validate)
         if kind == "nx":
             from .nx import NxDesktop  # only VMs with a real desktop pay for it
             if self.run_dir is None:
@@ -85,18 +103,44 @@ class VmaService:
         return self.desktop.x_state() if self.desktop else "stopped"
 
     def rpc_x_start(self, params):
+        params = dict(params)
+        display_key = params.pop(DISPLAY_KEY_PARAM, None)
+        if self.key is not None:
+            try:
+                check_key(display_key)
+            except DisplayKeyError as exc:
+                raise DesktopError(str(exc)) from None
         if self.desktop is None:
             kind = "nx" if params.get("qvd.vm.desktop") == "nx" else "echo"
             log.info("desktop %s chosen by the first x_start", kind)
             self.desktop = self._make_desktop(kind)
         log.info("x_start %s", rpc.mask_params(params))
+        self._validate(params)
+        self._open_display()
+        if self.key is not None:
+            self.gate.arm(display_key)      # the previous session's connection ends here
         return self.desktop.x_start(params)
 
     def rpc_x_suspend(self, params):
+        self.gate.disarm()
         return self.desktop.x_suspend() if self.desktop else "stopped"
 
     def rpc_x_stop(self, params):
+        self.gate.disarm()
         return self.desktop.x_stop() if self.desktop else "stopped"
+
+    # --- the display port ----------------------------------------------------------------
+    def _open_display(self):
+        if self.desktop.kind == "nx" and not self.desktop.relayed:
+            return                  # nxagent listens on the display port itself (unauthenticated only)
+        try:
+            self.gate.start()
+        except OSError as exc:
+            raise DesktopError(f"cannot listen on display port {self.address}:{self.gate.port}: {exc.strerror}") from None
+
+    def _serve_display(self, conn, ack):
+        if self.desktop is not None:
+            self.desktop.serve(conn, ack)
 
     def rpc_poweroff(self, params):
         log.info("poweroff requested")
@@ -131,6 +175,7 @@ class VmaService:
         if self.server is not None:
             self.server.stop(timeout=1)
             self.server = None
+        self.gate.stop()
         if self.desktop is not None:
             self.desktop.close()
         if self._own_run_dir:
@@ -155,6 +200,12 @@ class VmaService:
                     request = rpc.parse_request_head(head)
                 except rpc.BadRequest as exc:
                     conn.sendall(rpc.response(f"{exc}\r\n".encode(), exc.status, content_type="text/plain"))
+                    return
+                if self.key is not None and not rpc.bearer_matches(request.headers, self.key):
+                    log.warning("refused %s %s from %s: %s", request.method, request.path, peer[0],
+                                "wrong key" if "authorization" in request.headers else "no key")
+                    conn.sendall(rpc.response(b"Unauthorized\r\n", 401, content_type="text/plain",
+                                              headers=('WWW-Authenticate: Bearer realm="qvd-vma"',)))
                     return
                 keep = request.keep_alive
                 conn.sendall(self._answer(request, keep))
@@ -208,10 +259,32 @@ def build_parser(prog="qvd-vma"):
     p.add_argument("--run-dir", help="folder for nxagent's options file and log (default: a new temp folder)")
     p.add_argument("--poweroff-exits", action="store_true",
                    help="poweroff ends this process instead of running vma.poweroff.command")
+    p.add_argument("--key-file", help=f"file holding the agent key (default: ${KEY_ENV}); on a kvm guest "
+                   "/sys/firmware/qemu_fw_cfg/by_name/opt/qvd/vma-secret/raw")
+    p.add_argument("--unauthenticated", action="store_true",
+                   help="serve without an agent key, as the original VMA: anyone who reaches this VM drives it")
     return p
 
 
-def run(args, on_ready=None):
+def read_agent_key(key_file, env):
+    """The agent key from key_file or env[QVD_VMA_SECRET] (removed from env, so that nothing
+    this VMA starts inherits it), or None. Raises ValueError for an unusable one."""
+    secret = env.pop(KEY_ENV, None)
+    if key_file:
+        try:
+            with open(key_file, encoding="ascii") as fh:
+                secret = fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the agent key from {key_file}: {getattr(exc, 'strerror', None) or exc}") from None
+    if secret is None:
+        return None
+    secret = secret.strip()
+    if len(secret) < MIN_KEY_LENGTH or not secret.isascii() or not secret.isprintable() or " " in secret:
+        raise ValueError(f"the agent key must be at least {MIN_KEY_LENGTH} printable ASCII characters without blanks")
+    return secret
+
+
+def run(args, on_ready=None, prog="qvd-vma"):
     """Runs the VMA until SIGTERM/SIGINT (exit 0) or, with --poweroff-exits, poweroff."""
     from ..config import ConfigError
     try:
@@ -219,14 +292,22 @@ def run(args, on_ready=None):
         done = gevent.event.Event()
         if args.x_port is not None and not 4000 < args.x_port < 65536:
             raise ValueError(f"--x-port {args.x_port}: must be above 4000")
+        key = read_agent_key(args.key_file, os.environ)
+        if key is None and not args.unauthenticated:
+            raise ValueError(f"no agent key (${KEY_ENV} or --key-file); --unauthenticated serves without one")
+        if key is not None and args.unauthenticated:
+            raise ValueError("--unauthenticated and an agent key contradict each other")
         service = VmaService(cfg, args.address, args.port, args.desktop, args.run_dir,
-                             on_poweroff=done.set if args.poweroff_exits else None, x_port=args.x_port)
+                             on_poweroff=done.set if args.poweroff_exits else None, x_port=args.x_port, key=key)
         service.start()
+        if key is None:
+            log.warning("no agent key: anyone who reaches %s:%d drives this VM and its display takes any "
+                        "connection (the original VMA's behaviour)", args.address, service.port)
     except (ConfigError, ValueError) as exc:
-        print(f"qvd-vma: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"qvd-vma: cannot listen on {args.address}:{args.port}: {exc.strerror}", file=sys.stderr)
+        print(f"{prog}: cannot listen on {args.address}:{args.port}: {exc.strerror}", file=sys.stderr)
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, done.set)

@@ -38,6 +38,7 @@ TIMEOUT_KEYS = {
 
 _SESSION_LINE = re.compile(r"Session: (?:(\w+) session at|Session (\w+) at)")
 _OPTION_VALUE = re.compile(r"^[\w/\-+]+$")
+_SOCKET_PATH = re.compile(r"^/[\w/.\-]{1,100}$")     # no ',' or ':' (option separators); fits sun_path
 
 
 def nx_state_from_log_line(line):
@@ -101,7 +102,7 @@ class InvalidOption(ValueError):
     pass
 
 
-def nxagent_options(params, cfg_get, display, loopback=False):
+def nxagent_options(params, cfg_get, display, listen_socket=None):
     """The one-line nxagent options file ``nx/nx,<opts>:<display>`` for x_start params.
 
     cfg_get(key) reads configuration. Client values must match ``^[\\w/\\-+]+$`` (else
@@ -130,8 +131,11 @@ def nxagent_options(params, cfg_get, display, loopback=False):
         opts.append("media=1")
     if cfg_get("vma.slave.enable"):
         opts.append("slave=1")
-    if loopback:
-        opts.append("loopback=1")  # nxagent listens on 127.0.0.1 only; the VMA relays to it
+    if listen_socket:
+        # nxagent listens on this unix socket only (no TCP port); the VMA's display gate relays to it
+        if not _SOCKET_PATH.match(listen_socket):
+            raise InvalidOption(f"nxagent socket path {listen_socket!r} must match {_SOCKET_PATH.pattern}")
+        opts.append(f"listen=unix:{listen_socket}")
     tolerance = cfg_get("internal.vma.nxagent.tolerancechecks")
     if tolerance:
         opts.append(f"tolerancechecks={tolerance}")
