@@ -165,6 +165,8 @@ def main(argv=None):
             fh.write("\n".join(["nodename = bench-node", *pg.node_conf_lines("qvd", "qvd", "bench"),
                                 f"path.run = {work}/run", "l7r.port = 0", "l7r.address = 127.0.0.1",
                                 f"l7r.use_ssl = {0 if args.plain else 1}", "internal.l7r.poll_time.x = 0.02",
+                                # the client role's echo stands in for every VM's display, with no gate
+                                "vm.vma.legacy_unauthenticated = 1",
                                 "internal.database.pool.size = 20", "log.level = WARN"]) + "\n")
         cfg = Config.load(conf)
         db = Database.from_config(cfg)
@@ -186,7 +188,7 @@ def main(argv=None):
 
         sys.path.insert(0, os.path.join(HERE, "..", "tests"))
         from helpers.fake_vma import FakeVma
-        vma = FakeVma(listen_delay=0).start()
+        vma = FakeVma(listen_delay=0, legacy=True).start()
         vma.state = "listening"
         listener = Listener(db).start()
         listener.wait_connected(10)

@@ -4,6 +4,7 @@ and `rows` for the summary table: (measure, qvd-gevent, reference, target, verdi
 Every load loop is bounded by a count and a deadline (see the specs sent to the workers).
 """
 import os
+import secrets
 import signal
 import statistics
 import subprocess
@@ -223,8 +224,10 @@ def cold_start(env, quick):
 def _vm_own_start(init, address="127.79.0.1"):
     """Seconds from exec of qvd-vm-init to its VMA answering ping (5 ms polls), or None."""
     from qvd_gevent.vma.client import VmaClient, VmaError
-    envvars = dict(os.environ, QVD_VM_ID="999999", QVD_VM_NAME="bench-start", QVD_VM_ADDRESS=address)
-    client = VmaClient(address, 3030, timeout=1)
+    key = secrets.token_urlsafe(32)          # as the HKD hands every VM its agent key
+    envvars = dict(os.environ, QVD_VM_ID="999999", QVD_VM_NAME="bench-start", QVD_VM_ADDRESS=address,
+                   QVD_VMA_SECRET=key)
+    client = VmaClient(address, 3030, timeout=1, key=key)
     t0 = time.monotonic()
     proc = subprocess.Popen([init], env=envvars, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     up = None

@@ -32,6 +32,7 @@ class FakeVma:
         self.state = "stopped"
         self.x_start_calls = []
         self.refused_calls = 0
+        self.calls_with_authorization = 0
         self.echo_connections = 0
         self.rpc = StreamServer(("127.0.0.1", 0), self._rpc)
         self.gate = display_gate.DisplayGate("127.0.0.1", 0, self._echo, keyed=not legacy)
@@ -65,6 +66,7 @@ class FakeVma:
                 return
             data += chunk
         request = rpc.parse_request_head(data.split(b"\r\n\r\n", 1)[0])
+        self.calls_with_authorization += "authorization" in request.headers
         if self.key is not None and not rpc.bearer_matches(request.headers, self.key):
             self.refused_calls += 1
             self._answer(sock, 401, b"Unauthorized\r\n")

@@ -233,6 +233,35 @@ def hkd_node_conf(host, tmp_path, pg_server, dbname, **extra):
     return conf
 
 
+VMA_CALL = """
+import os, sys, urllib.error, urllib.request
+request = urllib.request.Request(sys.argv[1])
+if os.environ.get("VMA_KEY"):
+    request.add_header("Authorization", "Bearer " + os.environ["VMA_KEY"])
+try:
+    print(urllib.request.urlopen(request, timeout=3).status)
+except urllib.error.HTTPError as exc:
+    print(exc.code)
+"""
+
+
+def vma_status(run, address, method="ping", key=None):
+    """HTTP status of a VMA call from wherever ``run`` runs its argv (a namespace's run());
+    key: the agent key to present (given in the environment, never on a command line)."""
+    env = dict(os.environ, VMA_KEY=key or "")
+    done = run([sys.executable, "-c", VMA_CALL, f"http://{address}:3030/vma/{method}"], env=env)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.strip())
+
+
+def in_netns(name):
+    """A run() for argv inside the network namespace ``name`` (a VM's)."""
+    def run(argv, **kwargs):
+        return subprocess.run(["nsenter", f"--net={NETNS_DIR}/{name}", "--"] + list(argv), capture_output=True,
+                              text=True, timeout=60, check=False, **kwargs)
+    return run
+
+
 def write_http_di(tmp_path, echo=False):
     """A tiny VM init: busybox httpd on the leased address answering the VMA's ping.
 

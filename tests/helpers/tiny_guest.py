@@ -8,14 +8,20 @@ busybox-static whose /init
   libvirt powers it off),
 - takes eth0's address by DHCP (``udhcpc``; its script applies the address: udhcpc itself
   does not),
-- serves the VMA calls the HKD makes with busybox httpd on port 3030: static files
-  ``/vma/ping`` and ``/vma/x_state`` holding SimpleRPC JSON bodies,
-- echoes lines on port 4100 (the "display" port), and
+- reads its agent key from the fw_cfg entry ``opt/qvd/vma-secret`` the kvm hypervisor adds
+  (module qemu_fw_cfg; /sys/firmware/qemu_fw_cfg/by_name/opt/qvd/vma-secret/raw, root only)
+  into a root-only file, and prints ``QVD-GUEST-KEY yes`` (or ``no``; never the key),
+- serves the VMA calls the HKD makes on port 3030 (busybox nc, a shell script per
+  connection): ``/vma/ping`` and ``/vma/x_state`` with SimpleRPC JSON bodies, 401 without
+  ``Authorization: Bearer <key>`` when it got a key (as qvd-vma; without one it answers
+  everyone, like the original VMA), 404 for the rest,
+- echoes lines on port 4100 (the "display" port; no display gate: no L7R connects here), and
 - prints ``QVD-GUEST-LEASE <address>`` on the serial console once it has its lease (before
   the VMA serves) and ``QVD-GUEST-READY <address>`` when everything is up.
 
-The result is cached in ``QVD_TEST_GUEST_CACHE`` (default /var/cache/qvd-test-guest) keyed
-by a recipe version, so only the first run downloads (~70 MB) and builds (a few seconds).
+The result is cached in ``QVD_TEST_GUEST_CACHE`` (default /var/cache/qvd-test-guest), in a
+folder per recipe version, so only the first run downloads (~70 MB) and builds (a few
+seconds), and checkouts of different recipes on one machine do not rebuild each other's.
 """
 import dataclasses
 import fcntl
@@ -24,7 +30,7 @@ import shutil
 import subprocess
 import tempfile
 
-RECIPE_VERSION = "5"
+RECIPE_VERSION = "6"
 CACHE_DIR = os.environ.get("QVD_TEST_GUEST_CACHE", "/var/cache/qvd-test-guest")
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3"
 READY_MARK = "QVD-GUEST-READY"
@@ -36,7 +42,7 @@ MODULES = [
     "drivers/virtio/virtio_pci_legacy_dev.ko", "drivers/virtio/virtio_pci_modern_dev.ko",
     "drivers/virtio/virtio_pci.ko", "net/core/failover.ko", "drivers/net/net_failover.ko",
     "drivers/net/virtio_net.ko", "drivers/net/ethernet/intel/e1000/e1000.ko",
-    "drivers/input/evdev.ko", "drivers/acpi/button.ko",
+    "drivers/input/evdev.ko", "drivers/acpi/button.ko", "drivers/firmware/qemu_fw_cfg.ko",
 ]
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
@@ -61,9 +67,14 @@ until [ -s /tmp/address ] || [ $tries -ge 60 ]; do
   udhcpc -i eth0 -s /udhcpc.sh -f -q -t 5 -T 1 -A 1 >/dev/null 2>&1
   tries=$((tries + 1))
 done
+# the agent key the node made for this start (docs/hkd.md#vma-secret): root only, never printed
+umask 077
+if cat /sys/firmware/qemu_fw_cfg/by_name/opt/qvd/vma-secret/raw > /run/vma-secret 2>/dev/null \
+   && [ -s /run/vma-secret ]; then echo "QVD-GUEST-KEY yes"; else rm -f /run/vma-secret; echo "QVD-GUEST-KEY no"; fi
+umask 022
 # printed before the VMA serves: whoever sees the VMA answer can already read this line
 echo "QVD-GUEST-LEASE $(cat /tmp/address 2>/dev/null)"
-httpd -p 3030 -h /www
+nc -ll -p 3030 -e /vma.sh &
 nc -ll -p 4100 -e /bin/cat &
 echo "QVD-GUEST-READY $(cat /tmp/address 2>/dev/null)"
 while true; do sleep 3600; done
@@ -81,10 +92,27 @@ esac
 exit 0
 """
 
-VMA_FILES = {
-    "vma/ping": "1\n",
-    "vma/x_state": '"stopped"\n',
-}
+VMA_SCRIPT = r"""#!/bin/sh
+# One SimpleRPC call on stdin/stdout (busybox nc -e). The key in /run/vma-secret, if any,
+# is required as in qvd-vma: Authorization: Bearer <key>, else 401.
+read -r request
+auth=""
+while read -r line; do
+  line=$(printf '%s' "$line" | tr -d '\r')
+  [ -z "$line" ] && break
+  case "$line" in [Aa]uthorization:*) auth="${line#*: }" ;; esac
+done
+answer() { printf 'HTTP/1.1 %s\r\nContent-Type: application/json-simplerpc\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s' "$1" "${#2}" "$2"; }
+if [ -s /run/vma-secret ] && [ "$auth" != "Bearer $(cat /run/vma-secret)" ]; then
+  answer "401 Unauthorized" ""; exit 0
+fi
+path=$(echo "$request" | cut -d' ' -f2)
+case "${path%%\?*}" in
+  /vma/ping) answer "200 OK" "1" ;;
+  /vma/x_state) answer "200 OK" '"stopped"' ;;
+  *) answer "404 Not Found" "" ;;
+esac
+"""
 
 
 @dataclasses.dataclass
@@ -123,7 +151,7 @@ def _write(path, text, mode=0o644):
 
 def _build_initramfs(kernel_root, release, out_path, work):
     root = os.path.join(work, "initramfs")
-    for d in ("bin", "sbin", "proc", "sys", "dev", "tmp", "etc", "lib/modules", "www/vma"):
+    for d in ("bin", "sbin", "proc", "sys", "dev", "tmp", "etc", "run", "lib/modules"):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     busybox = shutil.which("busybox") or "/bin/busybox"
     shutil.copy2(busybox, os.path.join(root, "bin/busybox"))
@@ -137,8 +165,7 @@ def _build_initramfs(kernel_root, release, out_path, work):
     _write(os.path.join(root, "modules.order"), "\n".join(order) + "\n")
     _write(os.path.join(root, "init"), INIT_SCRIPT, 0o755)
     _write(os.path.join(root, "udhcpc.sh"), UDHCPC_SCRIPT, 0o755)
-    for rel, body in VMA_FILES.items():
-        _write(os.path.join(root, "www", rel), body)
+    _write(os.path.join(root, "vma.sh"), VMA_SCRIPT, 0o755)
     files = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True, timeout=60).stdout
     with open(out_path + ".cpio", "wb") as cpio_out:
         subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files, stdout=cpio_out,
@@ -150,6 +177,7 @@ def _build_initramfs(kernel_root, release, out_path, work):
 
 def build_tiny_guest(cache_dir=CACHE_DIR) -> TinyGuest:
     """Return the cached guest, building it first if needed (process-safe: an flock guards it)."""
+    cache_dir = os.path.join(cache_dir, f"recipe-{RECIPE_VERSION}")
     os.makedirs(cache_dir, exist_ok=True)
     kernel = os.path.join(cache_dir, "vmlinuz")
     initrd = os.path.join(cache_dir, "initrd.img")

@@ -7,7 +7,9 @@ import time
 
 import gevent
 import pytest
+from qvd_gevent.db import runtime
 from qvd_gevent.db.runtime import token_digest
+from qvd_gevent.vma import display_gate
 
 from helpers.l7r_env import Node, Reader, Seed, basic, get, make_cert, open_conn, read_to_close, write_conf
 from helpers.nodes import wait_for
@@ -81,6 +83,10 @@ def test_original_client_bytes_start_vm_and_splice(env):
     assert env.hkd.started == [env.vm_id]
     params = env.vma.x_start_calls[-1]
     assert params["qvd.client.keyboard"] == "pc105/es" and params["qvd.slave.key"] == key
+    # every call carried the VM's agent key (the stand-in answers 401 otherwise), and the
+    # display connection presented the one-time key this x_start armed
+    assert env.vma.refused_calls == 0 and env.vma.calls_with_authorization >= 2
+    assert len(params["qvd.display.key"]) == 43 and env.vma.gate.admitted == 1
     assert params["qvd.vm.user.name"] == "qvd" and params["host_address"] == "127.0.0.1"
     r = row(env)
     assert r[0] == "connected" and r[1] == env.host_id and r[2] == os.getpid() and r[5] == env.user
@@ -335,3 +341,41 @@ def test_stop_vm_unstoppable_and_timeout(env):
     assert (final.status, final.text) == (408, "VM didn't reach state 'stopped'. Timeout")
     assert env.db.query_one("SELECT vm_cmd FROM vm_runtimes WHERE vm_id = %s", (env.vm_id,))[0] == "stop"
     sock.close()
+
+
+def test_a_vm_without_its_agent_key_or_with_a_wrong_one_is_not_connected(env):
+    """The L7R calls a VMA only with the key the VM's node stored for this start."""
+    env.seed.running_at(env.vm_id, env.host_id, env.vma)
+    env.db.transaction(runtime.set_vm_agent_key, env.vm_id, display_gate.new_key())     # not the VMA's
+    _, _, _, final = connect(env)
+    assert final.status == 503 and "refused: wrong agent key (401)" in final.text, final.text
+    assert env.vma.x_start_calls == [] and env.vma.refused_calls == 4     # internal.l7r.retry.x_start = 3 here
+    env.db.transaction(runtime.set_vm_agent_key, env.vm_id, None)
+    _, _, _, final = connect(env)
+    assert final.status == 503 and f"VM {env.vm_id} runs without an agent key" in final.text, final.text
+    assert env.vma.refused_calls == 4 and env.vma.gate.admitted == 0
+    assert wait_for(lambda: row(env)[0] == "disconnected")
+    env.db.transaction(runtime.set_vm_agent_key, env.vm_id, env.vma.key)
+    sock, _, _, final = connect(env)
+    assert final.status == 101
+    sock.close()
+
+
+def test_legacy_setting_talks_to_a_vma_without_a_key_and_warns(tmp_path, pg_server, fresh_db_name, caplog):
+    """vm.vma.legacy_unauthenticated: a VMA that knows no key (as the original's) works, no
+    key or display preamble is sent, and the L7R says at start that it runs this way."""
+    node = make_env(tmp_path, pg_server, fresh_db_name, extra={"vm.vma.legacy_unauthenticated": 1}, legacy=True)
+    try:
+        node.vm_id = node.seed.vm("qvd-vm1", node.seed.user("qvd", "qvd"), node.seed.osf())
+        with caplog.at_level("WARNING", logger="qvd.vma"):
+            node.start()
+        assert any("L7R: vm.vma.legacy_unauthenticated is on" in r.getMessage() for r in caplog.records)
+        sock, reader, _, final = connect(node)
+        assert final.status == 101
+        assert "qvd.display.key" not in node.vma.x_start_calls[-1]
+        assert node.vma.calls_with_authorization == 0
+        sock.sendall(b"no preamble before me\n")
+        assert reader.recv_exact(22) == b"no preamble before me\n"
+        sock.close()
+    finally:
+        node.close()

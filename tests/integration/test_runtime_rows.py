@@ -47,7 +47,7 @@ def notified(conn, timeout=5):
 def test_nothing_else_writes_the_shared_rows():
     """One owner: no INSERT, UPDATE or DELETE of the shared tables anywhere else in src/."""
     pattern = re.compile(r"(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(vm_runtimes|host_runtimes|user_tokens|"
-                         r"user_auth_parameters)\b", re.I)
+                         r"user_auth_parameters|vm_agent_keys)\b", re.I)
     offenders = [f"{path.relative_to(SRC)}: {m.group(0)}"
                  for path in SRC.rglob("*.py") if path.name != "runtime.py"
                  for m in pattern.finditer(path.read_text())]
@@ -293,3 +293,36 @@ def test_sweep_purges_expired_tokens_and_parameters_nobody_refers_to(db):
     left = {r[0] for r in db.query("SELECT id FROM user_auth_parameters")}
     assert left == {live_params, fresh}
     assert runtime.redeem_token(db, live)[0] is None
+
+
+def test_agent_keys_live_as_long_as_the_vms_run_on_their_node(db):
+    """vm_agent_keys: written with the start's ports, replaced at the next start, gone when
+    the node clears the row (only the VM's node can), when a lost node's VMs are released,
+    and with the VM."""
+    me = running_host(db, "me")
+    gone = running_host(db, "gone", "127.0.0.2")
+    mine, lost, deleted = add_vms(db, count=3)
+
+    def prepare(vm_id, host, key):
+        def tx(cur):
+            assert runtime.prepare_vm(cur, vm_id, host, "10.0.0.9", 3030, 4100, 22, None)
+            runtime.set_vm_agent_key(cur, vm_id, key)
+        db.execute("UPDATE vm_runtimes SET vm_state = 'starting', host_id = %s WHERE vm_id = %s", (host, vm_id))
+        db.transaction(tx)
+
+    prepare(mine, me, "a" * 43)
+    prepare(mine, me, "b" * 43)                           # the next start: a new key replaces the old
+    prepare(lost, gone, "c" * 43)
+    prepare(deleted, me, "d" * 43)
+    assert runtime.vm_agent_keys(db, [mine, lost, deleted]) == {mine: "b" * 43, lost: "c" * 43, deleted: "d" * 43}
+    assert runtime.clear_vm(db, mine, gone) == 0 and runtime.vm_agent_key(db, mine) == "b" * 43
+    assert runtime.clear_vm(db, mine, me) == 1 and runtime.vm_agent_key(db, mine) is None
+    db.execute("UPDATE host_runtimes SET ok_ts = (now() AT TIME ZONE 'UTC') - interval '1 hour' WHERE host_id = %s",
+               (gone,))
+    db.transaction(runtime.mark_lost_hosts, me, 600)
+    assert runtime.vm_agent_key(db, lost) is None
+    db.execute("DELETE FROM vms WHERE id = %s", (deleted,))
+    assert runtime.vm_agent_keys(db, [mine, lost, deleted]) == {}
+    prepare(mine, me, "e" * 43)
+    db.transaction(runtime.set_vm_agent_key, mine, None)  # a start under vm.vma.legacy_unauthenticated
+    assert runtime.vm_agent_key(db, mine) is None

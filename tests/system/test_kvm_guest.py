@@ -21,6 +21,7 @@ SeaBIOS), the probe sees that and the domain runs under TCG, which the test chec
 Measured on the 2-core CI machine (Debian 12, shared): see BOOT-SECONDS printed by the test.
 """
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -54,13 +55,15 @@ from qvd_gevent.vma.client import VmaClient, VmaError
 
 BOOT_TIMEOUT = @BOOT_TIMEOUT@
 
+AGENT_KEY = "@AGENT_KEY@"
+
 def wait_vma(address, timeout):
     start = time.monotonic()
     attempts = 0
     while time.monotonic() - start < timeout:
         attempts += 1
         try:
-            VmaClient(address, 3030, timeout=2).ping()
+            VmaClient(address, 3030, timeout=2, key=AGENT_KEY).ping()
             return time.monotonic() - start
         except VmaError:
             gevent.sleep(0.5)
@@ -91,6 +94,7 @@ out = dict(domain_type=hv.domain_type())
 # 1. boot, lease, VMA, echo, adoption listing; then an ACPI shutdown
 spec = vm_spec(5, "10.77.0.105")
 spec.memory = 256           # the Debian kernel and its initramfs do not boot in vm_spec's 64 MB
+spec.agent_key = AGENT_KEY  # handed to the guest as the fw_cfg entry opt/qvd/vma-secret
 dns.add_host(spec.mac, spec.ip)
 t0 = time.monotonic()
 h = hv.start(spec)
@@ -106,8 +110,19 @@ out["xml_type"] = dom.XMLDesc(0).split("'")[1]
 boot = wait_vma(h.address, BOOT_TIMEOUT)
 out["boot_seconds"] = boot and boot + out["start_seconds"]
 out["serial"] = serial_text(h)
+import xml.etree.ElementTree as ET
+entry = ET.fromstring(dom.XMLDesc(0)).find("sysinfo[@type='fwcfg']/entry[@name='opt/qvd/vma-secret']")
+out["xml_fw_cfg"] = entry is not None and entry.text == AGENT_KEY
 if boot is not None:
-    out["x_state"] = VmaClient(h.address, 3030).x_state()
+    out["x_state"] = VmaClient(h.address, 3030, key=AGENT_KEY).x_state()
+    refusals = []
+    for stranger in (VmaClient(h.address, 3030), VmaClient(h.address, 3030, key="w" * 43)):
+        try:
+            stranger.x_state()
+            refusals.append("answered")
+        except VmaError as exc:
+            refusals.append(str(exc))
+    out["refusals"] = refusals
     out["echo"] = echo(h.address)
 out["address"] = h.address
 out["running"] = hv.is_running(h)
@@ -166,7 +181,8 @@ def test_tiny_guest_boots_under_tcg_gets_lease_answers_vma_and_leaves_nothing(te
         "internal.hkd.libvirt.state_check.interval": 2,
     })
     host_links_before = _host_links()
-    driver = DRIVER.replace("@BOOT_TIMEOUT@", str(BOOT_TIMEOUT))
+    agent_key = secrets.token_urlsafe(32)
+    driver = DRIVER.replace("@BOOT_TIMEOUT@", str(BOOT_TIMEOUT)).replace("@AGENT_KEY@", agent_key)
     result, _proc = run_driver(test_host, tmp_path, driver, settings=settings, timeout=BOOT_TIMEOUT + 120,
                               di=str(di))
     print(f"BOOT-SECONDS {result['boot_seconds']} (start call {result['start_seconds']:.2f} s, "
@@ -179,6 +195,9 @@ def test_tiny_guest_boots_under_tcg_gets_lease_answers_vma_and_leaves_nothing(te
     assert result["boot_seconds"] is not None, "guest never answered the VMA ping; serial:\n" + result["serial"]
     assert "QVD-GUEST-LEASE 10.77.0.105" in result["serial"]      # the address came from our dnsmasq
     assert result["x_state"] == "stopped"
+    # the guest read its key from fw_cfg and answers only with it
+    assert result["xml_fw_cfg"] and "QVD-GUEST-KEY yes" in result["serial"] and agent_key not in result["serial"]
+    assert result["refusals"] == ["VMA x_state refused: no agent key (401)", "VMA x_state refused: wrong agent key (401)"]
     assert result["echo"] == "hello guest\n"
     assert result["running"] and result["listed"] == {"5": "10.77.0.105"}
     assert len(result["taps_in_test_ns"]) == 1                    # the tap is on the test namespace's bridge

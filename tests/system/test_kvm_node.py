@@ -15,15 +15,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import gevent
 import pytest
 from helpers.hkd_env import add_host, add_vms, vm_row, wait_vm_state
-from helpers.netns import VM_NET, node_settings, processes_mentioning, test_host  # noqa: F401
+from helpers.netns import VM_NET, node_settings, processes_mentioning, test_host, vma_status  # noqa: F401
 from helpers.nodes import HkdProcess
 from helpers.private_libvirtd import PrivateLibvirtd
+
+from qvd_gevent.db import runtime
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -134,6 +135,11 @@ def test_admin_vm_start_boots_a_kvm_guest_to_running_and_vm_stop_leaves_nothing(
     print(f"ADMIN-START-TO-RUNNING-SECONDS {time.monotonic() - started:.1f}")
     assert row["vm_address"] == f"{VM_NET}.0.150" and row["host_id"] == node.host_id
     assert f"QVD-GUEST-LEASE {VM_NET}.0.150" in node.serial()          # leased from the node's dnsmasq
+    # the guest got this start's key through fw_cfg, and the HKD's pings carried it
+    assert "QVD-GUEST-KEY yes" in node.serial()
+    key = runtime.vm_agent_key(node.db, node.vm_id)
+    assert vma_status(node.host.run, f"{VM_NET}.0.150", key=key) == 200
+    assert vma_status(node.host.run, f"{VM_NET}.0.150") == 401
     assert node.domains() == [f"qvd-{node.vm_id}"]
     tap = f"{node.host.vm_prefix}v{node.vm_id}"                       # named for the VM network filter
     assert tap in node.host.run(["ip", "-o", "link", "show", "master", "qvdbr0"], check=True).stdout
@@ -172,9 +178,8 @@ def test_node_killed_with_sigkill_adopts_its_running_guest_on_restart(kvm_node):
     gevent.sleep(3)                                                    # a few VMA health checks
     assert vm_row(node.db, node.vm_id)["vm_state"] == "running"
     assert node.serial().count("QVD-GUEST-LEASE") == boots             # adopted, not booted again
-    probe = f"import urllib.request; urllib.request.urlopen('http://{VM_NET}.0.150:3030/vma/ping', timeout=3)"
-    ping = node.host.run([sys.executable, "-c", probe])
-    assert ping.returncode == 0, ping.stderr                           # the lease was re-registered too
+    # the lease was re-registered too, and the restarted node has the guest's key from the database
+    assert vma_status(node.host.run, f"{VM_NET}.0.150", key=runtime.vm_agent_key(node.db, node.vm_id)) == 200
 
     _admin(node.conf, "vm", "stop", "-f", f"id={node.vm_id}")
     wait_vm_state(node.db, node.vm_id, "stopped", timeout=60)

@@ -120,6 +120,19 @@ def test_lxc_container_xml():
         lxc_domain_xml(spec(), rootfs="", bridge="b")
 
 
+def test_the_agent_key_reaches_kvm_guests_by_fw_cfg_and_containers_by_their_init_environment():
+    key = "K" * 43
+    kvm = parse(kvm_domain_xml(spec(agent_key=key), KvmDomainSettings(disk_path="/o.qcow2")))
+    entries = kvm.findall("sysinfo[@type='fwcfg']/entry")
+    assert [(e.get("name"), e.text) for e in entries] == [("opt/qvd/vma-secret", key)]
+    assert key not in ET.tostring(kvm.find("metadata"), encoding="unicode")      # adoption reads it from the database
+    assert parse(kvm_domain_xml(spec(), KvmDomainSettings(disk_path="/o"))).find("sysinfo") is None    # legacy
+    lxc = parse(lxc_domain_xml(spec(agent_key=key), rootfs="/r", bridge="b"))
+    assert [(e.get("name"), e.text) for e in lxc.findall("os/initenv")] == [("QVD_VMA_SECRET", key)]
+    legacy = parse(lxc_domain_xml(spec(), rootfs="/r", bridge="b"))         # vm.vma.legacy_unauthenticated
+    assert [(e.get("name"), e.text) for e in legacy.findall("os/initenv")] == [("QVD_VMA_UNAUTHENTICATED", "1")]
+
+
 @pytest.mark.parametrize("path, name", [
     ("/i/ubuntu.tar.gz", "ubuntu"), ("/i/ubuntu.tgz", "ubuntu"), ("/i/deb.tar.xz", "deb"),
     ("/i/deb.tar", "deb"), ("/i/deb.tar.bz2", "deb"), ("/i/rootdir/", "rootdir"),
