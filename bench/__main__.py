@@ -17,7 +17,9 @@ from pathlib import Path
 from . import report
 from .procstat import machine
 
-ORDER = ("bulk", "relay", "handshake", "connect", "cold", "idle", "tlslib", "hkd")
+ORDER = ("bulk", "relay", "handshake", "connect", "cold", "idle", "tlslib", "hkd", "cluster")
+# scenarios with an environment of their own (the others share one node, farm and HAProxy)
+STANDALONE = ("hkd", "cluster")
 
 
 def source_state():
@@ -36,12 +38,14 @@ def source_state():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: the whole run in under 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a few minutes (the cluster run alone about 2.5)")
     parser.add_argument("--only", default="", help=f"comma-separated scenarios out of {','.join(ORDER)}")
     parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"),
                         help="folder for the JSON files, the chart and the table")
     parser.add_argument("--hkd-hypervisor", choices=("netns", "process"), default="netns",
                         help="VMs of the HKD density run (netns needs root)")
+    parser.add_argument("--cluster-levels", default="",
+                        help="node counts of the cluster run, comma-separated (default 10,25,50; --quick 2,5)")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()] or list(ORDER)
     unknown = [s for s in chosen if s not in ORDER]
@@ -53,7 +57,8 @@ def main(argv=None):
     started = time.monotonic()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     source = source_state()
-    command = "python -m bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+    command = ("python -m bench" + (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+               + (f" --cluster-levels {args.cluster_levels}" if args.cluster_levels else ""))
 
     def say(text):
         print(f"[bench {time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
@@ -61,6 +66,10 @@ def main(argv=None):
     from .scenarios import SCENARIOS
     results = {}
     node_scenarios = [s for s in chosen if s in SCENARIOS]
+    try:
+        levels = [int(n) for n in args.cluster_levels.split(",") if n.strip()]
+    except ValueError:
+        parser.error("--cluster-levels: comma-separated node counts, e.g. 10,25,50")
     env = None
     try:
         if node_scenarios:
@@ -71,13 +80,21 @@ def main(argv=None):
             env.start()
             say(f"node pid {env.node.pid} on 127.0.0.1:{env.l7r_port}, {env.haproxy_version}, "
                 f"file limit {env.file_limit}")
-        for name in chosen:
+        for position, name in enumerate(chosen):
+            if env is not None and all(later in STANDALONE for later in chosen[position:]):
+                # the shared node and HAProxy would only add load to the runs that follow
+                say("stopping the shared node, farm and HAProxy")
+                env.stop()
+                env = None
             say(f"scenario {name}")
             t = time.monotonic()
             try:
                 if name == "hkd":
                     from .hkd_density import run as hkd_run
                     data = hkd_run(args.quick, args.hkd_hypervisor, say)
+                elif name == "cluster":
+                    from .cluster import run as cluster_run
+                    data = cluster_run(args.quick, say, levels or None)
                 else:
                     env.farm_heartbeat()
                     data = SCENARIOS[name](env, args.quick)
@@ -86,7 +103,7 @@ def main(argv=None):
                 data = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
             data.update({"scenario": name, "quick": args.quick, "seconds": time.monotonic() - t, "source": source,
                          "machine": machine(), "date": stamp, "command": command})
-            if env is not None and name != "hkd":
+            if env is not None and name not in STANDALONE:
                 data["haproxy"] = env.haproxy_version
             results[name] = data
             report.write_json(folder, name, data)

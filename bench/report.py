@@ -53,6 +53,11 @@ def chart(results, path):
     if "hkd" in results and "cpu_percent" in results["hkd"]:
         h = results["hkd"]
         panels.append((f"HKD CPU % of a core, {h['vms']} idle VMs", ["HKD"], [h["cpu_percent"]]))
+    if "cluster" in results and "levels" in results["cluster"]:
+        levels = results["cluster"]["levels"]
+        panels.append(("PostgreSQL ms CPU per node-minute, idle (lower is better)",
+                       [f"{lv['nodes']} nodes" for lv in levels],
+                       [lv["idle"]["pg_cpu_ms_per_node_min"] for lv in levels]))
     if not panels:
         return None
     cols = 3

@@ -91,13 +91,15 @@ class Target:
         self.kind = spec["kind"]            # l7r | tls | plain
         self.host = spec["host"]
         self.port = int(spec["port"])
+        # the cluster bench spreads sessions over many L7Rs: session i goes to ports[i % len]
+        self.ports = [int(port) for port in spec.get("ports") or [self.port]]
         self.auth = spec.get("auth")
         self.vm_ids = spec.get("vm_ids", [])
         self.context = client_context(spec["ca"]) if self.kind in ("l7r", "tls") else None
 
     def session(self, index=0, timeout=30.0):
         """An open stream to the backend; returns (socket, early bytes)."""
-        sock = open_connection(self.host, self.port, self.context, timeout)
+        sock = open_connection(self.host, self.ports[index % len(self.ports)], self.context, timeout)
         try:
             rest = b""
             if self.kind == "l7r":

@@ -43,9 +43,17 @@ class EmbeddedPostgresError(Exception):
     pass
 
 
+# a server for tests and the demo: durability traded for speed
+DEFAULT_SETTINGS = {"max_connections": 300, "fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
+                    "shared_buffers": "64MB"}
+
+
 class EmbeddedPostgres:
-    def __init__(self, directory, port=None, host="127.0.0.1"):
+    def __init__(self, directory, port=None, host="127.0.0.1", settings=None):
+        """settings: server settings over DEFAULT_SETTINGS (the cluster bench needs more
+        connections and pg_stat_statements), plain values without blanks."""
         self.directory = Path(directory).resolve()
+        self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self.pgdata = self.directory / "pgdata"
         self.host = host
         self._port_file = self.directory / "pg.port"
@@ -131,9 +139,8 @@ class EmbeddedPostgres:
             log.touch()
             entry = pwd.getpwnam(SYSTEM_USER)
             os.chown(log, entry.pw_uid, entry.pw_gid)
-        opts = (f"-h {self.host} -p {self.port} -k {self.directory} -c max_connections=300 "
-                f"-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                f"-c shared_buffers=64MB")
+        opts = f"-h {self.host} -p {self.port} -k {self.directory} " + " ".join(
+            f"-c {name}={value}" for name, value in self.settings.items())
         self._run([_bin("pg_ctl"), "-D", str(self.pgdata), "-l", str(log), "-w", "-t", str(timeout),
                    "-o", opts, "start"], timeout=timeout + 10)
         return self

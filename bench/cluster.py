@@ -1,0 +1,565 @@
+"""Cluster scale (issue 16): what PostgreSQL spends on a cluster of N nodes, from one run.
+
+    python -m bench --only cluster [--cluster-levels 10,25,50]     (about 15 minutes)
+    python -m bench --quick --only cluster                          (levels 2,5; about 2 minutes)
+
+One embedded PostgreSQL (pg_stat_statements loaded), the farm (bench/farm.py: the stand-in
+VMs every session goes to) and N `qvd-node` processes (bench/fleet.py: HKD + L7R each,
+default timers), all on loopback. The server's cost is the CPU of all its processes
+(/proc) and the nodes' statements (pg_stat_statements, the nodes' role only); the nodes'
+cost is their own CPU. In order:
+
+1. floor: the server with no node (its own background work);
+2. for each level N (10, 25, 50): grow the fleet to N, let every node reach its steady
+   state (the first cluster-monitor pass comes long_delay after start), then
+   - idle: a window with nothing but the nodes' timers;
+   - NOTIFY fan-out: K notifications on `qvd_vm_runtime` (which every L7R listens to),
+     paced, against K on a channel nobody listens to: the difference is the cost of
+     delivering to the listeners;
+   - config change: `qvd-admin config set` M times (NOTIFY `qvd_config_changed`: every
+     node reloads its configuration and its TLS material);
+3. at the top level: connect_to_vm bursts spread over the nodes (new TLS connection, 101,
+   close: claim, mark connected, release); H idle sessions held across the nodes; then
+   the vm_runtimes table grown to R rows (a large installation's VMs, stopped) and the
+   idle window again.
+
+Every window's cost is also given net of the server's floor and of the idle rate at that
+level, so a figure per node, per connect, per listener or per session is what the nodes
+add. Absolute CPU figures depend on the machine and its load: the load average is
+recorded beside every window. Every loop is bounded in count and time; stop() ends every
+process, also after a failure.
+"""
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg2
+
+from .fleet import NodeFleet, node_name
+from .pgstats import ConnectionSampler, PgProbe, window
+from .workers import Crew
+
+FARM_ADDRESS = "127.76.0.1"
+ROLE = "qvd"
+UNHEARD = "bench_unheard"           # a channel nobody listens to: the sender's own cost
+
+
+def sizes(quick, levels=None):
+    if quick:
+        base = {"levels": (2, 5), "floor_s": 5, "idle_s": 10, "notify": 200, "notify_rate": 100, "config_changes": 2,
+                "connect_users": 20, "connect_s": 5, "connect_count": 300, "held": 20, "rows": 2000,
+                # CI: the first cluster pass 3 s after start instead of 45 s, so the quick run
+                # reaches steady state in seconds (every other timer at its default)
+                "node_extra": {"internal.hkd.agent.cluster_monitor.long_delay": 3}}
+    else:
+        base = {"levels": (10, 25, 50), "floor_s": 30, "idle_s": 60, "notify": 2000, "notify_rate": 200,
+                "config_changes": 5, "connect_users": 100, "connect_s": 20, "connect_count": 5000, "held": 1000,
+                "rows": 100000, "node_extra": {}}
+    if levels:
+        base["levels"] = tuple(levels)
+    return base
+
+
+TIMER_KEYS = ("internal.hkd.agent.ticker.delay", "internal.hkd.agent.cluster_monitor.delay",
+              "internal.hkd.agent.cluster_monitor.fuzzy_delay", "internal.hkd.agent.cluster_monitor.long_delay",
+              "internal.hkd.agent.command_handler.delay", "internal.hkd.agent.vm_command_handler.delay",
+              "internal.hkd.agent.token_sweep.delay", "internal.database.pool.size")
+
+
+class ClusterBench:
+    def __init__(self, quick, say=print, levels=None):
+        self.quick = quick
+        self.say = say
+        self.size = sizes(quick, levels)
+        self.dir = Path(tempfile.mkdtemp(prefix="qvd-bench-cluster-"))
+        self.pg = self.probe = self.farm = self.fleet = self.super = None
+        self.timers = {}
+
+    # --- environment ---------------------------------------------------------------------
+    def start(self):
+        from qvd_gevent.db.embedded import EmbeddedPostgres
+        top = max(self.size["levels"])
+        # each node: its pool (up to internal.database.pool.size) + its LISTEN connection
+        self.pg = EmbeddedPostgres(self.dir / "pg", settings={
+            "max_connections": max(300, 12 * top + 100), "shared_preload_libraries": "pg_stat_statements",
+            "pg_stat_statements.track": "top", "pg_stat_statements.max": 5000}).start()
+        self.password = secrets.token_urlsafe(18)
+        self.pg.create_database("qvd", ROLE, self.password)
+        self.db_lines = self.pg.node_conf_lines("qvd", ROLE, self.password)
+        self.super = psycopg2.connect(**self.pg.superuser_dsn("qvd"))
+        self.super.autocommit = True
+        self._deploy()
+        self.probe = PgProbe(self.pg, "qvd", ROLE)
+        if not self.probe.has_statements:
+            raise RuntimeError("pg_stat_statements is not available in the embedded server")
+        self._start_farm()
+        self._seed(top)
+        self._vacuum()
+        extra = dict(self.size["node_extra"])
+        self.fleet = NodeFleet(self.dir / "nodes", self.db_lines, extra, self.say)
+        from qvd_gevent.config import Config
+        cfg = Config({k: str(v) for k, v in extra.items()})
+        self.timers = {key: cfg.get(key) for key in TIMER_KEYS}
+        return self
+
+    def stop(self):
+        if self.fleet is not None:
+            self.fleet.stop()
+        if self.farm is not None and self.farm.poll() is None:
+            self.farm.terminate()
+            try:
+                self.farm.wait(10)
+            except Exception:
+                self.farm.kill()
+        for conn in (self.probe, self.super):
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
+        if self.pg is not None:
+            self.pg.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _deploy(self):
+        from qvd_gevent.config import Config
+        from qvd_gevent.db import Database
+        from qvd_gevent.db.deploy import deploy
+        from qvd_gevent.node.certs import make_self_signed
+        conf = self.dir / "deploy.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join(["nodename = bench-deploy", *self.db_lines]) + "\n")
+        db = Database.from_config(Config.load(str(conf)))
+        try:
+            deploy(db)
+        finally:
+            db.close()
+        ssl_dir = self.dir / "ssl"
+        ssl_dir.mkdir(mode=0o700)
+        self.cert, key = ssl_dir / "cert.pem", ssl_dir / "key.pem"
+        make_self_signed(str(self.cert), str(key))
+        self._sql("INSERT INTO ssl_configs (key, value) VALUES ('l7r.ssl.cert', %s), ('l7r.ssl.key', %s)",
+                  (self.cert.read_text(), key.read_text()))
+        # qvd-admin as the superuser: its statements stay out of the nodes' figures
+        self.admin_conf = self.dir / "admin.conf"
+        dsn = self.pg.superuser_dsn("qvd")
+        fd = os.open(self.admin_conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"nodename = bench-admin\ndatabase.host = {dsn['host']}\ndatabase.port = {dsn['port']}\n"
+                     f"database.name = qvd\ndatabase.user = postgres\ndatabase.password = {dsn['password']}\n")
+
+    def _sql(self, sql, params=None):
+        with self.super.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def _start_farm(self):
+        import json
+        import subprocess
+        import sys
+        repo = str(Path(__file__).resolve().parent.parent)
+        self.farm = subprocess.Popen([sys.executable, "-m", "bench.farm", "--address", FARM_ADDRESS],
+                                     stdout=subprocess.PIPE, text=True, cwd=repo)
+        self.farm_ports = json.loads(self.farm.stdout.readline())
+
+    def _seed(self, top):
+        """Node host rows, the farm host, users with running farm VMs, bearer tokens."""
+        from qvd_gevent.client.protocol import bearer_auth
+        from qvd_gevent.db.runtime import token_digest
+        size, ports = self.size, self.farm_ports
+        tokens = {}
+
+        def vms_for(cur, login, count, host_id, osf_id):
+            cur.execute("INSERT INTO users (login, password, tenant_id) VALUES (%s, '!', 1) RETURNING id", (login,))
+            user_id = cur.fetchone()[0]
+            cur.execute("INSERT INTO vms (name, user_id, osf_id, di_tag) SELECT 'farm-' || g, %s, %s, 'default' "
+                        "FROM generate_series(1, %s) g ORDER BY g RETURNING id", (user_id, osf_id, count))
+            ids = sorted(r[0] for r in cur.fetchall())
+            cur.execute("INSERT INTO vm_runtimes (vm_id, host_id, vm_state, vm_state_ts, user_state, blocked, "
+                        "vm_address, vm_vma_port, vm_x_port) "
+                        "SELECT id, %s, 'running', %s, 'disconnected', false, %s, %s, %s FROM unnest(%s) id",
+                        (host_id, int(time.time()), FARM_ADDRESS, ports["rpc"], ports["echo"], ids))
+            cur.execute("INSERT INTO vm_counters (vm_id) SELECT unnest(%s)", (ids,))
+            token = secrets.token_urlsafe(24)
+            cur.execute("INSERT INTO user_tokens (token, user_id, vm_id, expiration, multi_use) "
+                        "VALUES (%s, %s, NULL, %s, true)", (token_digest(token), user_id, int(time.time()) + 86400))
+            tokens[login] = bearer_auth(token)
+            return ids
+
+        with self.super, self.super.cursor() as cur:
+            # host rows of the nodes (hosts.address is unique; the address check is off)
+            for i in range(top):
+                cur.execute("INSERT INTO hosts (name, address, frontend, backend) VALUES (%s, %s, true, true) "
+                            "RETURNING id", (node_name(i), f"127.75.{i // 250}.{i % 250 + 1}"))
+                host_id = cur.fetchone()[0]
+                cur.execute("INSERT INTO host_runtimes (host_id, state, blocked) VALUES (%s, 'stopped', false)",
+                            (host_id,))
+                cur.execute("INSERT INTO host_counters (host_id) VALUES (%s)", (host_id,))
+            # the farm's row stays 'stopped': it has no heartbeat, and the cluster monitor
+            # skips stopped hosts (a running one would be called lost and its VMs released)
+            cur.execute("INSERT INTO hosts (name, address, frontend, backend) VALUES ('bench-farm', %s, false, false) "
+                        "RETURNING id", (FARM_ADDRESS,))
+            self.farm_host = cur.fetchone()[0]
+            cur.execute("INSERT INTO host_runtimes (host_id, state, blocked) VALUES (%s, 'stopped', false)",
+                        (self.farm_host,))
+            cur.execute("INSERT INTO host_counters (host_id) VALUES (%s)", (self.farm_host,))
+            cur.execute("INSERT INTO osfs (tenant_id, name, memory, use_overlay) VALUES (1, 'bench', 256, false) "
+                        "RETURNING id")
+            self.osf = cur.fetchone()[0]
+            self.connect_vms = [vms_for(cur, f"bench-c{u}", 3, self.farm_host, self.osf)
+                                for u in range(size["connect_users"])]
+            self.held_vms = vms_for(cur, "bench-held", size["held"], self.farm_host, self.osf)
+        self.connect_auth = [tokens[f"bench-c{u}"] for u in range(size["connect_users"])]
+        self.held_auth = tokens["bench-held"]
+
+    def _seed_sessions(self, total):
+        """vm_runtimes grown to total rows, each a running VM on one of the running nodes' hosts
+        with a connected session held there (round robin), as a cluster of that size has them.
+        The holder pid is none of the nodes' own, so no node releases or aborts them; what the
+        nodes' periodic statements read and skip is the same as for sessions of their own."""
+        have = self._sql("SELECT count(*) FROM vm_runtimes")[0][0]
+        more = total - have
+        if more <= 0:
+            return have
+        hosts = [r[0] for r in self._sql("SELECT id FROM hosts WHERE name = ANY(%s) ORDER BY id",
+                                         ([node_name(i) for i in range(len(self.fleet))],))]
+        now = int(time.time())
+        with self.super, self.super.cursor() as cur:
+            cur.execute("INSERT INTO users (login, password, tenant_id) VALUES ('bench-many', '!', 1) RETURNING id")
+            user_id = cur.fetchone()[0]
+            cur.execute("INSERT INTO vms (name, user_id, osf_id, di_tag) SELECT 'many-' || g, %s, %s, 'default' "
+                        "FROM generate_series(1, %s) g RETURNING id", (user_id, self.osf, more))
+            ids = sorted(r[0] for r in cur.fetchall())
+            cur.execute("INSERT INTO vm_runtimes (vm_id, host_id, vm_state, vm_state_ts, user_state, user_state_ts, "
+                        "l7r_host_id, l7r_pid, real_user_id, blocked, vm_address, vm_vma_port, vm_x_port) "
+                        "SELECT id, h, 'running', %s, 'connected', %s, h, 0, %s, false, %s, %s, %s "
+                        "FROM (SELECT id, (%s::int[])[1 + (row_number() OVER (ORDER BY id))::int %% %s] AS h "
+                        "FROM unnest(%s::int[]) id) s",
+                        (now, now, user_id, FARM_ADDRESS, self.farm_ports["rpc"], self.farm_ports["echo"], hosts,
+                         len(hosts), ids))
+            cur.execute("INSERT INTO vm_counters (vm_id) SELECT unnest(%s)", (ids,))
+        return self._sql("SELECT count(*) FROM vm_runtimes")[0][0]
+
+    def _vacuum(self):
+        # a steady state: seeding's dead rows and statistics are not what the nodes cost
+        for table in ("vm_runtimes", "vms", "vm_counters", "users", "user_tokens", "hosts", "host_runtimes"):
+            self._sql(f"VACUUM ANALYZE {table}")
+
+    # --- measuring -----------------------------------------------------------------------
+    def snapshot(self):
+        return self.probe.snapshot(self.fleet.cpu_seconds() if self.fleet is not None else 0.0)
+
+    def measure(self, seconds, action=None):
+        """A window of at least `seconds`; action() runs at its start (bounded by itself)."""
+        load0 = os.getloadavg()[0]
+        before = self.snapshot()
+        t0 = time.monotonic()
+        result = action() if action is not None else None
+        left = seconds - (time.monotonic() - t0)
+        if left > 0:
+            time.sleep(left)
+        after = self.snapshot()
+        if self.fleet is not None:
+            self.fleet.check_alive()
+        out = window(before, after)
+        out["load_average"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
+        return out, result
+
+    def settle(self):
+        """Until every node is past its first cluster-monitor pass (long_delay + fuzzy after start)."""
+        wait = (float(self.timers["internal.hkd.agent.cluster_monitor.long_delay"])
+                + float(self.timers["internal.hkd.agent.cluster_monitor.fuzzy_delay"]) + 3)
+        left = self.fleet.last_start + wait - time.monotonic()
+        if left > 0:
+            self.say(f"settling {left:.0f} s (first cluster-monitor pass)")
+            time.sleep(left)
+
+    def notify_burst(self, channel, count, rate, deadline_s=120):
+        """count notifications on channel, each its own transaction, paced at rate per second."""
+        sent = 0
+        t0 = time.monotonic()
+        with self.super.cursor() as cur:
+            for i in range(count):
+                due = t0 + i / rate
+                now = time.monotonic()
+                if now - t0 > deadline_s:
+                    break
+                if due > now:
+                    time.sleep(due - now)
+                cur.execute("SELECT pg_notify(%s, %s)", (channel, "0"))
+                sent += 1
+        return sent
+
+    def config_changes(self, count, spacing=3.0):
+        from qvd_gevent.admin.cli import main as admin_main
+        done = 0
+        for i in range(count):
+            t = time.monotonic()
+            if admin_main(["--config", str(self.admin_conf), "-q", "config", "set", f"l7r.timeout.idle={301 + i}"]) == 0:
+                done += 1
+            time.sleep(max(0.0, spacing - (time.monotonic() - t)))
+        return done
+
+    def wait_released(self, timeout=120):
+        deadline = time.monotonic() + timeout
+        held = None
+        while time.monotonic() < deadline:
+            held = self._sql("SELECT count(*) FROM vm_runtimes WHERE user_state <> 'disconnected'")[0][0]
+            if held == 0:
+                return 0
+            time.sleep(0.5)
+        return held
+
+
+def idle_figures(win, nodes, floor_rate):
+    minutes = win["seconds"] / 60.0
+    pg_net = win["pg_cpu_s"] - floor_rate * win["seconds"]
+    return {
+        "nodes": nodes, "window_s": win["seconds"], "load_average": win["load_average"],
+        "pg_cpu_ms_per_node_min": pg_net * 1000 / nodes / minutes,
+        "pg_cpu_ms_per_node_min_raw": win["pg_cpu_s"] * 1000 / nodes / minutes,
+        "node_cpu_ms_per_node_min": win["node_cpu_s"] * 1000 / nodes / minutes,
+        "statements_per_node_min": win["statements"] / nodes / minutes,
+        "queries_per_node_min": win["queries"] / nodes / minutes,
+        "transactions_per_node_min": win["transactions"] / nodes / minutes,
+        "exec_ms_per_node_min": win["exec_ms"] / nodes / minutes,
+        "wal_bytes_per_node_min": win["wal_bytes"] / nodes / minutes,
+        "connections_per_node": win["connections"] / nodes,
+        "top_statements": [dict(s, calls_per_node_min=s["calls"] / nodes / minutes,
+                                mean_ms=s["exec_ms"] / s["calls"] if s["calls"] else 0.0)
+                           for s in win["top_statements"]],
+    }
+
+
+def run(quick, say=print, levels=None):
+    bench = ClusterBench(quick, say, levels)
+    size = bench.size
+    out = {"sizes": {k: v for k, v in size.items() if k != "node_extra"}, "node_extra": size["node_extra"],
+           "farm_address": FARM_ADDRESS}
+    try:
+        say(f"cluster: PostgreSQL, farm, {max(size['levels'])} host rows")
+        bench.start()
+        out["timers"] = bench.timers
+        out["pg_settings"] = bench.pg.settings
+        out["pg_version"] = bench._sql("SHOW server_version")[0][0]
+        floor, _ = bench.measure(size["floor_s"])
+        floor_rate = floor["pg_cpu_s"] / floor["seconds"]
+        out["floor"] = {"window_s": floor["seconds"], "pg_cpu_s": floor["pg_cpu_s"],
+                        "pg_cpu_ms_per_min": floor["pg_cpu_s"] * 1000 / (floor["seconds"] / 60),
+                        "load_average": floor["load_average"]}
+        say(f"floor: PostgreSQL {out['floor']['pg_cpu_ms_per_min']:.0f} ms CPU per minute with no node")
+        out["levels"] = []
+        for nodes in size["levels"]:
+            level = {"nodes": nodes}
+            bench.fleet.grow_to(nodes)
+            bench.settle()
+            level["node_rss_mb"] = bench.fleet.rss_bytes() / nodes / 2**20
+            idle, _ = bench.measure(size["idle_s"])
+            level["idle"] = idle_figures(idle, nodes, floor_rate)
+            idle_rate = idle["pg_cpu_s"] / idle["seconds"]
+            node_idle_rate = idle["node_cpu_s"] / idle["seconds"]
+            say(f"{nodes} nodes idle: PostgreSQL {level['idle']['pg_cpu_ms_per_node_min']:.1f} ms CPU and "
+                f"{level['idle']['statements_per_node_min']:.1f} statements per node per minute "
+                f"(load {idle['load_average']})")
+            level["fanout"] = fanout(bench, nodes, idle_rate, node_idle_rate)
+            say(f"{nodes} nodes fan-out: {level['fanout']['pg_us_per_delivery']:.1f} µs PostgreSQL, "
+                f"{level['fanout']['node_us_per_delivery']:.1f} µs node CPU per notification per listener")
+            level["config_change"] = config_fanout(bench, nodes, idle_rate, node_idle_rate)
+            out["levels"].append(level)
+        top = out["levels"][-1]
+        idle_rate = top["idle"]["pg_cpu_ms_per_node_min_raw"] * top["nodes"] / 60000.0
+        node_idle_rate = top["idle"]["node_cpu_ms_per_node_min"] * top["nodes"] / 60000.0
+        out["connect"] = connects(bench, idle_rate, node_idle_rate)
+        say(f"connect: {out['connect']['connects']} in {out['connect']['window_s']:.0f} s; per connect "
+            f"PostgreSQL {out['connect']['pg_ms_per_connect']:.2f} ms, nodes {out['connect']['node_ms_per_connect']:.2f} ms")
+        out["held"] = held_sessions(bench, top, floor_rate)
+        say(f"held: {out['held']['sessions']} sessions; PostgreSQL "
+            f"{out['held']['pg_cpu_ms_per_session_min']:.3f} ms per session per minute")
+        out["sessions"] = seeded_sessions(bench, top, floor_rate)
+        say(f"{out['sessions']['vm_rows']} vm_runtimes rows ({out['sessions']['sessions']} sessions held): "
+            f"PostgreSQL {out['sessions']['idle']['pg_cpu_ms_per_node_min']:.1f} ms per node per minute")
+        out["node_log"] = {"Traceback": bench.fleet.log_count("Traceback"),
+                           "marked as lost": bench.fleet.log_count("marked as lost"),
+                           "fencing": bench.fleet.log_count("fencing this node")}
+    finally:
+        bench.stop()
+    out["rows"] = rows(out)
+    return out
+
+
+def fanout(bench, nodes, idle_rate, node_idle_rate):
+    size = bench.size
+    count, rate = size["notify"], size["notify_rate"]
+    # the bench listens too, to count what was delivered: one more listener than nodes
+    watcher = psycopg2.connect(**bench.pg.superuser_dsn("qvd"))
+    watcher.autocommit = True
+    try:
+        with watcher.cursor() as cur:
+            cur.execute("LISTEN qvd_vm_runtime")
+        unheard, sent0 = bench.measure(count / rate + 3, lambda: bench.notify_burst(UNHEARD, count, rate))
+        heard, sent1 = bench.measure(count / rate + 3, lambda: bench.notify_burst("qvd_vm_runtime", count, rate))
+        received = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            watcher.poll()
+            received += len(watcher.notifies)
+            watcher.notifies.clear()
+            if received >= sent1:
+                break
+            time.sleep(0.1)
+    finally:
+        watcher.close()
+    listeners = nodes + 1
+    extra_pg = (heard["pg_cpu_s"] - idle_rate * heard["seconds"]) - (unheard["pg_cpu_s"] - idle_rate * unheard["seconds"])
+    extra_node = ((heard["node_cpu_s"] - node_idle_rate * heard["seconds"])
+                  - (unheard["node_cpu_s"] - node_idle_rate * unheard["seconds"]))
+    return {"notifications": sent1, "control_notifications": sent0, "rate_per_s": rate, "listeners": listeners,
+            "received_by_bench": received, "window_s": heard["seconds"],
+            "pg_cpu_s": heard["pg_cpu_s"], "pg_cpu_control_s": unheard["pg_cpu_s"],
+            "node_cpu_s": heard["node_cpu_s"], "node_cpu_control_s": unheard["node_cpu_s"],
+            "node_statements": heard["statements"], "load_average": heard["load_average"],
+            "pg_us_per_notification": extra_pg * 1e6 / max(sent1, 1),
+            "pg_us_per_delivery": extra_pg * 1e6 / max(sent1, 1) / listeners,
+            "node_us_per_delivery": extra_node * 1e6 / max(sent1, 1) / nodes}
+
+
+def config_fanout(bench, nodes, idle_rate, node_idle_rate):
+    changes = bench.size["config_changes"]
+    win, done = bench.measure(changes * 3.0 + 3, lambda: bench.config_changes(changes))
+    pg_extra = win["pg_cpu_s"] - idle_rate * win["seconds"]
+    node_extra = win["node_cpu_s"] - node_idle_rate * win["seconds"]
+    # what each node reads again: the configs table (ConfigWatcher) and the TLS material (L7R)
+    reloads = [s for s in win["all_statements"] if " FROM configs " in s["query"] + " "
+               or " FROM ssl_configs " in s["query"] + " "]
+    return {"changes": done, "window_s": win["seconds"], "load_average": win["load_average"],
+            "pg_ms_per_change": pg_extra * 1000 / max(done, 1),
+            "node_ms_per_change_per_node": node_extra * 1000 / max(done, 1) / nodes,
+            "reload_statements_per_change_per_node": sum(s["calls"] for s in reloads) / max(done, 1) / nodes,
+            "reload_exec_ms_per_change": sum(s["exec_ms"] for s in reloads) / max(done, 1),
+            "reload_statements": reloads}
+
+
+def connects(bench, idle_rate, node_idle_rate):
+    size, ports = bench.size, bench.fleet.ports
+    users = [{"auth": auth, "vm_ids": vms, "port": ports[u % len(ports)]}
+             for u, (auth, vms) in enumerate(zip(bench.connect_auth, bench.connect_vms))]
+    workers = 2
+    per = (len(users) + workers - 1) // workers
+    target = {"kind": "l7r", "host": "127.0.0.1", "port": ports[0], "ca": str(bench.cert), "auth": None, "vm_ids": []}
+    specs = [{"job": "connect", "target": target, "users": users[i * per:(i + 1) * per], "seconds": size["connect_s"],
+              "count": size["connect_count"] // workers} for i in range(workers)]
+    with Crew(specs) as crew, ConnectionSampler(bench.pg, "qvd", ROLE, max_seconds=size["connect_s"] + 180) as sampler:
+        crew.ready(60)
+        win, results = bench.measure(0, lambda: (crew.go(), crew.results(size["connect_s"] + 120))[1])
+    done = sum(len(r["latencies"]) for r in results)
+    lat = sorted(x for r in results for x in r["latencies"])
+    left = bench.wait_released()
+    pg_net = win["pg_cpu_s"] - idle_rate * win["seconds"]
+    node_net = win["node_cpu_s"] - node_idle_rate * win["seconds"]
+    return {"users": len(users), "nodes": len(ports), "connects": done, "errors": sum(r["errors"] for r in results),
+            "last_error": next((r["last_error"] for r in results if r["last_error"]), None),
+            "window_s": win["seconds"], "rate_per_s": done / win["seconds"] if win["seconds"] else 0.0,
+            "p50_ms": lat[len(lat) // 2] * 1000 if lat else 0.0, "load_average": win["load_average"],
+            "pg_cpu_s": win["pg_cpu_s"], "node_cpu_s": win["node_cpu_s"],
+            "pg_ms_per_connect": pg_net * 1000 / max(done, 1), "node_ms_per_connect": node_net * 1000 / max(done, 1),
+            # the nodes' idle statements in the window are left in: a few per node, against thousands
+            "statements_per_connect": win["statements"] / max(done, 1),
+            "queries_per_connect": win["queries"] / max(done, 1),
+            "transactions_per_connect": win["transactions"] / max(done, 1),
+            "wal_bytes_per_connect": win["wal_bytes"] / max(done, 1),
+            "peak_connections": sampler.peak, "peak_connections_per_node": sampler.peak / len(ports),
+            "rows_left_held": left,
+            "top_statements": [dict(s, per_connect=s["calls"] / max(done, 1)) for s in win["top_statements"]]}
+
+
+def held_sessions(bench, top, floor_rate):
+    """H real sessions held through the L7Rs (idle): an idle window just before them and one
+    with them, so the difference is what holding them costs."""
+    size, ports = bench.size, bench.fleet.ports
+    count, nodes = size["held"], top["nodes"]
+    target = {"kind": "l7r", "host": "127.0.0.1", "port": ports[0], "ports": ports, "ca": str(bench.cert),
+              "auth": bench.held_auth, "vm_ids": bench.held_vms}
+    before, _ = bench.measure(size["idle_s"])
+    with Crew([{"job": "idle", "target": target, "parallel": 20}]) as crew:
+        crew.ready(30)
+        crew.send_all(f"open {count}")
+        (opened,) = crew.results(60 + count * 0.5)
+        held = opened["open"]
+        connected = bench._sql("SELECT count(*) FROM vm_runtimes WHERE user_state = 'connected'")[0][0]
+        time.sleep(2)
+        win, _ = bench.measure(size["idle_s"])
+        crew.send_all("close")
+        crew.results(120)
+    left = bench.wait_released()
+    base, figures = idle_figures(before, nodes, floor_rate), idle_figures(win, nodes, floor_rate)
+    return {"sessions": held, "failures": opened["failures"], "connected_rows": connected, "rows_left_held": left,
+            "window_s": win["seconds"], "load_average": win["load_average"], "before": base, "idle": figures,
+            "pg_cpu_ms_per_session_min": (figures["pg_cpu_ms_per_node_min"] - base["pg_cpu_ms_per_node_min"])
+            * nodes / max(held, 1),
+            "statements_per_session_min": (figures["statements_per_node_min"] - base["statements_per_node_min"])
+            * nodes / max(held, 1),
+            "statement_growth": statement_growth(base, figures)}
+
+
+def statement_growth(before, after):
+    """Per statement: mean execution time before and after (what a larger state costs each call)."""
+    old = {s["query"]: s for s in before["top_statements"]}
+    return [{"query": s["query"], "mean_ms_before": old[s["query"]]["mean_ms"] if s["query"] in old else None,
+             "mean_ms": s["mean_ms"], "calls_per_node_min": s["calls_per_node_min"]}
+            for s in after["top_statements"]]
+
+
+def seeded_sessions(bench, top, floor_rate):
+    """The vm_runtimes table grown to R rows of running VMs with connected sessions held by the
+    nodes' hosts: the nodes' idle cost with that many sessions in the cluster."""
+    rows_before = bench._sql("SELECT count(*) FROM vm_runtimes")[0][0]
+    rows = bench._seed_sessions(bench.size["rows"])
+    bench._vacuum()
+    time.sleep(2)
+    win, _ = bench.measure(bench.size["idle_s"])
+    figures = idle_figures(win, top["nodes"], floor_rate)
+    plans = {stmt["query"]: bench.probe.explain(stmt["query"]) for stmt in figures["top_statements"][:6]}
+    return {"vm_rows_before": rows_before, "vm_rows": rows, "sessions": rows - rows_before, "idle": figures,
+            "plans": plans, "load_average": win["load_average"],
+            "statement_growth": statement_growth(top["idle"], figures)}
+
+
+def rows(out):
+    levels = out["levels"]
+    la = lambda w: f"load {w['load_average'][0]:.1f}-{w['load_average'][1]:.1f}"  # noqa: E731
+    idle = " / ".join(f"{lv['nodes']}: {lv['idle']['pg_cpu_ms_per_node_min']:.1f}" for lv in levels)
+    stm = " / ".join(f"{lv['nodes']}: {lv['idle']['statements_per_node_min']:.0f}" for lv in levels)
+    top = levels[-1]
+    fan = " / ".join(f"{lv['nodes']}: {lv['fanout']['pg_us_per_delivery']:.1f}" for lv in levels)
+    fan_node = " / ".join(f"{lv['nodes']}: {lv['fanout']['node_us_per_delivery']:.0f}" for lv in levels)
+    cfg = " / ".join(f"{lv['nodes']}: {lv['config_change']['pg_ms_per_change']:.1f}" for lv in levels)
+    c, h, b = out["connect"], out["held"], out["sessions"]
+    return [
+        ("cluster idle: PostgreSQL CPU per node per minute, net of the server's floor (ms; nodes: value)",
+         idle, "(no reference)", "-", f"{stm} statements per node-minute; {la(top['idle'])}"),
+        (f"cluster idle at {top['nodes']} nodes: WAL, connections, node CPU per node",
+         f"{top['idle']['wal_bytes_per_node_min'] / 1024:.1f} KB WAL/min, {top['idle']['connections_per_node']:.1f} "
+         f"connections, node {top['idle']['node_cpu_ms_per_node_min']:.0f} ms CPU/min, "
+         f"{top['node_rss_mb']:.0f} MB RSS", "(no reference)", "-", la(top["idle"])),
+        (f"cluster connect_to_vm over {c['nodes']} nodes: cost per connect",
+         f"PostgreSQL {c['pg_ms_per_connect']:.2f} ms, nodes {c['node_ms_per_connect']:.2f} ms CPU, "
+         f"{c['statements_per_connect']:.1f} statements, {c['transactions_per_connect']:.1f} transactions "
+         f"({c['connects']} connects, {c['rate_per_s']:.0f}/s)", "(no reference)", "-",
+         f"{c['errors']} errors; peak {c['peak_connections_per_node']:.1f} connections per node; {la(c)}"),
+        ("cluster NOTIFY fan-out: PostgreSQL CPU per notification per listener (µs; nodes: value)",
+         fan, "(no reference)", "-", f"node CPU per delivery (µs) {fan_node}; {la(top['fanout'])}"),
+        ("cluster config change (qvd-admin config set): PostgreSQL CPU per change (ms; nodes: value)",
+         cfg, "(no reference)", "-",
+         f"{top['config_change']['reload_statements_per_change_per_node']:.1f} statements and "
+         f"{top['config_change']['node_ms_per_change_per_node']:.1f} ms CPU per node per change"),
+        (f"cluster held idle sessions ({h['sessions']} over {top['nodes']} nodes): PostgreSQL CPU per session "
+         "per minute (ms)", f"{h['pg_cpu_ms_per_session_min']:.3f}", "(no reference)", "-",
+         f"{h['statements_per_session_min']:.3f} statements per session-minute; {la(h)}"),
+        (f"cluster idle with {b['sessions']} more sessions held ({b['vm_rows']} vm_runtimes rows): PostgreSQL CPU "
+         "per node per minute (ms)", f"{b['idle']['pg_cpu_ms_per_node_min']:.1f} (vs "
+         f"{top['idle']['pg_cpu_ms_per_node_min']:.1f} at {b['vm_rows_before']} rows)", "(no reference)", "-", la(b)),
+    ]

@@ -1,0 +1,148 @@
+"""What a PostgreSQL server spent between two snapshots, for the cluster bench.
+
+- CPU: utime + stime of the postmaster and every backend and helper process (/proc, as
+  bench/procstat.py reads it), so the server's whole cost, background work included;
+- statements of one role (the nodes'), from pg_stat_statements: calls, execution time and
+  rows per normalised statement (the bench's own queries run as the superuser and are
+  left out);
+- WAL bytes written (pg_current_wal_lsn), connections of that role (pg_stat_activity),
+  the NOTIFY queue's fill (pg_notification_queue_usage).
+
+pg_stat_statements must be in shared_preload_libraries (bench/cluster.py starts the
+server so); without it the statement figures are missing and say so.
+"""
+import threading
+import time
+
+import psycopg2
+
+from .procstat import tree_cpu_seconds
+
+# statements that only delimit a transaction: counted apart from the work inside it
+TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SET TRANSACTION", "SAVEPOINT", "RELEASE")
+
+
+def lsn_bytes(lsn):
+    high, low = lsn.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def is_transaction_control(query):
+    return query.lstrip().upper().startswith(TRANSACTION_CONTROL)
+
+
+class Snapshot:
+    def __init__(self, at, cpu, statements, wal, connections, node_cpu=0.0):
+        self.at = at
+        self.cpu = cpu
+        self.statements = statements        # queryid -> (query, calls, total ms, rows)
+        self.wal = wal
+        self.connections = connections
+        self.node_cpu = node_cpu
+
+
+class PgProbe:
+    def __init__(self, pg, dbname, role):
+        self.pid = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
+        self.role = role
+        self.dbname = dbname
+        self.conn = psycopg2.connect(**pg.superuser_dsn(dbname))
+        self.conn.autocommit = True
+        self.has_statements = True
+        try:
+            self._run("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            self._run("SELECT count(*) FROM pg_stat_statements")
+        except psycopg2.Error:
+            self.has_statements = False
+
+    def _run(self, sql, params=None):
+        with self.conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def close(self):
+        self.conn.close()
+
+    def connections(self):
+        return self._run("SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND datname = %s",
+                         (self.role, self.dbname))[0][0]
+
+    def queue_usage(self):
+        return float(self._run("SELECT pg_notification_queue_usage()")[0][0])
+
+    def snapshot(self, node_cpu=0.0):
+        statements = {}
+        if self.has_statements:
+            rows = self._run("SELECT s.queryid, s.query, s.calls, s.total_exec_time, s.rows FROM pg_stat_statements s "
+                             "JOIN pg_roles r ON r.oid = s.userid JOIN pg_database d ON d.oid = s.dbid "
+                             "WHERE r.rolname = %s AND d.datname = %s", (self.role, self.dbname))
+            statements = {qid: (query, calls, ms, nrows) for qid, query, calls, ms, nrows in rows}
+        wal = lsn_bytes(self._run("SELECT pg_current_wal_lsn()::text")[0][0])
+        return Snapshot(time.monotonic(), tree_cpu_seconds(self.pid), statements, wal, self.connections(), node_cpu)
+
+    def explain(self, query):
+        """The plan PostgreSQL would use for a normalised statement ($1 ... left as parameters)."""
+        try:
+            return [r[0] for r in self._run("EXPLAIN (GENERIC_PLAN) " + query)]
+        except psycopg2.Error as exc:
+            return [f"(no plan: {str(exc).strip().splitlines()[0]})"]
+
+
+def window(before, after, top=12):
+    """The figures between two snapshots: totals, and the statements with most execution time."""
+    per = []
+    for qid, (query, calls, ms, rows) in after.statements.items():
+        _, calls0, ms0, rows0 = before.statements.get(qid, (query, 0, 0.0, 0))
+        if calls > calls0:
+            per.append({"query": " ".join(query.split()), "calls": calls - calls0, "exec_ms": ms - ms0,
+                        "rows": rows - rows0})
+    per.sort(key=lambda s: -s["exec_ms"])
+    calls = sum(s["calls"] for s in per)
+    control = [s for s in per if is_transaction_control(s["query"])]
+    return {
+        "seconds": after.at - before.at,
+        "pg_cpu_s": after.cpu - before.cpu,
+        "node_cpu_s": after.node_cpu - before.node_cpu,
+        "statements": calls,
+        "queries": calls - sum(s["calls"] for s in control),
+        "transactions": sum(s["calls"] for s in control if s["query"].upper().startswith("BEGIN")),
+        "exec_ms": sum(s["exec_ms"] for s in per),
+        "wal_bytes": after.wal - before.wal,
+        "connections": after.connections,
+        "top_statements": [s for s in per if not is_transaction_control(s["query"])][:top],
+        "all_statements": per,
+    }
+
+
+class ConnectionSampler:
+    """The highest number of the role's connections seen, sampled every interval seconds on a
+    connection of its own, until stop() (or max_seconds, whichever comes first)."""
+
+    def __init__(self, pg, dbname, role, interval=0.5, max_seconds=600):
+        self.pg, self.dbname, self.role = pg, dbname, role
+        self.interval, self.max_seconds = interval, max_seconds
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        conn = psycopg2.connect(**self.pg.superuser_dsn(self.dbname))
+        conn.autocommit = True
+        deadline = time.monotonic() + self.max_seconds
+        try:
+            with conn.cursor() as cur:
+                while not self._stop.is_set() and time.monotonic() < deadline:
+                    cur.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND datname = %s",
+                                (self.role, self.dbname))
+                    self.peak = max(self.peak, cur.fetchone()[0])
+                    self._stop.wait(self.interval)
+        finally:
+            conn.close()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
