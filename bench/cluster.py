@@ -162,8 +162,10 @@ class ClusterBench:
         import subprocess
         import sys
         repo = str(Path(__file__).resolve().parent.parent)
+        self.farm_key = secrets.token_urlsafe(32)      # the agent key of every farm VM
         self.farm = subprocess.Popen([sys.executable, "-m", "bench.farm", "--address", FARM_ADDRESS],
-                                     stdout=subprocess.PIPE, text=True, cwd=repo)
+                                     stdout=subprocess.PIPE, text=True, cwd=repo,
+                                     env=dict(os.environ, QVD_VMA_SECRET=self.farm_key))
         self.farm_ports = json.loads(self.farm.stdout.readline())
 
     def _seed(self, top):
@@ -184,6 +186,8 @@ class ClusterBench:
                         "SELECT id, %s, 'running', %s, 'disconnected', false, %s, %s, %s FROM unnest(%s) id",
                         (host_id, int(time.time()), FARM_ADDRESS, ports["rpc"], ports["echo"], ids))
             cur.execute("INSERT INTO vm_counters (vm_id) SELECT unnest(%s)", (ids,))
+            cur.execute("INSERT INTO vm_agent_keys (vm_id, secret, created) SELECT id, %s, %s FROM unnest(%s) id",
+                        (self.farm_key, int(time.time()), ids))
             token = secrets.token_urlsafe(24)
             cur.execute("INSERT INTO user_tokens (token, user_id, vm_id, expiration, multi_use) "
                         "VALUES (%s, %s, NULL, %s, true)", (token_digest(token), user_id, int(time.time()) + 86400))
@@ -242,11 +246,14 @@ class ClusterBench:
                         (now, now, user_id, FARM_ADDRESS, self.farm_ports["rpc"], self.farm_ports["echo"], hosts,
                          len(hosts), ids))
             cur.execute("INSERT INTO vm_counters (vm_id) SELECT unnest(%s)", (ids,))
+            cur.execute("INSERT INTO vm_agent_keys (vm_id, secret, created) SELECT id, %s, %s FROM unnest(%s) id",
+                        (self.farm_key, now, ids))
         return self._sql("SELECT count(*) FROM vm_runtimes")[0][0]
 
     def _vacuum(self):
         # a steady state: seeding's dead rows and statistics are not what the nodes cost
-        for table in ("vm_runtimes", "vms", "vm_counters", "users", "user_tokens", "hosts", "host_runtimes"):
+        for table in ("vm_runtimes", "vms", "vm_counters", "vm_agent_keys", "users", "user_tokens", "hosts",
+                      "host_runtimes"):
             self._sql(f"VACUUM ANALYZE {table}")
 
     # --- measuring -----------------------------------------------------------------------
