@@ -20,11 +20,13 @@ import time
 import gevent.event
 import gevent.lock
 import gevent.threadpool
+import psycopg2
 
-from ..db import runtime
+from ..db import DatabaseUnavailable, runtime
 from ..db.passwords import hash_password, is_legacy, verify_password
 from ..common import metrics
 from .auth_plugins import AuthFailed, AuthPlugin, PluginChain
+from .throttle import Ticket
 
 log = logging.getLogger("qvd.l7r.auth")
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
@@ -122,8 +124,46 @@ HASH_QUEUE = 32
 PER_SOURCE = 1                 # hashes one source address may have in the pool at once
 WAITING_PER_SOURCE = 100       # ... and waiting for that
 _by_source = {}                # source address -> [Semaphore(PER_SOURCE), users]
-# the source address of the login being checked in this greenlet (set by Authenticator)
-login_source = contextvars.ContextVar("login_source", default=None)
+# the login being checked in this greenlet (an AttemptCount, set by the Authenticator)
+current_attempt = contextvars.ContextVar("current_attempt", default=None)
+
+
+class AttemptCount:
+    """How one login is held against its address and login by the throttle: as a failure
+    from the moment its password hash starts (so concurrent wrong guesses from one address
+    stop at the threshold instead of all being hashed), taken back if it succeeds. An
+    attempt that needs no hash (a remembered password, a token) is counted only if it fails.
+    Hashes of one address run one at a time (in_threadpool), so concurrent good logins from
+    one address never block each other with failures that are only provisional."""
+    __slots__ = ("throttle", "address", "login", "fingerprint", "ticket")
+
+    def __init__(self, throttle, address, login, fingerprint):
+        self.throttle = throttle
+        self.address = address
+        self.login = login
+        self.fingerprint = fingerprint
+        self.ticket = None
+
+    def before_hash(self):
+        """Called with the address's hashing slot held: refuse if the failures of the attempts
+        ahead throttled us meanwhile, else count this one."""
+        if self.ticket is None:
+            what = self.throttle.blocked(self.address, self.login, time.monotonic())
+            if what:
+                metrics.inc("qvd_l7r_auth_failures_total", reason="throttled")
+                raise Throttled(what)
+            self.ticket = self.throttle.begin(self.address, self.login, self.fingerprint, time.monotonic())
+
+    def failed(self):
+        if self.ticket is None:
+            self.ticket = self.throttle.begin(self.address, self.login, self.fingerprint, time.monotonic())
+
+    def not_held_against(self):
+        if self.ticket is not None:
+            self.throttle.forget(self.ticket)
+
+    def succeeded(self):
+        self.throttle.succeeded(self.ticket or Ticket([], None), self.address, self.login)
 
 
 def dummy_hash():
@@ -156,7 +196,8 @@ def in_threadpool(fn, *args):
     global _hash_pool, _hash_jobs
     if _hash_pool is None:
         _hash_pool = gevent.threadpool.ThreadPool(HASH_THREADS)
-    source = login_source.get()
+    attempt = current_attempt.get()
+    source = attempt.address if attempt is not None else None
     entry = None
     if source is not None:
         entry = _by_source.get(source)
@@ -170,6 +211,8 @@ def in_threadpool(fn, *args):
         if entry is not None:
             entry[0].acquire()
         try:
+            if attempt is not None:
+                attempt.before_hash()
             if _hash_jobs >= HASH_QUEUE:
                 metrics.inc("qvd_l7r_auth_failures_total", reason="hash_queue_full")
                 raise LoginsBusy()
@@ -234,6 +277,7 @@ class Authenticator:
         self.verified = VerifiedCache(throttle)
         self.chain = PluginChain(cfg, db, DefaultPlugin(self))
         self._verifying = {}       # credentials being hashed now -> AsyncResult (one hash for all)
+        self._upgrading = set()    # user ids whose legacy hash is being replaced by scrypt
         configure_hashing(cfg.get_int("l7r.auth.hash.threads"), cfg.get_int("l7r.auth.hash.queue"),
                           cfg.get_int("l7r.auth.concurrent_per_address"), cfg.get_int("l7r.auth.waiting_per_address"))
 
@@ -263,14 +307,15 @@ class Authenticator:
             metrics.inc("qvd_l7r_auth_failures_total", reason="empty_password")
             raise AuthFailed("empty_password", login)
         self._refuse_if_throttled(peer_ip, login_key, now)
-        if creds[0] == "basic":
-            token = login_source.set(peer_ip)
-            try:
-                result = self._counted(peer_ip, login_key, fp, self._basic, login, tenant, creds[2])
-            finally:
-                login_source.reset(token)
-        else:
-            result = self._counted(peer_ip, login_key, fp, self._bearer, creds[1])
+        attempt = AttemptCount(self.throttle, peer_ip, login_key, fp)
+        token = current_attempt.set(attempt)
+        try:
+            if creds[0] == "basic":
+                result = self._counted(attempt, self._basic, login, tenant, creds[2])
+            else:
+                result = self._counted(attempt, self._bearer, creds[1])
+        finally:
+            current_attempt.reset(token)
         cache["auth"] = (fp, result)
         self.counters("auth_ok")
         return result
@@ -281,25 +326,25 @@ class Authenticator:
             metrics.inc("qvd_l7r_auth_failures_total", reason="throttled")
             raise Throttled(what)
 
-    def _counted(self, peer_ip, login_key, fp, check, *args):
-        """Run check(*args) counted as a failure before it runs (a flood of concurrent wrong
-        logins is cut at the threshold, not after all were hashed), taken back if it succeeds."""
+    def _counted(self, attempt, check, *args):
+        """Run check(*args); the throttle holds it against the address and login as
+        AttemptCount says."""
         self.counters("auth_attempts")
-        ticket = self.throttle.begin(peer_ip, login_key, fp, time.monotonic())
         try:
             result = check(*args)
         except AuthFailed as exc:
             metrics.inc("qvd_l7r_auth_failures_total", reason=exc.reason)
             if exc.reason in ("user_blocked", "tenant_blocked"):
-                self.throttle.forget(ticket)
+                attempt.not_held_against()
+            else:
+                attempt.failed()
             raise
         except BaseException:
-            self.throttle.forget(ticket)      # directory down, queue full, database: nobody's fault
+            attempt.not_held_against()      # directory down, queue full, database: nobody's fault
             raise
-        self.throttle.succeeded(ticket, peer_ip, login_key)
+        attempt.succeeded()
         return result
 
-    # --- basic logins: the plugin chain (auth_plugins/base.py says how it runs) ----------------
     def _basic(self, login, tenant, password):
         if not password:
             raise AuthFailed("empty_password", login)
@@ -357,14 +402,24 @@ class Authenticator:
                     # unknown login pays, or timing tells which logins exist and how they are stored
                     in_threadpool(verify_password, password, dummy_hash(), salt)
                 raise AuthFailed("bad_password", login)
-            if not is_legacy(stored):
-                self.verified.remember(login, tenant, password, stored, now)
-        if is_legacy(stored):
-            fresh = in_threadpool(hash_password, password)
-            self.db.execute("UPDATE users SET password = %s WHERE id = %s AND password = %s",
-                            (fresh, attempt.user[0], stored))
-            log.info("password hash of user %s upgraded to scrypt", login)
+            self.verified.remember(login, tenant, password, stored, now)
+        if is_legacy(stored) and attempt.user[0] not in self._upgrading:
+            # off the login's path and once per user: a burst of logins of one user must not
+            # queue one scrypt each (nor count against its address's share of the hashing)
+            self._upgrading.add(attempt.user[0])
+            gevent.spawn(self._upgrade, attempt.user[0], login, password, stored)
         return True
+
+    def _upgrade(self, user_id, login, password, stored):
+        """Replace the original's salted SHA-256 by scrypt, unless the password changed meanwhile."""
+        try:
+            fresh = in_threadpool(hash_password, password)
+            self.db.execute("UPDATE users SET password = %s WHERE id = %s AND password = %s", (fresh, user_id, stored))
+            log.info("password hash of user %s upgraded to scrypt", login)
+        except (LoginsBusy, DatabaseUnavailable, psycopg2.Error) as exc:
+            log.info("password hash of user %s not upgraded yet (%s); next login", login, type(exc).__name__)
+        finally:
+            self._upgrading.discard(user_id)
 
     def _bearer(self, token):
         error, grant = runtime.redeem_token(self.db, token)
