@@ -325,6 +325,8 @@ def test_no_token_is_stored_in_clear(world):
         assert len(dump) > 1000                   # the dump holds the rows it should
         assert user_token not in dump and vm_token not in dump
         assert user_token[:16] not in dump and vm_token[:16] not in dump
+        # what is stored instead: their SHA-256 digests
+        assert token_digest(user_token) in dump and token_digest(vm_token) in dump
     finally:
         sock.close()
 
