@@ -429,3 +429,29 @@ def test_legacy_setting_runs_vms_without_a_key_and_warns(make_node, admin_db, ca
     assert VmaClient(row["vm_address"], 3030, timeout=2).ping()
     stop_vm(admin_db, vm_id)
     wait_vm_state(admin_db, vm_id, "stopped")
+
+
+def test_running_hkd_sweeps_expired_tokens_every_token_sweep_delay(make_node, admin_db):
+    """Expired tokens and login parameters no token refers to are purged by the running HKD
+    every internal.hkd.agent.token_sweep.delay seconds (1 here); live ones stay."""
+    add_host(admin_db)
+    (vm_id,) = add_vms(admin_db)
+    user = admin_db.query_one("SELECT user_id FROM vms WHERE id = %s", (vm_id,))[0]
+    node = make_node(**{"internal.hkd.agent.token_sweep.delay": 1})
+    node.hkd.start()
+    live, live_params = admin_db.transaction(runtime.issue_token, user, {"a": 1}, 600)
+    expired, expired_params = admin_db.transaction(runtime.issue_token, user, {"b": 2}, -5)
+    stored_only = admin_db.transaction(runtime.store_auth_params, {"c": 3})
+
+    def tokens():
+        return {d for (d,) in admin_db.query("SELECT token FROM user_tokens")}
+
+    def params():
+        return {i for (i,) in admin_db.query("SELECT id FROM user_auth_parameters")}
+    assert runtime.token_digest(expired) in tokens()
+    wait_for(lambda: runtime.token_digest(expired) not in tokens(), 3, interval=0.1, what="the expired token swept")
+    # parameters nobody refers to go one sweep after a sweep has seen them
+    wait_for(lambda: not params() & {expired_params, stored_only}, 4, interval=0.1,
+             what="the unreferenced login parameters swept")
+    assert runtime.token_digest(live) in tokens() and live_params in params()
+    node.hkd.stop()
