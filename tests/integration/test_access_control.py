@@ -597,19 +597,29 @@ def test_empty_passwords_are_not_counted(strict_world):
 def test_a_full_hash_queue_answers_503_at_once(tmp_path, pg_server, fresh_db_name):
     """With room for one hash, concurrent logins from many addresses: those that find the
     queue full get 503 "retry later" at once instead of queueing without bound."""
+    from qvd_gevent.db.passwords import hash_password
     w = make_world(tmp_path, pg_server, fresh_db_name, 100000,
                    extra={"l7r.auth.hash.threads": 1, "l7r.auth.hash.queue": 1})
+    # a stored hash four times the usual scrypt cost: the one running check holds the thread
+    # long enough that "at once" cannot be confused with "after the check"
+    w.node.seed.user("slow", "slow-pw", stored=hash_password("slow-pw", n=2 ** 16))
     try:
         answers = []
 
         def login(i):
             t0 = time.monotonic()
-            final, _ = w.request("/qvd/list_of_vm", basic("bob", f"wrong-{i}"), source=f"127.0.1.{i + 1}")
+            final, _ = w.request("/qvd/list_of_vm", basic("slow", f"wrong-{i}"), source=f"127.0.1.{i + 1}")
             answers.append((final.status, time.monotonic() - t0, final.headers.get("retry-after")))
         gevent.joinall([gevent.spawn(login, i) for i in range(20)], timeout=60)
         statuses = [a[0] for a in answers]
         assert len(answers) == 20 and set(statuses) <= {401, 503} and 503 in statuses and 401 in statuses
         assert all(retry == "2" for status, _, retry in answers if status == 503)
+        refused_in = sorted(took for status, took, _ in answers if status == 503)
+        hashed_in = sorted(took for status, took, _ in answers if status == 401)
+        print(f"full hash queue: {len(refused_in)} x 503 in {refused_in[0]:.3f}-{refused_in[-1]:.3f} s, "
+              f"{len(hashed_in)} x 401 in {hashed_in[0]:.3f}-{hashed_in[-1]:.3f} s")
+        # at once: every 503 is sent while the check that fills the queue is still running
+        assert refused_in[-1] < hashed_in[0], (refused_in, hashed_in)
         assert w.status("/qvd/list_of_vm", ALICE) == 200          # the queue drains; logins work again
     finally:
         w.node.close()
