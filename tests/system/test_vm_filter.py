@@ -23,6 +23,8 @@ PROBE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GATEWAY = f"{VM_NET}.0.1"
 L7R_PORT = 8443
 OTHER_NODE_PORT = 2222
+OTHER_NODE = f"{VM_NET}.0.2"          # in the node range (below vm.network.ip.start)
+OTHER_NODES_VM = f"{VM_NET}.0.250"    # in the VM range, not one of this node's VMs
 
 DRIVER = """
 from qvd_gevent.config import Config
@@ -122,6 +124,39 @@ def _probe(host, vm_namespace, spec, listen_ports):
     return json.loads(vm.stdout)["reached"], json.loads(out.strip().splitlines()[-1])
 
 
+class OtherNode:
+    """Another node's machine on the VM network: a namespace of the test's own whose veth is
+    a port of the node's bridge (an uplink, not a VM port), holding a node address and an
+    address in the VM range (a VM of that node). Removed with the test namespace."""
+
+    def __init__(self, host, addresses):
+        self.host, self.addresses = host, addresses
+        self.name = f"{host.vm_prefix}-peer"          # destroyed with the test's namespaces
+        self.link = f"{host.vm_prefix}p0"             # not the VM port pattern (<prefix>v*)
+        subprocess.run(["ip", "netns", "add", self.name], check=True, timeout=30)
+        host.run(["ip", "link", "add", self.link, "type", "veth", "peer", "name", "eth0", "netns", self.name],
+                 check=True)
+        host.run(["ip", "link", "set", self.link, "master", "qvdbr0", "up"], check=True)
+        for argv in (["ip", "link", "set", "lo", "up"], ["ip", "link", "set", "eth0", "up"],
+                     *(["ip", "addr", "add", f"{a}/16", "dev", "eth0"] for a in addresses)):
+            subprocess.run(["ip", "netns", "exec", self.name, *argv], check=True, timeout=30)
+
+    def accepted_while(self, ports, action):
+        """The ports this machine accepted a connection on while action() ran."""
+        listener = subprocess.Popen(["nsenter", f"--net=/run/netns/{self.name}", "--", sys.executable, PROBE,
+                                     "node", "eth0", ",".join(map(str, ports))],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert listener.stdout.readline().strip() == "READY"
+            action()
+            out, _ = listener.communicate("", timeout=10)
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+                listener.wait(5)
+        return json.loads(out.strip().splitlines()[-1])["accepted"]
+
+
 def _node_reaches(host, address, port):
     """The node's side opens a connection and gets the VM's answer (VMA ping, or the display's echo)."""
     request, expect = (b"GET /vma/ping HTTP/1.0\r\n\r\n", "200") if port == 3030 else (b"hello\n", "hello")
@@ -167,6 +202,23 @@ def test_netns_vm_reaches_only_dhcp_cannot_spoof_and_the_node_reaches_every_vm(t
         for address in (a_ip, b_ip):                          # replies to the node's connections pass
             for port in (3030, 4100):
                 assert _node_reaches(test_host, address, port), f"node cannot reach {address}:{port}"
+        # another node's machine on the VM network (a node address, and a VM of that node):
+        # the node reaches it, VM A does not
+        other = OtherNode(test_host, [OTHER_NODE, OTHER_NODES_VM])
+        targets = [[address, port] for address in other.addresses for port in (L7R_PORT, OTHER_NODE_PORT)]
+
+        def from_the_node():
+            code = "import socket, sys\nfor a, p in " + repr(targets) + ":\n" \
+                   "    socket.create_connection((a, p), timeout=3).close()\n"
+            assert test_host.run([sys.executable, "-c", code], timeout=30).returncode == 0
+        assert sorted(other.accepted_while([L7R_PORT, OTHER_NODE_PORT], from_the_node)) == \
+            sorted([L7R_PORT, OTHER_NODE_PORT] * 2)          # the control: it listens and is reachable
+        reached_from_vm = []
+
+        def from_vm_a():
+            reached_from_vm.extend(_probe(test_host, f"{prefix}-vm{vm_a}", {"tcp": targets}, [])[0])
+        assert other.accepted_while([L7R_PORT, OTHER_NODE_PORT], from_vm_a) == []
+        assert reached_from_vm == [], f"VM A reached {reached_from_vm}"
         node.stop([vm_a, vm_b])
         assert _qvd_tables(test_host) == []                   # deleted exactly at stop
     finally:
