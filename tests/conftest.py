@@ -21,27 +21,11 @@ from qvd_gevent.config import Config  # noqa: E402
 from qvd_gevent.db import Database, make_green  # noqa: E402
 from qvd_gevent.db.deploy import deploy  # noqa: E402
 
+from helpers.database import TEMPLATE, TEST_ROLE, TEST_ROLE_PASSWORD, PgServer, write_node_conf  # noqa: E402
+
 make_green()
 
-TEST_ROLE = "qvd_test"
-TEST_ROLE_PASSWORD = "qvd test pass"  # with a space: node.conf must carry it verbatim
-TEMPLATE = "qvd_template"
 _counter = itertools.count()
-
-
-class PgServer:
-    """What tests need of a server: superuser DSN, host/port, and (embedded) stop/start."""
-
-    def __init__(self, superuser_dsn, host, port, embedded=None):
-        self.superuser_dsn = superuser_dsn
-        self.host = host
-        self.port = port
-        self.embedded = embedded
-
-    def superuser_connect(self, dbname="postgres"):
-        conn = psycopg2.connect(self.superuser_dsn, dbname=dbname)
-        conn.autocommit = True
-        return conn
 
 
 @pytest.fixture(scope="session")
@@ -73,23 +57,6 @@ def pg_server():
     yield server
     if embedded is not None:
         embedded.destroy()
-
-
-def write_node_conf(path, server, dbname, extra=None):
-    lines = [
-        "# written by the test suite",
-        "nodename = test-node",
-        f"database.host = {server.host}",
-        f"database.port = {server.port}",
-        f"database.name = {dbname}",
-        f"database.user = {TEST_ROLE}",
-        f"database.password = {TEST_ROLE_PASSWORD}",
-        "internal.database.pool.connection.timeout = 20",
-    ]
-    for key, value in (extra or {}).items():
-        lines.append(f"{key} = {value}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from qvd_gevent.db.passwords import legacy_token
 from qvd_gevent.vma import display_gate
 
 from .hkd_env import TINY_VM, fast_hkd_settings, pid_alive
+from .l7r_env import Seed, make_cert  # noqa: F401 - make_cert: the cluster suites' certificate too
 
 REPO = Path(__file__).resolve().parents[2]
 # the node's own line (node/run.py), not an adopted VM's "still running (pid N)"
@@ -68,7 +69,7 @@ def write_conf(path, db_lines, nodename, values):
 
 
 def pg_conf_lines(server, dbname):
-    from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
+    from .database import TEST_ROLE, TEST_ROLE_PASSWORD
     return [f"database.host = {server.host}", f"database.port = {server.port}", f"database.name = {dbname}",
             f"database.user = {TEST_ROLE}", f"database.password = {TEST_ROLE_PASSWORD}",
             "internal.database.pool.connection.timeout = 20"]
@@ -160,18 +161,7 @@ class Farm:
 
 # --- rows -----------------------------------------------------------------------------------
 def seed_ssl(db, cert, key):
-    db.execute("INSERT INTO ssl_configs (key, value) VALUES ('l7r.ssl.cert', %s), ('l7r.ssl.key', %s) "
-               "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (Path(cert).read_text(), Path(key).read_text()))
-
-
-def make_cert(folder):
-    from qvd_gevent.node.certs import make_self_signed
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    if not cert.exists():
-        make_self_signed(str(cert), str(key))
-    return cert, key
+    Seed(db).ssl(cert, key)
 
 
 def seed_host(db, name, address="127.0.0.1", state="stopped", backend=True, ok_now=False):

@@ -11,7 +11,7 @@ from .nodes import start_node
 
 def start_full_node(tmp_path, pg_server, dbname, desktop="echo"):
     """Returns (node, vm_id, cert_path). The caller must node.stop(0)."""
-    from conftest import write_node_conf
+    from .database import write_node_conf
     values = fast_hkd_settings(tmp_path)
     values.pop("nodename")
     values.update({

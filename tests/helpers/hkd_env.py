@@ -48,7 +48,7 @@ def fast_hkd_settings(tmp_path, nodename=NODE, **extra):
 
 
 def write_conf(path, server, dbname, values):
-    from conftest import write_node_conf
+    from .database import write_node_conf
     write_node_conf(path, server, dbname, {})
     text = path.read_text().replace("nodename = test-node\n", "")
     text += "".join(f"{k} = {v}\n" for k, v in values.items())

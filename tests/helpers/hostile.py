@@ -182,31 +182,21 @@ class Pki:
 # --- an L7R node with that PKI -------------------------------------------------------------------------
 def tls_node(tmp_path, pg_server, dbname, extra=None, pki=None, client_ca=False, crl_path=None, start=True,
              nodename="test-node", rsa=False):
-    """An l7r_env.Node whose certificate is signed by pki's CA; node.cert is the CA to trust.
+    """A seeded node (helpers.nodes.seeded_node, no users) whose certificate is signed by pki's CA;
+    node.cert is the CA to trust.
 
     client_ca=True stores the CA as l7r.ssl.ca (and crl_path as l7r.ssl.crl) and sets
     l7r.client.cert.require=1."""
-    from helpers.l7r_env import Node, Seed, write_conf
+    from helpers.nodes import seeded_node
     pki = pki or Pki(str(tmp_path / "pki"))
     values = dict(extra or {})
     if client_ca:
         values["l7r.client.cert.require"] = 1
-    conf = write_conf(tmp_path, pg_server, dbname, nodename, values)
     cert, key, _serial = pki.issue("localhost", server=True, rsa=rsa)
-    node = Node(conf, start=False)
-    node.conf_path = conf
+    node = seeded_node(tmp_path, pg_server, dbname, nodename, extra=values, users=False, start=False,
+                       certificate=(cert, key), client_ca=pki.ca_path if client_ca else None,
+                       crl=crl_path, trust=pki.ca_path)
     node.pki = pki
-    node.cert = pki.ca_path
-    node.seed = Seed(node.db)
-    rows = [("l7r.ssl.cert", open(cert).read()), ("l7r.ssl.key", open(key).read())]
-    if client_ca:
-        rows.append(("l7r.ssl.ca", open(pki.ca_path).read()))
-    if crl_path:
-        rows.append(("l7r.ssl.crl", open(crl_path).read()))
-    for k, v in rows:
-        node.db.execute("INSERT INTO ssl_configs (key, value) VALUES (%s, %s) "
-                        "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (k, v))
-    node.host_id = node.seed.host(nodename)
     if start:
         node.start()
     return node

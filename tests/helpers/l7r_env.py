@@ -6,6 +6,7 @@ import base64
 import os
 import socket
 import ssl
+from pathlib import Path
 
 from qvd_gevent.config import Config
 from qvd_gevent.db import Database, runtime
@@ -32,6 +33,8 @@ FAST = {
 
 
 def make_cert(folder):
+    """(cert, key) of a self-signed certificate for localhost in folder, made once."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cert, key = folder / "cert.pem", folder / "key.pem"
     if not cert.exists():
@@ -40,7 +43,7 @@ def make_cert(folder):
 
 
 def write_conf(tmp_path, pg_server, dbname, nodename="test-node", extra=None):
-    from conftest import write_node_conf
+    from .database import write_node_conf
     run = tmp_path / f"run-{nodename}"
     values = dict(FAST)
     values.update({"path.run": run, "path.storage.root": tmp_path / "storage"})
@@ -55,9 +58,13 @@ class Seed:
     def __init__(self, db):
         self.db = db
 
-    def ssl(self, cert, key):
-        self.db.execute("INSERT INTO ssl_configs (key, value) VALUES ('l7r.ssl.cert', %s), ('l7r.ssl.key', %s) "
-                        "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (cert.read_text(), key.read_text()))
+    def ssl(self, cert, key, ca=None, crl=None):
+        """The L7R's certificate and key (and a client CA and its CRL) as `qvd-admin config ssl` stores them."""
+        rows = [("l7r.ssl.cert", cert), ("l7r.ssl.key", key), ("l7r.ssl.ca", ca), ("l7r.ssl.crl", crl)]
+        for name, path in rows:
+            if path is not None:
+                self.db.execute("INSERT INTO ssl_configs (key, value) VALUES (%s, %s) "
+                                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (name, Path(path).read_text()))
 
     def host(self, name, address="127.0.0.1", state="running", blocked=False):
         host_id = self.db.query_one("INSERT INTO hosts (name, address, frontend, backend) VALUES (%s, %s, true, true) "
@@ -156,6 +163,39 @@ def open_conn(port, cert=None, timeout=10):
 
 def basic(login, password):
     return "Basic " + base64.b64encode(f"{login}:{password}".encode()).decode()
+
+
+AUTH = [("Authorization", basic("qvd", "qvd"))]        # the user a seeded node has (helpers.nodes.seeded_node)
+UPGRADE = [("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")]
+
+
+def original_connect(vm_id):
+    """The original client's connect_to_vm request, byte for byte."""
+    return (b"GET /qvd/connect_to_vm?qvd.client.os=linux&qvd.client.audio.redirect.server=&qvd.client.fullscreen="
+            b"&qvd.client.audio.compression.enable=1&qvd.client.audio.redirect.enable=0&qvd.client.link=adsl"
+            b"&qvd.client.usb.implementation=USBIP&qvd.client.geometry=1024x768&qvd.client.audio.redirect.port="
+            b"&id=" + str(vm_id).encode() + b"&qvd.client.nxagent.extra_args=&qvd.client.keyboard=pc105%2Fes"
+            b"&qvd.client.printing.enabled=1&qvd.client.usb.enabled=0 HTTP/1.1\r\n"
+            b"Authorization: Basic cXZkOnF2ZA==\r\n"
+            b"Connection: Upgrade\r\n"
+            b"Upgrade: QVD/1.0\r\n"
+            b"User-Agent: QVD::HTTPC/0.01 (linux)\r\n\r\n")
+
+
+def connect(node, vm_id=None, headers=None, extra=""):
+    """connect_to_vm on a fresh connection, as the seeded user unless headers say otherwise:
+    (socket, reader, the 102 infos, the final response)."""
+    sock = open_conn(node.svc.port, node.cert)
+    get(sock, f"/qvd/connect_to_vm?id={vm_id or node.vm_id}{extra}", AUTH + UPGRADE if headers is None else headers)
+    reader = Reader(sock)
+    infos, final = reader.final()
+    return sock, reader, infos, final
+
+
+def session_row(node, vm_id=None):
+    """(user_state, l7r_host_id, l7r_pid, user_cmd, vm_state, real_user_id) of the VM's runtime row."""
+    return node.db.query_one("SELECT user_state, l7r_host_id, l7r_pid, user_cmd, vm_state, real_user_id "
+                             "FROM vm_runtimes WHERE vm_id = %s", (vm_id or node.vm_id,))
 
 
 class Reader:

@@ -217,7 +217,7 @@ def node_settings(host, tmp_path, **extra):
 def hkd_node_conf(host, tmp_path, pg_server, dbname, **extra):
     """node.conf for an HKD inside test namespace `host`, with short timers; it reaches the
     test PostgreSQL through its unix socket (sockets cross network namespaces)."""
-    from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
+    from .database import TEST_ROLE, TEST_ROLE_PASSWORD
     values = node_settings(host, tmp_path)
     values.update({
         "database.host": str(pg_server.embedded.directory), "database.port": pg_server.port,

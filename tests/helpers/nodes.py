@@ -4,7 +4,10 @@
 - ``HkdProcess``: the HKD alone (``python -m qvd_gevent.node.hkd_only``) as a child, inside a
   test namespace when given one; started and stopped by node/run.py as qvd-node is.
 - ``start_node(conf, parts)``: the parts of a node in the test process (node/run.py's Node).
+- ``seeded_node(...)`` / ``seeded_nodes(...)``: an L7R node with its fake HKD and VMA over a
+  seeded database (certificate, host, user qvd/qvd and a VM), the set-up of every L7R suite.
 """
+import contextlib
 import subprocess
 import sys
 import time
@@ -13,6 +16,9 @@ import gevent
 
 from qvd_gevent.config import Config
 from qvd_gevent.node.run import ALL, Node
+
+from .l7r_env import Node as L7rNode
+from .l7r_env import Seed, make_cert, write_conf
 
 
 def wait_for(predicate, timeout=10.0, what="condition", interval=0.1):
@@ -84,3 +90,45 @@ class HkdProcess:
                     proc.kill()
                     proc.wait(10)
             proc.stdout.close()
+
+
+def seeded_node(tmp_path, pg_server, dbname, nodename="test-node", address="127.0.0.1", extra=None, users=True,
+                start=True, certificate=None, client_ca=None, crl=None, trust=None, **node_kw):
+    """An L7R node (helpers.l7r_env.Node: FakeVma, TestHkd unless with_hkd=False) over database
+    dbname, seeded as the L7R suites need it: node.conf with short timers (node.conf_path),
+    the server certificate in ssl_configs (a self-signed one unless certificate=(cert, key);
+    client_ca and crl stored too), this host registered (node.host_id). users=True adds an
+    OSF, user qvd/qvd (l7r_env.AUTH) and VM qvd-vm1 (node.osf, node.user, node.vm_id).
+    node.cert is what a client trusts (trust, else the certificate); node.seed adds rows.
+    start=False: the caller seeds more, then calls node.start(); the caller closes the node."""
+    conf = write_conf(tmp_path, pg_server, dbname, nodename, extra)
+    certificate = certificate or make_cert(tmp_path / "certs")
+    node = L7rNode(conf, start=False, **node_kw)
+    node.conf_path = conf
+    node.cert = trust or certificate[0]
+    node.seed = Seed(node.db)
+    node.seed.ssl(*certificate, ca=client_ca, crl=crl)
+    node.host_id = node.seed.host(nodename, address)
+    if users:
+        node.osf = node.seed.osf()
+        node.user = node.seed.user("qvd", "qvd")
+        node.vm_id = node.seed.vm("qvd-vm1", node.user, node.osf)
+    if start:
+        node.start()
+    return node
+
+
+@contextlib.contextmanager
+def seeded_nodes(tmp_path, pg_server, dbname):
+    """make(extra=None, **seeded_node's keywords) -> a seeded node; every node made is closed at the end."""
+    made = []
+
+    def make(extra=None, **kw):
+        node = seeded_node(tmp_path, pg_server, dbname, extra=extra, **kw)
+        made.append(node)
+        return node
+    try:
+        yield make
+    finally:
+        for node in made:
+            node.close()

@@ -20,9 +20,8 @@ import pytest
 from qvd_gevent.db.runtime import token_digest
 
 from helpers.hostile import tls_node
-from helpers.l7r_env import Reader, basic, client_context, get
+from helpers.l7r_env import UPGRADE, Reader, basic, client_context, get
 
-UPGRADE = [("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")]
 HOSTILE = str(pathlib.Path(__file__).resolve().parents[1] / "helpers" / "hostile.py")
 FORBIDDEN = "You are not allowed to access requested virtual machine"
 

@@ -4,7 +4,7 @@ interpreted (no injection, no LIKE wildcards where an exact name is meant)."""
 import json
 
 import pytest
-from admin_helpers import Admin
+from helpers.admin import Admin
 
 from helpers.hostile import tls_node
 from helpers.l7r_env import Reader, basic, get, open_conn

@@ -2,8 +2,8 @@
 import subprocess
 
 import pytest
-from admin_helpers import Admin
-from conftest import write_node_conf
+from helpers.admin import Admin
+from helpers.database import write_node_conf
 
 
 @pytest.fixture

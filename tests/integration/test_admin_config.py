@@ -4,7 +4,7 @@ import datetime
 import gevent
 import gevent.event
 import pytest
-from admin_helpers import Admin, self_signed
+from helpers.admin import Admin, self_signed
 
 from qvd_gevent.db.listen import Listener
 

@@ -4,7 +4,7 @@ import os
 import stat
 
 import pytest
-from admin_helpers import Admin
+from helpers.admin import Admin
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """qvd-admin host / user / osf verbs: good input, bad input, the DB unchanged after a failure."""
 import pytest
-from admin_helpers import Admin
+from helpers.admin import Admin
 
 from qvd_gevent.db.passwords import is_legacy, verify_password
 

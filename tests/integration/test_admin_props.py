@@ -1,6 +1,6 @@
 """propset / propget / propdel for every object, on QVD 4's property tables."""
 import pytest
-from admin_helpers import Admin
+from helpers.admin import Admin
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from admin_helpers import Admin, self_signed
+from helpers.admin import Admin, self_signed
 
 
 @pytest.fixture

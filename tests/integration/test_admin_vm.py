@@ -2,7 +2,7 @@
 import gevent
 import gevent.event
 import pytest
-from admin_helpers import Admin
+from helpers.admin import Admin
 
 from qvd_gevent.db.listen import Listener
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import gevent
 import pytest
-from helpers.l7r_env import Node, Seed, make_cert, write_conf
+from helpers.nodes import seeded_node
 
 from qvd_gevent.config import Config
 from qvd_gevent.vma.client import VmaClient
@@ -29,16 +29,9 @@ def free_port():
 
 @pytest.fixture
 def node(tmp_path, pg_server, fresh_db_name):
-    conf = write_conf(tmp_path, pg_server, fresh_db_name)
-    cert, key = make_cert(tmp_path / "certs")
-    n = Node(conf, start=False, with_hkd=False)
-    n.cert = str(cert)
-    seed = Seed(n.db)
-    seed.ssl(cert, key)
-    n.host_id = seed.host("test-node", "127.0.0.1")
-    osf = seed.osf()
-    n.user = seed.user("qvd", "qvd")
-    n.vm_id = seed.vm("qvd-vm1", n.user, osf)
+    n = seeded_node(tmp_path, pg_server, fresh_db_name, start=False, with_hkd=False)
+    n.cert = str(n.cert)
+    seed, osf = n.seed, n.osf
     other = seed.user("other", "other")
     n.other_vm = seed.vm("not-yours", other, osf)
     n.blocked_vm = seed.vm("blocked-vm", n.user, osf, blocked=True)

@@ -9,7 +9,7 @@ from qvd_gevent.db import Database, notify
 from qvd_gevent.db.deploy import main as deploy_main
 from qvd_gevent.db.listen import Listener
 
-from conftest import write_node_conf
+from helpers.database import write_node_conf
 
 
 def test_deploy_exit_codes(tmp_path, pg_server, empty_db_name, capsys):

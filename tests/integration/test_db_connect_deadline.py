@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
+from helpers.database import TEST_ROLE, TEST_ROLE_PASSWORD
 from qvd_gevent.db import Database, DatabaseUnavailable
 
 TIMEOUT = 3

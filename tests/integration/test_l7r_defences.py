@@ -7,42 +7,16 @@ import time
 import gevent
 import pytest
 
-from helpers.l7r_env import (Node, Reader, Seed, basic, client_context, get, make_cert, open_conn, read_to_close,
-                             write_conf)
+from helpers.l7r_env import AUTH, UPGRADE, Reader, basic, client_context, get, open_conn, read_to_close, session_row
+from helpers.nodes import seeded_node, seeded_nodes, wait_for
 from qvd_gevent.l7r.server import L7RError, L7RService
 from qvd_gevent.node.certs import make_self_signed
-from test_l7r_sessions import AUTH, UPGRADE, row
-from helpers.nodes import wait_for
-
-
-def build(tmp_path, pg_server, dbname, extra=None, start=True, users=True):
-    conf = write_conf(tmp_path, pg_server, dbname, extra=extra)
-    cert, key = make_cert(tmp_path / "certs")
-    node = Node(conf, start=False)
-    node.cert = cert
-    node.seed = Seed(node.db)
-    node.seed.ssl(cert, key)
-    node.host_id = node.seed.host("test-node")
-    if users:
-        node.osf = node.seed.osf()
-        node.user = node.seed.user("qvd", "qvd")
-        node.vm_id = node.seed.vm("qvd-vm1", node.user, node.osf)
-    if start:
-        node.start()
-    return node
 
 
 @pytest.fixture
 def node_factory(tmp_path, pg_server, fresh_db_name):
-    made = []
-
-    def make(extra=None, **kw):
-        node = build(tmp_path, pg_server, fresh_db_name, extra, **kw)
-        made.append(node)
-        return node
-    yield make
-    for node in made:
-        node.close()
+    with seeded_nodes(tmp_path, pg_server, fresh_db_name) as make:
+        yield make
 
 
 def test_slow_client_gets_408_and_close(node_factory):
@@ -153,7 +127,7 @@ def test_plain_mode_uses_os_splice_and_half_close_both_ways(node_factory):
     sock.shutdown(socket.SHUT_WR)
     assert sock.recv(10) == b""
     sock.close()
-    assert wait_for(lambda: row(node)[0] == "disconnected")
+    assert wait_for(lambda: session_row(node)[0] == "disconnected")
 
 
 def test_tls_versions(node_factory):
@@ -188,7 +162,7 @@ def test_tls13_only_setting(node_factory):
 
 
 def test_refuses_insecure_key_file(tmp_path, pg_server, fresh_db_name):
-    node = build(tmp_path, pg_server, fresh_db_name, start=False, users=False)
+    node = seeded_node(tmp_path, pg_server, fresh_db_name, start=False, users=False)
     try:
         node.db.execute("DELETE FROM ssl_configs")
         folder = tmp_path / "loose"

@@ -8,11 +8,11 @@ import gevent
 import pyotp
 import pytest
 
-from helpers.l7r_env import Node, Reader, Seed, basic, get, make_cert, open_conn, write_conf
+from helpers.l7r_env import UPGRADE, Reader, basic, get, open_conn
+from helpers.nodes import seeded_nodes
 from helpers.slapd import PEOPLE, READER_DN, READER_PW, ROOT_DN, ROOT_PW, SUFFIX, Slapd
 from qvd_gevent.db.provision import add_user, set_user_property
 
-UPGRADE = [("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")]
 CROWD = [(f"user{i:03d}", f"pw-{i:03d}") for i in range(100)]
 
 
@@ -45,24 +45,14 @@ def ldap_conf(directory, transport="ldap", **extra):
 def l7r(tmp_path, pg_server, fresh_db_name):
     """start(conf) -> a running L7R node with a host, an OSF (node.osf) and the given keys;
     auto=True also points auth.auto.osf_id at that OSF."""
-    nodes = []
-
-    def start(conf, auto=False):
-        path = write_conf(tmp_path, pg_server, fresh_db_name, extra=conf)
-        cert, key = make_cert(tmp_path / "certs")
-        node = Node(path, start=False)
-        seed = Seed(node.db)
-        seed.ssl(cert, key)
-        node.host_id = seed.host("test-node")
-        node.osf = seed.osf()
-        node.cert, node.seed = cert, seed
-        if auto:
-            node.cfg.file_values["auth.auto.osf_id"] = str(node.osf)
-        nodes.append(node)
-        return node.start()
-    yield start
-    for node in nodes:
-        node.close()
+    with seeded_nodes(tmp_path, pg_server, fresh_db_name) as make:
+        def start(conf, auto=False):
+            node = make(conf, users=False, start=False)
+            node.osf = node.seed.osf()
+            if auto:
+                node.cfg.file_values["auth.auto.osf_id"] = str(node.osf)
+            return node.start()
+        yield start
 
 
 def request(node, target, login=None, password=None, headers=()):

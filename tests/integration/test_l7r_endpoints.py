@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from helpers.l7r_env import Node, Reader, Seed, basic, get, make_cert, open_conn, write_conf
+from helpers.l7r_env import Node, Reader, basic, get, open_conn, write_conf
+from helpers.nodes import seeded_node
 from qvd_gevent.db.passwords import is_legacy, legacy_token
 from qvd_gevent.db.runtime import token_digest
 
@@ -14,31 +15,10 @@ ORIGINAL_LIST = (b"GET /qvd/list_of_vm? HTTP/1.1\r\n"
                  b"User-Agent: QVD::HTTPC/0.01 (linux)\r\n\r\n")
 
 
-def original_connect(vm_id):
-    return (b"GET /qvd/connect_to_vm?qvd.client.os=linux&qvd.client.audio.redirect.server=&qvd.client.fullscreen="
-            b"&qvd.client.audio.compression.enable=1&qvd.client.audio.redirect.enable=0&qvd.client.link=adsl"
-            b"&qvd.client.usb.implementation=USBIP&qvd.client.geometry=1024x768&qvd.client.audio.redirect.port="
-            b"&id=" + str(vm_id).encode() + b"&qvd.client.nxagent.extra_args=&qvd.client.keyboard=pc105%2Fes"
-            b"&qvd.client.printing.enabled=1&qvd.client.usb.enabled=0 HTTP/1.1\r\n"
-            b"Authorization: Basic cXZkOnF2ZA==\r\n"
-            b"Connection: Upgrade\r\n"
-            b"Upgrade: QVD/1.0\r\n"
-            b"User-Agent: QVD::HTTPC/0.01 (linux)\r\n\r\n")
-
 
 @pytest.fixture
 def env(tmp_path, pg_server, fresh_db_name):
-    conf = write_conf(tmp_path, pg_server, fresh_db_name)
-    cert, key = make_cert(tmp_path / "certs")
-    node = Node(conf, start=False)
-    seed = Seed(node.db)
-    seed.ssl(cert, key)
-    host_id = seed.host("test-node")
-    osf = seed.osf()
-    user = seed.user("qvd", "qvd")
-    vm = seed.vm("qvd-vm1", user, osf)
-    node.start()
-    node.cert, node.seed, node.host_id, node.osf, node.user, node.vm_id = cert, seed, host_id, osf, user, vm
+    node = seeded_node(tmp_path, pg_server, fresh_db_name)
     yield node
     node.close()
 

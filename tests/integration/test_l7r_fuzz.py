@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers.l7r_env import Reader, fds_open, get
-from test_l7r_defences import build
+from helpers.nodes import seeded_node, wait_for
 
 TOKENS = st.sampled_from([b"GET", b"POST", b"/qvd/ping", b"/qvd/list_of_vm", b"/qvd/connect_to_vm?id=1",
                           b"/qvd/stop_vm?id=", b"HTTP/1.1", b"HTTP/1.0", b"\r\n", b"\n", b" ", b":",
@@ -30,8 +30,8 @@ def greenlets():
 
 
 def test_fuzz_request_handling(tmp_path, pg_server, fresh_db_name):
-    node = build(tmp_path, pg_server, fresh_db_name, {"l7r.use_ssl": 0, "l7r.timeout.request": 2,
-                                                      "l7r.timeout.idle": 2})
+    node = seeded_node(tmp_path, pg_server, fresh_db_name, extra={"l7r.use_ssl": 0, "l7r.timeout.request": 2,
+                                                                  "l7r.timeout.idle": 2})
     port = node.svc.port
     try:
         def ping_ok():
@@ -41,7 +41,6 @@ def test_fuzz_request_handling(tmp_path, pg_server, fresh_db_name):
             s.close()
             return ok
         assert ping_ok()
-        from helpers.nodes import wait_for
         wait_for(lambda: node.svc.connections_open == 0)
         base_fds, base_greenlets = fds_open(), greenlets()
 

@@ -6,16 +6,15 @@ import time
 import gevent
 import pytest
 
-from helpers.l7r_env import Reader, get, open_conn
+from helpers.l7r_env import UPGRADE, Reader, connect, get, open_conn, session_row
 from qvd_gevent.common import metrics
 from qvd_gevent.db.runtime import token_digest
-from test_l7r_sessions import UPGRADE, connect, make_env, row
-from helpers.nodes import wait_for
+from helpers.nodes import seeded_node, wait_for
 
 
 def test_takeover_of_a_connecting_session(tmp_path, pg_server, fresh_db_name):
-    a = make_env(tmp_path, pg_server, fresh_db_name, "node-a")
-    b = make_env(tmp_path, pg_server, fresh_db_name, "node-b", address="127.0.0.2")
+    a = seeded_node(tmp_path, pg_server, fresh_db_name, "node-a", users=False, start=False)
+    b = seeded_node(tmp_path, pg_server, fresh_db_name, "node-b", address="127.0.0.2", users=False, start=False)
     try:
         osf = a.seed.osf()
         user = a.seed.user("qvd", "qvd")
@@ -30,7 +29,7 @@ def test_takeover_of_a_connecting_session(tmp_path, pg_server, fresh_db_name):
         def first_client():
             first["result"] = connect(a, vm_id=vm)
         g = gevent.spawn(first_client)
-        wait_for(lambda: row(a, vm)[0] == "connecting" and row(a, vm)[1] == a.host_id)
+        wait_for(lambda: session_row(a, vm)[0] == "connecting" and session_row(a, vm)[1] == a.host_id)
         t0 = time.monotonic()
         sock2, reader2, infos2, final2 = connect(b, vm_id=vm)
         g.join(timeout=10)
@@ -39,20 +38,20 @@ def test_takeover_of_a_connecting_session(tmp_path, pg_server, fresh_db_name):
         assert "Aborted by contending session" in final1.text
         assert final2.status == 101, final2
         assert time.monotonic() - t0 < 6
-        r = row(a, vm)
+        r = session_row(a, vm)
         assert (r[0], r[1]) == ("connected", b.host_id)
         sock2.sendall(b"x")
         assert reader2.recv_exact(1) == b"x"
         sock1.close()
         sock2.close()
-        assert wait_for(lambda: row(a, vm)[0] == "disconnected")
+        assert wait_for(lambda: session_row(a, vm)[0] == "disconnected")
     finally:
         b.close()
         a.close()
 
 
 def test_drain_waits_for_sessions_within_grace(tmp_path, pg_server, fresh_db_name):
-    node = make_env(tmp_path, pg_server, fresh_db_name)
+    node = seeded_node(tmp_path, pg_server, fresh_db_name, users=False, start=False)
     try:
         osf = node.seed.osf()
         user = node.seed.user("qvd", "qvd")
@@ -65,7 +64,7 @@ def test_drain_waits_for_sessions_within_grace(tmp_path, pg_server, fresh_db_nam
         t0 = time.monotonic()
         node.svc.drain(5)
         assert time.monotonic() - t0 < 3
-        assert row(node, vm)[0] == "disconnected"
+        assert session_row(node, vm)[0] == "disconnected"
         # no longer accepting: the port is closed (a connection left hanging is not a refusal)
         with pytest.raises(ConnectionRefusedError):
             s = open_conn(node.svc.port, node.cert, timeout=2)
@@ -80,7 +79,7 @@ def _rendered_splice_bytes(direction):
 
 
 def test_logs_name_user_and_vm_but_no_secrets(tmp_path, pg_server, fresh_db_name, caplog):
-    node = make_env(tmp_path, pg_server, fresh_db_name)
+    node = seeded_node(tmp_path, pg_server, fresh_db_name, users=False, start=False)
     try:
         osf = node.seed.osf()
         user = node.seed.user("qvd", "qvd")
@@ -103,7 +102,7 @@ def test_logs_name_user_and_vm_but_no_secrets(tmp_path, pg_server, fresh_db_name
         assert sock.recv(6) == b"12345\n"
         assert _rendered_splice_bytes("to_vm") == before_bytes + 6  # counted while the session is live
         sock.close()
-        wait_for(lambda: row(node, vm)[0] == "disconnected")
+        wait_for(lambda: session_row(node, vm)[0] == "disconnected")
         text = caplog.text
         assert "TopSecretPw" not in text and "SeCrEtToKeN" not in text
         assert base64.b64encode(b"SeCrEtToKeN").decode() not in text
@@ -119,7 +118,7 @@ def test_logs_name_user_and_vm_but_no_secrets(tmp_path, pg_server, fresh_db_name
 
 
 def test_reconcile_releases_rows_without_session(tmp_path, pg_server, fresh_db_name):
-    node = make_env(tmp_path, pg_server, fresh_db_name)
+    node = seeded_node(tmp_path, pg_server, fresh_db_name, users=False, start=False)
     try:
         osf = node.seed.osf()
         user = node.seed.user("qvd", "qvd")
@@ -133,7 +132,7 @@ def test_reconcile_releases_rows_without_session(tmp_path, pg_server, fresh_db_n
         node.db.execute("UPDATE vm_runtimes SET user_state = 'connecting', l7r_host_id = %s, l7r_pid = %s, "
                         "user_state_ts = extract(epoch from now())::int WHERE vm_id = %s", (node.host_id, pid, fresh))
         node.svc.reconcile()
-        assert row(node, old)[0] == "disconnected"
-        assert row(node, fresh)[0] == "connecting"
+        assert session_row(node, old)[0] == "disconnected"
+        assert session_row(node, fresh)[0] == "connecting"
     finally:
         node.close()

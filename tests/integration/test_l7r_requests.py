@@ -5,7 +5,7 @@ import pathlib
 import pytest
 
 from helpers.l7r_env import Reader, open_conn, read_to_close
-from test_l7r_defences import build
+from helpers.nodes import seeded_node
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "requests"
 CASES = sorted(p.with_suffix("") for p in ROOT.glob("*/*.http"))
@@ -13,7 +13,7 @@ CASES = sorted(p.with_suffix("") for p in ROOT.glob("*/*.http"))
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.parent.name}/{c.name}" for c in CASES])
 def test_request_corpus(case, tmp_path, pg_server, fresh_db_name):
-    node = build(tmp_path, pg_server, fresh_db_name)
+    node = seeded_node(tmp_path, pg_server, fresh_db_name)
     try:
         node.seed.running_at(node.vm_id, node.host_id, node.vma)
         raw = case.with_suffix(".http").read_bytes().replace(b"{VM_ID}", str(node.vm_id).encode())

@@ -11,12 +11,8 @@ from qvd_gevent.db import runtime
 from qvd_gevent.db.runtime import token_digest
 from qvd_gevent.vma import display_gate
 
-from helpers.l7r_env import Node, Reader, Seed, basic, get, make_cert, open_conn, read_to_close, write_conf
-from helpers.nodes import wait_for
-from test_l7r_endpoints import original_connect
-
-AUTH = [("Authorization", basic("qvd", "qvd"))]
-UPGRADE = [("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")]
+from helpers.l7r_env import AUTH, UPGRADE, Reader, connect, get, open_conn, original_connect, read_to_close, session_row
+from helpers.nodes import seeded_node, wait_for
 
 STARTED_SEQUENCE = [
     "Session acquired for VM_ID: {id}",
@@ -31,40 +27,11 @@ X_SEQUENCE = [
 ]
 
 
-def make_env(tmp_path, pg_server, dbname, nodename="test-node", extra=None, address="127.0.0.1", **vma_kw):
-    conf = write_conf(tmp_path, pg_server, dbname, nodename, extra)
-    cert, key = make_cert(tmp_path / "certs")
-    node = Node(conf, start=False, **vma_kw)
-    node.cert = cert
-    node.seed = Seed(node.db)
-    node.seed.ssl(cert, key)
-    node.host_id = node.seed.host(nodename, address)
-    return node
-
-
 @pytest.fixture
 def env(tmp_path, pg_server, fresh_db_name):
-    node = make_env(tmp_path, pg_server, fresh_db_name)
-    node.osf = node.seed.osf()
-    node.user = node.seed.user("qvd", "qvd")
-    node.vm_id = node.seed.vm("qvd-vm1", node.user, node.osf)
-    node.start()
+    node = seeded_node(tmp_path, pg_server, fresh_db_name)
     yield node
     node.close()
-
-
-def row(env, vm_id=None):
-    return env.db.query_one("SELECT user_state, l7r_host_id, l7r_pid, user_cmd, vm_state, real_user_id "
-                            "FROM vm_runtimes WHERE vm_id = %s", (vm_id or env.vm_id,))
-
-
-
-def connect(env, vm_id=None, headers=None, extra=""):
-    sock = open_conn(env.svc.port, env.cert)
-    get(sock, f"/qvd/connect_to_vm?id={vm_id or env.vm_id}{extra}", AUTH + UPGRADE if headers is None else headers)
-    reader = Reader(sock)
-    infos, final = reader.final()
-    return sock, reader, infos, final
 
 
 def test_original_client_bytes_start_vm_and_splice(env):
@@ -88,7 +55,7 @@ def test_original_client_bytes_start_vm_and_splice(env):
     assert env.vma.refused_calls == 0 and env.vma.calls_with_authorization >= 2
     assert len(params["qvd.display.key"]) == 43 and env.vma.gate.admitted == 1
     assert params["qvd.vm.user.name"] == "qvd" and params["host_address"] == "127.0.0.1"
-    r = row(env)
+    r = session_row(env)
     assert r[0] == "connected" and r[1] == env.host_id and r[2] == os.getpid() and r[5] == env.user
     assert wait_for(lambda: env.svc.sessions_open == 1)
     # byte-exact echo, both directions, binary and large
@@ -101,8 +68,8 @@ def test_original_client_bytes_start_vm_and_splice(env):
     sock._sock.shutdown(socket.SHUT_WR) if hasattr(sock, "_sock") else sock.shutdown(socket.SHUT_WR)
     assert sock.recv(10) == b""
     sock.close()
-    assert wait_for(lambda: row(env)[0] == "disconnected")
-    assert row(env)[1:4] == (None, None, None)
+    assert wait_for(lambda: session_row(env)[0] == "disconnected")
+    assert session_row(env)[1:4] == (None, None, None)
     assert wait_for(lambda: env.svc.sessions_open == 0 and env.svc.connections_open == 0)
     env.svc.flush_counters()
     c = env.db.query_one("SELECT nx_attempts, nx_ok, short_sessions FROM host_counters WHERE host_id = %s", (env.host_id,))
@@ -121,7 +88,7 @@ def test_running_vm_sequence_and_early_bytes(env):
     assert final.status == 101
     assert reader.recv_exact(5) == b"EARLY"
     sock.close()
-    assert wait_for(lambda: row(env)[0] == "disconnected")
+    assert wait_for(lambda: session_row(env)[0] == "disconnected")
 
 
 def test_vm_side_close_ends_session(env):
@@ -131,7 +98,7 @@ def test_vm_side_close_ends_session(env):
     assert wait_for(lambda: env.svc.sessions_open == 1)
     # the VM going away (drain closes every session) must release the row
     env.svc.drain(0)
-    assert wait_for(lambda: row(env)[0] == "disconnected")
+    assert wait_for(lambda: session_row(env)[0] == "disconnected")
     assert reader.buf + read_to_close(sock, 5) == b""   # the client's connection is closed too
     sock.close()
 
@@ -144,7 +111,7 @@ def test_vm_side_close_ends_session(env):
 def test_connect_prechecks(env, headers, status):
     sock, reader, infos, final = connect(env, headers=headers)
     assert (infos, final.status) == ([], status)
-    assert row(env)[0] == "disconnected"
+    assert session_row(env)[0] == "disconnected"
     sock.close()
 
 
@@ -188,7 +155,7 @@ def test_token_bound_to_vm(env):
 
 
 def test_vm_fails_to_start_releases_row(tmp_path, pg_server, fresh_db_name):
-    node = make_env(tmp_path, pg_server, fresh_db_name)
+    node = seeded_node(tmp_path, pg_server, fresh_db_name, users=False, start=False)
     try:
         osf = node.seed.osf()
         user = node.seed.user("qvd", "qvd")
@@ -198,7 +165,7 @@ def test_vm_fails_to_start_releases_row(tmp_path, pg_server, fresh_db_name):
         sock, reader, infos, final = connect(node, vm_id=vm)
         assert final.status == 503
         assert final.text == f"The requested virtual machine is not available: Failed to start virtual machine {vm}, retry later."
-        assert row(node, vm)[0:4] == ("disconnected", None, None, None)
+        assert session_row(node, vm)[0:4] == ("disconnected", None, None, None)
         # the same connection can try again at once (no contention with itself: docs/differences.md#release-after-setup-failure)
         node.hkd.fail_start = False
         get(sock, f"/qvd/connect_to_vm?id={vm}", AUTH + UPGRADE)
@@ -210,7 +177,7 @@ def test_vm_fails_to_start_releases_row(tmp_path, pg_server, fresh_db_name):
 
 
 def test_x_start_retries_then_fails(tmp_path, pg_server, fresh_db_name):
-    node = make_env(tmp_path, pg_server, fresh_db_name, x_start_failures=100)
+    node = seeded_node(tmp_path, pg_server, fresh_db_name, x_start_failures=100, users=False, start=False)
     try:
         osf = node.seed.osf()
         user = node.seed.user("qvd", "qvd")
@@ -220,15 +187,15 @@ def test_x_start_retries_then_fails(tmp_path, pg_server, fresh_db_name):
         sock, reader, infos, final = connect(node, vm_id=vm)
         assert final.status == 503 and "Unable to start X session on VM" in final.text
         assert len(node.vma.x_start_calls) == 4  # internal.l7r.retry.x_start = 3 in these tests
-        assert row(node, vm)[0] == "disconnected"
+        assert session_row(node, vm)[0] == "disconnected"
         sock.close()
     finally:
         node.close()
 
 
 def test_takeover_between_two_l7rs(tmp_path, pg_server, fresh_db_name):
-    a = make_env(tmp_path, pg_server, fresh_db_name, "node-a")
-    b = make_env(tmp_path, pg_server, fresh_db_name, "node-b", address="127.0.0.2")
+    a = seeded_node(tmp_path, pg_server, fresh_db_name, "node-a", users=False, start=False)
+    b = seeded_node(tmp_path, pg_server, fresh_db_name, "node-b", address="127.0.0.2", users=False, start=False)
     try:
         osf = a.seed.osf()
         user = a.seed.user("qvd", "qvd")
@@ -238,7 +205,7 @@ def test_takeover_between_two_l7rs(tmp_path, pg_server, fresh_db_name):
         a.seed.running_at(vm, a.host_id, a.vma)
         sock1, reader1, infos1, final1 = connect(a, vm_id=vm)
         assert final1.status == 101
-        assert row(a, vm)[1] == a.host_id
+        assert session_row(a, vm)[1] == a.host_id
         sock1.sendall(b"ping1")
         assert reader1.recv_exact(5) == b"ping1"
         t0 = time.monotonic()
@@ -251,14 +218,14 @@ def test_takeover_between_two_l7rs(tmp_path, pg_server, fresh_db_name):
         assert took < 3, took  # by NOTIFY, not by the 30 s poll
         # the first client's connection was closed promptly
         assert reader1.buf + read_to_close(sock1, 3) == b""
-        r = row(a, vm)
+        r = session_row(a, vm)
         assert r[0] == "connected" and r[1] == b.host_id and r[3] is None
         sock2.sendall(b"ping2")
         assert reader2.recv_exact(5) == b"ping2"
         assert a.svc.sessions_open == 0 and b.svc.sessions_open == 1
         sock1.close()
         sock2.close()
-        assert wait_for(lambda: row(a, vm)[0] == "disconnected")
+        assert wait_for(lambda: session_row(a, vm)[0] == "disconnected")
     finally:
         b.close()
         a.close()
@@ -270,7 +237,7 @@ def test_admin_disconnect_closes_session(env):
     assert final.status == 101
     # qvd-admin's "disconnect user" only sets user_cmd (no host NOTIFY): qvd_vm_runtime carries it
     env.db.execute("UPDATE vm_runtimes SET user_cmd = 'abort' WHERE vm_id = %s", (env.vm_id,))
-    assert wait_for(lambda: row(env)[0] == "disconnected", timeout=5)
+    assert wait_for(lambda: session_row(env)[0] == "disconnected", timeout=5)
     sock.close()
 
 
@@ -285,7 +252,7 @@ def test_stop_vm(env):
     infos, final = reader.final()
     assert infos[0] == "Stopping virtual machine"
     assert (final.status, final.body) == (200, b"Machine stopped\r\n")
-    assert row(env)[4] == "stopped"
+    assert session_row(env)[4] == "stopped"
     get(sock, "/qvd/stop_vm?id=424242", AUTH)
     assert reader.final()[1].status == 404
     get(sock, "/qvd/stop_vm", AUTH)
@@ -312,7 +279,7 @@ def test_vma_params_precedence(env):
 
 
 def test_silent_tls_client_dropped_at_deadline(tmp_path, pg_server, fresh_db_name):
-    node = make_env(tmp_path, pg_server, fresh_db_name, extra={"l7r.timeout.request": 1})
+    node = seeded_node(tmp_path, pg_server, fresh_db_name, extra={"l7r.timeout.request": 1}, users=False, start=False)
     try:
         node.start()
         raw = socket.create_connection(("127.0.0.1", node.svc.port), timeout=5)
@@ -354,7 +321,7 @@ def test_a_vm_without_its_agent_key_or_with_a_wrong_one_is_not_connected(env):
     _, _, _, final = connect(env)
     assert final.status == 503 and f"VM {env.vm_id} runs without an agent key" in final.text, final.text
     assert env.vma.refused_calls == 4 and env.vma.gate.admitted == 0
-    assert wait_for(lambda: row(env)[0] == "disconnected")
+    assert wait_for(lambda: session_row(env)[0] == "disconnected")
     env.db.transaction(runtime.set_vm_agent_key, env.vm_id, env.vma.key)
     sock, _, _, final = connect(env)
     assert final.status == 101
@@ -364,7 +331,8 @@ def test_a_vm_without_its_agent_key_or_with_a_wrong_one_is_not_connected(env):
 def test_legacy_setting_talks_to_a_vma_without_a_key_and_warns(tmp_path, pg_server, fresh_db_name, caplog):
     """vm.vma.legacy_unauthenticated: a VMA that knows no key (as the original's) works, no
     key or display preamble is sent, and the L7R says at start that it runs this way."""
-    node = make_env(tmp_path, pg_server, fresh_db_name, extra={"vm.vma.legacy_unauthenticated": 1}, legacy=True)
+    node = seeded_node(tmp_path, pg_server, fresh_db_name, extra={"vm.vma.legacy_unauthenticated": 1}, legacy=True,
+                       users=False, start=False)
     try:
         node.vm_id = node.seed.vm("qvd-vm1", node.seed.user("qvd", "qvd"), node.seed.osf())
         with caplog.at_level("WARNING", logger="qvd.vma"):

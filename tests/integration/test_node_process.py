@@ -45,7 +45,7 @@ def _free_port():
 
 @pytest.fixture
 def provisioned(tmp_path, pg_server, fresh_db_name):
-    from conftest import write_node_conf
+    from helpers.database import write_node_conf
     port, metrics_port = _free_port(), _free_port()
     values = fast_hkd_settings(tmp_path)
     values.pop("nodename")
@@ -173,8 +173,8 @@ def _port_open(port):
 
 
 def test_unregistered_node_refuses_to_start_with_one_line(tmp_path, pg_server, fresh_db_name):
-    from conftest import write_node_conf
     from helpers.cluster import make_cert, seed_ssl
+    from helpers.database import write_node_conf
     conf = write_node_conf(tmp_path / "node.conf", pg_server, fresh_db_name,
                            {"l7r.port": _free_port(), "l7r.metrics.address": "", "path.run": tmp_path / "run"})
     db = Database.from_config(Config.load(str(conf)))

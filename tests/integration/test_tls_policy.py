@@ -361,7 +361,7 @@ def test_key_readable_by_group_or_others_is_refused_at_start(tmp_path, pg_server
 
 
 def test_qvd_node_process_refuses_a_loose_key_with_one_line(tmp_path, pg_server, fresh_db_name):
-    from conftest import write_node_conf
+    from helpers.database import write_node_conf
     from helpers.hkd_env import fast_hkd_settings
     from qvd_gevent.config import Config
     from qvd_gevent.db import Database

@@ -50,7 +50,7 @@ CLIENT = [sys.executable, "-c", "from qvd_gevent.client.cli import main; main()"
 
 
 def _db_lines(socket_dir, port, dbname):
-    from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
+    from helpers.database import TEST_ROLE, TEST_ROLE_PASSWORD
     return [f"database.host = {socket_dir}", f"database.port = {port}", f"database.name = {dbname}",
             f"database.user = {TEST_ROLE}", f"database.password = {TEST_ROLE_PASSWORD}",
             "internal.database.pool.connection.timeout = 5", "internal.database.client.connect.timeout = 3"]

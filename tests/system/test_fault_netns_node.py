@@ -36,7 +36,7 @@ def test_netns_node_sigkill_under_a_session_restart_adopts_and_cleans(test_host,
     init = shutil.which("qvd-vm-init", path=os.path.dirname(sys.executable))
     if not init:
         _skip("qvd-vm-init is not installed (pip install -e .)")
-    from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
+    from helpers.database import TEST_ROLE, TEST_ROLE_PASSWORD
     values = node_values(tmp_path, "test-node", **{"l7r.port": 8443, "internal.l7r.timeout.vm_start": 60})
     for key in ("vm.process.address.base", "vm.network.use_dhcp", "internal.hkd.address_check.enabled"):
         values.pop(key)

@@ -19,10 +19,9 @@ import pytest
 
 from helpers.hostile import (HubErrors, client_hello, live_greenlets, open_fds, raise_nofile, tls_node,
                              wait_until)
-from helpers.l7r_env import Reader, basic, get, open_conn
+from helpers.l7r_env import UPGRADE, Reader, basic, get, open_conn
 
 HOSTILE = os.path.join(os.path.dirname(__file__), "..", "helpers", "hostile.py")
-UPGRADE = [("Connection", "Upgrade"), ("Upgrade", "QVD/1.0")]
 
 
 def seeded(node, login="alice", password="alice-pw", running=True):

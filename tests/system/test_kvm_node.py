@@ -42,7 +42,7 @@ class KvmNode:
     """A node.conf, a database with one kvm VM (10.77.0.150) and a private libvirtd, for one test."""
 
     def __init__(self, test_host, tmp_path, pg_server, fresh_db_name, request):  # noqa: F811
-        from conftest import TEST_ROLE, TEST_ROLE_PASSWORD
+        from helpers.database import TEST_ROLE, TEST_ROLE_PASSWORD
         from helpers.tiny_guest import build_tiny_guest
 
         from qvd_gevent.config import Config

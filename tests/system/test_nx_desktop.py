@@ -254,18 +254,15 @@ def test_nx_session_through_the_l7r(displays, tmp_path, pg_server, fresh_db_name
     <- nxproxy -S localhost:P -> Xvfb. The VM is seeded as running at the VMA (no HKD)."""
     from types import SimpleNamespace
 
-    from helpers.l7r_env import Node, Seed, make_cert, write_conf
+    from helpers.nodes import seeded_node
     agent_display, screen_display = displays
     proxy_port = agent_display + 2
     home = tmp_path / "home"
     home.mkdir()
     env = dict(os.environ, HOME=str(home), NX_HOME=str(home))
-    conf = write_conf(tmp_path, pg_server, fresh_db_name, extra={"internal.l7r.timeout.x_start": 15})
-    cert, key = make_cert(tmp_path / "certs")
-    node = Node(conf, start=False, with_hkd=False)
-    seed = Seed(node.db)
-    seed.ssl(cert, key)
-    host_id = seed.host("test-node", "127.0.0.1")
+    node = seeded_node(tmp_path, pg_server, fresh_db_name, extra={"internal.l7r.timeout.x_start": 15}, users=False,
+                       start=False, with_hkd=False)
+    seed, host_id, cert = node.seed, node.host_id, node.cert
     vm_id = seed.vm("nx-vm", seed.user("qvd", "qvd"), seed.osf())
     cfg = Config({"internal.nxagent.display": str(agent_display), "command.x-session": "xlogo"}, None)
     vma = VmaService(cfg, "127.0.0.1", port=0, desktop="nx", run_dir=str(tmp_path), key=new_key()).start()

@@ -1,4 +1,5 @@
-"""The import graph of src/qvd_gevent: no cycle, and no package imports a package above it.
+"""The import graph of src/qvd_gevent: no cycle, and no package imports a package above it;
+and in tests/, shared code lives in tests/helpers, not in test modules or conftest.py.
 
 Every import counts: at module level or inside a function, relative or absolute. A package
 may import its own modules and packages of a lower rank; packages of one rank do not import
@@ -175,3 +176,22 @@ def test_the_graph_sees_relative_absolute_and_function_level_imports():
     assert "qvd_gevent.config" in graph["qvd_gevent.db.deploy"]                 # from ..config import ...
     assert "qvd_gevent.admin.cli" in graph["qvd_gevent.node.demo"]              # inside a function
     assert "qvd_gevent.hkd.host_machine" in graph["qvd_gevent.hkd.host"]        # from . import host_machine as H
+
+
+def test_no_test_module_imports_a_test_module_or_conftest():
+    """A test module is collected by pytest; imported by another it runs its set-up twice and
+    ties two suites together, and conftest.py is pytest's to load. Shared code is in tests/helpers."""
+    bad = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                first = name.split(".")[0]
+                if first == "conftest" or first.startswith("test_"):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+    assert bad == [], "\n".join(bad)
