@@ -12,7 +12,9 @@
 - Run as a script (``python3 hostile.py slowloris ...``) it is the slowloris attacker:
   a separate process, like a real attacker, so the node's own hub is measured honestly.
   It prints ``READY <n>`` once every connection is open, then one JSON line with what
-  happened to each connection, and exits; every loop is bounded by count and time.
+  happened to each connection, and exits; every loop is bounded by count and time. With
+  ``--connect-first`` every TCP connect comes first (a pure connection flood over the
+  ramp), the handshakes and slow requests after.
 """
 import datetime
 import gc
@@ -220,8 +222,25 @@ def client_hello(server_hostname="localhost"):
 KINDS = ("hello", "idle", "head", "body")
 
 
-def _slow_one(kind, port, cafile, period, max_seconds, hello, results, established):
-    """One slowloris connection: never finishes its request; returns when the server cuts it (or at max)."""
+class AllConnected:
+    """Set once every one of total TCP connects has been made (or has failed)."""
+
+    def __init__(self, total):
+        self.total, self.connected, self.event = total, 0, gevent.event.Event()
+
+    def wait(self, timeout):
+        self.event.wait(timeout)
+
+
+def _count_connect(all_connected):
+    all_connected.connected += 1
+    if all_connected.connected == all_connected.total:
+        all_connected.event.set()
+
+
+def _slow_one(kind, port, cafile, period, max_seconds, hello, results, established, all_connected=None):
+    """One slowloris connection: never finishes its request; returns when the server cuts it (or at max).
+    all_connected: an Event to wait for between the TCP connect and the rest (a pure SYN flood first)."""
     record = {"kind": kind, "t_connect": None, "t_tcp": None, "t_ready": None, "t_closed": None, "answer": "",
               "sent": 0}
     results.append(record)
@@ -231,9 +250,14 @@ def _slow_one(kind, port, cafile, period, max_seconds, hello, results, establish
         raw = gevent.socket.create_connection(("127.0.0.1", port), timeout=30)
     except OSError as exc:
         record["answer"] = f"connect failed: {exc}"
+        if all_connected is not None:
+            _count_connect(all_connected)
         return
     record["t_tcp"] = time.monotonic()
     sock = raw
+    if all_connected is not None:
+        _count_connect(all_connected)
+        all_connected.wait(max_seconds)
     try:
         if kind == "hello":
             # a genuine ClientHello, one byte at a time, never the last one
@@ -293,16 +317,21 @@ def slowloris_main(argv):
     p.add_argument("--period", type=float, default=1.0)
     p.add_argument("--ramp", type=float, default=3.0)
     p.add_argument("--max-seconds", type=float, default=60.0)
+    p.add_argument("--connect-first", action="store_true",
+                   help="every TCP connect first (the ramp is then a pure connection flood), handshakes after")
     a = p.parse_args(argv)
     raise_nofile(65536)
     hello = client_hello()
     results, established = [], []
     greenlets = []
     total = a.per_kind * len(KINDS)
+    all_connected = None
+    if a.connect_first:
+        all_connected = AllConnected(total)
     for i in range(total):
         kind = KINDS[i % len(KINDS)]
         greenlets.append(gevent.spawn_later(a.ramp * i / total, _slow_one, kind, a.port, a.cafile, a.period,
-                                            a.max_seconds, hello, results, established))
+                                            a.max_seconds, hello, results, established, all_connected))
     deadline = time.monotonic() + a.ramp + 30
     while len(established) < total and time.monotonic() < deadline:
         if all(g.ready() for g in greenlets):

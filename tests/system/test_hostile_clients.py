@@ -1,9 +1,10 @@
 """Hostile clients against a running L7R over TLS (real PostgreSQL, real TLS sockets).
 
 - 2,000 slowloris connections from a separate attacker process (stalled handshakes,
-  silent TLS connections, request heads and bodies trickled a byte a second), while real
-  users still list their VMs and connect to one (101) within a second each; every
-  slowloris connection is cut by l7r.timeout.request.
+  silent TLS connections, request heads and bodies trickled a byte a second), held in
+  under 64 kB each, while real users still list their VMs and connect to one (101) in
+  under 0.3 s each; every slowloris connection is cut by l7r.timeout.request.
+- A flood of 2,000 TCP connects within a second: logins still take under a second.
 - Garbage and truncated TLS records, plaintext HTTP on the TLS port, oversized request
   lines and header blocks: refused and closed, the node keeps serving, nothing leaks.
 """
@@ -97,6 +98,10 @@ def session_released(node):
 SLOW_PER_KIND = 500          # 4 kinds -> 2,000 connections
 REQUEST_TIMEOUT = 10         # l7r.timeout.request in this test
 RAMP = 3.0                   # seconds over which the attacker opens its connections
+# What the README promises, with room for a 2-core CI machine: measured about 38 kB per held
+# connection, and 0.01 s (list_of_vm) / 0.07 s (connect_to_vm up to its 101) per real user.
+HELD_KB_MAX = 64
+USER_SECONDS_MAX = 0.3
 
 
 def test_slowloris_2000_while_real_users_log_in_and_connect(make_node):
@@ -136,11 +141,13 @@ def test_slowloris_2000_while_real_users_log_in_and_connect(make_node):
                 assert wait_until(lambda: session_released(node), 5)
             held_after_users = node.svc.connections_open
             users_done = time.monotonic() - t_ready
+            per_connection_kb = (rss_held - rss_before) / held_at_ready
             print(f"slowloris: node RSS {rss_before} kB before, {rss_held} kB holding {held_at_ready} connections "
-                  f"(~{(rss_held - rss_before) / max(1, held_at_ready):.1f} kB each)")
+                  f"(~{per_connection_kb:.1f} kB each)")
             print("slowloris: held", held_at_ready, "at ready,", held_after_users, "after the users;",
                   "user timings", [(what, round(t, 3)) for what, t in timings])
-            assert all(t < 1.0 for _, t in timings), timings
+            assert per_connection_kb < HELD_KB_MAX, f"{per_connection_kb:.1f} kB per held connection"
+            assert all(t < USER_SECONDS_MAX for _, t in timings), timings
             # the users were served while every slowloris connection was still held
             assert held_after_users >= total, (held_after_users, users_done)
             out, err = attacker.communicate(timeout=REQUEST_TIMEOUT * 3 + 60)
@@ -449,30 +456,50 @@ def test_real_users_get_in_during_a_connection_flood(make_node):
     """While 2,000 connections arrive within a second (the slowloris ramp itself), a real
     user's login still completes within a second: the listen queue must absorb the flood
     (with a short queue the kernel drops SYNs and the user's connect waits 1-3 s for a
-    retransmission)."""
+    retransmission). The attacker's own record shows the flood happened, and when: the
+    users' logins must fall inside it."""
     raise_nofile(65536)
+    total = FLOOD_PER_KIND * 4
     node = seeded(make_node({"l7r.timeout.request": 8}))
     assert user_lists(node)[1].status == 200
     attacker = subprocess.Popen(
         [sys.executable, HOSTILE, "slowloris", str(node.svc.port), "--cafile", node.cert,
-         "--per-kind", "500", "--period", "1", "--ramp", "1", "--max-seconds", "30"],
+         "--per-kind", str(FLOOD_PER_KIND), "--period", "1", "--ramp", "1", "--max-seconds", "30",
+         "--connect-first"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        timings = []
+        logins = []                    # (start, seconds)
         t0 = time.monotonic()
         for _ in range(40):            # users arriving all through the flood
+            started = time.monotonic()
             took, resp = user_lists(node)
             assert resp.status == 200, resp
-            timings.append(round(took, 3))
+            logins.append((started, took))
             if time.monotonic() - t0 > 4:
                 break
             time.sleep(0.1)
-        print("user logins during the flood (s):", timings)
-        assert max(timings) < 1.0, timings
+        held = wait_until(lambda: node.svc.connections_open >= total, 10) and node.svc.connections_open
+        out, err = attacker.communicate(timeout=60)
     finally:
-        attacker.kill()
-        attacker.wait(10)
+        if attacker.poll() is None:
+            attacker.kill()
+            attacker.wait(10)
+    assert attacker.returncode == 0, err[-2000:]
+    records = json.loads(out.strip().splitlines()[-1])
+    connected = sorted(r["t_tcp"] for r in records if r["t_tcp"])
+    assert len(connected) == total, [r["answer"] for r in records if not r["t_tcp"]][:5]
+    flood_start, flood_end = min(r["t_connect"] for r in records), connected[-1]
+    during = [took for started, took in logins if flood_start <= started <= flood_end]
+    print(f"flood: {total} TCP connects in {flood_end - flood_start:.2f} s, the node held {held}; "
+          f"user logins during it (s): {[round(t, 3) for t in during]}; all: {[round(t, 3) for _, t in logins]}")
+    assert flood_end - flood_start < 2.0, "the attacker did not manage a flood (connects spread over 2 s or more)"
+    assert held >= total, f"the node held only {held} of {total} connections"
+    assert len(during) >= 3, (flood_start, flood_end, logins)
+    assert max(t for _, t in logins) < 1.0, logins
     assert wait_until(lambda: node.svc.connections_open == 0, 15) is True
+
+
+FLOOD_PER_KIND = 500       # 4 kinds -> 2,000 connections in one second
 
 
 @pytest.mark.parametrize("raw,status,reason", [
