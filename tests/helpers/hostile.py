@@ -346,7 +346,7 @@ def slowloris_main(argv):
 def login_flood_main(argv):
     """N TLS connections from one source address, each with one wrong Basic login: all
     connected first (READY), then all requests at once when a line arrives on stdin; prints
-    the statuses as one JSON list."""
+    the statuses as one JSON list, then the time.monotonic() of the last answer."""
     import argparse
     import base64
     p = argparse.ArgumentParser()
@@ -360,7 +360,7 @@ def login_flood_main(argv):
     ctx = ssl.create_default_context(cafile=a.cafile)
     ctx.check_hostname = False
     go = gevent.event.Event()
-    statuses, socks = [], []
+    statuses, socks, last_answer = [], [], [None]
 
     def one(i):
         raw = gevent.socket.create_connection(("127.0.0.1", a.port), timeout=a.max_seconds,
@@ -377,6 +377,7 @@ def login_flood_main(argv):
                 break
             head += chunk
         statuses.append(int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0)
+        last_answer[0] = time.monotonic()
         s.close()
     greenlets = [gevent.spawn(one, i) for i in range(a.count)]
     deadline = time.monotonic() + a.max_seconds
@@ -387,6 +388,7 @@ def login_flood_main(argv):
     go.set()
     gevent.joinall(greenlets, timeout=a.max_seconds)
     print(json.dumps(statuses), flush=True)
+    print(last_answer[0], flush=True)
 
 
 if __name__ == "__main__":
