@@ -1,12 +1,31 @@
 """Shared set-up for HKD tests: node.conf with short timeouts, rows for hosts/users/VMs,
 commands sent the way the admin CLI and the L7R send them, bounded waits."""
+import atexit
 import os
 import random
+import shutil
 import sys
+import tempfile
 
 from .nodes import wait_for
 
-TINY_VM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_vm.py")
+TINY_VM_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_vm.py")
+
+
+def _tiny_vm_di():
+    """The DI that runs tiny_vm.py with this interpreter (a VM's PATH is the system's, where
+    `python3` may lack the package), in a folder open to the VMs' uids."""
+    folder = tempfile.mkdtemp(prefix="qvd-tiny-vm-")
+    atexit.register(shutil.rmtree, folder, True)
+    path = os.path.join(folder, "tiny-vm")
+    with open(path, "w") as fh:
+        fh.write(f"#!/bin/sh\nexec {sys.executable} {TINY_VM_SCRIPT} \"$@\"\n")
+    os.chmod(path, 0o755)
+    os.chmod(folder, 0o755)
+    return path
+
+
+TINY_VM = _tiny_vm_di()
 # A node name of our own: several suites share this machine and a node adopts (or kills)
 # the process VMs that carry its name.
 NODE = f"hkd-test-{os.getpid()}"
@@ -22,6 +41,8 @@ def fast_hkd_settings(tmp_path, nodename=NODE, **extra):
         "path.storage.root": tmp_path / "storage",
         "vm.hypervisor": "process",
         "vm.process.address.base": base,
+        # a development checkout (PYTHONPATH) must run its own code in the VMs too
+        "vm.environment.pass": "PYTHONPATH",
         # these nodes run in the machine's own network namespace, where a test must not load
         # nftables rules (a killed node would leave them); tests/system/test_vm_filter.py tries
         # the process VMs' filter inside a test namespace
@@ -71,10 +92,18 @@ def write_di_script(path, env=None):
     lines = ["#!/bin/sh"]
     for k, v in (env or {}).items():
         lines.append(f"export {k}={v}")
-    lines.append(f"exec {sys.executable} {TINY_VM}")
+    lines.append(f"exec {sys.executable} {TINY_VM_SCRIPT}")
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o755)
+    open_to_vms(path.parent)
     return str(path)
+
+
+def open_to_vms(folder):
+    """VMs of a root node run as uids of their own: a DI in a test's tmp folder (0700) must be
+    reachable by them. Only the folder itself: a VM sees a private /tmp in which the folders
+    above it are open (docs/hkd.md#vm-confinement)."""
+    os.chmod(folder, 0o755)
 
 
 def add_vms(db, count=1, di_path=TINY_VM, login="user1"):

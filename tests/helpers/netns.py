@@ -27,6 +27,8 @@ import time
 
 import pytest
 
+from .hkd_env import open_to_vms
+
 NETNS_DIR = "/run/netns"
 ROOT_REASON = "needs root (network namespaces); run the system tests as root (CI does)"
 
@@ -209,6 +211,7 @@ def node_settings(host, tmp_path, **extra):
         "vm.network.netns.prefix": host.vm_prefix,
         "vm.network.netns.dhcp_timeout": "15",
         "internal.hkd.agent.dhcpdhandler.delay": "1",
+        "vm.environment.pass": "PYTHONPATH",     # a development checkout runs its own code in VMs
     }
     values.update({k: str(v) for k, v in extra.items()})
     return values
@@ -275,12 +278,16 @@ def write_http_di(tmp_path, echo=False):
     (www / "vma" / "ping").write_text("1\n")
     (www / "vma" / "x_state").write_text('"stopped"\n')
     di = tmp_path / ("echo-di.sh" if echo else "http-di.sh")
-    lines = ["#!/bin/sh", "# a netns VM's init: answers HTTP (and echo) on its own address"]
+    # pid 1 of the VM's pid namespace, like a container's init: a signal it has no handler
+    # for does not reach it, so it traps SIGTERM (the graceful stop) and ends the VM
+    lines = ["#!/bin/sh", "# a netns VM's init: answers HTTP (and echo) on its own address",
+             "trap 'exit 0' TERM"]
     if echo:
         lines.append('busybox nc -ll -p 4100 -e /bin/cat &')
-    lines.append(f'exec busybox httpd -f -p "$QVD_VM_ADDRESS:${{QVD_VMA_PORT:-3030}}" -h {www}')
+    lines += [f'busybox httpd -f -p "$QVD_VM_ADDRESS:${{QVD_VMA_PORT:-3030}}" -h {www} &', "wait"]
     di.write_text("\n".join(lines) + "\n")
     di.chmod(0o755)
+    open_to_vms(tmp_path)
     return str(di)
 
 

@@ -77,7 +77,8 @@ def demo_dir():
     """A folder the unprivileged demo user can reach (pytest's own tmp folders are 0700)."""
     import pathlib
     import tempfile
-    path = pathlib.Path(tempfile.mkdtemp(prefix="qvd-demo-test-"))
+    # not under /tmp: a VM has a private /tmp, where the demo's folder would be out of view anyway
+    path = pathlib.Path(tempfile.mkdtemp(prefix="qvd-demo-test-", dir="/var/tmp"))
     os.chmod(path, 0o777)
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -99,11 +100,39 @@ def test_demo_one_command_then_the_printed_client_line(demo_dir):
                                  capture_output=True, text=True, timeout=30)
         assert listing.returncode == 0, listing.stderr
         assert re.search(r"\bdemo\b.*\brunning\b", listing.stdout), listing.stdout
+        _assert_the_vm_sees_nothing_of_the_demo(tmp_path / "d")
     finally:
         code, out = _stop(proc)
     assert code == 0, out
     assert "node stopped" in out
+    if _as_user():
+        assert "VMs run as this node's user (uid 65534), in user and mount namespaces" in out
     assert not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_mentions(p, str(tmp_path))]
+
+
+def _assert_the_vm_sees_nothing_of_the_demo(directory):
+    """What the demo's VM sees of the demo's folder, looked at through its own root
+    (/proc/<pid>/root: the VM's mount namespace): no node.conf, database, password or key."""
+    marker = f"QVD_NODE_RUN={directory / 'run'}".encode()
+    inits = [int(p) for p in os.listdir("/proc") if p.isdigit() and _cmdline_mentions(p, "qvd-vm-init")
+             and os.getpgid(int(p)) != int(p) and marker in _environ(p).split(b"\0")]
+    assert inits, "no VM init found"
+    view = f"/proc/{inits[0]}/root{directory}"
+    assert (directory / "node.conf").read_text() and (directory / "db.password").read_text()
+    for name in ("node.conf", "db.password"):       # an empty read-only file it cannot open
+        with open(f"{view}/{name}") as fh:
+            assert fh.read() == "", name
+        assert os.stat(f"{view}/{name}").st_mode & 0o777 == 0
+    assert os.listdir(f"{view}/pg") == [] and os.listdir(f"{view}/ssl") == []
+    assert os.listdir(f"{view}/run") == ["vms"] and os.listdir(f"{view}/run/vms") == [os.listdir(directory / "run" / "vms")[0]]
+
+
+def _environ(pid):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
 
 
 def _cmdline_mentions(pid, text):

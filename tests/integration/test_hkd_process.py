@@ -378,6 +378,19 @@ def test_start_refused_on_unknown_hypervisor(make_node, admin_db):
         node.hkd.start()
 
 
+def test_start_refused_when_the_vm_uid_range_holds_an_account(make_node, admin_db):
+    """nobody (65534) is an account on every Debian machine: a range holding it is refused."""
+    if os.geteuid() != 0:
+        pytest.skip("VMs get uids of their own only under a node running as root (CI runs as root)")
+    add_host(admin_db)
+    node = make_node(**{"vm.uid.base": 65000, "vm.uid.count": 1000})
+    with pytest.raises(HkdError) as refused:
+        node.hkd.start()
+    message = str(refused.value)
+    assert "vm.uid.base 65000 .. 65999" in message and "nobody (65534)" in message and "\n" not in message
+    assert host_row(admin_db, node.hkd.host_id)[0] == "stopped"
+
+
 def test_second_hkd_with_the_same_run_dir_is_refused(make_node, admin_db):
     add_host(admin_db)
     first = make_node()

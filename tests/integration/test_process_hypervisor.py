@@ -20,7 +20,8 @@ from qvd_gevent.vma.client import VmaClient, VmaError
 def hv(tmp_path):
     conf = tmp_path / "node.conf"
     base = f"127.{random.randint(101, 250)}.{random.randint(0, 255)}.0/24"
-    conf.write_text(f"nodename = hv-test-{os.getpid()}\npath.run = {tmp_path}/run\nvm.process.address.base = {base}\n")
+    conf.write_text(f"nodename = hv-test-{os.getpid()}\npath.run = {tmp_path}/run\nvm.process.address.base = {base}\n"
+                    "vm.environment.pass = PYTHONPATH\n")
     hypervisor = get_hypervisor("process", Config.load(str(conf)))
     hypervisor.check()
     started = []
@@ -193,3 +194,67 @@ def test_nodes_on_one_machine_get_ranges_of_their_own_and_keep_them_across_resta
     finally:
         first.close()
         second.close()
+
+
+def test_vm_runs_as_its_own_uid_and_cannot_read_the_node_nor_other_vms(tmp_path, monkeypatch):
+    """Tried from inside a VM: node.conf (world-readable, as operators leave it), the L7R's key,
+    the run folder, a file named in vm.hidden_paths, another VM's home and processes."""
+    from helpers.vm_probe import DONE, pids_in_group, probe_report, process_uids, write_probe_di
+    if os.geteuid() != 0:
+        pytest.skip("VMs get uids of their own only under a node running as root (CI runs as root)")
+    conf = tmp_path / "node.conf"
+    extra = tmp_path / "more-secrets"
+    conf.write_text(f"nodename = hv-test-{os.getpid()}\npath.run = {tmp_path}/run\n"
+                    f"database.password = canary-db-password\nvm.hidden_paths = {extra}\n")
+    for path in (conf, extra):
+        path.write_text(path.read_text() if path.exists() else "canary\n")
+        path.chmod(0o644)
+    monkeypatch.setenv("QVD_CONFIG", str(conf))             # the node's environment must not reach a VM
+    monkeypatch.setenv("PGPASSWORD", "canary-db-password")
+    cfg = Config.load(str(conf))
+    key = tmp_path / "run" / "l7r" / "ssl" / "key.pem"
+    key.parent.mkdir(parents=True)
+    key.write_text("canary key\n")
+    key.chmod(0o644)
+    hv = ProcessHypervisor(cfg)
+    hv.check()
+    first = second = None
+    try:
+        first = hv.start(spec(20001, TINY_VM))
+        wait_for(lambda: _pings(first.address), 10, what="the first VM's agent")
+        first_home = hv.sandbox.home_for(20001)
+        secret_of_first = os.path.join(first_home, "its-own-file")
+        with open(secret_of_first, "w") as fh:
+            fh.write("the first VM's\n")
+        os.chmod(secret_of_first, 0o644)
+        probe = write_probe_di(tmp_path, files=[conf, key, extra, secret_of_first],
+                               folders=[tmp_path / "run", first_home], pids=[os.getpid(), first.pid])
+        second = hv.start(spec(20002, probe))
+        log_path = second.extra["log"]
+        wait_for(lambda: DONE in open(log_path).read(), 15, what="the probe's report")
+        report = probe_report(open(log_path).read())
+        base = cfg.get_int("vm.uid.base")
+        assert report["ME"] == [str(base + 20002)] * 3, report["ME"]      # uid, gid, groups: its own only
+        assert report["DENIED"] == {str(conf), str(key), str(extra), secret_of_first} and not report["READ"]
+        assert report["LIST"][str(tmp_path / "run")] == ["vms"]          # nothing of the node's run folder
+        assert report["LIST"][first_home] == []
+        assert report["UNREACHED"] == {str(os.getpid()), str(first.pid)} and not report["SIGNALLED"]
+        assert int(report["PROCS"]) < 10              # its own pid namespace (the machine runs hundreds)
+        assert not {"QVD_CONFIG", "PGPASSWORD", "PYTHONPATH"} & set(report["ENV"])
+        assert {"QVD_VM_ID", "HOME", "PATH"} <= set(report["ENV"])
+        assert report["HOME"] == f"{hv.sandbox.home_for(20002)} writable"
+        # seen from the node: everything the VM runs has the VM's uid (the launcher that waits
+        # for it, in the node's pid namespace, is the node's)
+        vm_processes = [pid for pid in pids_in_group(second.pid) if pid != second.pid]
+        assert vm_processes and {process_uids(pid) for pid in vm_processes} == {(base + 20002,) * 4}
+        home = os.stat(hv.sandbox.home_for(20002))
+        assert (home.st_uid, home.st_gid, oct(home.st_mode & 0o777)) == (base + 20002, base + 20002, "0o700")
+        assert oct(os.stat(log_path).st_mode & 0o777) == "0o600"
+    finally:
+        for handle in (first, second):
+            if handle is not None:
+                hv.kill(handle)
+                hv.wait_exit(handle, timeout=5)
+                hv.cleanup(handle)
+        hv.close()
+    assert not os.path.exists(hv.sandbox.home_for(20002))

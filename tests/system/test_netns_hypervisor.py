@@ -186,3 +186,70 @@ def test_static_address_when_dhcp_is_off(test_host, tmp_path):  # noqa: F811
     assert result["address"] == "10.77.0.109" and result["status"] == 200
     assert "default via 10.77.0.1 dev eth0" in result["route"]
     assert test_host.vm_namespaces() == []
+
+
+def test_vm_runs_as_its_own_uid_and_cannot_read_the_node_nor_other_vms(test_host, tmp_path):  # noqa: F811
+    """Tried from inside a netns VM: node.conf (world-readable, as operators leave it), the L7R's
+    key, the run folder, another VM's home and processes; seen from the node, every process
+    of the VM runs as the VM's uid, in mount and pid namespaces of its own."""
+    from helpers.netns import node_settings
+    from helpers.vm_probe import DONE, probe_report, write_probe_di
+    settings = node_settings(test_host, tmp_path)
+    settings.pop("vm.environment.pass")          # nothing of the node's environment, not even that
+    conf = tmp_path / "node.conf"
+    conf.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()) + "database.password = canary\n")
+    conf.chmod(0o644)
+    key = tmp_path / "run" / "l7r" / "ssl" / "key.pem"
+    key.parent.mkdir(parents=True)
+    key.write_text("canary key\n")
+    key.chmod(0o644)
+    first_di = write_http_di(tmp_path)
+    first_home = tmp_path / "run" / "vms" / "1"
+    secret_of_first = first_home / "its-own-file"
+    probe = write_probe_di(tmp_path, files=[conf, key, secret_of_first], folders=[tmp_path / "run", first_home],
+                           pids=["$NODE_PID", "$FIRST_PID"])
+    result, _ = run_driver(test_host, tmp_path, f"""
+        from helpers.vm_probe import process_uids
+        from qvd_gevent.config import Config
+        boot()
+        cfg = Config.load({str(conf)!r})         # the node's file, so that the sandbox hides it
+        hv = NetnsHypervisor(cfg)
+        hv.check()
+        first = start_vm(1, "10.77.0.101", {first_di!r})
+        wait_http(first.address)
+        with open({str(secret_of_first)!r}, "w") as fh:
+            fh.write("the first VM's\\n")
+        os.chmod({str(secret_of_first)!r}, 0o644)
+        text = open({probe!r}).read().replace("$NODE_PID", str(os.getpid())).replace("$FIRST_PID", str(first.pid))
+        open({probe!r}, "w").write(text)
+        second = start_vm(2, "10.77.0.102", {probe!r})
+        log_path = os.path.join(hv.state_dir, second.name + ".log")
+        deadline = time.monotonic() + 20
+        while {DONE!r} not in open(log_path).read() and time.monotonic() < deadline:
+            gevent.sleep(0.1)
+        vm_processes = [pid for pid in pids_in_netns(second.name) if pid != second.pid]
+        uids = sorted({{process_uids(pid) for pid in vm_processes}})
+        home = os.stat(hv.sandbox.home_for(2))
+        for h in (first, second):
+            hv.kill(h)
+            hv.wait_exit(h, timeout=10)
+            hv.cleanup(h)
+        dns.stop()
+        setup.remove()
+        report(dict(log=open(log_path).read() if os.path.exists(log_path) else "", uids=uids,
+                    node_pid=os.getpid(), first_pid=first.pid, base=cfg.get_int("vm.uid.base"),
+                    home=[home.st_uid, home.st_gid, home.st_mode & 0o777],
+                    homes_left=os.listdir(hv.sandbox.homes)))
+    """)
+    report = probe_report(result["log"])
+    me = result["base"] + 2
+    assert report["ME"] == [str(me)] * 3, result["log"]
+    assert report["DENIED"] == {str(conf), str(key), str(secret_of_first)} and not report["READ"]
+    assert report["LIST"][str(tmp_path / "run")] == ["vms"]
+    assert report["LIST"][str(first_home)] == []
+    assert report["UNREACHED"] == {str(result["node_pid"]), str(result["first_pid"])} and not report["SIGNALLED"]
+    assert int(report["PROCS"]) < 10                    # its own pid namespace (the machine runs hundreds)
+    assert not {"QVD_TEST_SETTINGS", "PYTHONPATH", "QVD_TEST_DI"} & set(report["ENV"])
+    assert result["uids"] == [[me] * 4]
+    assert result["home"] == [me, me, 0o700] and result["homes_left"] == []
+    assert test_host.vm_namespaces() == []

@@ -37,11 +37,13 @@ def is_bootstrap_key(key):
 # configs table, whoever can write the database would run anything on every node; so they
 # are read from node.conf only, like the bootstrap keys (docs/differences.md#file-only-keys).
 EXECUTABLE_KEYS = ("vm.network.netns.udhcpc", "vma.poweroff.command")
+# Keys that say what a VM runs as and what it sees of the node (docs/hkd.md#vm-confinement).
+CONFINEMENT_KEYS = ("vm.uid.base", "vm.uid.count", "vm.hidden_paths", "vm.environment.pass")
 
 
 def is_file_only_key(key):
     """True for keys the node never takes from the configs table."""
-    if is_bootstrap_key(key) or key.startswith("command.") or key in EXECUTABLE_KEYS:
+    if is_bootstrap_key(key) or key.startswith("command.") or key in EXECUTABLE_KEYS or key in CONFINEMENT_KEYS:
         return True
     spec = DEFAULTS.get(key)
     return spec is not None and spec.type == "path"

@@ -224,6 +224,13 @@ _TABLE = [
      "bridge VM's port <prefix>v<vm id> (netns veth, kvm tap, lxc veth)"),
     ("vm.network.netns.udhcpc", "busybox udhcpc", "str", "ours: DHCP client run inside a netns VM"),
     ("vm.network.netns.dhcp_timeout", 20, "int", "ours: seconds a netns VM may take to get its DHCP lease"),
+    ("vm.uid.base", 1900000000, "int", "ours: a node running as root runs process and netns VM n as uid and "
+     "gid vm.uid.base + n; the range must hold no user, group or subordinate (/etc/subuid) id"),
+    ("vm.uid.count", 100000000, "int", "ours: size of that uid range; VM ids must be below it"),
+    ("vm.hidden_paths", "", "list", "ours: more files and folders (absolute) that process and netns VMs do not "
+     "see; node.conf, path.run, path.log and path.l7r.ssl* are always hidden"),
+    ("vm.environment.pass", "", "list", "ours: names of the node's environment variables that process and "
+     "netns VMs also get (their environment is otherwise built from scratch)"),
     ("vm.process.address.base", "auto", "str", "ours: loopback range of this node's process VMs (VM n gets "
      "its n-th address); auto: a /16 of 127.0.0.0/8 that no other node on this machine holds, kept in "
      "${path.run}/process-vms/address-range"),

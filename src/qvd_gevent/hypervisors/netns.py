@@ -13,10 +13,11 @@ start(spec):
      needed, and 200 VMs do not keep 200 DHCP clients around. Bounded by
      vm.network.netns.dhcp_timeout;
   4. the DI executable (spec.di_path) as the VM's init, entering the namespace through
-     ``nsenter --net`` (which execs it: the init keeps nsenter's pid), in a new session (so
-     the whole tree can be signalled), with
-     QVD_VM_ID, QVD_VM_NAME, QVD_VM_ADDRESS=<leased address>, QVD_NODE, QVD_VMA_PORT; its
-     output goes to ``${path.run}/netns/<namespace>.log``.
+     ``nsenter --net`` and then confined by sandbox.py (mount and pid namespaces of its own,
+     its own uid; the launcher keeps nsenter's pid), in a new session (so the whole tree can
+     be signalled), with a scrubbed environment plus QVD_VM_ID, QVD_VM_NAME,
+     QVD_VM_ADDRESS=<leased address>, QVD_NODE, QVD_VMA_PORT; its output goes to
+     ``${path.run}/netns/<namespace>.log``.
 Children are started with posix_spawn (SpawnedChild), not gevent's fork-in-Python Popen:
 4 ms of node CPU per child becomes a fraction of a millisecond.
 The state (init pid, address) is kept in ``${path.run}/netns/<namespace>.json`` so that
@@ -49,13 +50,13 @@ from ..system import procfs
 from ..system.netlink import shared_netlink
 from ..system.spawn import SpawnedChild, SpawnError, run_collect, wait_exit
 from .base import Hypervisor, HypervisorError, VmHandle, VmSpec, agent_key_environment
+from .sandbox import VmSandbox, vm_environment
 
 log = logging.getLogger("qvd.hypervisors.netns")
 
 MS_BIND = 4096
 MNT_DETACH = 2
 NETNS_DIR = "/run/netns"
-SAFE_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "HOME")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 UDHCPC_SCRIPT = """#!/bin/sh
@@ -156,6 +157,7 @@ class NetnsHypervisor(Hypervisor):
         self.state_dir = os.path.join(cfg.get_str("path.run"), "netns")
         self.netlink = shared_netlink()
         self._children = {}         # vm_id -> Popen of the init we started
+        self.sandbox = VmSandbox(cfg)
         self._nsenter = shutil.which("nsenter") or "nsenter"
         self._name_re = re.compile(r"^" + re.escape(self.prefix) + r"-vm(\d+)$")
 
@@ -186,6 +188,7 @@ class NetnsHypervisor(Hypervisor):
         udhcpc = shlex.split(self.cfg.get_str("vm.network.netns.udhcpc"))[0]
         if shutil.which(udhcpc) is None:
             raise HypervisorError(f"DHCP client {udhcpc!r} (vm.network.netns.udhcpc) not found")
+        self.sandbox.check()
 
     # --- start --------------------------------------------------------------------------------
     def start(self, spec: VmSpec) -> VmHandle:
@@ -193,6 +196,8 @@ class NetnsHypervisor(Hypervisor):
             raise HypervisorError(f"VM {spec.vm_id} has no MAC address (it needs vms.ip)")
         if not os.access(spec.di_path, os.X_OK):
             raise HypervisorError(f"DI {spec.di_path} of VM {spec.vm_id} is not an executable file")
+        self.sandbox.check_di(spec.vm_id, spec.di_path)
+        self.sandbox.uid_for(spec.vm_id)        # a VM id beyond vm.uid.count fails here
         ns = self.netns_name(spec.vm_id)
         veth = self.veth_name(spec.vm_id)
         handle = VmHandle(vm_id=spec.vm_id, address="", name=ns, extra={"veth": veth})
@@ -238,10 +243,9 @@ class NetnsHypervisor(Hypervisor):
                  time.monotonic() - started)
         return handle
 
-    def _in_ns(self, ns, argv, workdir=False):
+    def _in_ns(self, ns, argv):
         """argv run inside namespace ns: nsenter does the setns() in the child, after exec."""
-        return [self._nsenter, f"--net={os.path.join(NETNS_DIR, ns)}"] + (["--wd=/"] if workdir else []) \
-            + ["--"] + list(argv)
+        return [self._nsenter, f"--net={os.path.join(NETNS_DIR, ns)}", "--"] + list(argv)
 
     def _dhcp(self, spec, ns):
         timeout = self.cfg.get_int("vm.network.netns.dhcp_timeout")
@@ -287,15 +291,16 @@ class NetnsHypervisor(Hypervisor):
         return spec.ip
 
     def _spawn_init(self, spec, ns, address):
-        env = {k: os.environ[k] for k in SAFE_ENV if k in os.environ}
-        env.setdefault("PATH", DEFAULT_PATH)
-        env.update(QVD_VM_ID=str(spec.vm_id), QVD_VM_NAME=spec.name, QVD_VM_ADDRESS=address,
-                   QVD_NODE=self.cfg.get_str("nodename", "") or "", QVD_VMA_PORT=str(spec.vma_port))
+        home = self.sandbox.prepare(spec.vm_id)
+        env = vm_environment(self.cfg, home, dict(
+            QVD_VM_ID=str(spec.vm_id), QVD_VM_NAME=spec.name, QVD_VM_ADDRESS=address,
+            QVD_NODE=self.cfg.get_str("nodename", "") or "", QVD_VMA_PORT=str(spec.vma_port)))
         env.update(agent_key_environment(spec))
         logfile = os.path.join(self.state_dir, ns + ".log")
-        fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            return SpawnedChild(self._in_ns(ns, [spec.di_path], workdir=True), env, output_fd=fd, setsid=True)
+            argv = self._in_ns(ns, self.sandbox.command(spec.vm_id, spec.di_path, spec.memory))
+            return SpawnedChild(argv, env, output_fd=fd, setsid=True)
         finally:
             os.close(fd)
 
@@ -396,6 +401,7 @@ class NetnsHypervisor(Hypervisor):
             os.unlink(self._state_path(ns))
         except FileNotFoundError:
             pass
+        self.sandbox.remove_home(handle.vm_id)
 
     def list_running(self):
         """{vm_id: VmHandle} of our namespaces whose init still runs (after a node restart)."""

@@ -20,6 +20,7 @@ import time
 from ..system import procfs
 from ..system.spawn import wait_exit
 from .base import Hypervisor, HypervisorError, VmHandle, VmSpec, agent_key_environment
+from .sandbox import VmSandbox, vm_environment
 
 log = logging.getLogger("qvd.hkd.process")
 
@@ -138,6 +139,7 @@ class ProcessHypervisor(Hypervisor):
         self.run_dir = os.path.abspath(cfg.get_str("path.run"))
         self.log_dir = os.path.join(self.run_dir, "process-vms")
         self.addresses = NodeAddressRange(cfg.get_str("vm.process.address.base"), self.run_dir, self.log_dir)
+        self.sandbox = VmSandbox(cfg)
         self._children = {}      # vm_id -> Popen (started by this process)
 
     # --- helpers -----------------------------------------------------------------------
@@ -187,16 +189,18 @@ class ProcessHypervisor(Hypervisor):
             raise HypervisorError(f"cannot bind loopback address {address} for process VMs: {exc.strerror}") from None
         finally:
             sock.close()
+        self.sandbox.check()
 
     def start(self, spec: VmSpec) -> VmHandle:
         path = spec.di_path
         if not os.path.isfile(path) or not os.access(path, os.X_OK):
             raise HypervisorError(f"DI {path} of VM {spec.vm_id} is not an executable file")
+        self.sandbox.check_di(spec.vm_id, path)
+        self.sandbox.uid_for(spec.vm_id)        # a VM id beyond vm.uid.count fails here
         address = self.address_for(spec.vm_id)
         self._check_free(address, spec.vma_port, spec.vm_id)
-        env = {k: v for k, v in os.environ.items()
-               if k.lower() not in ("http_proxy", "https_proxy") and not k.startswith("QVD_")}
-        env.update({
+        home = self.sandbox.prepare(spec.vm_id)
+        env = vm_environment(self.cfg, home, {
             "QVD_VM_ID": str(spec.vm_id),
             "QVD_VM_NAME": spec.name,
             "QVD_VM_ADDRESS": address,
@@ -210,13 +214,14 @@ class ProcessHypervisor(Hypervisor):
             env["QVD_PROP_" + "".join(c if c.isalnum() else "_" for c in key).upper()] = str(value)
         os.makedirs(self.log_dir, exist_ok=True)
         log_path = os.path.join(self.log_dir, f"vm-{spec.vm_id}.log")
-        with open(log_path, "ab") as out:
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "ab") as out:
             out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {path}\n".encode())
             out.flush()
             try:
-                child = subprocess.Popen([path], env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         cwd=self.log_dir, close_fds=True)
+                child = subprocess.Popen(self.sandbox.command(spec.vm_id, path, spec.memory), env=env,
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True, cwd=home, close_fds=True)
             except OSError as exc:
                 raise HypervisorError(f"cannot run DI {path} for VM {spec.vm_id}: {exc.strerror}") from None
         self._children[spec.vm_id] = child
@@ -280,6 +285,7 @@ class ProcessHypervisor(Hypervisor):
                 os.killpg(handle.pid, signal.SIGKILL)
             except OSError:
                 pass
+        self.sandbox.remove_home(handle.vm_id)
 
     def list_running(self) -> dict:
         found = {}

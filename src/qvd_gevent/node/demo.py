@@ -57,6 +57,11 @@ def write_node_conf(path, pg, password, directory, port, nodename, metrics_port,
         f"l7r.address = {listen}",
         f"l7r.port = {port}",
         f"l7r.metrics.address = 127.0.0.1:{metrics_port}",
+        "# what VMs must not see besides node.conf and path.run: the database (its socket takes",
+        "# local logins without a password), its password and the certificate's key",
+        f"vm.hidden_paths = {directory}/pg, {directory}/db.password, {directory}/ssl",
+        # from a .pex the VM's init unpacks the pex where the node did, not in its own fresh home
+        *(["vm.environment.pass = PEX_ROOT"] if os.environ.get("PEX") else []),
         "# process VMs live on loopback: no bridge, no DHCP, no node address check",
         "internal.hkd.address_check.enabled = 0",
         "vm.network.use_dhcp = 0",
@@ -148,6 +153,8 @@ def main(argv=None):
 
     from ..db.embedded import EmbeddedPostgres, EmbeddedPostgresError
     directory = Path(args.dir).resolve()
+    if os.environ.get("PEX"):
+        os.environ.setdefault("PEX_ROOT", os.path.expanduser("~/.pex"))
     directory.mkdir(parents=True, exist_ok=True)
     conf = directory / "node.conf"
     try:
