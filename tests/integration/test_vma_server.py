@@ -299,3 +299,15 @@ def test_poweroff_answers_then_calls_back(make_vma):
     assert client.call("poweroff") == 1
     gevent.sleep(0.2)
     assert called == [True]
+
+
+def test_x_start_refuses_client_nxagent_options_outside_the_allowlist(make_vma, tmp_path):
+    """The nx desktop's x_start: what a client may put in qvd.client.nxagent.extra_args is
+    an allowlist of link and display options; anything else fails the x_start, nxagent unstarted."""
+    service, client = make_vma(desktop="nx", run_dir=str(tmp_path))
+    for extra in ("listen=tcp:0.0.0.0:4000", "connect=tcp:evil.example:4000", "errors=/etc/passwd",
+                  "clipboard=both", "cache=8M\n", "cache=8M,slave=1"):
+        with pytest.raises(VmaError, match="qvd.client.nxagent.extra_args"):
+            client.x_start(**{"qvd.client.nxagent.extra_args": extra})
+        assert client.call("x_state") == "stopped"
+    assert not (tmp_path / "nxagent.conf").exists()

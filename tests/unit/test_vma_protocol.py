@@ -139,7 +139,10 @@ def test_default_keyboard_and_link_are_applied():
 
 @pytest.mark.parametrize("key,value", [("qvd.client.geometry", "800x600,fullscreen=1"),
                                        ("qvd.client.keyboard", "pc105/es;rm -rf"),
-                                       ("qvd.client.link", "a b")])
+                                       ("qvd.client.link", "a b"),
+                                       ("qvd.client.geometry", "800x600\n"),        # matched whole
+                                       ("qvd.client.keyboard", "pc105/é"),          # ASCII only
+                                       ("qvd.client.geometry", "８００x600")])
 def test_option_values_are_validated(key, value):
     with pytest.raises(InvalidOption):
         nxagent_options({key: value}, cfg_get(), 100)
@@ -149,3 +152,28 @@ def test_audio_slave_printing_options():
     get = cfg_get({"vma.audio.enable": "1", "vma.slave.enable": "1", "vma.printing.enable": "1"})
     line = nxagent_options({"qvd.client.printing.enabled": "1", "qvd.client.os": "windows"}, get, 100)
     assert "media=1" in line and "slave=1" in line and "smb=2100" in line
+
+
+def test_client_nxagent_options_come_from_an_allowlist_and_the_server_s_last():
+    get = cfg_get({"vma.audio.enable": "1", "vma.slave.enable": "1", "vma.printing.enable": "1"})
+    line = nxagent_options({"qvd.client.nxagent.extra_args": "cache=8M,images=32M,pack=16m-jpeg-9,render=1",
+                            "qvd.client.printing.enabled": "1"}, get, 100, listen_socket="/run/vma/nx.sock")
+    options = line[len("nx/nx,"):-len(":100")].split(",")
+    extras = [options.index(o) for o in ("cache=8M", "images=32M", "pack=16m-jpeg-9", "render=1")]
+    servers = [options.index(o) for o in ("media=1", "slave=1", "listen=unix:/run/vma/nx.sock",
+                                           "tolerancechecks=risky", "cups=2100")]
+    assert max(extras) < min(servers)
+    assert nxagent_options({"qvd.client.nxagent.extra_args": ""}, cfg_get(), 100) == \
+        nxagent_options({}, cfg_get(), 100)          # the original client sends it empty
+
+
+@pytest.mark.parametrize("extra", [
+    "listen=tcp:0.0.0.0:4000", "accept=10.0.0.1", "connect=tcp:evil.example:4000", "port=4000",
+    "errors=/etc/passwd", "stats=/tmp/x", "options=/tmp/other.conf", "session=other", "id=abc",
+    "slave=1", "media=1", "cups=2100", "smb=2100", "clipboard=both", "keyboard=us", "link=lan",
+    "tolerancechecks=bypass", "cache=8M\n", "cache=8M,", ",cache=8M", "cache", "cache=8M=1",
+    "cache=８M", "render=1,listen=tcp:0.0.0.0:4000", "pack=16m jpeg", "tile=64x64x64", "limit=-1",
+])
+def test_client_nxagent_options_outside_the_allowlist_fail_the_x_start(extra):
+    with pytest.raises(InvalidOption, match="qvd.client.nxagent.extra_args"):
+        nxagent_options({"qvd.client.nxagent.extra_args": extra}, cfg_get(), 100)

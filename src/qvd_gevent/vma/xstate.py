@@ -37,7 +37,23 @@ TIMEOUT_KEYS = {
 }
 
 _SESSION_LINE = re.compile(r"Session: (?:(\w+) session at|Session (\w+) at)")
-_OPTION_VALUE = re.compile(r"^[\w/\-+]+$")
+_OPTION_VALUE = re.compile(r"[\w/\-+]+", re.ASCII)     # matched whole: no newline, no non-ASCII
+# What a client may set through qvd.client.nxagent.extra_args (``name=value,...``): options
+# of its own link and display only, each value matched whole. Listening, ports, files,
+# sessions, printing, audio, the clipboard and the keyboard stay the server's
+# (docs/differences.md#nxagent-options-from-an-allowlist).
+CLIENT_NX_OPTIONS = {
+    "cache": r"[0-9]{1,6}[kKmM]?",
+    "images": r"[0-9]{1,6}[kKmM]?",
+    "pack": r"[a-z0-9\-]{1,32}",
+    "limit": r"[0-9]{1,9}[kK]?",
+    "defer": r"[0-3]",
+    "tile": r"[0-9]{1,4}x[0-9]{1,4}",
+    "copysize": r"[0-9]{1,9}",
+    "keyconv": r"on|off|auto",
+    **{name: r"[01]" for name in ("render", "taint", "strict", "resize", "composite", "shmem", "shpix", "menu",
+                                  "autodpi", "xinerama")},
+}
 _SOCKET_PATH = re.compile(r"^/[\w/.\-]{1,100}$")     # no ',' or ':' (option separators); fits sun_path
 
 
@@ -102,11 +118,29 @@ class InvalidOption(ValueError):
     pass
 
 
+def client_extra_options(extra):
+    """qvd.client.nxagent.extra_args -> ["name=value", ...]; InvalidOption unless every item
+    is an option of CLIENT_NX_OPTIONS with a value its pattern matches whole."""
+    if extra in (None, ""):
+        return []
+    options = []
+    for item in str(extra).split(","):
+        name, sep, value = item.partition("=")
+        pattern = CLIENT_NX_OPTIONS.get(name)
+        if not sep or pattern is None or not re.fullmatch(pattern, value, re.ASCII):
+            raise InvalidOption(f"Invalid value {extra!r} for qvd.client.nxagent.extra_args ({item!r} is not an "
+                                f"option a client may set: {', '.join(sorted(CLIENT_NX_OPTIONS))})")
+        options.append(f"{name}={value}")
+    return options
+
+
 def nxagent_options(params, cfg_get, display, listen_socket=None):
     """The one-line nxagent options file ``nx/nx,<opts>:<display>`` for x_start params.
 
-    cfg_get(key) reads configuration. Client values must match ``^[\\w/\\-+]+$`` (else
-    InvalidOption, the x_start fails as in the original). Keyboard and link fall back to
+    cfg_get(key) reads configuration. Client values must match ``[\\w/\\-+]+`` whole, in
+    ASCII (else InvalidOption, the x_start fails as in the original); extra_args may only
+    name CLIENT_NX_OPTIONS. The client's options come first and the server's last, so that
+    none of the client's can stand in for one of the server's. Keyboard and link fall back to
     vma.default.client.keyboard/link: the original looked those up under a wrong name and
     never found them (docs/differences.md#vma-default-client-keys); we apply them.
     """
@@ -124,9 +158,10 @@ def nxagent_options(params, cfg_get, display, listen_socket=None):
         if value in (None, ""):
             continue
         value = str(value)
-        if not _OPTION_VALUE.match(value):
+        if not _OPTION_VALUE.fullmatch(value):
             raise InvalidOption(f"Invalid value {value!r} for {client_key}")
         opts.append(f"{nx_key}={value}")
+    opts += client_extra_options(params.get("qvd.client.nxagent.extra_args"))
     if cfg_get("vma.audio.enable"):
         opts.append("media=1")
     if cfg_get("vma.slave.enable"):
@@ -139,11 +174,6 @@ def nxagent_options(params, cfg_get, display, listen_socket=None):
     tolerance = cfg_get("internal.vma.nxagent.tolerancechecks")
     if tolerance:
         opts.append(f"tolerancechecks={tolerance}")
-    extra = params.get("qvd.client.nxagent.extra_args")
-    if extra:
-        if not _OPTION_VALUE.match(extra.replace(",", "").replace("=", "")):
-            raise InvalidOption(f"Invalid value {extra!r} for qvd.client.nxagent.extra_args")
-        opts.append(extra)
     if cfg_get("vma.printing.enable") and str(params.get("qvd.client.printing.enabled", "")) in ("1", "true"):
         opts.append("smb=2100" if params.get("qvd.client.os") == "windows" else "cups=2100")
     return f"nx/nx,{','.join(opts)}:{display}"
