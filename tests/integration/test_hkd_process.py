@@ -251,9 +251,9 @@ def test_lost_node_releases_vms_and_the_lost_node_kills_them(make_node, admin_db
     start_vm(admin_db, vm_id, host1)
     old = wait_vm_state(admin_db, vm_id, "running")
     # node one freezes (its heartbeat stops) but its process and VM keep running: a partition
-    for g in one.hkd._agents:
+    for g in one.hkd.agents:
         g.kill()
-    one.hkd._cluster.stop()
+    one.hkd.cluster.stop()
     two = make_node(f"{NODE}-two", **timing)
     two.hkd.start()
     wait_for(lambda: host_row(admin_db, host1)[0] == "lost", 15, what="node one lost")
@@ -261,7 +261,7 @@ def test_lost_node_releases_vms_and_the_lost_node_kills_them(make_node, admin_db
     assert row["host_id"] is None and row["vm_address"] is None
     # node one must not keep a VM the cluster gave away: its VM intake notices the row
     wait_for(lambda: not pid_alive(old["vm_pid"]), 15, what="old VM killed by the lost node")
-    assert one.hkd._tick() is False and one.hkd.lost
+    assert one.hkd.tick() is False and one.hkd.lost
     # the VM can now start on node two
     start_vm(admin_db, vm_id, host2)
     new = wait_vm_state(admin_db, vm_id, "running")

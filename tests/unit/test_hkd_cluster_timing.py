@@ -48,7 +48,7 @@ def test_delays(tmp_path):
     ({"internal.hkd.fence.kill_time": 20}, "internal.hkd.cluster.node.timeout"),
 ])
 def test_timers_that_could_run_a_vm_twice_are_refused_with_one_line(tmp_path, values, wrong):
-    from qvd_gevent.hkd.host import HkdConfigError, check_cluster_timers
+    from qvd_gevent.hkd.errors import HkdConfigError, check_cluster_timers
     check_cluster_timers(Config(None))                 # the defaults are consistent
     conf = tmp_path / "node.conf"
     conf.write_text("nodename = n\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))

@@ -6,12 +6,13 @@ import pytest
 
 from qvd_gevent.config import Config
 from qvd_gevent.hkd import host_machine as H
-from qvd_gevent.hkd.host import HKD, HkdConfigError
+from qvd_gevent.hkd.errors import HkdConfigError
+from qvd_gevent.hkd.startup import check_tools
 
 
 def _check(bridge, **values):
     fake_hkd = SimpleNamespace(cfg=Config(values), hypervisor=SimpleNamespace(uses_bridge=bridge))
-    HKD._step_check_tools(fake_hkd)
+    check_tools(fake_hkd)
 
 
 def test_tools_are_checked_before_the_network_is_touched():

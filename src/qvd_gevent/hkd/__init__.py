@@ -3,6 +3,7 @@
 ``HKD(cfg, db, listener).start()`` returns once the host is running (or raises HkdError);
 ``.stop(timeout=None)`` stops the VMs and marks the host stopped.
 """
-from .host import HKD, HkdConfigError, HkdError
+from .errors import HkdConfigError, HkdError
+from .host import HKD
 
 __all__ = ["HKD", "HkdConfigError", "HkdError"]
