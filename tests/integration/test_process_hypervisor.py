@@ -228,7 +228,7 @@ def test_vm_runs_as_its_own_uid_and_cannot_read_the_node_nor_other_vms(tmp_path,
             fh.write("the first VM's\n")
         os.chmod(secret_of_first, 0o644)
         probe = write_probe_di(tmp_path, files=[conf, key, extra, secret_of_first],
-                               folders=[tmp_path / "run", first_home], pids=[os.getpid(), first.pid])
+                               folders=[tmp_path / "run", first_home, "/tmp"], pids=[os.getpid(), first.pid])
         second = hv.start(spec(20002, probe))
         log_path = second.extra["log"]
         wait_for(lambda: DONE in open(log_path).read(), 15, what="the probe's report")
@@ -238,6 +238,8 @@ def test_vm_runs_as_its_own_uid_and_cannot_read_the_node_nor_other_vms(tmp_path,
         assert report["DENIED"] == {str(conf), str(key), str(extra), secret_of_first} and not report["READ"]
         assert report["LIST"][str(tmp_path / "run")] == ["vms"]          # nothing of the node's run folder
         assert report["LIST"][first_home] == []
+        # a private /tmp: X's and ICE's socket folders, and the folder of its DI (tmp_path) only
+        assert sorted(report["LIST"]["/tmp"]) == [".ICE-unix", ".X11-unix", tmp_path.parts[2]]
         assert report["UNREACHED"] == {str(os.getpid()), str(first.pid)} and not report["SIGNALLED"]
         assert int(report["PROCS"]) < 10              # its own pid namespace (the machine runs hundreds)
         assert not {"QVD_CONFIG", "PGPASSWORD", "PYTHONPATH"} & set(report["ENV"])

@@ -206,7 +206,7 @@ def test_vm_runs_as_its_own_uid_and_cannot_read_the_node_nor_other_vms(test_host
     first_di = write_http_di(tmp_path)
     first_home = tmp_path / "run" / "vms" / "1"
     secret_of_first = first_home / "its-own-file"
-    probe = write_probe_di(tmp_path, files=[conf, key, secret_of_first], folders=[tmp_path / "run", first_home],
+    probe = write_probe_di(tmp_path, files=[conf, key, secret_of_first], folders=[tmp_path / "run", first_home, "/tmp"],
                            pids=["$NODE_PID", "$FIRST_PID"])
     result, _ = run_driver(test_host, tmp_path, f"""
         from helpers.vm_probe import process_uids
@@ -247,6 +247,7 @@ def test_vm_runs_as_its_own_uid_and_cannot_read_the_node_nor_other_vms(test_host
     assert report["DENIED"] == {str(conf), str(key), str(secret_of_first)} and not report["READ"]
     assert report["LIST"][str(tmp_path / "run")] == ["vms"]
     assert report["LIST"][str(first_home)] == []
+    assert sorted(report["LIST"]["/tmp"]) == [".ICE-unix", ".X11-unix", tmp_path.parts[2]]     # a private /tmp
     assert report["UNREACHED"] == {str(result["node_pid"]), str(result["first_pid"])} and not report["SIGNALLED"]
     assert int(report["PROCS"]) < 10                    # its own pid namespace (the machine runs hundreds)
     assert not {"QVD_TEST_SETTINGS", "PYTHONPATH", "QVD_TEST_DI"} & set(report["ENV"])

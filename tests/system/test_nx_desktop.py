@@ -143,6 +143,10 @@ def test_nx_session_comes_up_and_an_x_client_draws(displays, tmp_path):
         wait_for(lambda: os.path.exists(tmp_path / "nxagent.sock"), 15, "nxagent's socket")
         listening = x_output(["ss", "-ltnpH"], os.environ)
         assert f"pid={vma.desktop.agent.pid}," not in listening, listening     # no TCP port of its own
+        # nor an abstract X socket, which every process of the network namespace could dial
+        with open("/proc/net/unix") as fh:
+            x_sockets = [line.split()[-1] for line in fh if f".X11-unix/X{local}" in line]
+        assert f"/tmp/.X11-unix/X{local}" in x_sockets and not [s for s in x_sockets if s.startswith("@")], x_sockets
 
         proxy = subprocess.Popen(["nxproxy", "-S", f"localhost:{agent_display}"],
                                  env=dict(env, DISPLAY=f":{screen_display}"),

@@ -67,6 +67,7 @@ mount -t tmpfs -o nosuid,nodev,noexec,mode=0700,size=16k qvd-hidden /dev/shm
 chmod 000 /dev/shm/hidden
 if [ "$tmp" = private ]; then
     mount -t tmpfs -o "nosuid,nodev,mode=1777,size=$tmp_size" qvd-vm /tmp
+    mkdir -m 1777 /tmp/.X11-unix /tmp/.ICE-unix    # as the system makes them: X servers not run by root need them
     put_back /tmp
 fi
 while [ "$1" != -- ]; do

@@ -136,8 +136,11 @@ class NxDesktop:
                 os.unlink(self.socket_path)     # a previous nxagent's: the relay must not dial it
             except FileNotFoundError:
                 pass
+        # -ac lets every X client in: no TCP port, and no abstract-namespace socket either
+        # (abstract names belong to the network namespace, which `process` VMs share; the
+        # socket in /tmp/.X11-unix is in the VM's private /tmp, docs/hkd.md#vm-confinement)
         argv = [self.cfg.get("command.nxagent"), f":{d}", "-ac", "-name", "QVD", "-nolisten", "tcp",
-                "-display", f"nx/nx,options={self.options_path}:{d}"]
+                "-nolisten", "local", "-display", f"nx/nx,options={self.options_path}:{d}"]
         env = dict(os.environ, NX_HOME=self.run_dir, HOME=os.environ.get("HOME", self.run_dir))
         env.pop("DISPLAY", None)
         try:
