@@ -7,11 +7,15 @@ Modules, one job each:
   the original's response format, 102 and 101);
 - ``auth`` and ``throttle``: Basic/Bearer/Auth-<hex>, tenants, password hashes, tokens,
   throttling of failed logins;
-- ``broker``: connect_to_vm/stop_vm decisions (pure functions) and their runner (claim,
-  takeover, node choice, start and wait by LISTEN, VMA, display connection);
-- ``splice``: the session's byte pump, no greenlet and no buffer per idle session;
-- ``server``: ``L7RService(cfg, db, listener)`` with ``start()``, ``port``,
-  ``drain(grace)``, ``stop()``, ``sessions_open``, ``connections_open``.
+- ``server``: ``L7RService(cfg, db, listener)``: accept, TLS, the request loop, and the
+  lifecycle of the parts below (``start()``, ``port``, ``drain(grace)``, ``stop()``);
+- ``endpoints``: the endpoints as plain functions over a small ``Context``;
+- ``broker``: connect_to_vm's setup (claim, takeover, VM start and wait by LISTEN, VMA,
+  display connection), then the 101 and the hand-over to the session;
+- ``sessions``: the registry of live sessions, claims, waits, aborts and takeover,
+  reconcile, and the end of a session;
+- ``counters``: ``host_counters`` in batches and the L7R's gauges; ``host``: this node's row;
+- ``splice``: the session's byte pump, no greenlet and no buffer per idle session.
 
 Memory per idle session is measured in bench/ (bench/README.md, README's Performance).
 """

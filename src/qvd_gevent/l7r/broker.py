@@ -1,4 +1,4 @@
-"""connect_to_vm and stop_vm: claim the session, start the VM, start X, connect, splice.
+"""connect_to_vm after its pre-checks: claim the session, start the VM, start X, connect, splice.
 
 The decisions are pure functions over a ``vm_runtimes`` row (``decide_claim``,
 ``vm_start_progress``, ``x_state_progress``), tested without sockets; ``ConnectRunner``
@@ -16,14 +16,16 @@ import string
 import time
 
 import gevent
-import gevent.lock
 import gevent.socket
+import h11
 
+from ..common import metrics
 from ..db import runtime
 from ..db.placement import NoHostAvailable
 from ..vma import display_gate
 from ..vma.client import VmaClient, VmaError, legacy_unauthenticated, open_display
 from .auth_plugins.totp import PRIVATE_PREFIX as PRIVATE_PROPERTY_PREFIX  # a user's TOTP secret stays off the VM
+from .sessions import SessionAborted, shielded
 from .splice import tune_socket
 
 log = logging.getLogger("qvd.l7r.broker")
@@ -36,15 +38,8 @@ def slave_key():
     return "".join(secrets.choice(_ALNUM) for _ in range(64))
 
 
-_claim_locks = {}     # vm_id -> Semaphore held around one claim of that VM in this process
-
-
 class SetupFailed(Exception):
     """Session setup failed; the client gets 503 with this message."""
-
-
-class SessionAborted(BaseException):
-    """Raised into a setup greenlet whose session was taken over (BaseException: not caught by accident)."""
 
 
 # --- pure decisions ------------------------------------------------------------------------
@@ -117,18 +112,18 @@ def combined_properties(cur, vm_id):
 class ConnectRunner:
     """Runs one connect_to_vm after its pre-checks. ``info(text)`` sends a 102 line."""
 
-    def __init__(self, service, session, auth, client_params, info, auth_vars=None):
-        self.svc = service
-        self.cfg = service.cfg
-        self.db = service.db
+    def __init__(self, ctx, session, auth, client_params, info, auth_vars=None):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.db = ctx.db
         self.session = session
         self.vm_id = session.vm_id
         self.auth = auth
         self.client_params = client_params
         self.auth_vars = auth_vars or {}
         self.info = info
-        self.host_id = service.host_id
-        self.pid = service.pid
+        self.host_id = ctx.host.id
+        self.pid = ctx.sessions.pid
 
     # --- helpers -------------------------------------------------------------------------
     def _row(self):
@@ -169,21 +164,7 @@ class ConnectRunner:
         attempts = 0
         while True:
             attempts += 1
-            # One claim of a VM at a time in this process: whether another session of ours
-            # holds it must still be true when the row is written (the row names the
-            # process, not the session, so two of ours could both "claim" it otherwise).
-            lock = _claim_locks.setdefault(self.vm_id, gevent.lock.Semaphore())
-            try:
-                with lock:
-                    live_here = self.svc.has_live_session(self.vm_id, exclude=self.session)
-                    outcome, holder = runtime.claim_session(self.db, self.vm_id, self.host_id, self.pid,
-                                                            self.auth.user_id, live_here)
-                    if outcome == "claim":
-                        self.session.claimed = True
-                        self.svc.sessions[self.vm_id] = self.session
-            finally:
-                if not lock.locked() and _claim_locks.get(self.vm_id) is lock:
-                    del _claim_locks[self.vm_id]
+            outcome, holder = self.ctx.sessions.claim(self.session, self.auth.user_id)
             if outcome == "claim":
                 self.info(f"Session acquired for VM_ID: {self.vm_id}")
                 return
@@ -195,7 +176,7 @@ class ConnectRunner:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise SetupFailed("Unable to acquire VM, close other clients")
-            self.svc.wait_vm_event(self.vm_id, min(poll, remaining))
+            self.ctx.sessions.wait_vm_event(self.vm_id, min(poll, remaining))
 
     def ensure_running(self):
         row = self._row()
@@ -229,7 +210,7 @@ class ConnectRunner:
             if verdict in ("fail", "aborted"):
                 raise SetupFailed(message)
             self.info("Waiting for VM to reach state 'running'")
-            self.svc.wait_vm_event(self.vm_id, max(0.05, min(poll * 5, deadline - time.monotonic() + 0.05)))
+            self.ctx.sessions.wait_vm_event(self.vm_id, max(0.05, min(poll * 5, deadline - time.monotonic() + 0.05)))
         raise SetupFailed("VM didn't reach state 'running'. Timeout")
 
     def vma_params(self, slave):
@@ -291,13 +272,13 @@ class ConnectRunner:
 
     def connect_x(self, address, port, display_key):
         self.info(f"Connecting X session for VM_ID: {self.vm_id}")
-        self.svc.count("nx_attempts")
+        self.ctx.counters.count("nx_attempts")
         try:
             sock = open_display(address, port, display_key, timeout=self.cfg.get_float("internal.l7r.timeout.vma"))
         except OSError as exc:
             raise SetupFailed(f"Unable to connect X session for VM_ID: {self.vm_id}: {exc.strerror or exc}") from None
         tune_socket(sock)
-        self.svc.count("nx_ok")
+        self.ctx.counters.count("nx_ok")
         return sock
 
     def mark_connected(self):
@@ -306,30 +287,42 @@ class ConnectRunner:
             raise SetupFailed(error)
 
 
-class StopRunner:
-    """stop_vm after its pre-checks (docs/protocol.md#stop-vm); returns (status, body) of the final answer."""
+def open_session(ctx, conn, session, auth, client_params, auth_vars, began):
+    """Set the session up (102 lines), then 101 and splice: True. On failure a 503 and the
+    row released: False."""
+    vm_id = session.vm_id
+    key = slave_key()
+    runner = ConnectRunner(ctx, session, auth, client_params, conn.send_info, auth_vars)
+    vm_sock = None
+    try:
+        vm_sock = runner.run(key)
+        conn.send_info("Connection established")
+        conn.send_switch(key)
+        metrics.observe("qvd_l7r_connect_to_vm_seconds", time.monotonic() - began)
+        session.greenlet = None  # from here on an abort closes the splice instead
+    except (SetupFailed, SessionAborted) as exc:
+        session.greenlet = None
+        message = str(exc) or f"Aborted by contending session VM_ID: {vm_id}"
+        metrics.inc("qvd_l7r_connects_total", result="failed")
+        log.info("connect_to_vm failed: user %s VM %s from %s: %s", auth.login, vm_id, session.peer, message)
+        shielded(_fail_setup, ctx, conn, session, vm_sock,
+                 f"The requested virtual machine is not available: {message}, retry later.")
+        return False
+    except BaseException:
+        session.greenlet = None
+        metrics.inc("qvd_l7r_connects_total", result="error")
+        shielded(_fail_setup, ctx, None, session, vm_sock, None)
+        raise
+    leftover = conn.leftover()
+    metrics.inc("qvd_l7r_connects_total", result="ok")
+    log.info("session open: user %s VM %s from %s", auth.login, vm_id, session.peer)
+    ctx.sessions.splice(session, conn.sock, vm_sock, leftover)
+    return True
 
-    def __init__(self, service, vm_id, info):
-        self.svc = service
-        self.cfg = service.cfg
-        self.db = service.db
-        self.vm_id = vm_id
-        self.info = info
 
-    def run(self):
-        outcome = self.db.transaction(runtime.request_stop, self.vm_id)
-        if outcome in ("stopped", "cancelled", "gone"):
-            return 200, "Machine stopped\r\n"
-        if outcome not in ("commanded", "stopping"):
-            return 503, f"The requested virtual machine is in an unstoppable state ({outcome})"
-        self.info("Stopping virtual machine")
-        poll = self.cfg.get_float("internal.l7r.poll_time.vm")
-        deadline = time.monotonic() + self.cfg.get_float("internal.l7r.timeout.vm_stop")
-        for _ in range(100000):
-            if runtime.vm_state(self.db, self.vm_id) in (None, "stopped"):
-                return 200, "Machine stopped\r\n"
-            if time.monotonic() > deadline:
-                return 408, "VM didn't reach state 'stopped'. Timeout"
-            self.info("Waiting for VM to reach state 'stopped'")
-            self.svc.wait_vm_event(self.vm_id, max(0.05, min(poll * 5, deadline - time.monotonic() + 0.05)))
-        return 408, "VM didn't reach state 'stopped'. Timeout"
+def _fail_setup(ctx, conn, session, vm_sock, answer):
+    if vm_sock is not None:
+        vm_sock.close()
+    ctx.sessions.end_setup(session)
+    if conn is not None and answer is not None and conn.h11.our_state is h11.SEND_RESPONSE:
+        conn.send_error(503, answer)

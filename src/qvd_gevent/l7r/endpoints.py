@@ -1,0 +1,231 @@
+"""The L7R's endpoints (docs/protocol.md#endpoints): plain functions over a small context.
+
+``dispatch(ctx, conn, request, peer_ip, cache)`` answers one request; it returns True when
+the connection was handed over to a session (after a 101), else False. Every endpoint is
+``fn(ctx, conn, request, peer_ip, cache)``; ``cache`` is the connection's own dict (the
+authenticator remembers a login there). An endpoint raises HttpError for a final error
+answer; authentication, throttling and database failures are answered here too, so an
+endpoint reads as its checks in the protocol's order.
+"""
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import h11
+
+from ..common import metrics
+from ..db import DatabaseUnavailable, runtime
+from .auth import AuthFailed, LoginsBusy, Throttled, encode_token_for_client, parse_auth_headers
+from .broker import open_session
+from .http import ClientGone, HttpError
+from .sessions import Session
+
+log = logging.getLogger("qvd.l7r")
+
+
+@dataclass
+class Context:
+    """What an endpoint may use. No way back to the server: endpoints sit below it."""
+    cfg: object
+    db: object
+    auth: object          # auth.Authenticator
+    sessions: object      # sessions.Sessions
+    counters: object      # counters.Counters
+    host: object          # host.NodeHost
+
+
+def dispatch(ctx, conn, request, peer_ip, cache):
+    path = request.path
+    handler = ENDPOINTS.get(path) if request.method == "GET" else None
+    metrics.inc("qvd_l7r_http_requests_total", path=path if handler else "other")
+    if handler is None:
+        conn.send_error(404)
+        return False
+    try:
+        return handler(ctx, conn, request, peer_ip, cache) or False
+    except HttpError as exc:
+        conn.send_error(exc.status, exc.message, exc.headers)
+    except AuthFailed as exc:
+        conn.send_error(401, headers=[("WWW-Authenticate", 'Basic realm="QVD"')])
+        log.info("authentication failed (%s) for %s from %s", exc.reason, exc.login or "-", peer_ip)
+    except Throttled as exc:
+        if exc.what == "concurrent":
+            conn.send_error(429, "Too many logins at once from this address; try again later\n")
+        else:
+            conn.send_error(429, f"Too many failed logins from this {exc.what}; try again later\n")
+        log.info("login throttled by %s from %s", exc.what, peer_ip)
+    except LoginsBusy:
+        conn.send_error(503, "Too many logins in progress, retry later", [("Retry-After", "2")])
+        log.warning("login from %s refused: the password-hashing queue is full", peer_ip)
+    except DatabaseUnavailable as exc:
+        log.error("database unavailable: %s", exc)
+        conn.send_error(503, "The database is not available, retry later")
+    except ClientGone:
+        raise
+    except Exception as exc:  # never a traceback to the client, never a dead connection greenlet
+        log.exception("%s failed for %s", path, peer_ip)
+        if conn.h11.our_state is h11.SEND_RESPONSE:
+            conn.send_error(500, f"Internal error: {type(exc).__name__}")
+        else:
+            raise ClientGone("internal error after the response started") from None
+    return False
+
+
+# --- common pre-checks ---------------------------------------------------------------------
+def registered(ctx):
+    host = ctx.host.state()
+    if host is None:
+        raise HttpError(503, "Host is not registered in the database")
+    return host
+
+
+def check_host(host, require_running):
+    if host[2]:
+        raise HttpError(503, "Server is blocked")
+    if require_running and host[1] != "running":
+        raise HttpError(503, f"Server is {host[1]}")
+
+
+def vm_id_param(request):
+    raw = request.query.get("id")
+    if raw is None or raw == "":
+        raise HttpError(422, "parameter id is missing")
+    try:
+        vm_id = int(raw)
+    except ValueError:
+        raise HttpError(404, "The requested virtual machine does not exist") from None
+    if not (0 < vm_id < 2 ** 31):
+        raise HttpError(404, "The requested virtual machine does not exist")
+    return vm_id
+
+
+def check_token_vm(auth, vm_id):
+    if auth.token_vm_id is not None and auth.token_vm_id != vm_id:
+        raise HttpError(403, "vm_id does not match with provided token")
+
+
+# --- endpoints -----------------------------------------------------------------------------
+def ping(ctx, conn, request, peer_ip, cache):
+    host = registered(ctx)
+    check_host(host, True)
+    conn.send_response(200, "I am alive!\r\n")
+
+
+def _list(ctx, conn, request, peer_ip, cache, applications):
+    host = registered(ctx)
+    ctx.counters.count("http_requests")
+    auth = ctx.auth.authenticate(request, peer_ip, cache)
+    check_host(host, True)
+    rows = ctx.db.query(
+        "SELECT v.id, vr.vm_state, v.name, vr.blocked, o.is_application FROM vms v "
+        "JOIN vm_runtimes vr ON vr.vm_id = v.id JOIN osfs o ON o.id = v.osf_id "
+        "WHERE v.user_id = %s AND o.is_application = %s ORDER BY v.id", (auth.user_id, applications))
+    items = [{"id": r[0], "state": r[1], "name": r[2], "blocked": bool(r[3]), "is_application": bool(r[4])}
+             for r in rows]
+    conn.send_response(200, json.dumps(items, indent=3, separators=(",", " : ")) + "\n", "application/json")
+
+
+def list_of_vm(ctx, conn, request, peer_ip, cache):
+    began = time.monotonic()
+    try:
+        _list(ctx, conn, request, peer_ip, cache, False)
+    finally:
+        metrics.observe("qvd_l7r_list_of_vm_seconds", time.monotonic() - began)
+
+
+def list_of_applications(ctx, conn, request, peer_ip, cache):
+    _list(ctx, conn, request, peer_ip, cache, True)
+
+
+def authenticate_user(ctx, conn, request, peer_ip, cache):
+    ctx.host.lookup()
+    auth = ctx.auth.authenticate(request, peer_ip, cache)
+    body = {}
+    if request.query.get("store_auth", "") not in ("", "0"):
+        body["auth_params_id"] = ctx.db.transaction(runtime.store_auth_params, auth.params)
+    conn.send_response(200, json.dumps(body), "application/json")
+
+
+def create_auth_token(ctx, conn, request, peer_ip, cache):
+    ctx.host.lookup()
+    auth = ctx.auth.authenticate(request, peer_ip, cache)
+    if auth.by_token:
+        # a stolen token must not renew itself: only a password login mints tokens
+        raise HttpError(401, "A token cannot create another token; log in with a password",
+                        headers=[("WWW-Authenticate", 'Basic realm="QVD"')])
+    token, params_id = ctx.db.transaction(runtime.issue_token, auth.user_id, auth.params,
+                                          ctx.cfg.get_int("l7r.token.lifetime"))
+    conn.send_response(200, json.dumps({"auth_params_id": params_id, "auth_token": encode_token_for_client(token)}),
+                       "application/json")
+
+
+def connect_to_vm(ctx, conn, request, peer_ip, cache):
+    began = time.monotonic()
+    host = registered(ctx)
+    ctx.counters.count("http_requests")
+    auth = ctx.auth.authenticate(request, peer_ip, cache)
+    check_host(host, False)
+    if request.header("connection") != "Upgrade" or request.header("upgrade") != "QVD/1.0":
+        raise HttpError(426)
+    vm_id = vm_id_param(request)
+    check_token_vm(auth, vm_id)
+    foreign = [k for k in request.query if k != "id" and not (k.startswith("qvd.client.") or k.startswith("custom."))]
+    if foreign:
+        raise HttpError(403, "Invalid parameters " + " ".join(foreign))
+    denied = runtime.check_vm_access(ctx.db, vm_id, auth.user_id, True)
+    if denied:
+        metrics.inc("qvd_l7r_connects_total", result="denied")
+        raise HttpError(*denied)
+    client_params = {k: v for k, v in request.query.items() if k != "id"}
+    auth_vars = parse_auth_headers(request.raw_headers)
+    return open_session(ctx, conn, Session(vm_id, auth.login, peer_ip), auth, client_params, auth_vars, began)
+
+
+def stop_vm(ctx, conn, request, peer_ip, cache):
+    host = registered(ctx)
+    ctx.counters.count("http_requests")
+    auth = ctx.auth.authenticate(request, peer_ip, cache)
+    check_host(host, False)
+    vm_id = vm_id_param(request)
+    check_token_vm(auth, vm_id)
+    denied = runtime.check_vm_access(ctx.db, vm_id, auth.user_id, False)
+    if denied:
+        raise HttpError(*denied)
+    status, body = stop_and_wait(ctx, vm_id, conn.send_info)
+    if status == 200:
+        conn.send_response(200, body)
+    else:
+        conn.send_error(status, body)
+
+
+def stop_and_wait(ctx, vm_id, info):
+    """stop_vm after its pre-checks (docs/protocol.md#stop-vm): command the stop, then wait
+    for 'stopped' by LISTEN. Returns (status, body) of the final answer."""
+    outcome = ctx.db.transaction(runtime.request_stop, vm_id)
+    if outcome in ("stopped", "cancelled", "gone"):
+        return 200, "Machine stopped\r\n"
+    if outcome not in ("commanded", "stopping"):
+        return 503, f"The requested virtual machine is in an unstoppable state ({outcome})"
+    info("Stopping virtual machine")
+    poll = ctx.cfg.get_float("internal.l7r.poll_time.vm")
+    deadline = time.monotonic() + ctx.cfg.get_float("internal.l7r.timeout.vm_stop")
+    for _ in range(100000):
+        if runtime.vm_state(ctx.db, vm_id) in (None, "stopped"):
+            return 200, "Machine stopped\r\n"
+        if time.monotonic() > deadline:
+            return 408, "VM didn't reach state 'stopped'. Timeout"
+        info("Waiting for VM to reach state 'stopped'")
+        ctx.sessions.wait_vm_event(vm_id, max(0.05, min(poll * 5, deadline - time.monotonic() + 0.05)))
+    return 408, "VM didn't reach state 'stopped'. Timeout"
+
+
+ENDPOINTS = {
+    "/qvd/ping": ping,
+    "/qvd/list_of_vm": list_of_vm,
+    "/qvd/list_of_applications": list_of_applications,
+    "/qvd/authenticate_user": authenticate_user,
+    "/qvd/create_auth_token": create_auth_token,
+    "/qvd/connect_to_vm": connect_to_vm,
+    "/qvd/stop_vm": stop_vm,
+}
