@@ -10,7 +10,7 @@ from qvd_gevent.config import Config, ConfigError
 from qvd_gevent.l7r.auth_plugins import AuthUnavailable, PluginChain
 from qvd_gevent.l7r.auth_plugins.ldap import LdapSettings, dn_value, filter_value, parse_host, racf_allows
 from qvd_gevent.l7r.auth_plugins.totp import TotpSettings, matching_step
-from qvd_gevent.l7r.broker import merge_vma_params
+from qvd_gevent.l7r.vma_params import merge_vma_params
 
 HOSTILE = ["*", "ali*", "alice)(uid=*", "*)(|(uid=*", "alice\\00", "alice\x00", ",cn=admin",
            "x,cn=admin,dc=example,dc=org", "cn=admin+uid=x", '"quoted"', "#hash", " lead", "trail ", "<a>;b="]

@@ -7,7 +7,7 @@ import ssl
 import pytest
 
 from qvd_gevent.db import runtime
-from qvd_gevent.l7r import broker
+from qvd_gevent.l7r import connect, vma_params
 from qvd_gevent.l7r.auth import encode_token_for_client, parse_auth_headers, parse_authorization, split_tenant
 from qvd_gevent.l7r.http import HttpError, check_head, check_partial, parse_query, raw_error_response
 from qvd_gevent.l7r.throttle import Throttle
@@ -133,7 +133,7 @@ def test_throttle_counts_before_the_outcome_and_success_takes_it_back():
     assert t.blocked("a", "bob", 0) is None and not t._failures
 
 
-# --- broker decisions --------------------------------------------------------------------
+# --- connect decisions -------------------------------------------------------------------
 ME, PID = 7, 100
 
 
@@ -152,7 +152,7 @@ def test_decide_claim(row, live, expected):
 
 
 def test_vm_start_progress():
-    p = broker.vm_start_progress
+    p = connect.vm_start_progress
     assert p("running", None, None, 0, 10, 5) == ("ready", None)
     assert p("starting", None, None, 0, 10, 5) == ("wait", None)
     assert p("stopped", "start", None, 0, 10, 5) == ("wait", None)
@@ -162,7 +162,7 @@ def test_vm_start_progress():
 
 
 def test_x_state_progress():
-    p = broker.x_state_progress
+    p = connect.x_state_progress
     assert p("listening", 0, 1, 2, 5) == ("ready", None)
     assert p(None, 0, 1, 2, 5) == ("wait", None)
     assert p("starting", 3, 1, 9, 5)[0] == "fail"
@@ -172,13 +172,13 @@ def test_x_state_progress():
 
 
 def test_merge_precedence_and_slave_key():
-    merged = broker.merge_vma_params({"qvd.client.geometry": "800x600", "a": "client"},
+    merged = vma_params.merge_vma_params({"qvd.client.geometry": "800x600", "a": "client"},
                                      {"a": "props", "qvd.vm.desktop": "nx"}, {"a": "auth", "qvd.vm.user.name": "u"},
                                      "K" * 64)
     assert merged == {"qvd.client.geometry": "800x600", "a": "auth", "qvd.vm.desktop": "nx",
                       "qvd.vm.user.name": "u", "qvd.slave.key": "K" * 64}
-    key = broker.slave_key()
-    assert len(key) == 64 and key.isalnum() and key != broker.slave_key()
+    key = vma_params.slave_key()
+    assert len(key) == 64 and key.isalnum() and key != vma_params.slave_key()
 
 
 # --- tls ---------------------------------------------------------------------------------

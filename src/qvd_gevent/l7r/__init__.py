@@ -10,8 +10,10 @@ Modules, one job each:
 - ``server``: ``L7RService(cfg, db, listener)``: accept, TLS, the request loop, and the
   lifecycle of the parts below (``start()``, ``port``, ``drain(grace)``, ``stop()``);
 - ``endpoints``: the endpoints as plain functions over a small ``Context``;
-- ``broker``: connect_to_vm's setup (claim, takeover, VM start and wait by LISTEN, VMA,
-  display connection), then the 101 and the hand-over to the session;
+- ``connect``: connect_to_vm after its pre-checks: ``ConnectMachine`` (pure: the
+  sequence, deadlines, retries, takeover and 102 lines) and the runner that executes its
+  commands (claim, VM start and wait by LISTEN, VMA, display connection, 101, hand-over
+  to the session); ``vma_params``: what the VMA's x_start gets, and the slave key;
 - ``sessions``: the registry of live sessions, claims, waits, aborts and takeover,
   reconcile, and the end of a session;
 - ``counters``: ``host_counters`` in batches and the L7R's gauges; ``host``: this node's row;

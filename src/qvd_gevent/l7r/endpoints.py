@@ -17,7 +17,7 @@ import h11
 from ..common import metrics
 from ..db import DatabaseUnavailable, runtime
 from .auth import AuthFailed, LoginsBusy, Throttled, encode_token_for_client, parse_auth_headers
-from .broker import open_session
+from .connect import open_session
 from .http import ClientGone, HttpError
 from .sessions import Session
 
@@ -123,7 +123,12 @@ def _list(ctx, conn, request, peer_ip, cache, applications):
         "WHERE v.user_id = %s AND o.is_application = %s ORDER BY v.id", (auth.user_id, applications))
     items = [{"id": r[0], "state": r[1], "name": r[2], "blocked": bool(r[3]), "is_application": bool(r[4])}
              for r in rows]
-    conn.send_response(200, json.dumps(items, indent=3, separators=(",", " : ")) + "\n", "application/json")
+    conn.send_response(200, vm_list_json(items), "application/json")
+
+
+def vm_list_json(items):
+    """The list as the original pretty-prints it (docs/protocol.md#list-of-vms)."""
+    return json.dumps(items, indent=3, separators=(",", " : ")) + "\n"
 
 
 def list_of_vm(ctx, conn, request, peer_ip, cache):

@@ -25,7 +25,7 @@ log = logging.getLogger("qvd.l7r.auth.totp")
 
 SECRET_KEY = "l7r.auth.plugin.totp.secret32"
 LAST_COUNTER_KEY = "l7r.auth.plugin.totp.last_counter"
-# Properties never handed to a VM (see l7r.broker.merge_vma_params).
+# Properties never handed to a VM (see l7r.vma_params.merge_vma_params).
 PRIVATE_PREFIX = "l7r.auth.plugin.totp."
 
 
