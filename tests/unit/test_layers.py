@@ -195,3 +195,35 @@ def test_no_test_module_imports_a_test_module_or_conftest():
                 if first == "conftest" or first.startswith("test_"):
                     bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
     assert bad == [], "\n".join(bad)
+
+
+# --- inside the L7R: a connect reads top-down ------------------------------------------------
+# The modules a connect passes through, from accept to splice (docs/design.md#the-path-of-a-connect).
+L7R_CONNECT_PATH = ("server", "endpoints", "connect", "sessions", "splice")
+
+
+def l7r_module(name):
+    return f"{TOP}.l7r.{name}"
+
+
+def test_a_connect_passes_through_at_most_five_l7r_modules_and_never_imports_back_up():
+    graph = import_graph()
+    assert len(L7R_CONNECT_PATH) <= 5
+    bad = []
+    for i, name in enumerate(L7R_CONNECT_PATH):
+        upper = {l7r_module(n) for n in L7R_CONNECT_PATH[:i]}
+        bad += [f"l7r.{name} imports {m}, above it on the connect path" for m in sorted(graph[l7r_module(name)] & upper)]
+    assert bad == [], "\n".join(bad)
+
+
+def test_no_l7r_module_imports_the_server_and_helpers_import_no_step_of_the_path():
+    graph = import_graph()
+    path = {l7r_module(n) for n in L7R_CONNECT_PATH}
+    server = l7r_module("server")
+    importers = sorted(m for m, targets in graph.items() if server in targets and package_of(m) == "l7r")
+    assert importers == [], f"{importers} import l7r.server: the server sits on top of the L7R"
+    helpers = [m for m in graph if m.startswith(f"{TOP}.l7r.") and m not in path]
+    assert l7r_module("auth") in helpers and l7r_module("http") in helpers
+    # splice is the path's last step and a library too (tune_socket): helpers may use it
+    bad = sorted((m, t) for m in helpers for t in graph[m] if t in path - {l7r_module("splice")})
+    assert bad == [], f"helpers of the L7R import steps of the connect path: {bad}"
