@@ -90,7 +90,7 @@ class Sessions:
         self.pid = os.getpid()
         self.live = {}                # vm_id -> Session (claimed or being set up)
         self._waiters = {}            # vm_id -> set of Events
-        self._claim_locks = {}        # vm_id -> Semaphore held around one claim of that VM
+        self._claim_locks = {}        # vm_id -> [Semaphore held around one claim of that VM, holders + waiters]
         self._unsubscribe = []
         self._cleanups = gevent.pool.Group()
         self._abort_check_wanted = gevent.event.Event()
@@ -138,9 +138,15 @@ class Sessions:
         # One claim of a VM at a time in this process: whether another session of ours
         # holds it must still be true when the row is written (the row names the
         # process, not the session, so two of ours could both "claim" it otherwise).
-        lock = self._claim_locks.setdefault(vm_id, gevent.lock.Semaphore())
+        # The lock stays while anyone holds or waits for it: a semaphore just released
+        # to a waiter reads as unlocked until that waiter runs, and a new lock made then
+        # would let a third claimer in beside the waiter.
+        entry = self._claim_locks.get(vm_id)
+        if entry is None:
+            entry = self._claim_locks[vm_id] = [gevent.lock.Semaphore(), 0]
+        entry[1] += 1
         try:
-            with lock:
+            with entry[0]:
                 other = self.live.get(vm_id)
                 live_here = other is not None and other is not session
                 outcome, holder = runtime.claim_session(self.db, vm_id, self.host.id, self.pid, user_id, live_here)
@@ -148,7 +154,8 @@ class Sessions:
                     session.claimed = True
                     self.live[vm_id] = session
         finally:
-            if not lock.locked() and self._claim_locks.get(vm_id) is lock:
+            entry[1] -= 1
+            if entry[1] == 0 and self._claim_locks.get(vm_id) is entry:
                 del self._claim_locks[vm_id]
         return outcome, holder
 
