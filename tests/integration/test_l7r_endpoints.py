@@ -5,7 +5,7 @@ import json
 import pytest
 
 from helpers.l7r_env import Node, Reader, basic, get, open_conn, write_conf
-from helpers.nodes import seeded_node
+from helpers.nodes import wait_for, seeded_node
 from qvd_gevent.db.passwords import is_legacy, legacy_token
 from qvd_gevent.db.runtime import token_digest
 
@@ -102,8 +102,9 @@ def test_blocked_user_tenant_host(env):
 def test_legacy_password_upgraded_on_login(env):
     assert env.db.query_one("SELECT password FROM users WHERE id = %s", (env.user,))[0] == legacy_token("qvd")
     assert ask(env, "/qvd/list_of_vm", [("Authorization", basic("qvd", "qvd"))]).status == 200
-    stored = env.db.query_one("SELECT password FROM users WHERE id = %s", (env.user,))[0]
-    assert not is_legacy(stored)
+    # the upgrade is done off the login's path (one scrypt per user, not one per login of a burst)
+    wait_for(lambda: not is_legacy(env.db.query_one("SELECT password FROM users WHERE id = %s", (env.user,))[0]),
+             10, what="the stored hash upgraded to scrypt")
     assert ask(env, "/qvd/list_of_vm", [("Authorization", basic("qvd", "qvd"))]).status == 200
     assert ask(env, "/qvd/list_of_vm", [("Authorization", basic("qvd", "qvdx"))]).status == 401
 
