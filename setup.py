@@ -20,7 +20,11 @@ setup(
     python_requires=">=3.11",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"qvd_gevent.db": ["schema.sql"]},
+    # the browser client: its page and the packaged copy of noVNC (scripts/vendor-novnc.sh)
+    package_data={"qvd_gevent.db": ["schema.sql"],
+                  "qvd_gevent.l7r": ["webclient/*.*", "webclient/novnc/*", "webclient/novnc/*/*",
+                                     "webclient/novnc/*/*/*", "webclient/novnc/*/*/*/*",
+                                     "webclient/novnc/*/*/*/*/*"]},
     install_requires=[
         "gevent>=24.2",
         "psycopg2-binary>=2.9",   # wheels: the demo must need no compiler or libpq-dev
@@ -31,6 +35,7 @@ setup(
         "ldap3>=2.9",             # the ldap login plugin: pure Python, so cooperative under gevent
         "pyotp>=2.6",             # the TOTP login plugin's RFC 6238 codes
         "prometheus-client>=0.20", # /metrics: exposition, escaping, the process collector
+        "wsproto>=1.2",           # the browser client's WebSocket: sans-I/O framing, like h11 for HTTP
     ],
     extras_require={
         "libvirt": ["libvirt-python>=9.0"],
