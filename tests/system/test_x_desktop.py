@@ -88,3 +88,61 @@ def test_a_connection_while_no_session_listens_is_closed_unanswered(desktop):
     viewer_sock, server, acked = connect(desktop)
     server.join(timeout=5)
     assert acked == [] and viewer_sock.recv(10) == b""
+
+
+def test_the_vma_serves_the_x_desktop_only_through_its_armed_display_port(tmp_path):
+    """qvd-vma --desktop x: x_start (as a browser session asks: qvd.display.protocol=rfb)
+    arms the display port; the armed connection gets RFB, the VNC server has no port of
+    its own, and the next arming ends the previous viewer."""
+    missing = [tool for tool in NEEDED if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the x desktop needs {', '.join(missing)} (scripts/install-test-deps.sh installs them)")
+    from qvd_gevent.vma import display_gate
+    from qvd_gevent.vma.client import VmaClient, open_display
+    from qvd_gevent.vma.server import VmaService
+    agent_key = display_gate.new_key()
+    address = f"127.102.{os.getpid() % 250 + 1}.1"
+    cfg = Config({"vma.x.display.first": str(330 + os.getpid() % 40 * 3)}, None)
+    service = VmaService(cfg, address, port=0, desktop="auto", run_dir=str(tmp_path), key=agent_key).start()
+    vma = VmaClient(address, service.port, timeout=5, key=agent_key)
+    try:
+        first = display_gate.new_key()
+        assert vma.x_start(**{"qvd.vm.desktop": "x", "qvd.display.protocol": "rfb",
+                              display_gate.PARAM: first}) == "starting"
+        assert service.desktop.kind == "x"
+        wait_for(lambda: vma.x_state() == "listening", 20, "x desktop listening")
+        viewer = RfbViewer(open_display(address, 4100, first, timeout=5)).handshake()
+        assert viewer.frame().get(BACKGROUND, 0) > 0.8 * viewer.width * viewer.height
+        wait_for(lambda: vma.x_state() == "connected", 5, "x_state connected")
+
+        # a takeover: x_start arms a new key and the first viewer's connection ends
+        second = display_gate.new_key()
+        try:
+            vma.x_start(**{display_gate.PARAM: second})
+        except Exception:
+            pass                                  # "connected, suspending it": the L7R retries
+        vma.x_start(**{display_gate.PARAM: second})
+        with pytest.raises(OSError):
+            viewer.io.settimeout(5)
+            viewer.frame()
+        wait_for(lambda: vma.x_state() == "listening", 10, "listening again")
+        viewer = RfbViewer(open_display(address, 4100, second, timeout=5)).handshake()
+        assert viewer.frame().get(BACKGROUND, 0) > 0.8 * viewer.width * viewer.height
+    finally:
+        service.stop()
+
+
+def test_a_browser_session_on_the_nx_desktop_is_refused_with_a_clear_message(tmp_path):
+    from qvd_gevent.vma import display_gate
+    from qvd_gevent.vma.client import VmaClient, VmaError
+    from qvd_gevent.vma.server import VmaService
+    agent_key = display_gate.new_key()
+    address = f"127.102.{os.getpid() % 250 + 1}.2"
+    service = VmaService(Config({}, None), address, port=0, desktop="nx", run_dir=str(tmp_path), key=agent_key).start()
+    try:
+        with pytest.raises(VmaError, match="cannot be shown in a browser"):
+            VmaClient(address, service.port, timeout=5, key=agent_key).x_start(
+                **{"qvd.display.protocol": "rfb", display_gate.PARAM: display_gate.new_key()})
+        assert service.desktop.x_state() == "stopped"
+    finally:
+        service.stop()

@@ -94,8 +94,8 @@ def provision(directory, conf, desktop):
     _admin(conf, "di", "add", f"path={init}", "osf=demo")
     _admin(conf, "user", "add", f"login={DEMO_USER}", f"password={DEMO_PASSWORD}")
     _admin(conf, "vm", "add", "name=demo", f"user={DEMO_USER}", "osf=demo")
-    if desktop == "nx":
-        _admin(conf, "vm", "propset", "qvd.vm.desktop=nx")
+    if desktop != "echo":
+        _admin(conf, "vm", "propset", f"qvd.vm.desktop={desktop}")
     (directory / ".provisioned").write_text("1\n")
 
 
@@ -146,8 +146,9 @@ def main(argv=None):
     parser.add_argument("--listen", type=listen_address, default="127.0.0.1", metavar="ADDR",
                         help="address the L7R listens on (default 127.0.0.1: only this machine; "
                              "0.0.0.0 for every address)")
-    parser.add_argument("--desktop", choices=("echo", "nx"), default="echo",
-                        help="echo: a line-echo desktop; nx: a real nxagent desktop")
+    parser.add_argument("--desktop", choices=("echo", "nx", "x"), default="echo",
+                        help="echo: a line-echo desktop; nx: a real nxagent desktop; "
+                             "x: a graphical desktop for the browser client (Xvnc)")
     args = parser.parse_args(argv)
     from pathlib import Path
 
@@ -174,6 +175,8 @@ def main(argv=None):
         wildcard = ipaddress.ip_address(args.listen).is_unspecified
         if not wildcard and ensure_certificate(directory, conf, args.listen):
             load_certificate(directory, conf)
+        # every run: the VM's desktop is the one asked for now (its VMA picks it at its first x_start)
+        _admin(conf, "vm", "propset", f"qvd.vm.desktop={args.desktop}")
     except (EmbeddedPostgresError, RuntimeError, ConfigError, OSError) as exc:
         print(f"qvd-node demo: {exc}", file=sys.stderr)
         return 1
@@ -197,6 +200,16 @@ def main(argv=None):
     print(f"  {client} --exec sh -c 'echo hello from the demo VM; head -n 1 >&2'", flush=True)
     _say("or keep a local port open for any client (e.g. nxproxy with --desktop nx):")
     print(f"  {client} --listen 127.0.0.1:4040", flush=True)
+    if args.desktop == "x":
+        missing = [tool for tool in ("Xvnc", "xsetroot", "xclock") if shutil.which(tool) is None]
+        if missing:
+            _say(f"the x desktop needs {', '.join(missing)}: apt-get install tigervnc-standalone-server "
+                 "x11-xserver-utils x11-apps")
+        _say(f"in a browser, open the URL below, accept the self-signed certificate, log in as "
+             f"{DEMO_USER}/{DEMO_PASSWORD} and open the desktop:")
+        print(f"  https://{url_host}:{args.port}/", flush=True)
+    else:
+        _say(f"the browser client (https://{url_host}:{args.port}/) shows a graphical desktop with --desktop x")
     from .run import run_node_from_file
     try:
         return run_node_from_file(str(conf))

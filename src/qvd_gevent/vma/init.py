@@ -33,7 +33,7 @@ It takes its settings from the environment, which the hypervisor sets:
   QVD_VM_ID, QVD_VM_NAME    the VM (for the log)
   QVD_VM_ADDRESS            address to listen on (default 0.0.0.0)
   QVD_VMA_PORT, QVD_X_PORT  agent and display ports (default 3030 and 4100)
-  QVD_VM_DESKTOP            echo or nx (else the VM property qvd.vm.desktop decides)
+  QVD_VM_DESKTOP            echo, nx or x (else the VM property qvd.vm.desktop decides)
   QVD_VMA_CONFIG            a vma.conf
   QVD_VMA_SECRET            the agent key every caller must present (made at each VM start)
   QVD_VMA_UNAUTHENTICATED   1: no key, serve everyone (as the original VMA)
@@ -72,8 +72,8 @@ def main(argv=None):
     parser.parse_args(sys.argv[1:] if argv is None else argv)
     vma_args = vma_args_from_env(os.environ)
     desktop = vma_args[vma_args.index("--desktop") + 1]
-    if desktop not in ("echo", "nx", "auto"):
-        print(f"qvd-vm-init: QVD_VM_DESKTOP must be echo or nx, not {desktop!r}", file=sys.stderr)
+    if desktop not in ("echo", "nx", "x", "auto"):
+        print(f"qvd-vm-init: QVD_VM_DESKTOP must be echo, nx or x, not {desktop!r}", file=sys.stderr)
         sys.exit(2)
     if not os.environ.get("QVD_VMA_SECRET") and "--unauthenticated" not in vma_args:
         print("qvd-vm-init: no agent key: QVD_VMA_SECRET is not set (QVD_VMA_UNAUTHENTICATED=1 serves "

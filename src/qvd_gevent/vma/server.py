@@ -36,6 +36,8 @@ from .xstate import TIMEOUT_KEYS, InvalidOption, nxagent_options
 
 log = logging.getLogger("qvd.vma")
 
+DISPLAY_PROTOCOL_PARAM = "qvd.display.protocol"   # "rfb" from the L7R for a browser session
+
 METHODS = ("ping", "x_state", "x_start", "x_suspend", "x_stop", "poweroff", "expire")
 KEY_ENV = "QVD_VMA_SECRET"
 MIN_KEY_LENGTH = 32     # characters; the HKD makes 43 (256 bits, base64url)
@@ -78,7 +80,16 @@ class VmaService:
                 self.run_dir = tempfile.mkdtemp(prefix="qvd-vma-")
                 self._own_run_dir = True
             return NxDesktop(self.cfg, self.run_dir, self.display, self.timeouts, address=self.address)
-        raise ValueError(f"unknown desktop {kind!r} (echo, nx or auto)")
+        if kind == "x":
+            from .xvnc import XvncDesktop  # the browser client's desktop: Xvnc
+            self._ensure_run_dir()
+            return XvncDesktop(self.cfg, self.run_dir, self.timeouts, validate=self._validate)
+        raise ValueError(f"unknown desktop {kind!r} (echo, nx, x or auto)")
+
+    def _ensure_run_dir(self):
+        if self.run_dir is None:
+            self.run_dir = tempfile.mkdtemp(prefix="qvd-vma-")
+            self._own_run_dir = True
 
     def _validate(self, params):
         try:
@@ -111,10 +122,13 @@ class VmaService:
             except DisplayKeyError as exc:
                 raise DesktopError(str(exc)) from None
         if self.desktop is None:
-            kind = "nx" if params.get("qvd.vm.desktop") == "nx" else "echo"
+            kind = params.get("qvd.vm.desktop") if params.get("qvd.vm.desktop") in ("nx", "x") else "echo"
             log.info("desktop %s chosen by the first x_start", kind)
             self.desktop = self._make_desktop(kind)
         log.info("x_start %s", rpc.mask_params(params))
+        if params.pop(DISPLAY_PROTOCOL_PARAM, None) == "rfb" and self.desktop.kind == "nx":
+            # a browser session needs VNC: the x desktop gives it, nxagent does not
+            raise DesktopError("The nx desktop cannot be shown in a browser; give the VM qvd.vm.desktop=x")
         self._validate(params)
         self._open_display()
         if self.key is not None:
@@ -252,8 +266,8 @@ def build_parser(prog="qvd-vma"):
     p.add_argument("--config", help="vma.conf (default /etc/qvd/vma.conf when present)")
     p.add_argument("--address", default="0.0.0.0", help="bind address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=None, help="port (default internal.vm.port.vma, 3030)")
-    p.add_argument("--desktop", choices=("echo", "nx", "auto"), default="echo",
-                   help="echo: line echo on the display port; nx: nxagent; auto: chosen by qvd.vm.desktop at x_start")
+    p.add_argument("--desktop", choices=("echo", "nx", "x", "auto"), default="echo",
+                   help="echo: line echo on the display port; nx: nxagent; x: Xvnc (the browser client's); auto: chosen by qvd.vm.desktop at x_start")
     p.add_argument("--x-port", type=int, default=None,
                    help="display port (default 4000 + internal.nxagent.display = 4100)")
     p.add_argument("--run-dir", help="folder for nxagent's options file and log (default: a new temp folder)")
