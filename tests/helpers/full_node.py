@@ -1,7 +1,6 @@
 """A whole node in the test process: HKD (process hypervisor) + L7R over TLS on 127.0.0.1,
 provisioned exactly as `qvd-node demo` provisions (qvd-admin verbs; the VM's image is the
 installed qvd-vm-init), against a fresh database of the test PostgreSQL."""
-import random
 
 from qvd_gevent.node import demo
 
@@ -15,8 +14,6 @@ def start_full_node(tmp_path, pg_server, dbname, desktop="echo"):
     values = fast_hkd_settings(tmp_path)
     values.pop("nodename")
     values.update({
-        # private loopback range per test: VM ids repeat across fresh databases
-        "vm.process.address.base": f"127.{random.randint(150, 250)}.0.0/16",
         "l7r.port": 0,
         "l7r.address": "127.0.0.1",
         "l7r.metrics.address": "",

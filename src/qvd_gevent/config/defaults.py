@@ -120,6 +120,11 @@ _TABLE = [
     ("l7r.limits.request_line", 8190, "int", "ours: longest request line accepted (414 beyond)"),
     ("l7r.limits.headers", 16384, "int", "ours: largest header block accepted (431 beyond)"),
     ("l7r.limits.connections", 20000, "int", "ours: most client connections held at once"),
+    ("l7r.web.enable", True, "bool", "ours: serve the browser client (page, web login, WebSocket) on the L7R port"),
+    ("l7r.web.token.lifetime", 120, "int", "ours: seconds a web login's single-use desktop token is valid"),
+    ("l7r.web.max_message", 262144, "int", "ours: longest WebSocket message from a browser, in bytes (close 1009 beyond)"),
+    ("l7r.web.origins", "", "str", "ours: comma-separated extra origins allowed for the browser client "
+     "(https://name[:port] of a balancer in front); the node's own is always allowed"),
     ("l7r.listen.backlog", 4096, "int", "ours: listen queue length (the kernel caps it at net.core.somaxconn); gevent's 128 drops SYNs in a connection flood"),
     ("l7r.drain.grace", 30, "int", "ours: seconds live sessions get to finish on SIGTERM"),
     ("l7r.metrics.address", "127.0.0.1:8444", "str", "ours: host:port of the Prometheus /metrics endpoint; empty disables"),

@@ -1,5 +1,6 @@
 """connect_to_vm after its pre-checks (docs/protocol.md#connect-to-vm): claim the session,
-start the VM, start X, connect to the display, then the 101 and the splice.
+start the VM, start X, connect to the display, then the 101 and the splice. A browser's
+desktop WebSocket goes through the same (docs/protocol.md#the-websocket).
 
 Two halves:
 - ``ConnectMachine``, pure: ``machine.handle(event, now) -> [commands]``. It holds the
@@ -8,6 +9,15 @@ Two halves:
   (``now`` comes with each event). Tested by playbooks and Hypothesis without I/O.
 - ``ConnectRunner``, thin: executes the commands with db/runtime.py, the session registry
   (claims, LISTEN waits), the VMA and sockets, and feeds each outcome back as an event.
+
+The client end is a *front*: what the runner says to the client and how the session's
+bytes move once it is set up. ``NativeFront`` is connect_to_vm's (102 lines, the 101 with
+the slave key, a 503, the splice); a browser's WebSocket has its own (web.BrowserFront: no
+progress lines, its 101 sent before the connect, a close frame on failure, a WsRelay).
+A front has ``conn`` (the http.HttpConnection), ``name`` (for the log), ``vma_params``
+(x_start parameters of its own, the last word), ``info(text)``, ``switch(slave_key)``,
+``fail(message)`` and ``pump`` (``pump(client_sock, vm_sock, on_done=)`` -> an object
+with ``start(leftover)``, ``close(reason)``, ``bytes_to_vm``, ``bytes_to_client``).
 
 At most one command that needs an answer (a *step*) is in flight, and it is the last of
 its batch; a batch may start with fire-and-forget commands (SendInfo, Count, Log). Every
@@ -32,7 +42,7 @@ from ..db import runtime
 from ..db.placement import NoHostAvailable
 from ..vma.client import VmaClient, VmaError, legacy_unauthenticated, open_display
 from .sessions import SessionAborted, shielded
-from .splice import tune_socket
+from .splice import Splice, tune_socket
 from .vma_params import session_vma_params, slave_key
 
 log = logging.getLogger("qvd.l7r.connect")
@@ -480,21 +490,45 @@ class ConnectMachine:
         out.append(Connected())
 
 
+# --- the fronts ----------------------------------------------------------------------------
+class NativeFront:
+    """connect_to_vm's client: 102 lines, the 101 with the slave key, a 503, the splice."""
+
+    name = "connect_to_vm"
+    vma_params = {}
+    pump = Splice
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def info(self, text):
+        self.conn.send_info(text)
+
+    def switch(self, slave_key):
+        self.conn.send_switch(slave_key)
+
+    def fail(self, message):
+        if self.conn.h11.our_state is h11.SEND_RESPONSE:
+            self.conn.send_error(503, message)
+
+
 # --- the runner ----------------------------------------------------------------------------
-def open_session(ctx, conn, session, auth, client_params, auth_vars, began):
-    """Set the session up (102 lines), then 101 and splice: True. On failure a 503 and the
-    row released: False. began: when the request came (for the connect_to_vm histogram)."""
-    return ConnectRunner(ctx, conn, session, auth, client_params, auth_vars, began).run()
+def open_session(ctx, front, session, auth, client_params, auth_vars, began):
+    """Set the session up, telling the front (102 lines for a native client), then its 101
+    and its pump: True. On failure the front's failure (a 503) and the row released: False.
+    began: when the request came (for the connect_to_vm histogram)."""
+    return ConnectRunner(ctx, front, session, auth, client_params, auth_vars, began).run()
 
 
 class ConnectRunner:
     """Executes one ConnectMachine's commands. ctx: endpoints.Context (cfg, db, sessions,
-    counters, host)."""
+    counters, host); front: the client end (NativeFront or web.BrowserFront)."""
 
-    def __init__(self, ctx, conn, session, auth, client_params, auth_vars, began):
+    def __init__(self, ctx, front, session, auth, client_params, auth_vars, began):
         self.ctx = ctx
         self.began = began
-        self.conn = conn
+        self.front = front
+        self.conn = front.conn
         self.session = session
         self.vm_id = session.vm_id
         self.auth = auth
@@ -546,7 +580,7 @@ class ConnectRunner:
         """Run one command; its answer event, or None for a fire-and-forget one."""
         ctx = self.ctx
         if isinstance(command, SendInfo):
-            self.conn.send_info(command.text)
+            self.front.info(command.text)
         elif isinstance(command, Count):
             ctx.counters.count(command.name)
         elif isinstance(command, Log):
@@ -571,7 +605,7 @@ class ConnectRunner:
         elif isinstance(command, BuildParams):
             self.params = session_vma_params(ctx.db, self.host_id, self.vm_id, self.auth, self.client_params,
                                              self.auth_vars, ctx.cfg.get_int("l7r.token.lifetime"), self.key,
-                                             legacy_unauthenticated(ctx.cfg))
+                                             legacy_unauthenticated(ctx.cfg), self.front.vma_params)
             if self.params is None:
                 return ParamsReady(f"VM {self.vm_id} runs without an agent key (started with "
                                    "vm.vma.legacy_unauthenticated on?); restart it")
@@ -601,7 +635,7 @@ class ConnectRunner:
         elif isinstance(command, MarkConnected):
             return MarkResult(runtime.mark_connected(ctx.db, self.vm_id, self.host_id, self.pid))
         elif isinstance(command, SendSwitch):
-            self.conn.send_switch(self.key)
+            self.front.switch(self.key)
             metrics.observe("qvd_l7r_connect_to_vm_seconds", time.monotonic() - self.began)
             return Switched()
         else:
@@ -614,20 +648,21 @@ class ConnectRunner:
         session.greenlet = None  # from here on an abort closes the splice instead
         leftover = conn.leftover()
         metrics.inc("qvd_l7r_connects_total", result="ok")
-        log.info("session open: user %s VM %s from %s", self.auth.login, self.vm_id, session.peer)
-        self.ctx.sessions.splice(session, conn.sock, self.vm_sock, leftover)
+        log.info("session open (%s): user %s VM %s from %s", self.front.name, self.auth.login, self.vm_id,
+                 session.peer)
+        self.ctx.sessions.splice(session, conn.sock, self.vm_sock, leftover, self.front.pump)
         return True
 
     def _failed(self, message):
         self.session.greenlet = None
         metrics.inc("qvd_l7r_connects_total", result="failed")
-        log.info("connect_to_vm failed: user %s VM %s from %s: %s", self.auth.login, self.vm_id, self.session.peer,
-                 message)
+        log.info("%s failed: user %s VM %s from %s: %s", self.front.name, self.auth.login, self.vm_id,
+                 self.session.peer, message)
         shielded(self._fail_setup, f"The requested virtual machine is not available: {message}, retry later.")
 
     def _fail_setup(self, answer):
         if self.vm_sock is not None:
             self.vm_sock.close()
         self.ctx.sessions.end_setup(self.session)
-        if answer is not None and self.conn.h11.our_state is h11.SEND_RESPONSE:
-            self.conn.send_error(503, answer)
+        if answer is not None:
+            self.front.fail(answer)

@@ -1,7 +1,10 @@
 """The L7R's endpoints (docs/protocol.md#endpoints): plain functions over a small context.
 
 ``dispatch(ctx, conn, request, peer_ip, cache)`` answers one request; it returns True when
-the connection was handed over to a session (after a 101), else False. Every endpoint is
+the connection was handed over to a session (after a 101), else False. With
+``l7r.web.enable`` it also serves the browser client: its files, the web login and the
+desktop's WebSocket (docs/protocol.md#browser-access), whose session is set up by the same
+``connect.open_session`` as connect_to_vm's, with the browser's front. Every endpoint is
 ``fn(ctx, conn, request, peer_ip, cache)``; ``cache`` is the connection's own dict (the
 authenticator remembers a login there). An endpoint raises HttpError for a final error
 answer; authentication, throttling and database failures are answered here too, so an
@@ -16,8 +19,9 @@ import h11
 
 from ..common import metrics
 from ..db import DatabaseUnavailable, runtime
+from . import web, websocket
 from .auth import AuthFailed, LoginsBusy, Throttled, encode_token_for_client, parse_auth_headers
-from .connect import open_session
+from .connect import NativeFront, open_session
 from .http import ClientGone, HttpError
 from .sessions import Session
 
@@ -37,7 +41,16 @@ class Context:
 
 def dispatch(ctx, conn, request, peer_ip, cache):
     path = request.path
-    handler = ENDPOINTS.get(path) if request.method == "GET" else None
+    handler = None
+    if web.enabled(ctx.cfg):
+        found = web.find_file(request)
+        if found is not None:       # the browser client's page and noVNC: no login, not counted
+            metrics.inc("qvd_l7r_http_requests_total", path="web file")
+            web.serve_file(conn, request, found)
+            return False
+        handler = WEB_ENDPOINTS.get(path)
+    if handler is None:
+        handler = ENDPOINTS.get(path) if request.method == "GET" else None
     metrics.inc("qvd_l7r_http_requests_total", path=path if handler else "other")
     if handler is None:
         conn.send_error(404)
@@ -103,6 +116,19 @@ def vm_id_param(request):
 def check_token_vm(auth, vm_id):
     if auth.token_vm_id is not None and auth.token_vm_id != vm_id:
         raise HttpError(403, "vm_id does not match with provided token")
+
+
+def session_params(ctx, request, auth, vm_id):
+    """A connect's last pre-checks (its query's names, the user's access to the VM): the
+    client's x_start parameters."""
+    foreign = [k for k in request.query if k != "id" and not (k.startswith("qvd.client.") or k.startswith("custom."))]
+    if foreign:
+        raise HttpError(403, "Invalid parameters " + " ".join(foreign))
+    denied = runtime.check_vm_access(ctx.db, vm_id, auth.user_id, True)
+    if denied:
+        metrics.inc("qvd_l7r_connects_total", result="denied")
+        raise HttpError(*denied)
+    return {k: v for k, v in request.query.items() if k != "id"}
 
 
 # --- endpoints -----------------------------------------------------------------------------
@@ -175,16 +201,10 @@ def connect_to_vm(ctx, conn, request, peer_ip, cache):
         raise HttpError(426)
     vm_id = vm_id_param(request)
     check_token_vm(auth, vm_id)
-    foreign = [k for k in request.query if k != "id" and not (k.startswith("qvd.client.") or k.startswith("custom."))]
-    if foreign:
-        raise HttpError(403, "Invalid parameters " + " ".join(foreign))
-    denied = runtime.check_vm_access(ctx.db, vm_id, auth.user_id, True)
-    if denied:
-        metrics.inc("qvd_l7r_connects_total", result="denied")
-        raise HttpError(*denied)
-    client_params = {k: v for k, v in request.query.items() if k != "id"}
+    client_params = session_params(ctx, request, auth, vm_id)
     auth_vars = parse_auth_headers(request.raw_headers)
-    return open_session(ctx, conn, Session(vm_id, auth.login, peer_ip), auth, client_params, auth_vars, began)
+    return open_session(ctx, NativeFront(conn), Session(vm_id, auth.login, peer_ip), auth, client_params, auth_vars,
+                        began)
 
 
 def stop_vm(ctx, conn, request, peer_ip, cache):
@@ -224,6 +244,60 @@ def stop_and_wait(ctx, vm_id, info):
         ctx.sessions.wait_vm_event(vm_id, max(0.05, min(poll * 5, deadline - time.monotonic() + 0.05)))
     return 408, "VM didn't reach state 'stopped'. Timeout"
 
+
+# --- the browser client (docs/protocol.md#browser-access) ------------------------------------
+def web_login(ctx, conn, request, peer_ip, cache):
+    """A password for the user's desktops and one single-use token each."""
+    host = registered(ctx)
+    ctx.counters.count("http_requests")
+    if request.method != "POST":
+        raise HttpError(405, "Log in with POST", headers=[("Allow", "POST")])
+    if request.header("origin") is not None and not web.origin_ok(ctx.cfg, request):
+        raise HttpError(403, "Origin not allowed")
+    try:
+        auth = ctx.auth.authenticate(request, peer_ip, cache)
+    except AuthFailed as exc:
+        # no WWW-Authenticate: the page says "wrong password", not a dialog of the browser's
+        log.info("web login failed (%s) for %s from %s", exc.reason, exc.login or "-", peer_ip)
+        raise HttpError(401, "Wrong user or password") from None
+    if auth.by_token:
+        raise HttpError(401, "Log in with a password")
+    check_host(host, True)
+    lifetime = ctx.cfg.get_int("l7r.web.token.lifetime")
+    vms = ctx.db.transaction(web.issue_desktop_tokens, auth, lifetime)
+    log.info("web login: user %s from %s, %d desktops", auth.login, peer_ip, len(vms))
+    web.send_desktops(conn, auth.login, lifetime, vms)
+
+
+def web_desktop(ctx, conn, request, peer_ip, cache):
+    """A desktop's WebSocket (docs/protocol.md#the-websocket): the Origin before anything
+    else, then connect_to_vm's checks with the token of the subprotocol list, then the
+    WebSocket's 101 and the same connect as connect_to_vm's."""
+    began = time.monotonic()
+    host = registered(ctx)
+    ctx.counters.count("http_requests")
+    if not web.origin_ok(ctx.cfg, request):
+        log.info("web desktop refused from %s: Origin %r is not this node's", peer_ip, request.header("origin"))
+        raise HttpError(403, "Origin not allowed")
+    websocket.check_handshake(request)
+    token = websocket.token_from_protocols(request)
+    if token is None:
+        metrics.inc("qvd_l7r_auth_failures_total", reason="no_credentials")
+        raise AuthFailed("no_credentials")
+    auth = ctx.auth.authenticate(web.TokenRequest(request, token), peer_ip, {})
+    check_host(host, False)
+    vm_id = vm_id_param(request)
+    check_token_vm(auth, vm_id)
+    client_params = session_params(ctx, request, auth, vm_id)
+    front = web.BrowserFront(conn, ctx.cfg.get_int("l7r.web.max_message"))
+    front.accept(request)
+    return open_session(ctx, front, Session(vm_id, auth.login, peer_ip), auth, client_params, {}, began)
+
+
+WEB_ENDPOINTS = {
+    web.LOGIN_PATH: web_login,
+    web.DESKTOP_PATH: web_desktop,
+}
 
 ENDPOINTS = {
     "/qvd/ping": ping,

@@ -22,7 +22,7 @@ import h11
 
 REASONS = {
     101: "Switching Protocols", 102: "Processing", 200: "OK", 400: "Bad Request",
-    401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    304: "Not Modified", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
     408: "Request Timeout", 414: "URI Too Long", 422: "Unprocessable Entity",
     426: "Upgrade Required", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
     500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
@@ -277,6 +277,11 @@ class HttpConnection:
     def send_switch(self, slave_key):
         self._send(self.h11.send(h11.InformationalResponse(
             status_code=101, headers=[("X-QVD-Slave-Key", slave_key)], reason=b"Switching Protocols")))
+
+    def send_switch_headers(self, headers):
+        """A 101 with these headers (a WebSocket's acceptance)."""
+        self._send(self.h11.send(h11.InformationalResponse(
+            status_code=101, headers=headers, reason=b"Switching Protocols")))
 
     @property
     def can_continue(self):

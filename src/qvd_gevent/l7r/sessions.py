@@ -183,11 +183,12 @@ class Sessions:
         if self.live.get(session.vm_id) is session:
             del self.live[session.vm_id]
 
-    def splice(self, session, client_sock, vm_sock, leftover):
-        """The session is set up: pump bytes until either side ends it, then release its row."""
+    def splice(self, session, client_sock, vm_sock, leftover, pump=Splice):
+        """The session is set up: pump bytes until either side ends it, then release its row.
+        pump: Splice, or a browser's WsRelay (the same start/close/bytes_* interface)."""
         session.started = time.monotonic()
         self.counters.sessions_open += 1
-        session.splice = Splice(client_sock, vm_sock, on_done=lambda reason: self._on_splice_done(session, reason))
+        session.splice = pump(client_sock, vm_sock, on_done=lambda reason: self._on_splice_done(session, reason))
         session.splice.start(leftover)
 
     def _on_splice_done(self, session, reason):

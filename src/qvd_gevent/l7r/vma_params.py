@@ -3,7 +3,8 @@
 Later sources override earlier ones: the client's ``qvd.client.*``/``custom.*`` values
 (plus ``auth.<name>`` from ``Auth-<hex>`` headers, the session's token and this node's
 address) < the VM's combined properties (OSF < DI < user < VM) < the login's parameters
-< ``qvd.slave.key``. So a client cannot set ``qvd.vm.user.name`` or the slave key.
+< ``qvd.slave.key`` < the client end's own (a browser session's ``qvd.display.protocol``).
+So a client cannot set ``qvd.vm.user.name`` or the slave key.
 """
 import secrets
 import string
@@ -68,10 +69,10 @@ class SessionParams:
         self.display_key = display_key
 
 
-def session_vma_params(db, host_id, vm_id, auth, client_params, auth_vars, lifetime, slave, legacy):
+def session_vma_params(db, host_id, vm_id, auth, client_params, auth_vars, lifetime, slave, legacy, front_params=None):
     """The SessionParams of one connect, or None when the VM runs without the agent key it
     needs. Issues the session's token (bound to the VM, revoked when the session row is
-    released) in the same transaction."""
+    released) in the same transaction. front_params: the client end's own, the last word."""
     def tx(cur):
         runtime.read_committed(cur)
         cur.execute("SELECT address FROM hosts WHERE id = %s", (host_id,))
@@ -90,6 +91,7 @@ def session_vma_params(db, host_id, vm_id, auth, client_params, auth_vars, lifet
     client["auth_token"] = token
     client["host_address"] = host_row[0] if host_row else ""
     params = merge_vma_params(client, properties, auth.params, slave)
+    params.update(front_params or {})
     # a one-time key for this connect: the VM's display admits one connection with it, and
     # arming it ends the connection of the session before
     display_key = None if agent_key is None else display_gate.new_key()

@@ -1,20 +1,23 @@
-"""The browser client's endpoints (docs/protocol.md#browser-access): its files, the web
-login, and the WebSocket that carries a desktop.
+"""What the browser client needs beside connect_to_vm's machinery
+(docs/protocol.md#browser-access): its files, the desktops and single-use tokens a web
+login hands out, the WebSocket token as a bearer credential, and ``BrowserFront``, the
+client end of a connect that speaks WebSocket.
 
-Plain functions ``fn(ctx, conn, request, peer_ip, cache)`` like the other endpoints;
-``ctx`` gives cfg, db, auth, counters, host and sessions. A desktop's WebSocket runs the
-same connect sequence as connect_to_vm (claim and takeover, VM start, x_start, display),
-through ``open_session`` with a front that speaks WebSocket instead of 102 lines and a
-503 (see ``BrowserFront``), and the session's bytes go through ``ws_relay.WsRelay``.
+The endpoints themselves (``endpoints.web_login``, ``endpoints.web_desktop``) read as
+their checks in order and call these; a desktop's WebSocket then goes through the very
+connect of connect_to_vm (``connect.open_session``: claim and takeover, VM start, x_start,
+the display gate) with a ``BrowserFront`` in place of the native client's front.
 """
+import base64
 import json
 import logging
+from functools import partial
 
-from ..common import metrics
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import CloseConnection
+
 from ..db import runtime
 from . import static, websocket
-from .auth_plugins import AuthFailed
-from .http import HttpError
 from .ws_relay import WsRelay
 
 log = logging.getLogger("qvd.l7r.web")
@@ -22,6 +25,7 @@ log = logging.getLogger("qvd.l7r.web")
 LOGIN_PATH = "/qvd/web/login"
 DESKTOP_PATH = "/qvd/web/desktop"
 CLOSE_CODE_SETUP_FAILED = 4503
+DISPLAY_PROTOCOL_PARAM = "qvd.display.protocol"   # the VMA's x_start: a browser session needs RFB
 
 _FILES = static.StaticFiles()
 
@@ -34,15 +38,15 @@ def origins(cfg):
     return [o.strip() for o in cfg.get_str("l7r.web.origins").split(",") if o.strip()]
 
 
-def origin_ok(ctx, request):
+def origin_ok(cfg, request):
     return websocket.origin_allowed(request.header("origin"), request.header("host"),
-                                    ctx.cfg.get_bool("l7r.use_ssl"), origins(ctx.cfg))
+                                    cfg.get_bool("l7r.use_ssl"), origins(cfg))
 
 
 # --- files -----------------------------------------------------------------------------------
-def find_file(cfg, request):
+def find_file(request):
     """The packaged file a GET or HEAD asks for, or None."""
-    if request.method not in ("GET", "HEAD") or not enabled(cfg):
+    if request.method not in ("GET", "HEAD"):
         return None
     return _FILES.lookup(request.path)
 
@@ -53,123 +57,75 @@ def serve_file(conn, request, found):
 
 
 # --- login -----------------------------------------------------------------------------------
-def login(ctx, conn, request, peer_ip, cache, registered, check_host):
-    """POST /qvd/web/login: a password for the user's desktops and one single-use token each."""
-    if request.method != "POST":
-        raise HttpError(405, "Log in with POST", headers=[("Allow", "POST")])
-    host = registered(ctx)
-    ctx.counters.count("http_requests")
-    if request.header("origin") is not None and not origin_ok(ctx, request):
-        raise HttpError(403, "Origin not allowed")
-    try:
-        auth = ctx.auth.authenticate(request, peer_ip, cache)
-    except AuthFailed as exc:
-        # no WWW-Authenticate: the page says "wrong password", not a browser dialog
-        log.info("web login failed (%s) for %s from %s", exc.reason, exc.login or "-", peer_ip)
-        raise HttpError(401, "Wrong user or password") from None
-    if auth.by_token:
-        raise HttpError(401, "Log in with a password")
-    check_host(host, True)
-    lifetime = ctx.cfg.get_int("l7r.web.token.lifetime")
+def issue_desktop_tokens(cur, auth, lifetime):
+    """Transaction: the user's desktops (applications aside), each with one single-use token
+    bound to it, valid lifetime seconds (none for a blocked desktop)."""
+    cur.execute("SELECT v.id, vr.vm_state, v.name, vr.blocked FROM vms v "
+                "JOIN vm_runtimes vr ON vr.vm_id = v.id JOIN osfs o ON o.id = v.osf_id "
+                "WHERE v.user_id = %s AND NOT o.is_application ORDER BY v.id", (auth.user_id,))
+    vms = []
+    for vm_id, state, name, blocked in cur.fetchall():
+        token = None
+        if not blocked:
+            token, _ = runtime.issue_token(cur, auth.user_id, auth.params, lifetime, vm_id=vm_id, multi_use=False)
+        vms.append({"id": vm_id, "name": name, "state": state, "blocked": bool(blocked), "token": token})
+    return vms
 
-    def tx(cur):
-        cur.execute("SELECT v.id, vr.vm_state, v.name, vr.blocked FROM vms v "
-                    "JOIN vm_runtimes vr ON vr.vm_id = v.id JOIN osfs o ON o.id = v.osf_id "
-                    "WHERE v.user_id = %s AND NOT o.is_application ORDER BY v.id", (auth.user_id,))
-        vms = []
-        for vm_id, state, name, blocked in cur.fetchall():
-            token = None
-            if not blocked:
-                token, _ = runtime.issue_token(cur, auth.user_id, auth.params, lifetime, vm_id=vm_id,
-                                               multi_use=False)
-            vms.append({"id": vm_id, "name": name, "state": state, "blocked": bool(blocked), "token": token})
-        return vms
-    vms = ctx.db.transaction(tx)
-    log.info("web login: user %s from %s, %d desktops", auth.login, peer_ip, len(vms))
-    body = json.dumps({"login": auth.login, "token_lifetime": lifetime, "vms": vms})
+
+def send_desktops(conn, login, lifetime, vms):
+    body = json.dumps({"login": login, "token_lifetime": lifetime, "vms": vms})
     conn.send_response(200, body, "application/json", [("Cache-Control", "no-store"), *static.SECURITY_HEADERS])
 
 
 # --- the desktop's WebSocket -------------------------------------------------------------------
 class TokenRequest:
-    """The WebSocket's token as an Authorization: Bearer header, so that it is checked,
-    counted and throttled exactly as a bearer token of any other endpoint."""
+    """The request with its WebSocket token as ``Authorization: Bearer``, so that the token
+    is checked, counted and throttled exactly as a bearer token of any other endpoint."""
 
     def __init__(self, request, token):
         self._request = request
-        self._authorization = "Bearer " + runtime_token_for_header(token)
+        self._authorization = "Bearer " + base64.b64encode(token.encode("ascii")).decode("ascii")
 
     def header(self, name, default=None):
         if name.lower() == "authorization":
             return self._authorization
         return self._request.header(name, default)
 
-    def __getattr__(self, name):
-        return getattr(self._request, name)
 
-
-def runtime_token_for_header(token):
-    import base64
-    return base64.b64encode(token.encode("ascii")).decode("ascii")
-
-
-def desktop_prechecks(ctx, request, peer_ip, cache, registered, check_host, vm_id_param, check_token_vm):
-    """The checks before the 101 (docs/protocol.md#the-websocket), in order. Returns
-    (auth, vm_id, client params)."""
-    host = registered(ctx)
-    ctx.counters.count("http_requests")
-    if not origin_ok(ctx, request):
-        log.info("web desktop refused from %s: Origin %r is not this node's", peer_ip, request.header("origin"))
-        raise HttpError(403, "Origin not allowed")
-    websocket.check_handshake(request)
-    token = websocket.token_from_protocols(request)
-    if token is None:
-        metrics.inc("qvd_l7r_auth_failures_total", reason="no_credentials")
-        raise AuthFailed("no_credentials")
-    auth = ctx.auth.authenticate(TokenRequest(request, token), peer_ip, {})
-    check_host(host, False)
-    vm_id = vm_id_param(request)
-    check_token_vm(auth, vm_id)
-    foreign = [k for k in request.query if k != "id" and not (k.startswith("qvd.client.") or k.startswith("custom."))]
-    if foreign:
-        raise HttpError(403, "Invalid parameters " + " ".join(foreign))
-    denied = runtime.check_vm_access(ctx.db, vm_id, auth.user_id, True)
-    if denied:
-        metrics.inc("qvd_l7r_connects_total", result="denied")
-        raise HttpError(*denied)
-    client_params = {k: v for k, v in request.query.items() if k != "id"}
-    return auth, vm_id, client_params
+def close_reason(text):
+    """text cut to what a close frame carries (123 bytes of UTF-8)."""
+    return text.encode("utf-8")[:120].decode("utf-8", "ignore")
 
 
 class BrowserFront:
-    """What a connect sequence says to its client, for a browser: the 101 went out before
-    the sequence began, progress lines have no place in a WebSocket, a failure is a close
-    frame with code 4503, and the session's bytes go through a WsRelay."""
+    """The client end of a connect (connect.py's front) for a browser's WebSocket.
+
+    The 101 that accepts the WebSocket (``accept``) goes out before the connect begins: a
+    page sees nothing of an HTTP answer to a refused handshake (the browser reports 1006
+    and no reason), so a failure of the connect must come over an open WebSocket, as a
+    close frame with code 4503 and the 503's message. Progress lines have no place in the
+    RFB stream: they are logged only. The session's bytes go through a ``WsRelay``."""
+
+    name = "web desktop"
 
     def __init__(self, conn, max_message):
         self.conn = conn
-        self.max_message = max_message
+        self.vma_params = {DISPLAY_PROTOCOL_PARAM: "rfb"}
+        self.pump = partial(WsRelay, max_message=max_message)
+
+    def accept(self, request):
+        """The 101 that opens the WebSocket (request already checked)."""
+        self.conn.send_switch_headers(websocket.accept_headers(request))
 
     def info(self, text):
         log.debug("browser session: %s", text)
 
     def switch(self, slave_key):
-        pass
+        """The WebSocket is open already; the slave key has no use in a browser."""
 
     def fail(self, message):
-        import wsproto.connection
-        import wsproto.events
-        ws = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
+        ws = Connection(ConnectionType.SERVER)
         try:
-            self.conn.sock.sendall(ws.send(wsproto.events.CloseConnection(code=CLOSE_CODE_SETUP_FAILED,
-                                                                          reason=message[:120])))
+            self.conn.sock.sendall(ws.send(CloseConnection(code=CLOSE_CODE_SETUP_FAILED, reason=close_reason(message))))
         except OSError:
             pass
-
-    def relay(self, vm_sock, on_done):
-        return WsRelay(self.conn.sock, vm_sock, self.max_message, on_done=on_done)
-
-
-def accept(conn, request):
-    """Send the 101 that opens the WebSocket."""
-    conn.send_upgrade(websocket.accept_headers(request))
