@@ -39,7 +39,8 @@ setup(
     ],
     extras_require={
         "libvirt": ["libvirt-python>=9.0"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5",
+                 "selenium>=4.10"],   # drives Debian's chromium through its chromedriver (no browser download)
         "bench": ["locust>=2.20", "matplotlib>=3.7", "pyopenssl>=24"],   # pyopenssl: the TLS library comparison only
         "pex": ["pex>=2.1"],
     },

@@ -12,6 +12,8 @@ APT_PACKAGES=(
   libvirt-dev pkg-config gcc qemu-system-x86 qemu-utils cpio     # kvm/lxc hypervisors
   libconfig-properties-perl                                      # node.conf read as the original reads it
   slapd ldap-utils                                               # directory login tests (their own slapd)
+  chromium chromium-driver                                       # the browser client's test (headless, Selenium)
+  tigervnc-standalone-server x11-xserver-utils                   # the x desktop: Xvnc, xsetroot (xclock: x11-apps)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -140,3 +140,44 @@ def open_desktop(port, cert, vm_id, token, origin="default", extra_query="", pro
         sock.close()
         return status, answer_headers, body.decode(errors="replace")
     return status, answer_headers, Desktop(sock, rest)
+
+
+class Spliced:
+    """A socket after the 101, with the bytes that came behind the head given first."""
+
+    def __init__(self, sock, leftover):
+        self.sock = sock
+        self.leftover = leftover
+
+    def recv(self, n):
+        if self.leftover:
+            data, self.leftover = self.leftover[:n], self.leftover[n:]
+            return data
+        return self.sock.recv(n)
+
+    def sendall(self, data):
+        self.sock.sendall(data)
+
+    def settimeout(self, seconds):
+        self.sock.settimeout(seconds)
+
+    def close(self):
+        self.sock.close()
+
+
+def native_connect(port, cert, vm_id, login="demo", password="demo"):
+    """connect_to_vm as the original client does; returns the spliced connection after the 101."""
+    sock = tls_connect(port, cert)
+    basic = base64.b64encode(f"{login}:{password}".encode()).decode()
+    sock.sendall((f"GET /qvd/connect_to_vm?id={vm_id} HTTP/1.1\r\nAuthorization: Basic {basic}\r\n"
+                  "Connection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n").encode())
+    data = b""
+    with gevent.Timeout(60):
+        while True:
+            at = data.find(b"HTTP/1.1 101 ")
+            end = data.find(b"\r\n\r\n", at) if at >= 0 else -1
+            if end >= 0:
+                return Spliced(sock, data[end + 4:])
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk

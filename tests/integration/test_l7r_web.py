@@ -8,7 +8,7 @@ import gevent
 import pytest
 from helpers.full_node import start_full_node
 from helpers.nodes import wait_for
-from helpers.web_client import open_desktop, read_response, tls_connect, web_login
+from helpers.web_client import native_connect, open_desktop, read_response, tls_connect, web_login
 
 from qvd_gevent.db import runtime
 from qvd_gevent.node.demo import DEMO_PASSWORD, DEMO_USER
@@ -141,21 +141,6 @@ def test_websocket_carries_the_desktop_stream_both_ways(node):
     finally:
         desktop.close()
     wait_for(lambda: session_row(node, vm_id)[2] == "disconnected", 10, "session row released")
-
-
-def native_connect(port, cert, vm_id):
-    """connect_to_vm as the original client does; returns the spliced socket after the 101."""
-    sock = tls_connect(port, cert)
-    basic = base64.b64encode(f"{DEMO_USER}:{DEMO_PASSWORD}".encode()).decode()
-    sock.sendall((f"GET /qvd/connect_to_vm?id={vm_id} HTTP/1.1\r\nAuthorization: Basic {basic}\r\n"
-                  "Connection: Upgrade\r\nUpgrade: QVD/1.0\r\n\r\n").encode())
-    data = b""
-    with gevent.Timeout(60):
-        while b"101 Switching Protocols" not in data or not data.endswith(b"\r\n\r\n"):
-            chunk = sock.recv(4096)
-            assert chunk, data
-            data += chunk
-    return sock
 
 
 def test_a_native_client_takes_a_browser_session_over_and_the_other_way_round(node):
