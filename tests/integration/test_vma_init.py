@@ -97,7 +97,7 @@ def test_bad_desktop_env_is_a_clear_error(init_address):
     proc = subprocess.run(check=False, args=[sys.executable, "-c", "from qvd_gevent.vma.init import main; main()"],
                           env=env, capture_output=True, timeout=20)
     assert proc.returncode == 2
-    assert proc.stderr == b"qvd-vm-init: QVD_VM_DESKTOP must be echo or nx, not 'kde'\n"
+    assert proc.stderr == b"qvd-vm-init: QVD_VM_DESKTOP must be echo, nx or x, not 'kde'\n"
 
 
 def test_env_chooses_desktop_and_ports():
