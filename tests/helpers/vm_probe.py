@@ -67,3 +67,24 @@ def pids_in_group(pgid):
             except OSError:
                 pass
     return found
+
+
+def descendants(pid):
+    """{pid: command name} of every process below pid, from /proc."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    stat = fh.read()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            parent = int(stat[stat.rindex(")") + 2:].split()[1])
+            children.setdefault(parent, []).append((int(entry), name))
+    found, todo = {}, [pid]
+    while todo:
+        for child, name in children.get(todo.pop(), ()):
+            found[child] = name
+            todo.append(child)
+    return found

@@ -6,12 +6,16 @@ A person's path: open https://<node>/, type demo/demo, open the desktop, see it.
 canvas pixels noVNC drew are read back from the page. One browser for the whole module
 (starting Chromium costs seconds); each test gets its own node and database.
 
+As root (CI) the VM is confined as any process VM: the test checks that Xvnc and the
+clock run under the VM's own uid in its own pid namespace.
+
 The node's self-signed certificate is trusted by its public key
 (--ignore-certificate-errors-spki-list), not by turning certificate checks off, so the
 page is a secure context as on a real node with a real certificate.
 """
 import base64
 import hashlib
+import os
 import shutil
 
 import gevent
@@ -20,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from helpers.full_node import start_full_node
 from helpers.nodes import wait_for
+from helpers.vm_probe import descendants, process_uids
 
 from qvd_gevent.db import runtime
 from qvd_gevent.node.demo import DEMO_PASSWORD, DEMO_USER
@@ -118,12 +123,28 @@ def test_a_person_logs_in_and_sees_the_desktop(chromium, x_node, tmp_path):
                      "the desktop's background colour in the canvas")
     assert share < 0.999                  # and something else is drawn: the clock
     assert runtime.session_row(node.db, vm_id)[2] == "connected"
+    if os.geteuid() == 0:
+        assert_desktop_confined(node, vm_id)
     # the page talked only to the node: no console error about CSP or blocked loads
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "favicon" not in e["message"]]
     assert not errors, errors
     tokens = driver.execute_script("return [localStorage.length, sessionStorage.length, document.cookie]")
     assert tokens == [0, 0, ""]
     driver.save_screenshot(str(tmp_path / "browser.png"))      # for a person who looks at a failed run
+
+
+def assert_desktop_confined(node, vm_id):
+    """Xvnc and the clock run inside the VM's confinement (docs/hkd.md#vm-confinement): the
+    VM's own uid, the VM's pid namespace, not the node's."""
+    [(vm_pid,)] = node.db.query("SELECT vm_pid FROM vm_runtimes WHERE vm_id = %s", (vm_id,))
+    inside = descendants(vm_pid)
+    desktop = {pid: name for pid, name in inside.items() if name in ("Xvnc", "xclock")}
+    assert sorted(desktop.values()) == ["Xvnc", "xclock"], inside
+    uid = node.cfg.get_int("vm.uid.base") + vm_id
+    own_namespace = os.readlink("/proc/self/ns/pid")
+    for pid in desktop:
+        assert process_uids(pid) == (uid,) * 4
+        assert os.readlink(f"/proc/{pid}/ns/pid") != own_namespace
 
 
 def test_a_wrong_password_is_refused_on_the_page(chromium, x_node):

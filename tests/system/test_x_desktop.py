@@ -48,10 +48,16 @@ def test_x_desktop_shows_the_background_and_a_clock_and_survives_the_viewer(desk
     # RFB only on a unix socket in the run folder, mode 0600: no TCP port of Xvnc's own
     mode = os.stat(desktop.socket_path).st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
-    for port in (5900 + desktop.display, 5900):
+    for port in (5900 + desktop.display, 5900, 6000 + desktop.display):
         probe = socket.socket()
         assert probe.connect_ex(("127.0.0.1", port)) != 0, f"Xvnc listens on TCP {port}"
         probe.close()
+    # X clients only through /tmp/.X11-unix (a VM's private /tmp), no abstract socket, which
+    # every process of the network namespace could dial
+    with open("/proc/net/unix") as fh:
+        x_sockets = [line.split()[-1] for line in fh if f".X11-unix/X{desktop.display}" in line]
+    assert f"/tmp/.X11-unix/X{desktop.display}" in x_sockets and not [s for s in x_sockets if s.startswith("@")], \
+        x_sockets
 
     viewer_sock, server, acked = connect(desktop)
     viewer = RfbViewer(viewer_sock).handshake()

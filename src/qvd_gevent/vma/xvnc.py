@@ -155,10 +155,13 @@ class XvncDesktop:
             os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
+        # X clients only through /tmp/.X11-unix, which is in the VM's private /tmp: no TCP port
+        # and no abstract-namespace socket (abstract names belong to the network namespace,
+        # which `process` VMs share: docs/hkd.md#vm-confinement)
         argv = [self.cfg.get("command.xvnc"), f":{self.display}", "-geometry", size, "-depth", "24",
                 "-rfbunixpath", self.socket_path, "-rfbunixmode", "0600", "-rfbport", "-1",
-                "-SecurityTypes", "None", "-nolisten", "tcp", "-desktop", "QVD", "-NeverShared",
-                "-DisconnectClients"]
+                "-SecurityTypes", "None", "-nolisten", "tcp", "-nolisten", "local", "-desktop", "QVD",
+                "-NeverShared", "-DisconnectClients"]
         self.tracker.set("initiating", self.clock())
         try:
             with open(os.path.join(self.run_dir, "xvnc.log"), "ab") as out:
