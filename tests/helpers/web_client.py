@@ -93,6 +93,7 @@ class Desktop:
         self.sock.sendall(self.ws.send(BytesMessage(data=data)))
 
     def recv_until(self, predicate, timeout=15):
+        self.sock.settimeout(timeout + 1)       # silence until then is not an end: the Timeout says so
         with gevent.Timeout(timeout):
             while not predicate(self) and self.closed is None:
                 try:

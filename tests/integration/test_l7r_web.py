@@ -168,3 +168,21 @@ def test_a_native_client_takes_a_browser_session_over_and_the_other_way_round(no
     assert session_row(node, vm_id)[2] == "connected"
     desktop.close()
     native.close()
+
+
+def test_a_failed_setup_closes_the_websocket_with_4503_and_the_reason(tmp_path, pg_server, fresh_db_name):
+    """The desktop's WebSocket is open before the connect begins (a page sees nothing of an
+    HTTP error on a handshake), so the connect's failure comes as a close frame with 4503 and
+    the 503's message. Here: a VM whose desktop is nx, which a browser cannot show."""
+    node, vm_id, cert = start_full_node(tmp_path, pg_server, fresh_db_name, desktop="nx")
+    try:
+        port = node.l7r.port
+        status, _, desktop = open_desktop(port, cert, vm_id, login_token(port, cert))
+        assert status == 101
+        desktop.recv_until(lambda d: False, timeout=90)
+        code, reason = desktop.closed
+        assert code == 4503 and "The nx desktop cannot be shown in a browser" in reason, desktop.closed
+        assert desktop.buffer == b""
+        wait_for(lambda: session_row(node, vm_id)[2] == "disconnected", 10, "session row released")
+    finally:
+        node.stop(0)

@@ -16,7 +16,8 @@ the slave key, a 503, the splice); a browser's WebSocket has its own (web.Browse
 progress lines, its 101 sent before the connect, a close frame on failure, a WsRelay).
 A front has ``conn`` (the http.HttpConnection), ``name`` (for the log), ``vma_params``
 (x_start parameters of its own, the last word), ``info(text)``, ``switch(slave_key)``,
-``fail(message)`` and ``pump`` (``pump(client_sock, vm_sock, on_done=)`` -> an object
+``fail(message)`` (the connect's failure, e.g. "VM didn't reach state 'running'. Timeout")
+and ``pump`` (``pump(client_sock, vm_sock, on_done=)`` -> an object
 with ``start(leftover)``, ``close(reason)``, ``bytes_to_vm``, ``bytes_to_client``).
 
 At most one command that needs an answer (a *step*) is in flight, and it is the last of
@@ -509,7 +510,7 @@ class NativeFront:
 
     def fail(self, message):
         if self.conn.h11.our_state is h11.SEND_RESPONSE:
-            self.conn.send_error(503, message)
+            self.conn.send_error(503, f"The requested virtual machine is not available: {message}, retry later.")
 
 
 # --- the runner ----------------------------------------------------------------------------
@@ -658,11 +659,11 @@ class ConnectRunner:
         metrics.inc("qvd_l7r_connects_total", result="failed")
         log.info("%s failed: user %s VM %s from %s: %s", self.front.name, self.auth.login, self.vm_id,
                  self.session.peer, message)
-        shielded(self._fail_setup, f"The requested virtual machine is not available: {message}, retry later.")
+        shielded(self._fail_setup, message)
 
-    def _fail_setup(self, answer):
+    def _fail_setup(self, message):
         if self.vm_sock is not None:
             self.vm_sock.close()
         self.ctx.sessions.end_setup(self.session)
-        if answer is not None:
-            self.front.fail(answer)
+        if message is not None:
+            self.front.fail(message)

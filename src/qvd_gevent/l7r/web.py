@@ -94,7 +94,7 @@ class TokenRequest:
 
 def close_reason(text):
     """text cut to what a close frame carries (123 bytes of UTF-8)."""
-    return text.encode("utf-8")[:120].decode("utf-8", "ignore")
+    return text.encode("utf-8")[:123].decode("utf-8", "ignore")
 
 
 class BrowserFront:
@@ -103,7 +103,7 @@ class BrowserFront:
     The 101 that accepts the WebSocket (``accept``) goes out before the connect begins: a
     page sees nothing of an HTTP answer to a refused handshake (the browser reports 1006
     and no reason), so a failure of the connect must come over an open WebSocket, as a
-    close frame with code 4503 and the 503's message. Progress lines have no place in the
+    close frame with code 4503 and the connect's failure (the 503's cause). Progress lines have no place in the
     RFB stream: they are logged only. The session's bytes go through a ``WsRelay``."""
 
     name = "web desktop"

@@ -128,7 +128,7 @@ class VmaService:
         log.info("x_start %s", rpc.mask_params(params))
         if params.pop(DISPLAY_PROTOCOL_PARAM, None) == "rfb" and self.desktop.kind == "nx":
             # a browser session needs VNC: the x desktop gives it, nxagent does not
-            raise DesktopError("The nx desktop cannot be shown in a browser; give the VM qvd.vm.desktop=x")
+            raise DesktopError("The nx desktop cannot be shown in a browser; use qvd.vm.desktop=x")
         self._validate(params)
         self._open_display()
         if self.key is not None:
