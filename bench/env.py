@@ -248,10 +248,12 @@ class BenchEnv:
         self.connect_users_spec = [{"auth": self.add_token(login), "vm_ids": vm_ids[login]}
                                    for login in users[1:]]
 
-    def add_farm_vms(self, count):
-        """More echo VMs for user bench (the idle scenario's 10,000 sessions)."""
+    def add_farm_vms(self, count, display="echo"):
+        """More VMs for user bench whose display is the farm's echo port (the idle
+        scenario's 10,000 sessions) or its rfb port (the browser scenario's desktops);
+        returns their ids."""
         if count <= 0:
-            return
+            return []
         ports = self.farm_ports
 
         def run(cur):
@@ -259,7 +261,8 @@ class BenchEnv:
             user_id = cur.fetchone()[0]
             cur.execute("SELECT id FROM osfs WHERE name = 'bench'")
             osf_id = cur.fetchone()[0]
-            start = len(self.echo_vms) + 10
+            cur.execute("SELECT count(*) FROM vms WHERE user_id = %s", (user_id,))
+            start = cur.fetchone()[0] + 10
             cur.execute("INSERT INTO vms (name, user_id, osf_id, di_tag) "
                         "SELECT 'farm-' || g, %s, %s, 'default' FROM generate_series(%s, %s) g RETURNING id",
                         (user_id, osf_id, start, start + count - 1))
@@ -267,12 +270,28 @@ class BenchEnv:
             cur.execute("INSERT INTO vm_runtimes (vm_id, host_id, vm_state, vm_state_ts, user_state, blocked, "
                         "vm_address, vm_vma_port, vm_x_port) "
                         "SELECT id, %s, 'running', %s, 'disconnected', false, %s, %s, %s FROM unnest(%s) id",
-                        (self.farm_host, int(time.time()), FARM_ADDRESS, ports["rpc"], ports["echo"], ids))
+                        (self.farm_host, int(time.time()), FARM_ADDRESS, ports["rpc"], ports[display], ids))
             cur.execute("INSERT INTO vm_counters (vm_id) SELECT unnest(%s)", (ids,))
             cur.execute("INSERT INTO vm_agent_keys (vm_id, secret, created) SELECT id, %s, %s FROM unnest(%s) id",
                         (self.farm_key, int(time.time()), ids))
             return ids
-        self.echo_vms += self.db.transaction(run)
+        ids = self.db.transaction(run)
+        if display == "echo":
+            self.echo_vms += ids
+        return ids
+
+    def web_tokens(self, vm_ids, lifetime=3600):
+        """One token per VM as the web login hands them out (single-use, bound to its VM,
+        stored as a digest), for user bench. A longer life than l7r.web.token.lifetime: a
+        slow machine may take minutes to open them all."""
+        from qvd_gevent.db import runtime
+
+        def run(cur):
+            cur.execute("SELECT id FROM users WHERE login = 'bench'")
+            user_id = cur.fetchone()[0]
+            return [runtime.issue_token(cur, user_id, {}, lifetime, vm_id=vm_id, multi_use=False)[0]
+                    for vm_id in vm_ids]
+        return self.db.transaction(run)
 
     def log_mark(self):
         self.node_log.flush()
@@ -332,10 +351,17 @@ backend sink
         wait_port("127.0.0.1", self.haproxy_echo_port, 20, self.haproxy)
 
     # --- targets for workers -----------------------------------------------------------------
-    def target(self, kind, sink=False, vm_ids=None):
-        if kind == "l7r":
-            return {"kind": "l7r", "host": "127.0.0.1", "port": self.l7r_port, "ca": self.cert,
+    def target(self, kind, sink=False, vm_ids=None, tokens=None, expect=None):
+        """kind l7r: connect_to_vm; web: the browser's WebSocket (tokens: one per VM of
+        vm_ids); haproxy; direct. expect: bytes a session waits for from the VM."""
+        if kind in ("l7r", "web"):
+            spec = {"kind": kind, "host": "127.0.0.1", "port": self.l7r_port, "ca": self.cert,
                     "auth": self.bench_auth, "vm_ids": [self.sink_vm] if sink else (vm_ids or self.echo_vms)}
+            if tokens is not None:
+                spec["tokens"] = tokens
+            if expect is not None:
+                spec["expect"] = expect
+            return spec
         if kind == "haproxy":
             return {"kind": "tls", "host": "127.0.0.1", "ca": self.cert,
                     "port": self.haproxy_sink_port if sink else self.haproxy_echo_port}

@@ -7,7 +7,10 @@
 - an echo port (the display of every farm VM): bytes come back unchanged, any number of
   connections at once (relay ping-pong and idle sessions);
 - a sink port (the bulk VM's display): an 8-byte big-endian length N, then N bytes that
-  are counted and dropped; it answers b"OK" + the count as 8 bytes once N arrived.
+  are counted and dropped; it answers b"OK" + the count as 8 bytes once N arrived;
+- an rfb port (the display of an idle desktop, native or in a browser): it sends the RFB
+  server's first message (``RFB 003.008\n``, what Xvnc sends before anything else), then
+  reads and drops whatever comes until the viewer leaves: a desktop nobody looks at.
 
 With QVD_VMA_SECRET=K in its environment (as a VM gets its agent key) every VMA call must
 carry ``Authorization: Bearer K`` (else 401), and a
@@ -142,6 +145,22 @@ def serve_sink(sock, _peer):
         sock.close()
 
 
+RFB_BANNER = b"RFB 003.008\n"
+
+
+def serve_rfb(sock, _peer):
+    try:
+        if not admitted(sock):
+            return
+        sock.sendall(RFB_BANNER)
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
 def watch_parent(parent):
     while os.getppid() == parent:
         gevent.sleep(1)
@@ -159,7 +178,7 @@ def main(argv=None):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     servers = {}
-    for name, handler in (("rpc", serve_rpc), ("echo", serve_echo), ("sink", serve_sink)):
+    for name, handler in (("rpc", serve_rpc), ("echo", serve_echo), ("sink", serve_sink), ("rfb", serve_rfb)):
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((args.address, 0))

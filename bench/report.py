@@ -43,6 +43,11 @@ def chart(results, path):
         panels.append(("idle KB RSS/session (lower is better)", None,
                        {k: ([pt["sessions"] for pt in p[k]["points"]],
                             [pt["bytes_per_session"] / 1024 for pt in p[k]["points"]]) for k in ("l7r", "haproxy")}))
+    if "browser" in results and "kinds" in results["browser"]:
+        k = results["browser"]["kinds"]
+        panels.append((f"idle KB RSS/session, {k['browser']['sessions']} of each held (lower is better)",
+                       ["native", "browser"],
+                       [k["native"]["bytes_per_session"] / 1024, k["browser"]["bytes_per_session"] / 1024]))
     if "connect" in results and "p50_ms" in results["connect"]:
         c = results["connect"]
         panels.append((f"connect_to_vm latency ms ({c['users']} users)", ["p50", "p99"], [c["p50_ms"], c["p99_ms"]]))

@@ -319,6 +319,79 @@ def idle(env, quick):
     return out
 
 
+# --- idle browser sessions beside idle native ones ---------------------------------------------
+RFB_BANNER = "RFB 003.008\n"       # what the farm's rfb display (like Xvnc) sends first
+
+
+def browser(env, quick):
+    """Idle desktops held by browsers (TLS WebSocket -> the L7R's WsRelay -> display) and by
+    native clients (connect_to_vm -> splice -> display), on the same node in the same run,
+    all held at once. A warm-up step of each kind comes first and is not counted (the first
+    sessions of a node pay for its first use of each code path: several KB per session of
+    the first 50 in a quick run); then the steps alternate native, browser, native,
+    browser, so memory freed by earlier scenarios falls on both alike. A session counts
+    once the desktop's first message (the farm's rfb stand-in sends the RFB banner, as Xvnc
+    does) came through it. RSS growth of the node per step, per kind."""
+    per_kind = 100 if quick else 500
+    warm = 20 if quick else 50
+    steps = 2
+    vms = env.add_farm_vms(2 * (per_kind + warm), display="rfb")
+    native_vms, web_vms = vms[:per_kind + warm], vms[per_kind + warm:]
+    tokens = env.web_tokens(web_vms)
+    kinds = ("native", "browser")
+    specs = [{"job": "idle", "parallel": 50, "target": env.target("l7r", vm_ids=native_vms, expect=RFB_BANNER)},
+             {"job": "idle", "parallel": 50,
+              "target": env.target("web", vm_ids=web_vms, tokens=tokens, expect=RFB_BANNER)}]
+    pid = env.proxy_pid("l7r")
+    mark = env.log_mark()
+    out = {"sessions_per_kind": per_kind, "steps": [], "kinds": {}}
+    with Crew(specs) as crew:
+        crew.ready(30)
+        time.sleep(1)
+        rss0 = rss = rss_bytes(pid)
+        held = dict.fromkeys(kinds, 0)
+        t0 = time.monotonic()
+        for step in range(steps + 1):
+            for worker, kind in zip(crew.workers, kinds):
+                worker.send(f"open {per_kind // steps if step else warm}")
+                result = worker.read(600)["result"]
+                opened = result["open"] - held[kind]
+                held[kind] = result["open"]
+                time.sleep(2)
+                before, rss = rss, rss_bytes(pid)
+                out["steps"].append({"kind": kind, "warm_up": step == 0, "opened": opened, "held": dict(held), "rss_bytes": rss,
+                                     "growth_bytes": rss - before, "failures": result["failures"],
+                                     "last_error": result["last_error"], "elapsed_s": time.monotonic() - t0})
+                env.farm_heartbeat()
+        out["node_connections"] = _node_sessions(env)
+        crew.send_all("close")
+        crew.results(120)
+    out["rss_baseline_bytes"] = rss0
+    out["node_log"] = env.log_count(mark, NODE_LOG_NEEDLES)
+    out["release_left"] = _wait_released(env, 120)
+    out["rows"] = []
+    for kind in kinds:
+        mine = [s for s in out["steps"] if s["kind"] == kind and not s["warm_up"]]
+        sessions = sum(s["opened"] for s in mine)
+        growth = sum(s["growth_bytes"] for s in mine)
+        failures = mine[-1]["failures"]
+        out["kinds"][kind] = {"sessions": sessions, "growth_bytes": growth, "failures": failures,
+                              "bytes_per_session": growth / sessions if sessions else 0.0}
+    web, native = out["kinds"]["browser"], out["kinds"]["native"]
+    out["rows"].append((f"idle browser sessions (WebSocket to an idle desktop): RSS per session, {web['sessions']} "
+                        f"held beside {native['sessions']} native, after {warm} of each (KB)"
+                        + (f" [{web['failures']} failed]" if web["failures"] else ""),
+                        f"{web['bytes_per_session'] / 1024:.1f}",
+                        f"native {native['bytes_per_session'] / 1024:.1f}", "< 32",
+                        _verdict(web["bytes_per_session"] < 32 * 1024 and web["sessions"] >= per_kind * 0.99)))
+    return out
+
+
+def _node_sessions(env):
+    """Rows the node holds connected right now (every session of both kinds)."""
+    return env.db.query_one("SELECT count(*) FROM vm_runtimes WHERE user_state = 'connected'")[0]
+
+
 # --- the TLS library: stdlib ssl against pyOpenSSL, the same server on each ----------------------
 def _tls_lib_server(env, lib):
     import sys
@@ -407,5 +480,6 @@ SCENARIOS = {
     "connect": connect,
     "cold": cold_start,
     "idle": idle,
+    "browser": browser,
     "tlslib": tls_libraries,
 }

@@ -74,6 +74,53 @@ def ping(sock, host="localhost"):
         raise WireError(f"ping: {getattr(event, 'status', 101)}")
 
 
+def open_desktop(sock, vm_id, token, host, port):
+    """The browser client's WebSocket for vm_id (docs/protocol.md#the-websocket) on sock,
+    as the page opens it (Origin of the node's page, the token in the subprotocol list).
+    Returns (wsproto connection, events that came with the 101)."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, RejectConnection, Request
+
+    ws = WSConnection(ConnectionType.CLIENT)
+    authority = f"{host}:{port}"
+    sock.sendall(ws.send(Request(host=authority, target=f"/qvd/web/desktop?id={vm_id}",
+                                 subprotocols=["binary", f"qvd-token.{token}"],
+                                 extra_headers=[(b"Origin", f"https://{authority}".encode())])))
+    for _ in range(1000):
+        data = sock.recv(65536)
+        ws.receive_data(data or None)
+        events = list(ws.events())
+        for i, event in enumerate(events):
+            if isinstance(event, AcceptConnection):
+                return ws, events[i + 1:]
+            if isinstance(event, RejectConnection):
+                raise WireError(f"web desktop {vm_id}: {event.status_code}")
+        if not data:
+            raise WireError(f"web desktop {vm_id}: closed during the handshake")
+    raise WireError(f"web desktop {vm_id}: no answer to the handshake")
+
+
+def desktop_bytes(sock, ws, events, want):
+    """Payload from the desktop's WebSocket until want bytes came (a close is an error)."""
+    from wsproto.events import BytesMessage, CloseConnection
+
+    got = b""
+    for _ in range(10000):
+        for event in events:
+            if isinstance(event, BytesMessage):
+                got += event.data
+            elif isinstance(event, CloseConnection):
+                raise WireError(f"web desktop closed: {event.code} {event.reason}")
+        if len(got) >= want:
+            return got
+        data = sock.recv(65536)
+        if not data:
+            raise WireError("web desktop: connection closed")
+        ws.receive_data(data)
+        events = list(ws.events())
+    raise WireError("web desktop: too many frames")
+
+
 def recv_exact(sock, n, already=b""):
     buf = bytearray(already)
     while len(buf) < n:
@@ -85,25 +132,42 @@ def recv_exact(sock, n, already=b""):
 
 
 class Target:
-    """Where a bench client goes: the L7R (TLS + connect_to_vm), HAProxy (TLS) or direct (plain)."""
+    """Where a bench client goes: the L7R (TLS + connect_to_vm), the L7R's browser
+    WebSocket (TLS + /qvd/web/desktop), HAProxy (TLS) or direct (plain)."""
 
     def __init__(self, spec):
-        self.kind = spec["kind"]            # l7r | tls | plain
+        self.kind = spec["kind"]            # l7r | web | tls | plain
         self.host = spec["host"]
         self.port = int(spec["port"])
         # the cluster bench spreads sessions over many L7Rs: session i goes to ports[i % len]
         self.ports = [int(port) for port in spec.get("ports") or [self.port]]
         self.auth = spec.get("auth")
         self.vm_ids = spec.get("vm_ids", [])
-        self.context = client_context(spec["ca"]) if self.kind in ("l7r", "tls") else None
+        self.tokens = spec.get("tokens", [])         # web: a single-use token per VM of vm_ids
+        # bytes the session waits for from the VM before it counts as open (the desktop's
+        # first message: the whole path, relay included, is up)
+        self.expect = spec.get("expect", "").encode()
+        self.context = client_context(spec["ca"]) if self.kind in ("l7r", "web", "tls") else None
 
     def session(self, index=0, timeout=30.0):
-        """An open stream to the backend; returns (socket, early bytes)."""
-        sock = open_connection(self.host, self.ports[index % len(self.ports)], self.context, timeout)
+        """An open stream to the backend; returns (socket, early bytes). For web, the socket
+        carries WebSocket frames and the early bytes are the desktop's payload."""
+        port = self.ports[index % len(self.ports)]
+        sock = open_connection(self.host, port, self.context, timeout)
         try:
             rest = b""
             if self.kind == "l7r":
                 rest = connect_to_vm(sock, self.vm_ids[index % len(self.vm_ids)], self.auth, self.host)
+                if self.expect:
+                    rest = recv_exact(sock, len(self.expect), rest)
+            elif self.kind == "web":
+                if index >= len(self.tokens):
+                    raise WireError(f"session {index}: no token left (one per desktop, single-use)")
+                ws, events = open_desktop(sock, self.vm_ids[index], self.tokens[index], self.host, port)
+                if self.expect:
+                    rest = desktop_bytes(sock, ws, events, len(self.expect))
+            if self.expect and not rest.startswith(self.expect):
+                raise WireError(f"session {index}: the desktop sent {rest[:20]!r}")
             return sock, rest
         except BaseException:
             sock.close()

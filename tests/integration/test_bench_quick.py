@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-SCENARIOS = ("bulk", "relay", "handshake", "connect", "cold", "idle", "tlslib", "hkd")
+SCENARIOS = ("bulk", "relay", "handshake", "connect", "cold", "browser", "idle", "tlslib", "hkd")
 
 
 def positive(value):
@@ -50,6 +50,16 @@ def test_quick_bench_writes_every_scenario(tmp_path):
         assert [p["sessions"] for p in points] == data["idle"]["levels"]
         assert all(p["failures"] == 0 and positive(p["bytes_per_session"]) for p in points)
 
+    browser = data["browser"]
+    for kind in ("native", "browser"):
+        held = browser["kinds"][kind]
+        assert held["sessions"] == browser["sessions_per_kind"] and held["failures"] == 0
+        assert positive(held["bytes_per_session"])
+    # every session of both kinds was up at once (warm-up included), and each row was released
+    warm = sum(step["opened"] for step in browser["steps"] if step["warm_up"])
+    assert browser["node_connections"] == 2 * browser["sessions_per_kind"] + warm
+    assert browser["release_left"] == 0
+
     connect = data["connect"]
     assert connect["connects"] > 0 and connect["errors"] == 0
     assert 0 < connect["p50_ms"] <= connect["p99_ms"]
@@ -65,6 +75,6 @@ def test_quick_bench_writes_every_scenario(tmp_path):
     assert hkd["running_at_end"] == hkd["vms"] and positive(hkd["idle_node_cpu_s"])
 
     table = (tmp_path / "table.md").read_text()
-    assert table.count("\n| ") >= 8 and "NOT MEASURED" not in table
+    assert table.count("\n| ") >= 9 and "NOT MEASURED" not in table
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert table.strip() in proc.stdout
