@@ -188,3 +188,18 @@ def test_native_and_browser_sessions_take_each_other_over(chromium, x_node):
                 break
     wait_for(lambda: (background_share(driver) or 0) > 0.8, 30, "the desktop in the browser again")
     native.close()
+
+
+def test_a_desktop_that_cannot_be_shown_says_why_on_the_page(chromium, tmp_path, pg_server, fresh_db_name):
+    """A failed connect reaches the page over the open WebSocket (close 4503 and the reason),
+    and the page shows it: here a VM whose desktop is nx."""
+    from selenium.webdriver.common.by import By
+    node, vm_id, cert = start_full_node(tmp_path, pg_server, fresh_db_name, desktop="nx")
+    try:
+        driver = chromium(cert)
+        log_in_and_open(driver, node.l7r.port)
+        wait_for(lambda: state(driver) == "login", 90, "the page back at the login with the reason")
+        assert driver.execute_script("return document.body.dataset.closeCode") == "4503"
+        assert "The nx desktop cannot be shown in a browser" in driver.find_element(By.ID, "login-error").text
+    finally:
+        node.stop(0)
