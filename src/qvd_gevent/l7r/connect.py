@@ -649,8 +649,8 @@ class ConnectRunner:
         session.greenlet = None  # from here on an abort closes the splice instead
         leftover = conn.leftover()
         metrics.inc("qvd_l7r_connects_total", result="ok")
-        log.info("session open (%s): user %s VM %s from %s", self.front.name, self.auth.login, self.vm_id,
-                 session.peer)
+        log.info("session open: user %s VM %s from %s (%s)", self.auth.login, self.vm_id, session.peer,
+                 self.front.name)
         self.ctx.sessions.splice(session, conn.sock, self.vm_sock, leftover, self.front.pump)
         return True
 
