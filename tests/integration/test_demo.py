@@ -41,7 +41,8 @@ def _as_user():
     return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 
 
-def _start_demo(directory, port, *extra, host="127.0.0.1", folder="d"):
+def _start_demo(directory, port, *extra, host="127.0.0.1", folder="d",
+                until=lambda line: "--exec" in line and "qvd-client" in line):
     env = dict(os.environ, HOME=str(directory), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(_as_user() + [shutil.which("qvd-node"), "demo", "--dir", str(directory / folder),
                                           "--port", str(port), *extra],
@@ -54,10 +55,10 @@ def _start_demo(directory, port, *extra, host="127.0.0.1", folder="d"):
         if not line:
             break
         lines.append(line)
-        if "--exec" in line and "qvd-client" in line:
+        if until(line):
             client_line = line.strip()
             break
-    assert client_line, "demo printed no qvd-client line:\n" + "".join(lines)
+    assert client_line, "demo printed no line to follow:\n" + "".join(lines)
     assert _wait_port(port, 60, host), "the demo's L7R never listened:\n" + "".join(lines)
     return proc, client_line, lines
 
@@ -223,3 +224,35 @@ def test_two_demos_in_two_folders_on_one_machine_both_connect(demo_dir):
     finally:
         outcomes = [_stop(proc) for proc in demos]
     assert [code for code, _ in outcomes] == [0, 0], outcomes
+
+
+def test_demo_x_desktop_at_the_printed_url(demo_dir):
+    """`qvd-node demo --desktop x` (as nobody when the test runs as root): the page at the
+    printed URL, its web login with demo/demo and the desktop's WebSocket, as the page
+    does them (tests/helpers/web_client.py), show the x desktop: its background colour
+    over most of the screen. The real browser does the same against a whole node in
+    tests/system/test_browser_client.py."""
+    import gevent
+    from helpers.rfb import RfbViewer
+    from helpers.web_client import open_desktop, web_login
+    missing = [tool for tool in ("Xvnc", "xsetroot", "xclock") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the x desktop needs {', '.join(missing)} (scripts/install-test-deps.sh installs them)")
+    port = _free_port()
+    proc, url, lines = _start_demo(demo_dir, port, "--desktop", "x",
+                                   until=lambda line: line.strip().startswith("https://"))
+    try:
+        assert url == f"https://127.0.0.1:{port}/"
+        cert = str(demo_dir / "d" / "ssl" / "cert.pem")
+        status, _, answer = web_login(port, cert, "demo", "demo")
+        assert status == 200, answer
+        [vm] = answer["vms"]
+        status, _, desktop = open_desktop(port, cert, vm["id"], vm["token"])
+        assert status == 101, desktop
+        with gevent.Timeout(90):
+            viewer = RfbViewer(desktop).handshake()
+        assert viewer.frame().get((52, 101, 164), 0) > 0.8 * viewer.width * viewer.height
+        desktop.close()
+    finally:
+        code, out = _stop(proc)
+    assert code == 0, out

@@ -196,11 +196,16 @@ def main(argv=None):
           f"--ca {cert} list", flush=True)
     client = (f"{client_cmd} --host {host} --port {args.port} --user {DEMO_USER} --password {DEMO_PASSWORD} "
               f"--ca {cert} connect --vm {vm_id}")
-    _say("connect to the demo VM: its desktop echoes every line, so this prints the line back:")
-    print(f"  {client} --exec sh -c 'echo hello from the demo VM; head -n 1 >&2'", flush=True)
-    _say("or keep a local port open for any client (e.g. nxproxy with --desktop nx):")
-    print(f"  {client} --listen 127.0.0.1:4040", flush=True)
-    if args.desktop == "x":
+    if args.desktop == "echo":
+        _say("connect to the demo VM: its desktop echoes every line, so this prints the line back:")
+        print(f"  {client} --exec sh -c 'echo hello from the demo VM; head -n 1 >&2'", flush=True)
+        _say("or keep a local port open for any client:")
+        print(f"  {client} --listen 127.0.0.1:4040", flush=True)
+        _say(f"the browser client (https://{url_host}:{args.port}/) shows a graphical desktop with --desktop x")
+    elif args.desktop == "nx":
+        _say("connect to the demo VM's NX desktop: keep a local port open for nxproxy:")
+        print(f"  {client} --listen 127.0.0.1:4040", flush=True)
+    else:
         missing = [tool for tool in ("Xvnc", "xsetroot", "xclock") if shutil.which(tool) is None]
         if missing:
             _say(f"the x desktop needs {', '.join(missing)}: apt-get install tigervnc-standalone-server "
@@ -208,8 +213,8 @@ def main(argv=None):
         _say(f"in a browser, open the URL below, accept the self-signed certificate, log in as "
              f"{DEMO_USER}/{DEMO_PASSWORD} and open the desktop:")
         print(f"  https://{url_host}:{args.port}/", flush=True)
-    else:
-        _say(f"the browser client (https://{url_host}:{args.port}/) shows a graphical desktop with --desktop x")
+        _say("or keep a local port open for a VNC viewer (the desktop speaks VNC):")
+        print(f"  {client} --listen 127.0.0.1:5901", flush=True)
     from .run import run_node_from_file
     try:
         return run_node_from_file(str(conf))
