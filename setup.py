@@ -21,7 +21,7 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     # the browser client: its page and the packaged copy of noVNC (scripts/vendor-novnc.sh)
-    package_data={"qvd_gevent.db": ["schema.sql"],
+    package_data={"qvd_gevent.db": ["schema.sql", "functions.sql"],
                   "qvd_gevent.l7r": ["webclient/*.*", "webclient/novnc/*", "webclient/novnc/*/*",
                                      "webclient/novnc/*/*/*", "webclient/novnc/*/*/*/*",
                                      "webclient/novnc/*/*/*/*/*"]},

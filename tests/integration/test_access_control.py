@@ -21,6 +21,7 @@ from qvd_gevent.db.runtime import token_digest
 
 from helpers.hostile import tls_node
 from helpers.l7r_env import UPGRADE, Reader, basic, client_context, get
+from helpers.nodes import wait_for
 
 HOSTILE = str(pathlib.Path(__file__).resolve().parents[1] / "helpers" / "hostile.py")
 FORBIDDEN = "You are not allowed to access requested virtual machine"
@@ -397,6 +398,8 @@ def test_blocked_user_tenant_vm_host_get_the_contract_statuses(world):
     db.execute("UPDATE vm_runtimes SET blocked = false WHERE vm_id = %s", (w.bob_vm,))
 
     db.execute("UPDATE host_runtimes SET blocked = true WHERE host_id = %s", (w.node.host_id,))
+    # the node applies a host's block when the database announces it (NOTIFY), within moments
+    wait_for(lambda: w.status("/qvd/ping") == 503, 5, interval=0.02, what="the block announced")
     before = w.runtimes()
     for auth, vm in ((BOB, w.bob_vm), (ALICE, w.alice_vm)):
         final, _ = w.request("/qvd/list_of_vm", auth)
@@ -410,6 +413,7 @@ def test_blocked_user_tenant_vm_host_get_the_contract_statuses(world):
     assert w.status("/qvd/list_of_vm", basic("bob", "nope")) == 401
     assert w.runtimes() == before
     db.execute("UPDATE host_runtimes SET blocked = false WHERE host_id = %s", (w.node.host_id,))
+    wait_for(lambda: w.status("/qvd/ping") == 200, 5, interval=0.02, what="the unblock announced")
     assert w.connect(w.bob_vm, BOB).status == 101
 
 

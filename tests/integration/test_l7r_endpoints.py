@@ -38,11 +38,15 @@ def test_ping(env):
     resp = ask(env, "/qvd/ping")
     assert (resp.status, resp.body) == (200, b"I am alive!\r\n")
     assert resp.head.startswith(b"HTTP/1.1 200 OK\r\n")
+    # the node keeps its state until the database announces a change (NOTIFY host_changed /
+    # host_blocked_or_unblocked): the answer follows within moments, not at once
     env.db.execute("UPDATE host_runtimes SET blocked = true")
+    wait_for(lambda: ask(env, "/qvd/ping").status == 503, 5, interval=0.02, what="the block announced")
     resp = ask(env, "/qvd/ping")
     assert (resp.status, resp.text) == (503, "Server is blocked")
     env.db.execute("UPDATE host_runtimes SET blocked = false, state = 'stopping'")
-    assert ask(env, "/qvd/ping").text == "Server is stopping"
+    wait_for(lambda: ask(env, "/qvd/ping").text == "Server is stopping", 5, interval=0.02,
+             what="the state change announced")
 
 
 def test_original_list_request_bytes_without_host_header(env):

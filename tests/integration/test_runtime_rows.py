@@ -93,7 +93,7 @@ def test_release_and_mark_connected_are_guarded_by_the_holder(db):
     assert runtime.claim_session(db, vm_id, me, 10, owner(db, vm_id), True)[0] == "claim"
     conn = listen(db, runtime.user_commands_channel(me))
     try:
-        assert runtime.claim_session(db, vm_id, other, 20, owner(db, vm_id), False) == ("abort", (me, 10))
+        assert runtime.claim_session(db, vm_id, other, 20, owner(db, vm_id), False) == ("abort", (me, 10), None)
         assert notified(conn) == [(runtime.user_commands_channel(me), str(vm_id))]
         assert runtime.sessions_to_abort(db, me, 10) == [vm_id]
         assert runtime.mark_connected(db, vm_id, me, 10).startswith("Aborted by contending session")
@@ -109,6 +109,51 @@ def test_release_host_sessions_spares_the_current_process(db):
     assert runtime.release_host_sessions(db, me, except_pid=2) == 1
     assert row(db, old_run)[0] == "disconnected" and row(db, current)[0] == "connecting"
     assert runtime.release_host_sessions(db, me) == 1
+
+
+def test_the_claim_checks_access_and_brings_the_row_it_wrote(db):
+    me = running_host(db, "me")
+    (vm_id,) = add_vms(db)
+    user = owner(db, vm_id)
+    db.execute("UPDATE vm_runtimes SET vm_state = 'running', host_id = %s, vm_address = '10.0.0.7', "
+               "vm_vma_port = 3030, vm_x_port = 5000 WHERE vm_id = %s", (me, vm_id))
+    before = db.query("SELECT * FROM vm_runtimes")
+    assert runtime.claim_session(db, vm_id, me, 1, user + 1, False) == ("forbidden", (None, None), None)
+    db.transaction(runtime.set_vms_blocked, [vm_id], True)
+    assert runtime.claim_session(db, vm_id, me, 1, user, False)[0] == "blocked"
+    db.transaction(runtime.set_vms_blocked, [vm_id], False)
+    assert db.query("SELECT * FROM vm_runtimes") == before      # a refusal changes nothing
+    outcome, holder, row = runtime.claim_session(db, vm_id, me, 1, user, False)
+    assert (outcome, holder) == ("claim", (None, None))
+    assert row == runtime.session_row(db, vm_id) == ("running", None, "connecting", None, me, me, 1, "10.0.0.7",
+                                                     3030, 5000)
+    assert db.query_one("SELECT real_user_id FROM vm_runtimes WHERE vm_id = %s", (vm_id,))[0] == user
+
+
+@pytest.mark.parametrize("user_state", ["disconnected", "connecting", "connected"])
+@pytest.mark.parametrize("holder", ["none", "me", "my_other_pid", "other_host"])
+@pytest.mark.parametrize("user_cmd", [None, "abort"])
+@pytest.mark.parametrize("live_here", [False, True])
+def test_the_claim_in_the_database_follows_decide_claim(db, user_state, holder, user_cmd, live_here):
+    """One rule: the server-side claim (db/functions.sql) decides as decide_claim does."""
+    me = running_host(db, "me")
+    other = running_host(db, "other", "127.0.0.2")
+    (vm_id,) = add_vms(db)
+    user = owner(db, vm_id)
+    held = {"none": (None, None), "me": (me, 10), "my_other_pid": (me, 11), "other_host": (other, 20)}[holder]
+    db.execute("UPDATE vm_runtimes SET user_state = %s, l7r_host_id = %s, l7r_pid = %s, user_cmd = %s "
+               "WHERE vm_id = %s", (user_state, held[0], held[1], user_cmd, vm_id))
+    expected = runtime.decide_claim((user_state, held[0], held[1], user_cmd), me, 10, live_here)
+    outcome, got_holder, _ = runtime.claim_session(db, vm_id, me, 10, user, live_here)
+    assert (outcome, got_holder) == (expected, held)
+    after = db.query_one("SELECT user_state, l7r_host_id, l7r_pid, user_cmd FROM vm_runtimes WHERE vm_id = %s",
+                         (vm_id,))
+    if expected == "claim":
+        assert after == ("connecting", me, 10, None)
+    elif expected == "abort":
+        assert after == (user_state, held[0], held[1], "abort")
+    else:
+        assert after == (user_state, held[0], held[1], user_cmd)
 
 
 def test_vm_access(db):

@@ -11,6 +11,7 @@ from qvd_gevent.l7r.connect import (
     ClaimResult,
     ConnectDisplay,
     Connected,
+    Deny,
     ConnectMachine,
     ConnectSettings,
     Count,
@@ -128,7 +129,26 @@ def test_vm_gone_after_the_claim():
     p = play(CLAIMED)
     assert p.send(RowSeen(None)) == [Fail("The requested virtual machine does not exist")]
     p = play([(Begin(), [Claim()])])
+    assert isinstance(p.send(ClaimResult("abort", (9, 55)))[-1], WaitVmEvent)
+    p.send(Waited())
     assert p.send(ClaimResult("gone")) == [Fail("The requested virtual machine does not exist")]
+
+
+@pytest.mark.parametrize("outcome,status,message", [
+    ("gone", 404, "The requested virtual machine does not exist"),
+    ("forbidden", 403, "You are not allowed to access requested virtual machine"),
+    ("blocked", 403, "The requested virtual machine is offline for maintenance")])
+def test_the_access_check_is_the_first_claims_answer(outcome, status, message):
+    """Someone else's, a blocked or no VM: refused before any 102 line (the claim checked it)."""
+    p = play([(Begin(), [Claim()])])
+    assert p.send(ClaimResult(outcome)) == [Deny(status, message)]
+
+
+def test_a_claim_that_brings_its_row_needs_no_read():
+    p = play([(Begin(), [Claim()])])
+    out = p.send(ClaimResult("claim", row=row()))
+    assert out[0] == SendInfo("Session acquired for VM_ID: 7") and not any(isinstance(c, ReadRow) for c in out)
+    assert isinstance(out[-1], BuildParams)
 
 
 def test_no_host_to_place_the_vm_on():

@@ -23,6 +23,7 @@ from qvd_gevent.l7r.connect import (
     ClaimResult,
     ConnectDisplay,
     Connected,
+    Deny,
     ConnectMachine,
     ConnectSettings,
     DisplayConnected,
@@ -104,8 +105,12 @@ def answers(command):
 
 def any_answer(command):
     if isinstance(command, Claim):
-        return st.builds(ClaimResult, st.sampled_from(["claim", "abort", "wait", "gone"]),
-                         st.sampled_from([(9, 55), (HOST, PID), (None, None)]))
+        refused = st.builds(ClaimResult, st.sampled_from(["abort", "wait", "gone", "forbidden", "blocked"]),
+                            st.sampled_from([(9, 55), (HOST, PID), (None, None)]))
+        # a claim comes with the row it wrote (one round trip), or without (the runner reads it)
+        claimed = st.builds(ClaimResult, st.just("claim"), st.sampled_from([(9, 55), (HOST, PID), (None, None)]),
+                            st.one_of(st.none(), rows(mine=True)))
+        return st.one_of(refused, claimed)
     if isinstance(command, ReadRow):
         return st.builds(RowSeen, st.one_of(st.none(), rows(mine=True), rows(mine=False)))
     if isinstance(command, RequestStart):
@@ -191,6 +196,8 @@ class OneConnect(RuleBasedStateMachine):
         if isinstance(event, ClaimResult) and event.outcome in ("abort", "wait") and self.now >= SETTINGS.takeover:
             assert last == Fail("Unable to acquire VM, close other clients")
         row = getattr(event, "row", None)
+        if phase == "claim" and isinstance(event, ClaimResult) and event.outcome == "claim" and row is not None:
+            phase = "check"             # a claim that brings its row is the first look at it
         if phase == "check" and row is not None and row.vm_state != "stopped" and row.host_id is not None:
             self.vm_deadline = self.now + SETTINGS.vm_start
         if isinstance(event, StartRequested) and event.error is None:
@@ -241,6 +248,9 @@ class OneConnect(RuleBasedStateMachine):
         assert len(ends) == (1 if self.m.finished else 0)
         if ends and isinstance(ends[0], Fail):
             assert ends[0].message and self.m.outcome == ends[0].message
+        if ends and isinstance(ends[0], Deny):
+            # the access check is the first claim's answer: refused before any 102 line
+            assert self.commands == [Claim(), ends[0]], self.commands
         if ends and isinstance(ends[0], Connected):
             assert self.m.outcome == "connected"
             kinds = [type(c) for c in self.commands]

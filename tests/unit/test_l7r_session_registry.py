@@ -34,7 +34,7 @@ def test_one_claim_of_a_vm_at_a_time_however_claimers_interleave(registry, monke
         calls[0] += 1
         gevent.sleep(random.uniform(0, 0.002))
         inside[0] -= 1
-        return "wait", (9, 55)
+        return "wait", (9, 55), None
     monkeypatch.setattr(runtime, "claim_session", claim_session)
     rng = random.Random(11)
 
@@ -52,10 +52,10 @@ def test_a_claim_registers_the_session_and_sees_other_live_ones(registry, monkey
 
     def claim_session(db, vm_id, host_id, pid, user_id, live_here):
         seen.append((vm_id, host_id, pid, user_id, live_here))
-        return ("claim" if not live_here else "abort"), (None, None)
+        return ("claim" if not live_here else "abort"), (None, None), None
     monkeypatch.setattr(runtime, "claim_session", claim_session)
     first, second = Session(7, "u", "a"), Session(7, "u", "b")
-    assert registry.claim(first, 1) == ("claim", (None, None))
+    assert registry.claim(first, 1) == ("claim", (None, None), None)
     assert registry.live == {7: first} and first.claimed
     assert registry.claim(first, 1)[0] == "claim"            # itself is not "another live session"
     assert registry.claim(second, 1)[0] == "abort" and not second.claimed

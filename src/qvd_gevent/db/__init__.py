@@ -221,8 +221,12 @@ class Database:
             self._close_quietly(self._idle.pop())
 
     # --- transactions ----------------------------------------------------------------
-    def transaction(self, fn, *args, retries=None, **kwargs):
+    def transaction(self, fn, *args, retries=None, autocommit=False, **kwargs):
         """Run fn(cursor, *args, **kwargs) in one serializable transaction and commit.
+
+        autocommit=True: no BEGIN and no COMMIT; each statement of fn is a transaction of its
+        own at the server's default isolation (for fn that runs one statement: one round
+        trip instead of three).
 
         Retried on serialization failures and deadlocks (the original runs SERIALIZABLE
         and so must expect them); once on a connection lost before commit; and on a server
@@ -239,6 +243,14 @@ class Database:
             try:
                 with self.connection() as conn:
                     try:
+                        if autocommit:
+                            conn.autocommit = True
+                            try:
+                                with conn.cursor() as cur:
+                                    return fn(cur, *args, **kwargs)
+                            finally:
+                                if not conn.closed:
+                                    conn.autocommit = False
                         with conn.cursor() as cur:
                             result = fn(cur, *args, **kwargs)
                         conn.commit()
@@ -273,6 +285,14 @@ class Database:
                         continue
                     raise DatabaseUnavailable(f"database connection lost: {_first_line(exc)}") from None
                 raise
+
+    def statement(self, sql, params=None, retries=None):
+        """One statement as its own transaction, in one round trip; its rows ([] without).
+        Retried as transaction() retries."""
+        def run(cur):
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+        return self.transaction(run, retries=retries, autocommit=True)
 
     def query(self, sql, params=None):
         """Run one statement in its own transaction; return all rows (or [] without rows)."""

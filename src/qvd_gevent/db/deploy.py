@@ -7,6 +7,7 @@ import psycopg2
 
 from .. import add_version_option
 from . import SCHEMA_VERSION, Database, DatabaseUnavailable
+from .runtime import functions_sql
 from ..config import Config, ConfigError
 
 EXIT_OK, EXIT_ALREADY, EXIT_FAILED = 0, 2, 3
@@ -55,6 +56,7 @@ def deploy(db, force=False):
             if force:
                 cur.execute(_DROP)
             cur.execute(schema_sql())
+            cur.execute(functions_sql())
             cur.execute("SELECT current_database()")
             dbname = cur.fetchone()[0]
             # As the original: every session defaults to SERIALIZABLE.

@@ -21,6 +21,7 @@ guarded write that hits no row returns False: the caller lost the row to the clu
 """
 import hashlib
 import json
+from importlib import resources
 import secrets
 import string
 import time
@@ -85,55 +86,42 @@ def decide_claim(row, me_host, me_pid, live_here):
     return "abort"
 
 
-def _claim_tx(cur, vm_id, host_id, pid, user_id, live_here):
-    cur.execute("SELECT user_state, l7r_host_id, l7r_pid, user_cmd FROM vm_runtimes WHERE vm_id = %s FOR UPDATE",
-                (vm_id,))
-    row = cur.fetchone()
-    if row is None:
-        return "gone", None
-    decision = decide_claim(row, host_id, pid, live_here)
-    if decision == "claim":
-        if row[0] != "disconnected":
-            _revoke_session_tokens(cur, [vm_id])       # the dead holder's session ends here
-        cur.execute("UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = %s, l7r_pid = %s, "
-                    "l7r_host_id = %s, user_cmd = NULL, real_user_id = %s WHERE vm_id = %s",
-                    (now_epoch(), pid, host_id, user_id, vm_id))
-    elif decision == "abort":
-        cur.execute("UPDATE vm_runtimes SET user_cmd = 'abort' WHERE vm_id = %s", (vm_id,))
-        notify(cur, user_commands_channel(row[1]), str(vm_id))
-    elif decision == "wait" and row[1] is not None:
-        # re-announce: the holder may have missed the first NOTIFY (LISTEN reconnect)
-        notify(cur, user_commands_channel(row[1]), str(vm_id))
-    return decision, (row[1], row[2])
+ACCESS_DENIED = {
+    "gone": (404, "The requested virtual machine does not exist"),
+    "forbidden": (403, "You are not allowed to access requested virtual machine"),
+    "blocked": (403, "The requested virtual machine is offline for maintenance"),
+}
 
 
 def claim_session(db, vm_id, host_id, pid, user_id, live_here):
-    """Take the VM's session for (host_id, pid), or ask its holder to let go.
+    """Take the VM's session for (host_id, pid), or ask its holder to let go, in one round
+    trip (functions.sql, qvd_claim_session_v1: decide_claim's rule, with the access check).
 
-    Returns (outcome, (holder_host, holder_pid)); outcome is 'claim' (ours now, user_state
-    'connecting'), 'abort' (the holder was asked to let go: wait and retry), 'wait' (it was
-    asked already) or 'gone' (no such VM). SERIALIZABLE, retried."""
-    return db.transaction(_claim_tx, vm_id, host_id, pid, user_id, live_here, retries=CLAIM_RETRIES)
+    Returns (outcome, (holder_host, holder_pid), row): outcome 'claim' (ours now,
+    user_state 'connecting'; row is session_row's columns after the claim), 'abort' (the
+    holder was asked to let go: wait and retry), 'wait' (it was asked already), or a refusal
+    of ACCESS_DENIED ('gone', 'forbidden': not user_id's VM, 'blocked'); row is None then."""
+    rows = db.statement("SELECT * FROM qvd_claim_session_v1(%s, %s, %s, %s, %s, %s)",
+                        (vm_id, host_id, pid, user_id, live_here, now_epoch()), retries=CLAIM_RETRIES)
+    outcome, holder_host, holder_pid, *row = rows[0]
+    return outcome, (holder_host, holder_pid), (tuple(row) if outcome == "claim" else None)
 
 
-def _release_tx(cur, vm_id, host_id, pid, older_than):
-    read_committed(cur)
+_RELEASED_TOKENS = "DELETE FROM user_tokens WHERE vm_id IN (SELECT vm_id FROM released)"
+
+
+def release_session(db, vm_id, host_id, pid, older_than=None):
+    """Back to 'disconnected', only while (host_id, pid) still holds it (and, for a sweep,
+    only a claim older than older_than: never one made a moment ago), with the session's
+    tokens, in one round trip. Returns rows released."""
     sql = _RELEASE + " WHERE vm_id = %s AND l7r_host_id = %s AND l7r_pid = %s"
     params = [now_epoch(), vm_id, host_id, pid]
     if older_than is not None:
         sql += " AND coalesce(user_state_ts, 0) < %s"
         params.append(older_than)
-    cur.execute(sql, params)
-    released = cur.rowcount
-    if released:
-        _revoke_session_tokens(cur, [vm_id])
-    return released
-
-
-def release_session(db, vm_id, host_id, pid, older_than=None):
-    """Back to 'disconnected', only while (host_id, pid) still holds it (and, for a sweep,
-    only a claim older than older_than: never one made a moment ago). Returns rows released."""
-    return db.transaction(_release_tx, vm_id, host_id, pid, older_than)
+    rows = db.statement(f"WITH released AS ({sql} RETURNING vm_id), gone AS ({_RELEASED_TOKENS}) "
+                        "SELECT count(*) FROM released", params)
+    return rows[0][0]
 
 
 def _release_aborted_tx(cur, vm_id, host_id, pid):
@@ -180,24 +168,20 @@ def sessions_to_abort(db, host_id, pid):
                                    "AND user_cmd = 'abort'", (host_id, pid))]
 
 
-def _mark_connected_tx(cur, vm_id, host_id, pid):
-    read_committed(cur)
-    cur.execute("SELECT user_state, user_cmd, l7r_host_id, l7r_pid FROM vm_runtimes WHERE vm_id = %s FOR UPDATE",
-                (vm_id,))
-    row = cur.fetchone()
-    if row is None or row[1] == "abort" or (row[2], row[3]) != (host_id, pid):
-        return f"Aborted by contending session VM_ID: {vm_id}"
-    if row[0] != "connecting":
-        return f"User state unexpectedly went to {row[0]}"
-    cur.execute("UPDATE vm_runtimes SET user_state = 'connected', user_state_ts = %s WHERE vm_id = %s",
-                (now_epoch(), vm_id))
-    return None
-
-
 def mark_connected(db, vm_id, host_id, pid):
-    """'connecting' -> 'connected' while (host_id, pid) holds the row and no abort stands.
-    Returns None, or why not (the client's 503 text)."""
-    return db.transaction(_mark_connected_tx, vm_id, host_id, pid)
+    """'connecting' -> 'connected' while (host_id, pid) holds the row and no abort stands,
+    in one round trip. Returns None, or why not (the client's 503 text)."""
+    rows = db.statement(
+        "WITH done AS (UPDATE vm_runtimes SET user_state = 'connected', user_state_ts = %s "
+        "WHERE vm_id = %s AND l7r_host_id = %s AND l7r_pid = %s AND user_state = 'connecting' "
+        "AND user_cmd IS DISTINCT FROM 'abort' RETURNING 1) "
+        "SELECT (SELECT count(*) FROM done), user_state, user_cmd, l7r_host_id, l7r_pid "
+        "FROM vm_runtimes WHERE vm_id = %s", (now_epoch(), vm_id, host_id, pid, vm_id))
+    if rows and rows[0][0] == 1:
+        return None
+    if not rows or rows[0][2] == "abort" or (rows[0][3], rows[0][4]) != (host_id, pid):
+        return f"Aborted by contending session VM_ID: {vm_id}"
+    return f"User state unexpectedly went to {rows[0][1]}"
 
 
 def _access_tx(cur, vm_id, user_id, claim_user):
@@ -526,6 +510,31 @@ def store_auth_params(cur, params):
     return cur.fetchone()[0]
 
 
+def session_params(db, vm_id, host_id, user_id, login, params, lifetime, with_key):
+    """What x_start needs from the database, and the session's token stored, in one round
+    trip (functions.sql, qvd_session_params_v1): (host address, agent key, the VM's combined
+    properties, token), or None when with_key and the VM has no agent key (nothing written).
+    The token's login parameters are stored only when they say more than the login, which
+    redeem_token adds by itself."""
+    token = new_token()
+    extra = None if params == {"qvd.vm.user.name": login} else json.dumps(params)
+    rows = db.statement("SELECT * FROM qvd_session_params_v1(%s, %s, %s, %s, %s, %s, %s)",
+                        (vm_id, host_id, user_id, token_digest(token), now_epoch() + lifetime, extra, with_key))
+    address, agent_key, properties = rows[0]
+    if with_key and agent_key is None:
+        return None
+    return address, agent_key, properties or {}, token
+
+
+def functions_sql():
+    return resources.files("qvd_gevent.db").joinpath("functions.sql").read_text()
+
+
+def install_functions(db):
+    """(Re)create the server-side steps of functions.sql (idempotent, versioned names)."""
+    db.execute(functions_sql())
+
+
 def issue_token(cur, user_id, params, lifetime, vm_id=None, multi_use=True):
     """Fragment: a new bearer token for user_id, valid lifetime seconds, carrying params
     (bound to vm_id when given). Returns (token, auth_params_id); only its digest is stored."""
@@ -549,35 +558,32 @@ class TokenGrant:
         self.params = params
 
 
-def _redeem_tx(cur, token):
+def redeem_token(db, token):
+    """(None, TokenGrant) for a valid token (a single-use one is spent by this, atomically),
+    else (reason, None) with reason unknown_token / expired_token (deleted) / user_blocked /
+    tenant_blocked. A valid multi-use token costs one round trip."""
     digest = token_digest(token)
-    cur.execute("SELECT t.user_id, t.vm_id, t.expiration, t.multi_use, p.parameters, "
-                "u.login, u.tenant_id, u.blocked, tn.blocked "
-                "FROM user_tokens t JOIN users u ON u.id = t.user_id JOIN tenants tn ON tn.id = u.tenant_id "
-                "LEFT JOIN user_auth_parameters p ON p.id = t.auth_params_id WHERE t.token = %s", (digest,))
-    row = cur.fetchone()
-    if row is None:
+    rows = db.statement("SELECT t.user_id, t.vm_id, t.expiration, t.multi_use, p.parameters, "
+                        "u.login, u.tenant_id, u.blocked, tn.blocked "
+                        "FROM user_tokens t JOIN users u ON u.id = t.user_id JOIN tenants tn ON tn.id = u.tenant_id "
+                        "LEFT JOIN user_auth_parameters p ON p.id = t.auth_params_id WHERE t.token = %s", (digest,))
+    if not rows:
         return "unknown_token", None
-    user_id, vm_id, expiration, multi_use, params, login, tenant_id, user_blocked, tenant_blocked = row
-    if now_epoch() > expiration:
-        cur.execute("DELETE FROM user_tokens WHERE token = %s", (digest,))
+    user_id, vm_id, expiration, multi_use, params, login, tenant_id, user_blocked, tenant_blocked = rows[0]
+    now = now_epoch()
+    if now > expiration:
+        db.statement("DELETE FROM user_tokens WHERE token = %s AND expiration < %s", (digest, now))
         return "expired_token", None
     if tenant_blocked:
         return "tenant_blocked", None
     if user_blocked:
         return "user_blocked", None
-    if not multi_use:
-        cur.execute("UPDATE user_tokens SET expiration = 0 WHERE token = %s", (digest,))
+    if not multi_use and not db.statement("UPDATE user_tokens SET expiration = 0 WHERE token = %s "
+                                          "AND expiration >= %s RETURNING 1", (digest, now)):
+        return "expired_token", None            # spent by a concurrent use a moment ago
     if isinstance(params, str):
         params = json.loads(params)
     return None, TokenGrant(user_id, vm_id, login, tenant_id, params or {})
-
-
-def redeem_token(db, token):
-    """(None, TokenGrant) for a valid token (a single-use one is spent by this), else
-    (reason, None) with reason unknown_token / expired_token (deleted) / user_blocked /
-    tenant_blocked."""
-    return db.transaction(_redeem_tx, token)
 
 
 def revoke_token(db, token):

@@ -42,6 +42,7 @@ from ..common import metrics
 from ..db import runtime
 from ..db.placement import NoHostAvailable
 from ..vma.client import VmaClient, VmaError, legacy_unauthenticated, open_display
+from .http import HttpError
 from .sessions import SessionAborted, shielded
 from .splice import Splice, tune_socket
 from .vma_params import session_vma_params, slave_key
@@ -64,8 +65,9 @@ class Begin:
 
 @dataclass(frozen=True)
 class ClaimResult:
-    outcome: str                    # runtime.claim_session: claim, abort, wait or gone
+    outcome: str                    # runtime.claim_session: claim, abort, wait, or gone/forbidden/blocked
     holder: tuple = (None, None)    # (l7r_host_id, l7r_pid) of the row before the claim
+    row: object = None              # SessionRow after a claim: the connect goes on with it
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,14 @@ class Fail:
     message: str
 
 
-TERMINAL = (Connected, Fail)
+@dataclass(frozen=True)
+class Deny:
+    """End, before any 102 line: not this user's VM (403), blocked (403) or none (404)."""
+    status: int
+    message: str
+
+
+TERMINAL = (Connected, Fail, Deny)
 
 
 @dataclass(frozen=True)
@@ -336,10 +345,20 @@ class ConnectMachine:
         if event.outcome == "claim":
             self.claimed = True
             out.append(SendInfo(f"Session acquired for VM_ID: {self.vm_id}"))
-            self._step(out, "check", ReadRow())
+            if event.row is not None:
+                self._on_check(out, RowSeen(event.row), now)   # the claim read the row it wrote
+            else:
+                self._step(out, "check", ReadRow())
             return
-        if event.outcome == "gone":
-            self._fail(out, "The requested virtual machine does not exist")
+        if event.outcome in runtime.ACCESS_DENIED:
+            status, message = runtime.ACCESS_DENIED[event.outcome]
+            if self.attempts == 1:
+                self.phase = "denied"
+                self.awaiting = None
+                self.outcome = message
+                out.append(Deny(status, message))
+            else:                       # gone (or given away) while we waited to take it over
+                self._fail(out, message)
             return
         if self.attempts == 1 or event.outcome == "abort":
             out.append(Log(f"VM {self.vm_id}: session held by host {event.holder[0]} pid {event.holder[1]}; "
@@ -542,6 +561,7 @@ class ConnectRunner:
         self.params = None
         self.vma = None
         self.vm_sock = None
+        self.denied = None
 
     def run(self):
         try:
@@ -554,6 +574,11 @@ class ConnectRunner:
             raise
         if outcome == "connected":
             return self._splice()
+        if self.denied is not None and self.conn.h11.our_state is h11.SEND_RESPONSE:
+            # the access check is the claim's first step: nothing was claimed, no 102 was sent
+            self.session.greenlet = None
+            metrics.inc("qvd_l7r_connects_total", result="denied")
+            raise HttpError(self.denied.status, self.denied.message)
         self._failed(outcome)
         return False
 
@@ -562,6 +587,9 @@ class ConnectRunner:
         pending = deque(machine.handle(Begin(), time.monotonic()))
         while pending:
             command = pending.popleft()
+            if isinstance(command, Deny):
+                self.denied = command
+                return machine.outcome
             if isinstance(command, TERMINAL):
                 return machine.outcome
             try:
@@ -587,7 +615,8 @@ class ConnectRunner:
         elif isinstance(command, Log):
             log.info("%s", command.text)
         elif isinstance(command, Claim):
-            return ClaimResult(*ctx.sessions.claim(self.session, self.auth.user_id))
+            outcome, holder, row = ctx.sessions.claim(self.session, self.auth.user_id)
+            return ClaimResult(outcome, holder, SessionRow._make(row) if row is not None else None)
         elif isinstance(command, ReadRow):
             row = runtime.session_row(ctx.db, self.vm_id)
             return RowSeen(SessionRow._make(row) if row is not None else None)

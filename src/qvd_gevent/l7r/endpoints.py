@@ -118,16 +118,19 @@ def check_token_vm(auth, vm_id):
         raise HttpError(403, "vm_id does not match with provided token")
 
 
-def session_params(ctx, request, auth, vm_id):
+def session_params(ctx, request, auth, vm_id, check_access=True):
     """A connect's last pre-checks (its query's names, the user's access to the VM): the
-    client's x_start parameters."""
+    client's x_start parameters. check_access=False where the claim checks the access (its
+    first answer, before any 102 line): connect_to_vm; the browser's must answer before it
+    switches to the WebSocket."""
     foreign = [k for k in request.query if k != "id" and not (k.startswith("qvd.client.") or k.startswith("custom."))]
     if foreign:
         raise HttpError(403, "Invalid parameters " + " ".join(foreign))
-    denied = runtime.check_vm_access(ctx.db, vm_id, auth.user_id, True)
-    if denied:
-        metrics.inc("qvd_l7r_connects_total", result="denied")
-        raise HttpError(*denied)
+    if check_access:
+        denied = runtime.check_vm_access(ctx.db, vm_id, auth.user_id, True)
+        if denied:
+            metrics.inc("qvd_l7r_connects_total", result="denied")
+            raise HttpError(*denied)
     return {k: v for k, v in request.query.items() if k != "id"}
 
 
@@ -201,7 +204,7 @@ def connect_to_vm(ctx, conn, request, peer_ip, cache):
         raise HttpError(426)
     vm_id = vm_id_param(request)
     check_token_vm(auth, vm_id)
-    client_params = session_params(ctx, request, auth, vm_id)
+    client_params = session_params(ctx, request, auth, vm_id, check_access=False)
     auth_vars = parse_auth_headers(request.raw_headers)
     return open_session(ctx, NativeFront(conn), Session(vm_id, auth.login, peer_ip), auth, client_params, auth_vars,
                         began)

@@ -13,10 +13,11 @@ import time
 import gevent
 import gevent.pool
 import gevent.socket
+import psycopg2
 from gevent.server import StreamServer
 
 from ..common import metrics
-from ..db import DatabaseUnavailable
+from ..db import DatabaseUnavailable, runtime
 from ..vma.client import legacy_unauthenticated
 from . import endpoints, tls
 from .auth import Authenticator
@@ -49,7 +50,7 @@ class L7RService:
         self.ssl_context = None
         self._unsubscribe = []
         self._draining = False
-        self.host = NodeHost(cfg, db)
+        self.host = NodeHost(cfg, db, listener)
         self.counters = Counters(db, self.host)
         self.registry = Sessions(cfg, db, listener, self.host, self.counters)
         throttle = Throttle(cfg.get_int("l7r.auth.throttle.max_failures"), cfg.get_int("l7r.auth.throttle.window"),
@@ -93,6 +94,11 @@ class L7RService:
         it with nothing to undo."""
         cfg = self.cfg
         legacy_unauthenticated(cfg, "L7R")
+        try:
+            runtime.install_functions(self.db)      # an older database gets this version's steps
+        except psycopg2.Error as exc:
+            raise L7RConfigError("cannot install the connect steps of db/functions.sql in the database "
+                                 f"({str(exc).strip().splitlines()[0]}); run them as the database's owner") from None
         self.host.lookup()
         if cfg.get_bool("l7r.use_ssl"):
             try:
@@ -141,6 +147,7 @@ class L7RService:
         self.registry.stop()
         self.counters.stop()
         self.auth.close()
+        self.host.close()
 
     # --- TLS material ------------------------------------------------------------------------
     def _on_config_changed(self, channel, payload):

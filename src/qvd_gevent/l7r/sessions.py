@@ -133,7 +133,7 @@ class Sessions:
     # --- claim and wait -------------------------------------------------------------------
     def claim(self, session, user_id):
         """Claim the VM's row for session (registered here when it is ours), or ask its
-        holder to let go: runtime.claim_session's (outcome, holder)."""
+        holder to let go: runtime.claim_session's (outcome, holder, row)."""
         vm_id = session.vm_id
         # One claim of a VM at a time in this process: whether another session of ours
         # holds it must still be true when the row is written (the row names the
@@ -149,7 +149,8 @@ class Sessions:
             with entry[0]:
                 other = self.live.get(vm_id)
                 live_here = other is not None and other is not session
-                outcome, holder = runtime.claim_session(self.db, vm_id, self.host.id, self.pid, user_id, live_here)
+                outcome, holder, row = runtime.claim_session(self.db, vm_id, self.host.id, self.pid, user_id,
+                                                             live_here)
                 if outcome == "claim":
                     session.claimed = True
                     self.live[vm_id] = session
@@ -157,7 +158,7 @@ class Sessions:
             entry[1] -= 1
             if entry[1] == 0 and self._claim_locks.get(vm_id) is entry:
                 del self._claim_locks[vm_id]
-        return outcome, holder
+        return outcome, holder, row
 
     def wait_vm_event(self, vm_id, timeout):
         """Wait up to timeout for a change of the VM's row (or a LISTEN reconnect)."""
