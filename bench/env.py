@@ -143,7 +143,7 @@ class BenchEnv:
             "l7r.address = 127.0.0.1", f"l7r.port = {self.l7r_port}",
             f"l7r.metrics.address = 127.0.0.1:{free_port()}",
             "internal.hkd.address_check.enabled = 0", "vm.network.use_dhcp = 0",
-            "vm.process.address.base = 127.78.0.0/16",
+            "vm.process.address.base = auto",        # a range of its own: other nodes may run here
             # the node runs in the machine's own network namespace: no nftables table there that a
             # killed run would leave behind (docs/hkd.md#process-vms)
             "internal.vm.network.firewall.enable = 0",
