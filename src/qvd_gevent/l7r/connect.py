@@ -585,6 +585,16 @@ class ConnectRunner:
     def _drive(self):
         machine = self.machine
         pending = deque(machine.handle(Begin(), time.monotonic()))
+        # the 102 lines between two waits go out together: before a step that waits, they
+        # are flushed (so the client sees them while it waits), and the last line goes out
+        # with the 101 (docs/protocol.md#connect-to-vm: the same lines, fewer records)
+        self.conn.hold_output()
+        try:
+            return self._drive_commands(machine, pending)
+        finally:
+            self.conn.flush()
+
+    def _drive_commands(self, machine, pending):
         while pending:
             command = pending.popleft()
             if isinstance(command, Deny):
@@ -593,6 +603,9 @@ class ConnectRunner:
             if isinstance(command, TERMINAL):
                 return machine.outcome
             try:
+                if isinstance(command, Step) and not isinstance(command, SendSwitch):
+                    self.conn.flush()
+                    self.conn.hold_output()
                 event = self._execute(command)
             except SessionAborted as exc:
                 if machine.finished:

@@ -6,6 +6,7 @@ an error is the body `"",<json error>`; 401 when the key is missing or wrong.
 Cooperative under gevent's monkey patching (http.client over patched sockets).
 """
 import http.client
+import ipaddress
 import json
 import logging
 import socket
@@ -33,6 +34,29 @@ class VmaError(Exception):
     """The VMA could not be reached or its method failed."""
 
 
+def connect_to(address, port, timeout):
+    """A TCP connection to address:port. A VM's address is an IP address: it is connected to
+    as such, without the resolver (gevent's resolver hands every lookup, even of an address,
+    to a thread: two thread hand-offs per VMA call and per display)."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.create_connection((address, int(port)), timeout=timeout)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((address, int(port)))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _VmaConnection(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = connect_to(self.host, self.port, self.timeout)
+
+
 class VmaClient:
     """key: the VM's agent key (vm_agent_keys); None calls as the original did, without one."""
 
@@ -47,7 +71,7 @@ class VmaClient:
         return f"/vma/{method}" + (f"?{query}" if query else "")
 
     def call(self, method, **params):
-        conn = http.client.HTTPConnection(self.address, self.port, timeout=self.timeout)
+        conn = _VmaConnection(self.address, self.port, timeout=self.timeout)
         headers = {"Connection": "close"}
         if self.key is not None:
             headers["Authorization"] = f"Bearer {self.key}"
@@ -86,7 +110,7 @@ def open_display(address, port, display_key, timeout):
     """A connection to the VM's display port that its gate admitted with display_key (the
     key the last x_start armed); None opens it as the original did, with no preamble.
     Raises OSError when it cannot be opened or the gate refuses it."""
-    sock = socket.create_connection((address, int(port)), timeout=timeout)
+    sock = connect_to(address, port, timeout)
     if display_key is None:
         return sock
     try:
