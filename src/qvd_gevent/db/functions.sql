@@ -4,6 +4,17 @@
 -- a database during an upgrade. Installed by qvd-deploy-db and again at every L7R start
 -- (CREATE OR REPLACE), so an existing database gets them without a migration step.
 
+-- Ours: one channel whose payload is the vm_id, so a greenlet waiting on one VM (an L7R
+-- waiting for 'running', a session holder watching for 'abort') wakes without polling;
+-- ":abort" follows the id while user_cmd is 'abort', so a holder queries its rows only then.
+CREATE OR REPLACE FUNCTION qvd_notify_vm_id() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('qvd_vm_runtime', NEW.vm_id::text || CASE WHEN NEW.user_cmd = 'abort' THEN ':abort' ELSE '' END);
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER vm_runtimes_vm_id AFTER UPDATE OF vm_state, vm_cmd, user_state, user_cmd, host_id
+    ON vm_runtimes FOR EACH ROW EXECUTE PROCEDURE qvd_notify_vm_id();
+
 -- The claim rule is db/runtime.py's decide_claim; tests/integration/test_runtime_rows.py
 -- checks that both give the same answer for every case.
 CREATE OR REPLACE FUNCTION qvd_claim_session_v1(p_vm integer, p_host integer, p_pid integer, p_user integer,

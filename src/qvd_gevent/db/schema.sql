@@ -301,15 +301,7 @@ CREATE TRIGGER vm_runtimes_blocked AFTER UPDATE OF blocked ON vm_runtimes FOR EA
 CREATE TRIGGER vm_runtimes_changed AFTER UPDATE OF vm_state, user_state, vm_expiration_soft, vm_expiration_hard ON vm_runtimes FOR EACH ROW EXECUTE PROCEDURE qvd_notify_vm_runtime('vm_changed');
 CREATE TRIGGER vm_runtimes_desktop AFTER UPDATE OF vm_state, user_state ON vm_runtimes FOR EACH ROW EXECUTE PROCEDURE qvd_notify_vm_runtime('desktop_changed');
 
--- Ours: one channel whose payload is the vm_id, so a greenlet waiting on one VM (an L7R
--- waiting for 'running', a session holder watching for 'abort') wakes without polling.
-CREATE FUNCTION qvd_notify_vm_id() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('qvd_vm_runtime', NEW.vm_id::text);
-    RETURN NULL;
-END $$;
-CREATE TRIGGER vm_runtimes_vm_id AFTER UPDATE OF vm_state, vm_cmd, user_state, user_cmd, host_id ON vm_runtimes
-    FOR EACH ROW EXECUTE PROCEDURE qvd_notify_vm_id();
+-- Ours: the channel qvd_vm_runtime (payload: the vm_id) is made by db/functions.sql.
 
 CREATE TRIGGER osfs_changed AFTER UPDATE ON osfs FOR EACH ROW EXECUTE PROCEDURE qvd_notify_tenant('osf_changed');
 CREATE TRIGGER osfs_created AFTER INSERT ON osfs FOR EACH ROW EXECUTE PROCEDURE qvd_notify_tenant('osf_created');

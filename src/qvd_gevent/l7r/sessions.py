@@ -244,13 +244,16 @@ class Sessions:
 
     # --- notifications and aborts ----------------------------------------------------------
     def _on_vm_runtime(self, channel, payload):
+        vm_id, _, what = payload.partition(":")
         try:
-            vm_id = int(payload)
+            vm_id = int(vm_id)
         except ValueError:
             return
         for event in self._waiters.get(vm_id, ()):
             event.set()
-        if vm_id in self.live:
+        # the abort itself: whoever writes one also notifies our host's channel; this is the
+        # net for a writer that does not (the row says abort: payload "<id>:abort")
+        if what == "abort" and vm_id in self.live:
             self._abort_check_wanted.set()
 
     def _on_user_cmd(self, channel, payload):
