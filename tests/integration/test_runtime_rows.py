@@ -371,3 +371,14 @@ def test_agent_keys_live_as_long_as_the_vms_run_on_their_node(db):
     prepare(mine, me, "e" * 43)
     db.transaction(runtime.set_vm_agent_key, mine, None)  # a start under vm.vma.legacy_unauthenticated
     assert runtime.vm_agent_key(db, mine) is None
+
+
+def test_nodes_starting_together_install_the_functions_once(db):
+    """Concurrent CREATE OR REPLACE of one function fails ("tuple concurrently updated"): the
+    installers take turns, and a database that has this version already is left alone."""
+    db.execute("COMMENT ON FUNCTION qvd_claim_session_v1(integer, integer, integer, integer, boolean, integer) "
+               "IS 'an older version'")
+    results = [g.value for g in gevent.joinall([gevent.spawn(runtime.install_functions, db) for _ in range(6)],
+                                               raise_error=True)]
+    assert results.count(True) == 1 and results.count(False) == 5
+    assert runtime.install_functions(db) is False

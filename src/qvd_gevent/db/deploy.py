@@ -7,7 +7,7 @@ import psycopg2
 
 from .. import add_version_option
 from . import SCHEMA_VERSION, Database, DatabaseUnavailable
-from .runtime import functions_sql
+from .runtime import install_functions_tx
 from ..config import Config, ConfigError
 
 EXIT_OK, EXIT_ALREADY, EXIT_FAILED = 0, 2, 3
@@ -58,12 +58,12 @@ def deploy(db, force=False):
             if force:
                 cur.execute(_DROP)
             cur.execute(schema_sql())
-            cur.execute(functions_sql())
             cur.execute("SELECT current_database()")
             dbname = cur.fetchone()[0]
             # As the original: every session defaults to SERIALIZABLE.
             cur.execute("ALTER DATABASE %s SET default_transaction_isolation TO serializable"
                         % psycopg2.extensions.quote_ident(dbname, cur))
+            install_functions_tx(cur)
         conn.commit()
         return EXIT_OK
     finally:

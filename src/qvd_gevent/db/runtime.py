@@ -530,9 +530,27 @@ def functions_sql():
     return resources.files("qvd_gevent.db").joinpath("functions.sql").read_text()
 
 
+def install_functions_tx(cur):
+    """Fragment, alone in its transaction: install_functions' work."""
+    sql = functions_sql()
+    digest = "sha256:" + hashlib.sha256(sql.encode("utf-8")).hexdigest()
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext('qvd_gevent functions.sql'))")
+    cur.execute("SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p WHERE p.proname = 'qvd_claim_session_v1'")
+    row = cur.fetchone()
+    if row is not None and row[0] == digest:
+        return False
+    cur.execute(sql)
+    cur.execute("COMMENT ON FUNCTION qvd_claim_session_v1(integer, integer, integer, integer, boolean, integer) "
+                "IS %s", (digest,))
+    return True
+
+
 def install_functions(db):
-    """(Re)create the server-side steps of functions.sql (idempotent, versioned names)."""
-    db.execute(functions_sql())
+    """Create or replace the server-side steps of functions.sql unless the database has this
+    very version already (its digest is the comment of qvd_claim_session_v1). Nodes starting
+    together take turns (an advisory lock): concurrent CREATE OR REPLACE of one function
+    fails with "tuple concurrently updated". Returns whether it installed."""
+    return db.transaction(install_functions_tx)
 
 
 def issue_token(cur, user_id, params, lifetime, vm_id=None, multi_use=True):
