@@ -7,7 +7,10 @@ display port. Exits on SIGTERM and after answering poweroff.
 With QVD_VMA_SECRET (the agent key the HKD made for this start) every call must carry
 ``Authorization: Bearer <key>`` (else 401, counted in the log as "refused"), and the
 display admits only the connection presenting the key of the last x_start, as
-qvd-vma's gate does (docs/protocol.md#display-gate). Without it (the node's
+qvd-vma's gate does (docs/protocol.md#display-gate): an x_start of an older claim
+(qvd.display.generation) is refused, a new arming or admission closes the connection
+before it, and the log says so ("display: admitted generation=G", "display: taken while
+open", "display: stale x_start"), which is what the concurrency tests read. Without it (the node's
 vm.vma.legacy_unauthenticated) it answers everyone, like the original VMA.
 Env knobs for tests: TINY_VM_NO_VMA=1 (never answer: a VM whose agent is dead),
 TINY_VM_IGNORE_TERM=1 (ignore SIGTERM: forces the HKD to SIGKILL).
@@ -29,13 +32,35 @@ VMA_PORT = int(os.environ.get("QVD_VMA_PORT", "3030"))
 X_PORT = int(os.environ.get("QVD_X_PORT", "4100"))
 SECRET = os.environ.pop("QVD_VMA_SECRET", None)
 x_state = {"value": "stopped"}
-armed = {"key": None}
+armed = {"key": None, "generation": None, "current": None}
 armed_lock = threading.Lock()
+
+
+def _take_current(by):
+    """Close the admitted connection for a newer session (armed_lock held); a connection
+    whose L7R had not closed it yet is logged: two sessions would have overlapped."""
+    conn, armed["current"] = armed["current"], None
+    if conn is None:
+        return
+    if not display_gate.peer_closed(conn):
+        sys.stderr.write(f"display: taken while open by generation={by}\n")
+    try:
+        conn.shutdown(2)
+    except OSError:
+        pass
 
 
 class Vma(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         sys.stderr.write("vma: " + (fmt % args) + "\n")
+
+    def _error(self, message):
+        body = ('"",' + json.dumps(message)).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def _answer(self, result):
         body = json.dumps(result).encode()
@@ -58,8 +83,19 @@ class Vma(BaseHTTPRequestHandler):
             self._answer(x_state["value"])
         elif method == "/vma/x_start":
             params = dict(urllib.parse.parse_qsl(query))
+            generation = params.get(display_gate.GENERATION_PARAM)
+            generation = int(generation) if generation is not None else None
             with armed_lock:
+                if generation is not None and armed["generation"] is not None and generation < armed["generation"]:
+                    sys.stderr.write(f"display: stale x_start generation={generation} "
+                                     f"(holder {armed['generation']})\n")
+                    self._error(f"a newer session (claim {armed['generation']}) holds the display")
+                    return
+                if generation is not None:
+                    armed["generation"] = generation
                 armed["key"] = params.get(display_gate.PARAM)
+                if SECRET is not None:
+                    _take_current(generation)
             x_state["value"] = "listening"
             self._answer(1)
         elif method == "/vma/poweroff":
@@ -83,10 +119,20 @@ class Echo(socketserver.StreamRequestHandler):
                 if key is None or armed["key"] is None or not hmac.compare_digest(key, armed["key"]):
                     return
                 armed["key"] = None
+                _take_current(armed["generation"])
+                armed["current"] = self.request
+                sys.stderr.write(f"display: admitted generation={armed['generation']}\n")
             self.request.settimeout(None)
             self.wfile.write(display_gate.ACK)
-        for line in self.rfile:
-            self.wfile.write(line)
+        try:
+            for line in self.rfile:
+                self.wfile.write(line)
+        except OSError:
+            pass
+        finally:
+            with armed_lock:
+                if armed["current"] is self.request:
+                    armed["current"] = None
 
 
 class EchoServer(socketserver.ThreadingTCPServer):

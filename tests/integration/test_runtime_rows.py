@@ -93,7 +93,7 @@ def test_release_and_mark_connected_are_guarded_by_the_holder(db):
     assert runtime.claim_session(db, vm_id, me, 10, owner(db, vm_id), True)[0] == "claim"
     conn = listen(db, runtime.user_commands_channel(me))
     try:
-        assert runtime.claim_session(db, vm_id, other, 20, owner(db, vm_id), False) == ("abort", (me, 10), None)
+        assert runtime.claim_session(db, vm_id, other, 20, owner(db, vm_id), False) == ("abort", (me, 10), None, None)
         assert notified(conn) == [(runtime.user_commands_channel(me), str(vm_id))]
         assert runtime.sessions_to_abort(db, me, 10) == [vm_id]
         assert runtime.mark_connected(db, vm_id, me, 10).startswith("Aborted by contending session")
@@ -118,12 +118,20 @@ def test_the_claim_checks_access_and_brings_the_row_it_wrote(db):
     db.execute("UPDATE vm_runtimes SET vm_state = 'running', host_id = %s, vm_address = '10.0.0.7', "
                "vm_vma_port = 3030, vm_x_port = 5000 WHERE vm_id = %s", (me, vm_id))
     before = db.query("SELECT * FROM vm_runtimes")
-    assert runtime.claim_session(db, vm_id, me, 1, user + 1, False) == ("forbidden", (None, None), None)
+    assert runtime.claim_session(db, vm_id, me, 1, user + 1, False) == ("forbidden", (None, None), None, None)
     db.transaction(runtime.set_vms_blocked, [vm_id], True)
     assert runtime.claim_session(db, vm_id, me, 1, user, False)[0] == "blocked"
     db.transaction(runtime.set_vms_blocked, [vm_id], False)
     assert db.query("SELECT * FROM vm_runtimes") == before      # a refusal changes nothing
-    outcome, holder, row = runtime.claim_session(db, vm_id, me, 1, user, False)
+    outcome, holder, row, generation = runtime.claim_session(db, vm_id, me, 1, user, False)
+    assert (outcome, holder) == ("claim", (None, None))
+    runtime.release_session(db, vm_id, me, 1)
+    later = runtime.claim_session(db, vm_id, me, 2, user, False)
+    assert later[0] == "claim" and later[3] > generation          # each claim comes after the one before
+    outcome, holder, row, generation = runtime.claim_session(db, vm_id, me, 2, user, True)   # the claimer itself
+    assert outcome == "abort"
+    runtime.release_session(db, vm_id, me, 2)
+    outcome, holder, row, generation = runtime.claim_session(db, vm_id, me, 1, user, False)
     assert (outcome, holder) == ("claim", (None, None))
     assert row == runtime.session_row(db, vm_id) == ("running", None, "connecting", None, me, me, 1, "10.0.0.7",
                                                      3030, 5000)
@@ -144,7 +152,7 @@ def test_the_claim_in_the_database_follows_decide_claim(db, user_state, holder, 
     db.execute("UPDATE vm_runtimes SET user_state = %s, l7r_host_id = %s, l7r_pid = %s, user_cmd = %s "
                "WHERE vm_id = %s", (user_state, held[0], held[1], user_cmd, vm_id))
     expected = runtime.decide_claim((user_state, held[0], held[1], user_cmd), me, 10, live_here)
-    outcome, got_holder, _ = runtime.claim_session(db, vm_id, me, 10, user, live_here)
+    outcome, got_holder, _, _ = runtime.claim_session(db, vm_id, me, 10, user, live_here)
     assert (outcome, got_holder) == (expected, held)
     after = db.query_one("SELECT user_state, l7r_host_id, l7r_pid, user_cmd FROM vm_runtimes WHERE vm_id = %s",
                          (vm_id,))
@@ -376,7 +384,7 @@ def test_agent_keys_live_as_long_as_the_vms_run_on_their_node(db):
 def test_nodes_starting_together_install_the_functions_once(db):
     """Concurrent CREATE OR REPLACE of one function fails ("tuple concurrently updated"): the
     installers take turns, and a database that has this version already is left alone."""
-    db.execute("COMMENT ON FUNCTION qvd_claim_session_v1(integer, integer, integer, integer, boolean, integer) "
+    db.execute("COMMENT ON FUNCTION qvd_claim_session_v2(integer, integer, integer, integer, boolean, integer) "
                "IS 'an older version'")
     results = [g.value for g in gevent.joinall([gevent.spawn(runtime.install_functions, db) for _ in range(6)],
                                                raise_error=True)]

@@ -249,6 +249,48 @@ def test_a_new_arming_closes_the_previous_display_connection(make_vma):
     new.close()
 
 
+def test_an_older_claims_x_start_is_refused_and_leaves_the_display_alone(make_vma):
+    """A contender aborted mid-way may still have an x_start on its way: it must not arm the
+    display over the session that took the VM from it (qvd.display.generation: the claim's)."""
+    service, client = make_vma()
+    assert client.x_start(**{display_gate.GENERATION_PARAM: "20"}) == "starting"
+    conn = client.display(service.address)
+    conn.sendall(b"newer\n")
+    assert conn.recv(100) == b"newer\n"
+    with pytest.raises(VmaError, match="a newer session"):
+        client.x_start(**{display_gate.GENERATION_PARAM: "19"})
+    conn.sendall(b"still mine\n")
+    assert conn.recv(100) == b"still mine\n"
+    assert service.gate.generation == 20
+    conn.close()
+
+
+def _x_start_in_any_state(client, **params):
+    try:
+        client.x_start(**params)
+    except VmaError as exc:                   # a takeover while connected: armed all the same
+        assert "in state connected" in str(exc)
+
+
+def test_the_gate_tells_a_takeover_of_an_open_connection_from_one_its_l7r_closed(make_vma):
+    """The L7R closes a session's display connection before it releases the session's row,
+    and a newer session claims only after that release: a connection still open when the
+    newer session arms the display means two sessions overlapped. The gate counts those."""
+    service, client = make_vma()
+    client.x_start(**{display_gate.GENERATION_PARAM: "1"})
+    first = client.display(service.address)
+    wait_state(client, "connected")
+    first.close()                                                  # its L7R let go first
+    _x_start_in_any_state(client, **{display_gate.GENERATION_PARAM: "2"})
+    assert service.gate.taken_while_open == 0
+    second = client.display(service.address)
+    wait_state(client, "connected")
+    _x_start_in_any_state(client, **{display_gate.GENERATION_PARAM: "3"})   # taken while open
+    assert service.gate.taken_while_open == 1
+    assert second.recv(10) == b""
+    second.close()
+
+
 def test_silent_strangers_do_not_hold_up_the_armed_client(make_vma):
     service, client = make_vma({"internal.vma.display.key_timeout": "30"})
     assert client.x_start() == "starting"

@@ -34,7 +34,7 @@ def test_one_claim_of_a_vm_at_a_time_however_claimers_interleave(registry, monke
         calls[0] += 1
         gevent.sleep(random.uniform(0, 0.002))
         inside[0] -= 1
-        return "wait", (9, 55), None
+        return "wait", (9, 55), None, None
     monkeypatch.setattr(runtime, "claim_session", claim_session)
     rng = random.Random(11)
 
@@ -52,10 +52,10 @@ def test_a_claim_registers_the_session_and_sees_other_live_ones(registry, monkey
 
     def claim_session(db, vm_id, host_id, pid, user_id, live_here):
         seen.append((vm_id, host_id, pid, user_id, live_here))
-        return ("claim" if not live_here else "abort"), (None, None), None
+        return ("claim" if not live_here else "abort"), (None, None), None, None
     monkeypatch.setattr(runtime, "claim_session", claim_session)
     first, second = Session(7, "u", "a"), Session(7, "u", "b")
-    assert registry.claim(first, 1) == ("claim", (None, None), None)
+    assert registry.claim(first, 1) == ("claim", (None, None), None, None)
     assert registry.live == {7: first} and first.claimed
     assert registry.claim(first, 1)[0] == "claim"            # itself is not "another live session"
     assert registry.claim(second, 1)[0] == "abort" and not second.claimed
@@ -88,3 +88,25 @@ def test_an_aborted_setup_greenlet_gets_session_aborted():
     session.abort("node draining")
     g.join(5)
     assert caught == ["node draining"]
+
+
+def test_a_late_abort_never_runs_a_failed_setups_cleanup_twice():
+    """The release a failed setup's cleanup makes names the process, not the session: run a
+    second time after a late kill, it would release the row of the next session of this
+    process. The kill interrupts the wait for the cleanup, never the cleanup."""
+    from qvd_gevent.l7r.sessions import SessionAborted, shielded
+    runs = []
+
+    def cleanup():
+        runs.append("started")
+        gevent.sleep(0.05)                 # the release's round trip
+        runs.append("done")
+
+    def failed_setup():
+        shielded(cleanup)
+    setup = gevent.spawn(failed_setup)
+    gevent.sleep(0.01)
+    setup.kill(SessionAborted("late abort"), block=False)      # lands while the release is in flight
+    setup.join(2)
+    gevent.sleep(0.1)
+    assert runs == ["started", "done"]

@@ -17,9 +17,13 @@ CREATE OR REPLACE TRIGGER vm_runtimes_vm_id AFTER UPDATE OF vm_state, vm_cmd, us
 
 -- The claim rule is db/runtime.py's decide_claim; tests/integration/test_runtime_rows.py
 -- checks that both give the same answer for every case.
-CREATE OR REPLACE FUNCTION qvd_claim_session_v1(p_vm integer, p_host integer, p_pid integer, p_user integer,
+-- generation: the claim's transaction id, which grows with every claim of the cluster; the
+-- VM's display gate refuses an x_start of an older claim than the one it serves
+-- (docs/protocol.md#display-gate), so a contender aborted mid-way can never arm the display
+-- over the session that took the VM from it.
+CREATE OR REPLACE FUNCTION qvd_claim_session_v2(p_vm integer, p_host integer, p_pid integer, p_user integer,
                                                 p_live_here boolean, p_now integer)
-RETURNS TABLE (outcome text, holder_host integer, holder_pid integer,
+RETURNS TABLE (outcome text, holder_host integer, holder_pid integer, generation bigint,
                vm_state varchar, vm_cmd varchar, user_state varchar, user_cmd varchar, host_id integer,
                l7r_host_id integer, l7r_pid integer, vm_address varchar, vm_vma_port integer, vm_x_port integer)
 LANGUAGE plpgsql AS $$
@@ -55,6 +59,7 @@ BEGIN
                                l7r_host_id = p_host, user_cmd = NULL, real_user_id = p_user
          WHERE vm_runtimes.vm_id = p_vm;
         outcome := 'claim';
+        generation := txid_current();
         SELECT vr.vm_state, vr.vm_cmd, vr.user_state, vr.user_cmd, vr.host_id, vr.l7r_host_id, vr.l7r_pid,
                vr.vm_address, vr.vm_vma_port, vr.vm_x_port
           INTO vm_state, vm_cmd, user_state, user_cmd, host_id, l7r_host_id, l7r_pid, vm_address, vm_vma_port,

@@ -97,14 +97,17 @@ def claim_session(db, vm_id, host_id, pid, user_id, live_here):
     """Take the VM's session for (host_id, pid), or ask its holder to let go, in one round
     trip (functions.sql, qvd_claim_session_v1: decide_claim's rule, with the access check).
 
-    Returns (outcome, (holder_host, holder_pid), row): outcome 'claim' (ours now,
-    user_state 'connecting'; row is session_row's columns after the claim), 'abort' (the
-    holder was asked to let go: wait and retry), 'wait' (it was asked already), or a refusal
-    of ACCESS_DENIED ('gone', 'forbidden': not user_id's VM, 'blocked'); row is None then."""
-    rows = db.statement("SELECT * FROM qvd_claim_session_v1(%s, %s, %s, %s, %s, %s)",
+    Returns (outcome, (holder_host, holder_pid), row, generation): outcome 'claim' (ours
+    now, user_state 'connecting'; row is session_row's columns after the claim; generation
+    grows with every claim in the cluster, and orders the sessions of a VM at its display
+    gate), 'abort' (the holder was asked to let go: wait and retry), 'wait' (it was asked
+    already), or a refusal of ACCESS_DENIED ('gone', 'forbidden': not user_id's VM,
+    'blocked'); row and generation are None then."""
+    rows = db.statement("SELECT * FROM qvd_claim_session_v2(%s, %s, %s, %s, %s, %s)",
                         (vm_id, host_id, pid, user_id, live_here, now_epoch()), retries=CLAIM_RETRIES)
-    outcome, holder_host, holder_pid, *row = rows[0]
-    return outcome, (holder_host, holder_pid), (tuple(row) if outcome == "claim" else None)
+    outcome, holder_host, holder_pid, generation, *row = rows[0]
+    claimed = outcome == "claim"
+    return outcome, (holder_host, holder_pid), (tuple(row) if claimed else None), (generation if claimed else None)
 
 
 _RELEASED_TOKENS = "DELETE FROM user_tokens WHERE vm_id IN (SELECT vm_id FROM released)"
@@ -535,19 +538,19 @@ def install_functions_tx(cur):
     sql = functions_sql()
     digest = "sha256:" + hashlib.sha256(sql.encode("utf-8")).hexdigest()
     cur.execute("SELECT pg_advisory_xact_lock(hashtext('qvd_gevent functions.sql'))")
-    cur.execute("SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p WHERE p.proname = 'qvd_claim_session_v1'")
+    cur.execute("SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p WHERE p.proname = 'qvd_claim_session_v2'")
     row = cur.fetchone()
     if row is not None and row[0] == digest:
         return False
     cur.execute(sql)
-    cur.execute("COMMENT ON FUNCTION qvd_claim_session_v1(integer, integer, integer, integer, boolean, integer) "
+    cur.execute("COMMENT ON FUNCTION qvd_claim_session_v2(integer, integer, integer, integer, boolean, integer) "
                 "IS %s", (digest,))
     return True
 
 
 def install_functions(db):
     """Create or replace the server-side steps of functions.sql unless the database has this
-    very version already (its digest is the comment of qvd_claim_session_v1). Nodes starting
+    very version already (its digest is the comment of qvd_claim_session_v2). Nodes starting
     together take turns (an advisory lock): concurrent CREATE OR REPLACE of one function
     fails with "tuple concurrently updated". Returns whether it installed."""
     return db.transaction(install_functions_tx)

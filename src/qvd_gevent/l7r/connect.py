@@ -68,6 +68,7 @@ class ClaimResult:
     outcome: str                    # runtime.claim_session: claim, abort, wait, or gone/forbidden/blocked
     holder: tuple = (None, None)    # (l7r_host_id, l7r_pid) of the row before the claim
     row: object = None              # SessionRow after a claim: the connect goes on with it
+    generation: int = None          # the claim's place in the VM's order of sessions (x_start carries it)
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,7 @@ class ConnectMachine:
         self.x_tries = 0
         self.x_deadline = self.x_hard_deadline = None
         self.row = None                 # the row that said 'running', with the VM's address
+        self.generation = None          # of the claim (runtime.claim_session)
 
     @property
     def finished(self):
@@ -344,6 +346,7 @@ class ConnectMachine:
         self.attempts += 1
         if event.outcome == "claim":
             self.claimed = True
+            self.generation = event.generation
             out.append(SendInfo(f"Session acquired for VM_ID: {self.vm_id}"))
             if event.row is not None:
                 self._on_check(out, RowSeen(event.row), now)   # the claim read the row it wrote
@@ -628,8 +631,8 @@ class ConnectRunner:
         elif isinstance(command, Log):
             log.info("%s", command.text)
         elif isinstance(command, Claim):
-            outcome, holder, row = ctx.sessions.claim(self.session, self.auth.user_id)
-            return ClaimResult(outcome, holder, SessionRow._make(row) if row is not None else None)
+            outcome, holder, row, generation = ctx.sessions.claim(self.session, self.auth.user_id)
+            return ClaimResult(outcome, holder, SessionRow._make(row) if row is not None else None, generation)
         elif isinstance(command, ReadRow):
             row = runtime.session_row(ctx.db, self.vm_id)
             return RowSeen(SessionRow._make(row) if row is not None else None)
@@ -648,7 +651,8 @@ class ConnectRunner:
         elif isinstance(command, BuildParams):
             self.params = session_vma_params(ctx.db, self.host_id, self.vm_id, self.auth, self.client_params,
                                              self.auth_vars, ctx.cfg.get_int("l7r.token.lifetime"), self.key,
-                                             legacy_unauthenticated(ctx.cfg), self.front.vma_params)
+                                             legacy_unauthenticated(ctx.cfg), self.front.vma_params,
+                                             generation=self.machine.generation)
             if self.params is None:
                 return ParamsReady(f"VM {self.vm_id} runs without an agent key (started with "
                                    "vm.vma.legacy_unauthenticated on?); restart it")

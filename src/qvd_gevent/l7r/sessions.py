@@ -56,11 +56,15 @@ class Session:
 
 
 def shielded(fn, *args):
-    """Run fn to its end even if a SessionAborted lands late: an abort's kill can be
-    scheduled just before the setup failed by itself, and cleanup must still release the row."""
+    """Run fn (a failed setup's cleanup) in a greenlet of its own, exactly once, and wait for
+    it. An abort's kill can be scheduled just before the setup failed by itself and land
+    late: it interrupts only this wait, never the cleanup. (Running the cleanup again after
+    such an interruption would release the row a second time: by then a newer session of
+    this process may hold it, and the row names the process, not the session.)"""
+    cleanup = gevent.spawn(fn, *args)
     for _ in range(5):
         try:
-            return fn(*args)
+            return cleanup.get()
         except SessionAborted:
             continue
     return None
@@ -133,7 +137,7 @@ class Sessions:
     # --- claim and wait -------------------------------------------------------------------
     def claim(self, session, user_id):
         """Claim the VM's row for session (registered here when it is ours), or ask its
-        holder to let go: runtime.claim_session's (outcome, holder, row)."""
+        holder to let go: runtime.claim_session's (outcome, holder, row, generation)."""
         vm_id = session.vm_id
         # One claim of a VM at a time in this process: whether another session of ours
         # holds it must still be true when the row is written (the row names the
@@ -149,8 +153,8 @@ class Sessions:
             with entry[0]:
                 other = self.live.get(vm_id)
                 live_here = other is not None and other is not session
-                outcome, holder, row = runtime.claim_session(self.db, vm_id, self.host.id, self.pid, user_id,
-                                                             live_here)
+                outcome, holder, row, generation = runtime.claim_session(self.db, vm_id, self.host.id, self.pid,
+                                                                         user_id, live_here)
                 if outcome == "claim":
                     session.claimed = True
                     self.live[vm_id] = session
@@ -158,7 +162,7 @@ class Sessions:
             entry[1] -= 1
             if entry[1] == 0 and self._claim_locks.get(vm_id) is entry:
                 del self._claim_locks[vm_id]
-        return outcome, holder, row
+        return outcome, holder, row, generation
 
     def wait_vm_event(self, vm_id, timeout):
         """Wait up to timeout for a change of the VM's row (or a LISTEN reconnect)."""

@@ -42,7 +42,8 @@ class SessionParams:
         self.display_key = display_key
 
 
-def session_vma_params(db, host_id, vm_id, auth, client_params, auth_vars, lifetime, slave, legacy, front_params=None):
+def session_vma_params(db, host_id, vm_id, auth, client_params, auth_vars, lifetime, slave, legacy, front_params=None,
+                       generation=None):
     """The SessionParams of one connect, or None when the VM runs without the agent key it
     needs. Issues the session's token (bound to the VM, revoked when the session row is
     released) in the same round trip (db/runtime.py session_params). front_params: the client
@@ -63,4 +64,7 @@ def session_vma_params(db, host_id, vm_id, auth, client_params, auth_vars, lifet
     display_key = None if agent_key is None else display_gate.new_key()
     if display_key is not None:
         params[display_gate.PARAM] = display_key
+        if generation is not None:
+            # the gate serves the newest claim only: an x_start of an older one is refused
+            params[display_gate.GENERATION_PARAM] = str(generation)
     return SessionParams(params, agent_key, display_key)

@@ -14,8 +14,10 @@ connection of the previous one, so the display holds at most one armed connectio
 An unauthenticated VMA (the original's behaviour) has an open gate: no preamble, no ACK,
 connections served one after another as they arrive.
 """
+import _socket
 import hmac
 import logging
+import os
 import re
 import secrets
 import socket
@@ -26,6 +28,7 @@ from gevent.server import StreamServer
 log = logging.getLogger("qvd.vma.display")
 
 PARAM = "qvd.display.key"               # the x_start parameter that carries the key
+GENERATION_PARAM = "qvd.display.generation"   # ... and the claim's place in the VM's order of sessions
 PREAMBLE_PREFIX = b"QVD-DISPLAY-KEY "
 KEY_LENGTH = 43                         # secrets.token_urlsafe(32): 256 bits
 PREAMBLE_LENGTH = len(PREAMBLE_PREFIX) + KEY_LENGTH + 1
@@ -36,6 +39,20 @@ _KEY = re.compile(rf"[A-Za-z0-9_-]{{{KEY_LENGTH}}}")
 
 class DisplayKeyError(ValueError):
     """A display key that is not one (x_start fails with this message)."""
+
+
+class StaleSession(ValueError):
+    """x_start of a session older than the one the display serves (an aborted contender's
+    late call): refused, the display stays with the newer session."""
+
+
+def check_generation(value):
+    """The generation x_start carries: None (an L7R that sends none) or a non-negative int."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.isdigit() or len(value) > 20:
+        raise DisplayKeyError(f"{GENERATION_PARAM} must be a non-negative integer")
+    return int(value)
 
 
 def new_key():
@@ -59,6 +76,25 @@ def key_of_preamble(data):
         return None
     key = data[len(PREAMBLE_PREFIX):-1].decode("ascii", "replace")
     return key if _KEY.fullmatch(key) else None
+
+
+def peer_closed(sock):
+    """True when the peer has closed its side (an end of stream is waiting to be read), or
+    the connection is gone; False while it is open. Looks through a duplicate of the
+    descriptor with the plain C socket: the serving greenlet is reading this one."""
+    try:
+        probe = _socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError:
+        return True
+    try:
+        probe.setblocking(False)
+        return probe.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
 
 
 def recv_exactly(sock, count):
@@ -87,8 +123,10 @@ class DisplayGate:
         self.server = None
         self._armed = None
         self._current = None
+        self.generation = None          # of the newest session armed
         self.admitted = 0
         self.refused = 0
+        self.taken_while_open = 0       # connections a newer session took over before their L7R closed them
 
     # --- the RPC side ----------------------------------------------------------------------
     def start(self):
@@ -110,14 +148,32 @@ class DisplayGate:
         self.port = listener.getsockname()[1]
         return self
 
-    def arm(self, key):
-        """The next connection presenting key is admitted; the current one is closed."""
-        self._armed = check_key(key)
-        self.close_current()
+    def arm(self, key, generation=None):
+        """The next connection presenting key is admitted; the current one is closed. With a
+        generation (the claim's), an arming older than the newest so far raises StaleSession
+        and changes nothing."""
+        key = check_key(key)
+        if generation is not None and self.generation is not None and generation < self.generation:
+            raise StaleSession(f"a newer session (claim {self.generation}) holds the display; "
+                               f"this x_start is of claim {generation}")
+        if generation is not None:
+            self.generation = generation
+        self._armed = key
+        self._take_current()
 
     def disarm(self):
         """No connection is admitted until the next arm; the current one is closed."""
         self._armed = None
+        self.close_current()
+
+    def _take_current(self):
+        """Close the current connection for a newer session. Its L7R closes it before it
+        releases the session row, so one still open here means two sessions overlapped:
+        counted and logged (docs/protocol.md#display-gate)."""
+        conn = self._current
+        if conn is not None and not peer_closed(conn):
+            self.taken_while_open += 1
+            log.warning("display: a newer session took the display from a connection its L7R had not closed")
         self.close_current()
 
     def close_current(self):
@@ -166,6 +222,6 @@ class DisplayGate:
                         "no key" if key is None else "not the armed key")
             return False
         self._armed = None
-        self.close_current()
+        self._take_current()
         conn.settimeout(None)
         return True

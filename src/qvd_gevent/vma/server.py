@@ -30,7 +30,9 @@ from gevent.server import StreamServer
 from .. import add_version_option
 from . import rpc
 from .desktop import DesktopError, EchoDesktop
+from .display_gate import GENERATION_PARAM as DISPLAY_GENERATION_PARAM
 from .display_gate import PARAM as DISPLAY_KEY_PARAM
+from .display_gate import StaleSession, check_generation
 from .display_gate import DisplayGate, DisplayKeyError, check_key
 from .xstate import TIMEOUT_KEYS, InvalidOption, nxagent_options
 
@@ -116,11 +118,15 @@ class VmaService:
     def rpc_x_start(self, params):
         params = dict(params)
         display_key = params.pop(DISPLAY_KEY_PARAM, None)
+        generation = params.pop(DISPLAY_GENERATION_PARAM, None)
         if self.key is not None:
             try:
                 check_key(display_key)
+                generation = check_generation(generation)
             except DisplayKeyError as exc:
                 raise DesktopError(str(exc)) from None
+            if generation is not None and self.gate.generation is not None and generation < self.gate.generation:
+                raise DesktopError(f"a newer session (claim {self.gate.generation}) holds the display")
         if self.desktop is None:
             kind = params.get("qvd.vm.desktop") if params.get("qvd.vm.desktop") in ("nx", "x") else "echo"
             log.info("desktop %s chosen by the first x_start", kind)
@@ -132,7 +138,10 @@ class VmaService:
         self._validate(params)
         self._open_display()
         if self.key is not None:
-            self.gate.arm(display_key)      # the previous session's connection ends here
+            try:
+                self.gate.arm(display_key, generation)     # the previous session's connection ends here
+            except StaleSession as exc:
+                raise DesktopError(str(exc)) from None
         return self.desktop.x_start(params)
 
     def rpc_x_suspend(self, params):
