@@ -78,6 +78,12 @@ class BenchEnv:
         self.procs = []
         self.file_limit = None
         self.keep_logs = None        # a folder: node.log and haproxy.log are copied there on stop
+        # a command the node runs under (bench/profile.py: valgrind, py-spy) and how long
+        # its start may then take
+        self.node_wrapper = []
+        self.node_python_options = []
+        self.node_start_timeout = 60
+        self.haproxy_wrapper = []
 
     # --- start / stop ----------------------------------------------------------------------
     def start(self):
@@ -308,12 +314,14 @@ class BenchEnv:
         self.db.execute("UPDATE host_runtimes SET ok_ts = now() WHERE host_id = %s", (self.farm_host,))
 
     def _start_node(self):
-        node = script("qvd-node")
+        command = [script("qvd-node")]
+        if self.node_wrapper:       # a wrapper (valgrind) wants the interpreter, not a script
+            command = [*self.node_wrapper, sys.executable, *self.node_python_options, "-m", "qvd_gevent.node.main"]
         self.node_log = open(self.dir / "node.log", "w")
-        self.node = subprocess.Popen([node, "--config", str(self.conf)], stdout=self.node_log,
+        self.node = subprocess.Popen([*command, "--config", str(self.conf)], stdout=self.node_log,
                                      stderr=subprocess.STDOUT)
         self.procs.append(self.node)
-        wait_port("127.0.0.1", self.l7r_port, 60, self.node)
+        wait_port("127.0.0.1", self.l7r_port, self.node_start_timeout, self.node)
 
     def _start_haproxy(self):
         binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -345,10 +353,10 @@ backend sink
         path = self.dir / "haproxy.cfg"
         path.write_text(cfg)
         self.haproxy_version = subprocess.run([binary, "-v"], capture_output=True, text=True).stdout.splitlines()[0]
-        self.haproxy = subprocess.Popen([binary, "-f", str(path), "-db"], stdout=subprocess.DEVNULL,
-                                        stderr=open(self.dir / "haproxy.log", "w"))
+        self.haproxy = subprocess.Popen([*self.haproxy_wrapper, binary, "-f", str(path), "-db"],
+                                        stdout=subprocess.DEVNULL, stderr=open(self.dir / "haproxy.log", "w"))
         self.procs.append(self.haproxy)
-        wait_port("127.0.0.1", self.haproxy_echo_port, 20, self.haproxy)
+        wait_port("127.0.0.1", self.haproxy_echo_port, 120 if self.haproxy_wrapper else 20, self.haproxy)
 
     # --- targets for workers -----------------------------------------------------------------
     def target(self, kind, sink=False, vm_ids=None, tokens=None, expect=None):
@@ -372,4 +380,5 @@ backend sink
         return int((self.pg.pgdata / "postmaster.pid").read_text().split()[0])
 
     def proxy_pid(self, kind):
-        return {"l7r": self.node.pid, "haproxy": self.haproxy.pid}.get(kind)
+        proc = {"l7r": self.node, "haproxy": self.haproxy}.get(kind)
+        return proc.pid if proc is not None else None

@@ -11,6 +11,13 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def user_system_seconds(pid):
+    """(utime, stime) of pid, in seconds: what the process ran itself, what the kernel ran for it."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
 def tree_cpu_seconds(pid):
     """CPU of pid, of its live children and of its reaped children (PostgreSQL: the
     postmaster and its backends)."""

@@ -178,6 +178,26 @@ def test_tls12_client_gets_a_forward_secret_aead_suite(make_node):
     assert cipher.startswith("ECDHE-") and ("GCM" in cipher or "CHACHA20" in cipher), cipher
 
 
+@pytest.mark.parametrize("tickets", [None, 2], ids=["default", "two"])
+def test_session_tickets_are_sent_only_when_configured(make_node, tickets):
+    """QVD clients never resume a TLS session: by default no TLS 1.3 ticket is sent (each
+    costs the node an encryption per connection); l7r.tls.session_tickets turns them on,
+    and a client then resumes with one."""
+    node = make_node({} if tickets is None else {"l7r.tls.session_tickets": tickets})
+    ctx = ssl.create_default_context(cafile=node.cert)
+    ctx.check_hostname = False
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", node.svc.port), timeout=5)) as s:
+        get(s, "/qvd/ping")                 # tickets come after the handshake: read past them
+        assert Reader(s).response().status == 200
+        session = s.session
+        assert s.version() == "TLSv1.3"
+    assert session.has_ticket is (tickets is not None)
+    if tickets:
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", node.svc.port), timeout=5),
+                             session=session) as again:
+            assert again.session_reused
+
+
 # --- weak ciphers ------------------------------------------------------------------------------------
 def weak_suites(key):
     """{suite name: the weaknesses it has} for the TLS 1.2 suites a client can offer to a

@@ -81,9 +81,18 @@ REGISTRY.register(_CallbackCollector())
 NAMES = frozenset(_COUNTERS) | frozenset(_HISTOGRAMS) | frozenset(_CALLBACKS)
 
 
+_children = {}      # (name, label value) -> the labelled counter: labels() costs a lock and checks per call
+
+
 def inc(name, amount=1, **labels):
-    counter = _counters[name]
-    (counter.labels(**labels) if labels else counter).inc(amount)
+    if not labels:
+        _counters[name].inc(amount)
+        return
+    (value,) = labels.values()          # every counter has one label
+    child = _children.get((name, value))
+    if child is None:
+        child = _children[(name, value)] = _counters[name].labels(**labels)
+    child.inc(amount)
 
 
 def observe(name, seconds):

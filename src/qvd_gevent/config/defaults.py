@@ -65,6 +65,8 @@ _TABLE = [
     ("l7r.options.SSL_version", "TLSv1_2:!SSLv3:!SSLv2:!TLSv1", "str", "lowest TLS version (TLS 1.2 or 1.3 only)"),
     ("l7r.options.SSL_cipher_list", "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!MD5:!DSS", "str",
      "OpenSSL cipher list for TLS 1.2 (suites without forward secrecy are always removed from it)"),
+    ("l7r.tls.session_tickets", 0, "int", "ours: TLS 1.3 session tickets sent after each full handshake (QVD clients "
+     "never resume a session, and each ticket costs an encryption per connection)"),
     ("l7r.auth.plugins", "", "list", "authentication plugins before the tail list"),
     ("l7r.auth.plugins.head", "", "list", "authentication plugins tried first"),
     ("l7r.auth.plugins.tail", "default", "list", "authentication plugins tried last"),

@@ -143,7 +143,12 @@ class Database:
         return conn
 
     @contextmanager
-    def connection(self):
+    def connection(self, autocommit=False):
+        """A pooled connection; autocommit=True for one that runs each statement as its own
+        transaction (``statement``). Idle connections keep their mode and one of the wanted
+        mode is taken first: switching a connection's mode makes the driver send a SET
+        (a round trip), so switching there and back around each statement would cost as
+        much as the BEGIN and COMMIT it saves."""
         if self._closed:
             raise DatabaseUnavailable("database pool is closed")
         if not self._slots.acquire(timeout=self.acquire_timeout):
@@ -151,12 +156,14 @@ class Database:
         conn = None
         try:
             while self._idle:
-                candidate = self._idle.pop()
+                candidate = self._take_idle(autocommit)
                 if not candidate.closed:
                     conn = candidate
                     break
             if conn is None:
                 conn = self.connect()
+            if conn.autocommit != autocommit:
+                conn.autocommit = autocommit
             yield conn
         except BaseException as exc:
             if conn is not None:
@@ -167,6 +174,13 @@ class Database:
             if conn is not None:
                 self._give_back(conn)
             self._slots.release()
+
+    def _take_idle(self, autocommit):
+        idle = self._idle
+        for i in range(len(idle) - 1, -1, -1):
+            if idle[i].autocommit == autocommit:
+                return idle.pop(i)
+        return idle.pop()
 
     def _give_back(self, conn):
         if conn.closed or self._closed:
@@ -241,19 +255,12 @@ class Database:
             attempt += 1
             server_name = "the database server"
             try:
-                with self.connection() as conn:
+                with self.connection(autocommit) as conn:
                     try:
-                        if autocommit:
-                            conn.autocommit = True
-                            try:
-                                with conn.cursor() as cur:
-                                    return fn(cur, *args, **kwargs)
-                            finally:
-                                if not conn.closed:
-                                    conn.autocommit = False
                         with conn.cursor() as cur:
                             result = fn(cur, *args, **kwargs)
-                        conn.commit()
+                        if not autocommit:
+                            conn.commit()
                         return result
                     except psycopg2.Error as exc:
                         if getattr(exc, "pgcode", None) == READ_ONLY_SQLSTATE:

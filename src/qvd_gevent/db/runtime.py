@@ -440,8 +440,9 @@ def set_host_capacity(db, host_id, ram_mb, cpu):
 
 
 def host_state(db, host_id):
-    """(state, blocked) of the host, or None without a runtime row."""
-    return db.query_one("SELECT state, blocked FROM host_runtimes WHERE host_id = %s", (host_id,))
+    """(state, blocked) of the host, or None without a runtime row (one round trip)."""
+    rows = db.statement("SELECT state, blocked FROM host_runtimes WHERE host_id = %s", (host_id,))
+    return rows[0] if rows else None
 
 
 def heartbeat(db, host_id, pid):

@@ -15,7 +15,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import h11
 
 from ..common import metrics
 from ..db import DatabaseUnavailable, runtime
@@ -78,7 +77,7 @@ def dispatch(ctx, conn, request, peer_ip, cache):
         raise
     except Exception as exc:  # never a traceback to the client, never a dead connection greenlet
         log.exception("%s failed for %s", path, peer_ip)
-        if conn.h11.our_state is h11.SEND_RESPONSE:
+        if conn.can_answer:
             conn.send_error(500, f"Internal error: {type(exc).__name__}")
         else:
             raise ClientGone("internal error after the response started") from None

@@ -8,10 +8,10 @@ session (sessions.py) and holds no greenlet at all (splice.py). This module buil
 parts below it and holds their lifecycle; none of them calls back up here.
 """
 import logging
+import socket
 import time
 
 import gevent
-import gevent.pool
 import gevent.socket
 import psycopg2
 from gevent.server import StreamServer
@@ -29,6 +29,60 @@ from .splice import tune_socket
 from .throttle import Throttle
 
 log = logging.getLogger("qvd.l7r")
+
+
+class _Acceptor(StreamServer):
+    """gevent's StreamServer, lighter per connection:
+
+    - the handler gets the accepted ``_socket.socket`` itself and builds the one object
+      it talks through (a TLS stream, or a gevent socket for plain HTTP), closing what it
+      does not hand over to a session: no gevent socket made, detached and thrown away;
+    - each connection runs in a raw greenlet, counted here against ``limit`` (accepting
+      pauses while that many are open), instead of a gevent Pool's Greenlet, semaphore
+      and links."""
+
+    def __init__(self, address, handle, limit, backlog):
+        super().__init__(address, handle, backlog=backlog)
+        self.limit = limit
+        self.handlers = set()
+
+    def full(self):
+        return len(self.handlers) >= self.limit
+
+    def do_read(self):
+        listener = self.socket
+        try:
+            fd, address = listener._accept()
+        except BlockingIOError:
+            return None
+        return tls.AcceptedSocket(listener.family, socket.SOCK_STREAM, 0, fd), address
+
+    def do_handle(self, sock, address):
+        gevent.spawn_raw(self._run, sock, address)
+
+    def _run(self, sock, address):
+        me = gevent.getcurrent()
+        self.handlers.add(me)
+        try:
+            self.handle(sock, address)
+        except gevent.GreenletExit:
+            pass
+        except BaseException:        # a raw greenlet's exception would land in the hub
+            log.exception("connection handler from %s failed", address)
+        finally:
+            self.handlers.discard(me)
+            if self._watcher is None and len(self.handlers) < self.limit:
+                self._start_accepting_if_started()
+
+    def stop(self, timeout=None):
+        """Stop accepting; give running handlers timeout seconds, then end them."""
+        self.close()
+        deadline = time.monotonic() + (self.stop_timeout if timeout is None else timeout)
+        while self.handlers and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+        for handler in list(self.handlers):
+            gevent.kill(handler)
+        gevent.sleep(0)
 
 
 class L7RError(Exception):
@@ -50,6 +104,7 @@ class L7RService:
         self.ssl_context = None
         self._unsubscribe = []
         self._draining = False
+        self._limits_cache = None
         self.host = NodeHost(cfg, db, listener)
         self.counters = Counters(db, self.host)
         self.registry = Sessions(cfg, db, listener, self.host, self.counters)
@@ -107,10 +162,9 @@ class L7RService:
                 raise L7RConfigError(str(exc)) from None
         address = cfg.get_str("l7r.address")
         address = "0.0.0.0" if address in ("*", "") else address
-        pool = gevent.pool.Pool(cfg.get_int("l7r.limits.connections"))
         try:
-            self.server = StreamServer((address, cfg.get_int("l7r.port")), self._handle, spawn=pool,
-                                       backlog=cfg.get_int("l7r.listen.backlog"))
+            self.server = _Acceptor((address, cfg.get_int("l7r.port")), self._handle,
+                                    cfg.get_int("l7r.limits.connections"), cfg.get_int("l7r.listen.backlog"))
             self.server.init_socket()
         except OSError as exc:
             raise L7RError(f"cannot listen on {address}:{cfg.get_int('l7r.port')}: {exc.strerror or exc}") from None
@@ -163,50 +217,70 @@ class L7RService:
             log.error("L7R TLS material not reloaded, keeping the old one: %s", exc)
 
     # --- connections ------------------------------------------------------------------------
-    def _handle(self, sock, address):
+    def _limits(self):
+        """(request timeout, idle timeout, request-line limit, header limit), read once per
+        configuration generation rather than four lookups per connection."""
+        cfg = self.cfg
+        cached = self._limits_cache
+        if cached is None or cached[0] != cfg.generation:
+            cached = self._limits_cache = (cfg.generation, (
+                cfg.get_float("l7r.timeout.request"), cfg.get_float("l7r.timeout.idle"),
+                cfg.get_int("l7r.limits.request_line"), cfg.get_int("l7r.limits.headers")))
+        return cached[1]
+
+    def _handle(self, raw, address):
         peer_ip = address[0] if isinstance(address, tuple) else str(address)
-        accepted = time.monotonic()
         self.counters.connections_open += 1
         handed_over = False
-        request_timeout = self.cfg.get_float("l7r.timeout.request")
+        sock = raw
+        request_timeout, idle_timeout, max_line, max_headers = self._limits()
         try:
-            # our own socket object: StreamServer closes the one it gave us when we return
-            sock = gevent.socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-            tune_socket(sock, keepalive=True)
+            tune_socket(raw, keepalive=True)
             ctx = self.ssl_context
             if ctx is not None:
-                sock = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                timer = gevent.Timeout(request_timeout)
-                timer.start()
-                try:
+                sock = tls.TlsStream(raw, ctx)
+            else:
+                sock = gevent.socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+            conn = HttpConnection(sock, request_timeout, idle_timeout, max_line, max_headers)
+            # one timer from the accept bounds the handshake and the whole first request
+            timer = gevent.Timeout(request_timeout)
+            timer.start()
+            handshaken = ctx is None
+            try:
+                if not handshaken:
                     handshake_began = time.monotonic()
                     sock.do_handshake()
                     metrics.observe("qvd_l7r_tls_handshake_seconds", time.monotonic() - handshake_began)
-                except gevent.Timeout as t:
-                    if t is not timer:
-                        raise
+                    handshaken = True
+                request = conn.read_request(timed=False)
+            except gevent.Timeout as t:
+                if t is not timer:
+                    raise
+                if not handshaken:
                     log.info("TLS handshake from %s timed out", peer_ip)
                     return
-                finally:
-                    timer.close()
-            conn = HttpConnection(sock, request_timeout, self.cfg.get_float("l7r.timeout.idle"),
-                                  self.cfg.get_int("l7r.limits.request_line"), self.cfg.get_int("l7r.limits.headers"))
+                request = HttpError(408, close=True)
+            except HttpError as exc:
+                request = exc
+            finally:
+                timer.close()
             cache = {}
-            while not self._draining or conn.requests == 0:
-                try:
-                    # the first request must be whole l7r.timeout.request after the accept, handshake included
-                    request = conn.read_request(first_deadline=accepted + request_timeout - time.monotonic())
-                except HttpError as exc:
+            while True:
+                if isinstance(request, HttpError):
                     try:
-                        sock.sendall(raw_error_response(exc.status, exc.message))
+                        sock.sendall(raw_error_response(request.status, request.message))
                     except OSError:
                         pass
                     return
                 if request is None:
                     return
                 handed_over = endpoints.dispatch(self.ctx, conn, request, peer_ip, cache)
-                if handed_over or not conn.can_continue:
+                if handed_over or not conn.can_continue or (self._draining and conn.requests):
                     return
+                try:
+                    request = conn.read_request()
+                except HttpError as exc:
+                    request = exc
         except (ClientGone, SessionAborted):
             pass
         except (OSError, ValueError) as exc:

@@ -52,7 +52,7 @@ class Session:
         if self.splice is not None:
             self.splice.close(reason)
         elif self.greenlet is not None and not self.greenlet.dead:
-            self.greenlet.kill(SessionAborted(reason), block=False)
+            gevent.kill(self.greenlet, SessionAborted(reason))     # a raw greenlet too
 
 
 def shielded(fn, *args):

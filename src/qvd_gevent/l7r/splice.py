@@ -27,12 +27,17 @@ import gevent
 import gevent.ssl
 
 from ..common import metrics
+from . import tls
 
 log = logging.getLogger("qvd.l7r.splice")
 
-_SCRATCH = bytearray(65536)
+_SCRATCH_SIZE = 65536
+_SCRATCH = bytearray(_SCRATCH_SIZE)
 _VIEW = memoryview(_SCRATCH)
+_TLS_RECORD = 16384         # the most plaintext one TLS record carries
+_GATHER_LIMIT = _SCRATCH_SIZE - _TLS_RECORD    # room for one more record
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_TLS_EOF = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
 _BURST = 16  # reads per callback before yielding to other sessions
 
@@ -64,17 +69,36 @@ def tune_socket(sock, keepalive=True):
         pass
 
 
+def _leg(sock):
+    """(the C-level object the pump reads and writes, the plain socket under it, TLS or not).
+
+    The pump calls the C methods directly (``_ssl._SSLSocket.read/write``,
+    ``_socket.socket.recv_into/send``): gevent's wrappers add several Python frames per
+    call and nothing the pump needs, as it never blocks."""
+    if isinstance(sock, tls.TlsStream):
+        return sock.tls, sock.raw, True
+    if isinstance(sock, gevent.ssl.SSLSocket):
+        return sock._sslobj, sock._sock, True
+    if isinstance(sock, ssl.SSLSocket):      # the standard library's (not monkey-patched)
+        return sock._sslobj, sock, True
+    raw = getattr(sock, "_sock", sock)       # gevent's socket wraps a _socket.socket
+    return raw, raw, False
+
+
 class _Pump:
     """One direction, src -> dst."""
 
+    __slots__ = ("splice", "src", "dst", "raw_dst", "src_tls", "dst_tls", "label", "reader", "writer",
+                 "pending", "pipe", "in_pipe", "eof", "finished", "moved")
+
     def __init__(self, splice, src, dst, label, use_pipe):
         self.splice = splice
-        self.src = src
-        self.dst = dst
+        self.src, raw_src, self.src_tls = _leg(src)
+        self.dst, self.raw_dst, self.dst_tls = _leg(dst)
         self.label = label
         loop = gevent.get_hub().loop
-        self.reader = loop.io(src.fileno(), 1)
-        self.writer = loop.io(dst.fileno(), 2)
+        self.reader = loop.io(raw_src.fileno(), 1)
+        self.writer = loop.io(self.raw_dst.fileno(), 2)
         self.pending = None          # bytes not yet taken by dst (user-space path)
         self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) if use_pipe else None
         self.in_pipe = 0             # bytes sitting in the pipe (splice path)
@@ -87,10 +111,10 @@ class _Pump:
         if initial:
             self._write(memoryview(initial), copy=True)
         if self.pending is None and not self.in_pipe:
-            self.reader.start(self._safe, self._on_readable)
-            if isinstance(self.src, gevent.ssl.SSLSocket) and self.src.pending():
+            self.reader.start(self._on_readable)
+            if self.src_tls and self.src.pending():
                 # bytes already decrypted inside the TLS object: the fd will not signal them
-                gevent.get_hub().loop.run_callback(self._safe, self._on_readable)
+                gevent.get_hub().loop.run_callback(self._on_readable)
 
     def close(self):
         for w in (self.reader, self.writer):
@@ -104,57 +128,81 @@ class _Pump:
                     pass
             self.pipe = None
 
-    def _safe(self, fn):
-        try:
-            fn()
-        except Exception as exc:  # a callback on the hub must never raise
-            self.splice._finish(f"error: {exc}")
-
     # --- reading -----------------------------------------------------------------------
     def _on_readable(self):
-        # Called by the watcher and by the burst callback below: either may find that the
-        # other already left a pending chunk (or EOF); reading on would reorder or drop bytes.
-        if self.splice.closed or self.eof or self.pending is not None or self.in_pipe:
-            return
-        for _ in range(_BURST):
+        """Read what the source has, write it on; per message this is the whole of the
+        Python the relay runs (one frame: the read, the write and their checks inline).
+
+        Called by the watcher and by the burst callback below: either may find that the
+        other already left a pending chunk (or EOF); reading on would reorder or drop bytes.
+        A callback on the hub must never raise: any error ends the session.
+
+        A TLS read returns one record (16 KiB at most): several are gathered before one
+        send, saving a system call and a trip through here per record. A read that returns
+        less than it could have (a short record, a socket read that did not fill the
+        buffer) means the source is dry for now: no second read just to be told so (an
+        exception per message); should more have arrived meanwhile, the fd is still
+        readable and the watcher (level-triggered) calls again."""
+        try:
+            if self.splice.closed or self.eof or self.pending is not None or self.in_pipe:
+                return
             if self.pipe is not None:
-                if not self._splice_in():
+                for _ in range(_BURST):
+                    if not self._splice_in() or self.in_pipe:
+                        return
+                gevent.get_hub().loop.run_callback(self._on_readable)
+                return
+            src, dst, tls_src = self.src, self.dst, self.src_tls
+            for _ in range(_BURST):
+                filled, more, eof = 0, False, False
+                try:
+                    if tls_src:
+                        while True:
+                            n = src.read(_TLS_RECORD, _VIEW[filled:] if filled else _SCRATCH)
+                            if not n:
+                                eof = True
+                                break
+                            filled += n
+                            if n < _TLS_RECORD and not src.pending():
+                                break
+                            if filled > _GATHER_LIMIT:
+                                more = True
+                                break
+                    else:
+                        filled = src.recv_into(_SCRATCH)
+                        eof = not filled
+                        more = filled == _SCRATCH_SIZE
+                except _WOULD_BLOCK:
+                    pass
+                except _TLS_EOF:
+                    eof = True
+                except OSError as exc:
+                    self.splice._finish(f"{self.label} read error: {exc.strerror or exc}")
                     return
-            else:
-                filled, state = self._fill()
                 if filled:
                     self.moved += filled
-                    self._write(_VIEW[:filled], copy=True)
-                if self.splice.closed:
-                    return
-                if state == "eof":
+                    view = _VIEW[:filled]
+                    try:
+                        sent = dst.write(view) if self.dst_tls else dst.send(view)
+                    except _WOULD_BLOCK:
+                        self._keep(bytes(view))
+                        return
+                    except OSError as exc:
+                        self.splice._finish(f"{self.label} write error: {exc.strerror or exc}")
+                        return
+                    if sent < filled:
+                        self._write(view[sent:], copy=True)     # the rest, or keep it pending
+                        if self.splice.closed:
+                            return
+                if eof:
                     self._on_eof()
-                if state != "more":
                     return
-            if self.pending is not None or self.in_pipe:
-                return
-        # more may wait inside the TLS object (already read off the fd): come back soon
-        gevent.get_hub().loop.run_callback(self._safe, self._on_readable)
-
-    def _fill(self):
-        """Read into the scratch buffer until it is nearly full or the source runs dry.
-
-        A TLS read returns one record (16 KiB at most): gathering several before one send
-        saves a system call and a trip through Python per record.
-        Returns (bytes read, "more" | "dry" | "eof" | "error")."""
-        filled, limit = 0, len(_VIEW) - 16384
-        while filled <= limit:
-            try:
-                n = self.src.recv_into(_VIEW[filled:])
-            except _WOULD_BLOCK:
-                return filled, "dry"
-            except OSError as exc:
-                self.splice._finish(f"{self.label} read error: {exc.strerror or exc}")
-                return 0, "error"
-            if n == 0:
-                return filled, "eof"
-            filled += n
-        return filled, "more"
+                if not more or self.pending is not None:
+                    return
+            # more may wait inside the TLS object (already read off the fd): come back soon
+            gevent.get_hub().loop.run_callback(self._on_readable)
+        except Exception as exc:
+            self.splice._finish(f"error: {exc}")
 
     def _splice_in(self):
         try:
@@ -182,23 +230,33 @@ class _Pump:
 
     # --- writing -----------------------------------------------------------------------
     def _write(self, view, copy):
-        """Write view to dst now; keep what it does not take as the one pending chunk."""
-        sent = 0
+        """Write view to dst now; keep what it does not take as the one pending chunk.
+
+        A TLS write that would block must be retried with the same bytes (OpenSSL has
+        already sent some of its records): the pending chunk is exactly that."""
+        dst, sent, size = self.dst, 0, len(view)
         try:
-            while sent < len(view):
-                n = self.dst.send(view[sent:])
-                if not n:
-                    break
-                sent += n
+            if self.dst_tls:
+                sent = dst.write(view)          # all of it, or SSLWantWriteError
+            else:
+                while sent < size:
+                    n = dst.send(view[sent:] if sent else view)
+                    if not n:
+                        break
+                    sent += n
         except _WOULD_BLOCK:
             pass
         except OSError as exc:
             self.splice._finish(f"{self.label} write error: {exc.strerror or exc}")
             return
-        if sent < len(view):
-            self.pending = bytes(view[sent:]) if copy else view[sent:]
-            self.reader.stop()
-            self.writer.start(self._safe, self._on_writable)
+        if sent < size:
+            self._keep(bytes(view[sent:]) if copy else view[sent:])
+
+    def _keep(self, chunk):
+        """dst takes no more now: hold chunk, stop reading, write it when dst drains."""
+        self.pending = chunk
+        self.reader.stop()
+        self.writer.start(self._on_writable)
 
     def _flush_pipe(self):
         while self.in_pipe:
@@ -214,37 +272,38 @@ class _Pump:
             self.in_pipe -= n
         if self.in_pipe:
             self.reader.stop()
-            self.writer.start(self._safe, self._on_writable)
+            self.writer.start(self._on_writable)
 
     def _on_writable(self):
-        if self.splice.closed:
-            return
-        if self.pipe is not None:
-            self._flush_pipe()
-            drained = not self.in_pipe
-        else:
-            chunk, self.pending = self.pending, None
+        try:
+            if self.splice.closed:
+                return
+            if self.pipe is not None:
+                self._flush_pipe()
+                drained = not self.in_pipe
+            else:
+                chunk, self.pending = self.pending, None
+                self.writer.stop()
+                self._write(memoryview(chunk), copy=False)
+                drained = self.pending is None
+                if not drained:
+                    self.pending = bytes(self.pending)
+            if self.splice.closed or not drained:
+                return
             self.writer.stop()
-            self._write(memoryview(chunk), copy=False)
-            drained = self.pending is None
-            if not drained:
-                self.pending = bytes(self.pending)
-        if self.splice.closed or not drained:
-            return
-        self.writer.stop()
-        if self.eof:
-            self._shutdown_dst()
-        else:
-            self.reader.start(self._safe, self._on_readable)
+            if self.eof:
+                self._shutdown_dst()
+            else:
+                self.reader.start(self._on_readable)
+        except Exception as exc:
+            self.splice._finish(f"error: {exc}")
 
     def _shutdown_dst(self):
         self.finished = True
         try:
-            if isinstance(self.dst, gevent.ssl.SSLSocket):
-                # a TLS half-close: TCP FIN without close_notify (the client sees EOF)
-                self.dst._sock.shutdown(socket.SHUT_WR)  # not SSLSocket.shutdown: it drops the TLS object
-            else:
-                self.dst.shutdown(socket.SHUT_WR)
+            # a TLS half-close: TCP FIN without close_notify (the client sees EOF); the
+            # TLS object stays, the other direction still reads through it
+            self.raw_dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         self.splice._direction_finished()
@@ -259,12 +318,15 @@ class Splice:
         self.on_done = on_done
         self.closed = False
         self.reason = None
-        plain = not isinstance(client, gevent.ssl.SSLSocket) and not isinstance(vm, gevent.ssl.SSLSocket)
+        plain = not _leg(client)[2] and not _leg(vm)[2]
         use_pipe = plain if use_os_splice is None else (use_os_splice and plain)
         use_pipe = use_pipe and hasattr(os, "splice")
         for s in (client, vm):
-            s.settimeout(0.0)
-            tune_socket(s)
+            if isinstance(s, tls.TlsStream):
+                s.drop_watchers()
+            raw = _leg(s)[1]
+            raw.settimeout(0.0)
+            tune_socket(raw)
         self.up = _Pump(self, client, vm, "to_vm", use_pipe)
         self.down = _Pump(self, vm, client, "to_client", use_pipe)
         self.uses_os_splice = use_pipe

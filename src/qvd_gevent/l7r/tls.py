@@ -1,11 +1,10 @@
 """TLS for the L7R: key material from ssl_configs, file permission checks, SSLContext.
 
-Why the standard-library ``ssl`` module and not pyOpenSSL: gevent supports ``ssl``
-natively (cooperative handshake, reads and writes), while pyOpenSSL needs its own
-WantRead/WantWrite loop; and memory per idle TLS connection is the figure this node is
-built around: about 22-27 KB with ``ssl`` against 57-61 KB with pyOpenSSL
-(docs/design.md#tls-library). CPython also sets SSL_MODE_RELEASE_BUFFERS, so an idle
-connection gives its record buffers back.
+Why the standard-library ``ssl`` module and not pyOpenSSL: memory per idle TLS
+connection is the figure this node is built around: about 22-27 KB with ``ssl`` against
+57-61 KB with pyOpenSSL (docs/design.md#tls-library). CPython also sets
+SSL_MODE_RELEASE_BUFFERS, so an idle connection gives its record buffers back. A client
+connection is a ``TlsStream`` (below), not gevent's heavier SSLSocket.
 
 The key and certificate live in the database (``qvd-admin config ssl``); the node writes
 them to ``path.l7r.ssl.*`` (directory 0700, files 0600) and builds a fresh context from
@@ -16,6 +15,9 @@ import logging
 import os
 import ssl
 import stat
+
+import _socket
+import gevent
 
 log = logging.getLogger("qvd.l7r.tls")
 
@@ -96,6 +98,9 @@ def build_context(cfg, paths=None):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = minimum_version(cfg.get_str("l7r.options.SSL_version"))
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    # the QVD clients open a connection per request (or two on one) and never resume: a
+    # ticket nobody uses costs an encryption and a write per connection (docs/design.md#tls-library)
+    ctx.num_tickets = max(0, cfg.get_int("l7r.tls.session_tickets"))
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     # a client half-close (TCP FIN without close_notify) is EOF, not an error answered by an alert
     ctx.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
@@ -134,3 +139,145 @@ def context_from_database(cfg, db):
     else:
         paths = None
     return build_context(cfg, paths)
+
+
+class AcceptedSocket(_socket.socket):
+    """A bare accepted socket (the C type, no gevent or io layer on it), weakly
+    referenceable as the TLS object wants its socket to be."""
+
+    __slots__ = ("__weakref__",)
+
+
+class TlsStream:
+    """One client's TLS connection, waited on by the hub: gevent's SSLSocket without its
+    weight (it stacks three socket objects, a dict and several Python frames on every
+    call; a handshake plus one request went through about forty of them).
+
+    ``raw`` is the accepted ``_socket.socket`` (non-blocking), ``tls`` the C-level TLS
+    object over it (``SSLContext._wrap_socket``, as gevent and the standard library build
+    theirs). The request loop uses ``do_handshake``, ``recv`` and ``sendall``, which
+    wait on the hub like any gevent socket (so ``gevent.Timeout`` bounds them); the splice
+    reads and writes ``tls`` directly. EOF without close_notify reads as EOF (the context
+    sets OP_IGNORE_UNEXPECTED_EOF; the QVD client just closes)."""
+
+    __slots__ = ("raw", "tls", "_events", "_nonblocking", "__weakref__")
+
+    def __init__(self, raw, context):
+        raw.setblocking(False)
+        self.raw = raw
+        self.tls = context._wrap_socket(raw, server_side=True)
+        self._events = None          # (read watcher, write watcher), made at the first wait
+        self._nonblocking = False    # settimeout(0.0): recv_into/send never wait (a relay on watchers)
+
+    def fileno(self):
+        return self.raw.fileno()
+
+    def setsockopt(self, *args):
+        return self.raw.setsockopt(*args)
+
+    def getsockopt(self, *args):
+        return self.raw.getsockopt(*args)
+
+    def getpeername(self):
+        return self.raw.getpeername()
+
+    def _wait(self, writing):
+        if self._events is None:
+            loop = gevent.get_hub().loop
+            fd = self.raw.fileno()
+            self._events = (loop.io(fd, 1), loop.io(fd, 2))
+        gevent.get_hub().wait(self._events[1 if writing else 0])
+
+    def do_handshake(self):
+        tls = self.tls
+        while True:
+            try:
+                return tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._wait(False)
+            except ssl.SSLWantWriteError:
+                self._wait(True)
+
+    def recv(self, size):
+        """Up to size bytes; b"" at EOF."""
+        tls = self.tls
+        while True:
+            try:
+                return tls.read(size)
+            except ssl.SSLWantReadError:
+                self._wait(False)
+            except ssl.SSLWantWriteError:
+                self._wait(True)
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+
+    def sendall(self, data):
+        # no partial writes: a write that would block is retried with the same bytes
+        tls = self.tls
+        while True:
+            try:
+                tls.write(data)
+                return
+            except ssl.SSLWantWriteError:
+                self._wait(True)
+            except ssl.SSLWantReadError:
+                self._wait(False)
+
+    # --- what a relay driven by watchers uses (ws_relay), as gevent's SSLSocket with timeout 0 ---
+    def settimeout(self, timeout):
+        self._nonblocking = timeout == 0.0
+
+    def recv_into(self, buffer, nbytes=0):
+        """Bytes read into buffer (0 at EOF); non-blocking: SSLWantReadError when none."""
+        tls = self.tls
+        size = nbytes or len(buffer)
+        while True:
+            try:
+                return tls.read(size, buffer)
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return 0
+            except ssl.SSLWantReadError:
+                if self._nonblocking:
+                    raise
+                self._wait(False)
+            except ssl.SSLWantWriteError:
+                if self._nonblocking:
+                    raise
+                self._wait(True)
+
+    def send(self, data):
+        """Bytes written: all of data, or (non-blocking) 0 when the socket takes none now; the
+        caller then offers the same bytes again, as OpenSSL requires."""
+        tls = self.tls
+        while True:
+            try:
+                return tls.write(data)
+            except ssl.SSLWantWriteError:
+                if self._nonblocking:
+                    return 0
+                self._wait(True)
+            except ssl.SSLWantReadError:
+                if self._nonblocking:
+                    return 0
+                self._wait(False)
+
+    def pending(self):
+        return self.tls.pending()
+
+    def version(self):
+        return self.tls.version()
+
+    def cipher(self):
+        return self.tls.cipher()
+
+    def drop_watchers(self):
+        """The splice takes the fd over with watchers of its own: free these (an idle
+        session should hold as little as possible)."""
+        if self._events is not None:
+            for event in self._events:
+                event.close()
+            self._events = None
+
+    def close(self):
+        self.drop_watchers()
+        self.raw.close()

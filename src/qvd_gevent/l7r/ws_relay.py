@@ -24,7 +24,6 @@ import logging
 import ssl
 
 import gevent
-import gevent.ssl
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
@@ -74,7 +73,8 @@ class WsRelay:
         if leftover:
             self._safe(self._from_client, bytes(leftover))
         self._update()
-        if not self.closed and isinstance(self.client, gevent.ssl.SSLSocket) and self.client.pending():
+        pending = getattr(self.client, "pending", None)     # a TLS stream (tls.TlsStream, gevent's SSLSocket)
+        if not self.closed and pending is not None and pending():
             gevent.get_hub().loop.run_callback(self._safe, self._on_client_readable)
         return self
 
