@@ -238,7 +238,14 @@ def _count_connect(all_connected):
         all_connected.event.set()
 
 
-def _slow_one(kind, port, cafile, period, max_seconds, hello, results, established, all_connected=None):
+def source_address(i, sources):
+    """The loopback address connection i comes from, out of `sources` addresses (127.1.x.y)."""
+    n = i % max(1, sources)
+    return f"127.1.{n // 250}.{n % 250 + 1}" if sources > 1 else "127.0.0.1"
+
+
+def _slow_one(kind, port, cafile, period, max_seconds, hello, results, established, all_connected=None,
+              source="127.0.0.1"):
     """One slowloris connection: never finishes its request; returns when the server cuts it (or at max).
     all_connected: an Event to wait for between the TCP connect and the rest (a pure SYN flood first)."""
     record = {"kind": kind, "t_connect": None, "t_tcp": None, "t_ready": None, "t_closed": None, "answer": "",
@@ -247,7 +254,7 @@ def _slow_one(kind, port, cafile, period, max_seconds, hello, results, establish
     t0 = time.monotonic()
     record["t_connect"] = t0
     try:
-        raw = gevent.socket.create_connection(("127.0.0.1", port), timeout=30)
+        raw = gevent.socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
     except OSError as exc:
         record["answer"] = f"connect failed: {exc}"
         if all_connected is not None:
@@ -319,6 +326,8 @@ def slowloris_main(argv):
     p.add_argument("--max-seconds", type=float, default=60.0)
     p.add_argument("--connect-first", action="store_true",
                    help="every TCP connect first (the ramp is then a pure connection flood), handshakes after")
+    p.add_argument("--sources", type=int, default=1,
+                   help="loopback source addresses to spread the connections over (a node caps each address)")
     a = p.parse_args(argv)
     raise_nofile(65536)
     hello = client_hello()
@@ -331,7 +340,8 @@ def slowloris_main(argv):
     for i in range(total):
         kind = KINDS[i % len(KINDS)]
         greenlets.append(gevent.spawn_later(a.ramp * i / total, _slow_one, kind, a.port, a.cafile, a.period,
-                                            a.max_seconds, hello, results, established, all_connected))
+                                            a.max_seconds, hello, results, established, all_connected,
+                                            source_address(i, a.sources)))
     deadline = time.monotonic() + a.ramp + 30
     while len(established) < total and time.monotonic() < deadline:
         if all(g.ready() for g in greenlets):

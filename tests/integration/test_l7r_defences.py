@@ -49,15 +49,58 @@ def test_silent_connection_closed_after_deadline(node_factory):
 
 
 def test_idle_keepalive_timeout(node_factory):
-    node = node_factory({"l7r.timeout.idle": 1, "l7r.use_ssl": 0})
-    sock = socket.create_connection(("127.0.0.1", node.svc.port))
-    sock.settimeout(5)
-    get(sock, "/qvd/ping")
-    assert Reader(sock).response().status == 200
+    """A keep-alive connection that has not logged in is closed after the short
+    l7r.timeout.idle.unauthenticated; one that has, after l7r.timeout.idle."""
+    node = node_factory({"l7r.timeout.idle": 3, "l7r.timeout.idle.unauthenticated": 1, "l7r.use_ssl": 0})
+    stranger = socket.create_connection(("127.0.0.1", node.svc.port))
+    user = socket.create_connection(("127.0.0.1", node.svc.port))
+    for sock, auth in ((stranger, []), (user, AUTH)):
+        sock.settimeout(8)
+        get(sock, "/qvd/list_of_vm" if auth else "/qvd/ping", auth)
+        assert Reader(sock).response().status == 200
     t0 = time.monotonic()
-    assert sock.recv(100) == b""  # closed silently after the idle timeout
-    assert 0.5 < time.monotonic() - t0 < 4
-    sock.close()
+    assert stranger.recv(100) == b""                  # closed silently after the short idle timeout
+    assert 0.5 < time.monotonic() - t0 < 2.5
+    assert user.recv(100) == b""                      # the logged-in one stayed longer
+    assert 2.5 < time.monotonic() - t0 < 6
+    stranger.close()
+    user.close()
+
+
+def test_connections_per_address_are_capped(node_factory):
+    """1,000 connections from one address that never become sessions: only
+    l7r.limits.connections_per_address are held, the rest closed at once; they go when their
+    deadline comes; another address meanwhile logs in as usual."""
+    node = node_factory({"l7r.limits.connections_per_address": 20, "l7r.timeout.request": 3})
+    socks = []
+    for _ in range(1000):
+        s = socket.socket()
+        s.bind(("127.0.0.70", 0))
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", node.svc.port))
+        socks.append(s)
+    try:
+        gevent.sleep(1.0)
+        held = 0
+        for s in socks:
+            try:
+                held += s.recv(1, socket.MSG_PEEK) != b""      # data would be odd; b"": closed
+            except BlockingIOError:
+                held += 1                                    # open: no answer, no end of stream
+            except OSError:
+                pass                                         # reset: closed
+        print(f"held {held} of 1000 connections from one address")
+        assert held == 20
+        assert node.svc._pending.get("127.0.0.70") == 20
+        ctx = client_context(node.cert)
+        raw = socket.create_connection(("127.0.0.1", node.svc.port), timeout=5, source_address=("127.0.0.71", 0))
+        with ctx.wrap_socket(raw, server_hostname="localhost") as other:
+            get(other, "/qvd/list_of_vm", AUTH)
+            assert Reader(other).response().status == 200
+        assert wait_for(lambda: node.svc._pending.get("127.0.0.70") is None, 10)   # cut at their deadline
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.mark.parametrize("raw,status", [

@@ -96,6 +96,7 @@ def session_released(node):
 
 # --- slowloris ---------------------------------------------------------------------------------------
 SLOW_PER_KIND = 500          # 4 kinds -> 2,000 connections
+SOURCES = 20                 # from 20 addresses: one address alone is capped (l7r.limits.connections_per_address)
 REQUEST_TIMEOUT = 10         # l7r.timeout.request in this test
 RAMP = 3.0                   # seconds over which the attacker opens its connections
 # What the README promises, with room for a 2-core CI machine: measured about 38 kB per held
@@ -114,7 +115,7 @@ def test_slowloris_2000_while_real_users_log_in_and_connect(make_node):
     rss_before = rss_kb()
     attacker = subprocess.Popen(
         [sys.executable, HOSTILE, "slowloris", str(node.svc.port), "--cafile", node.cert,
-         "--per-kind", str(SLOW_PER_KIND), "--period", "1", "--ramp", str(RAMP),
+         "--per-kind", str(SLOW_PER_KIND), "--period", "1", "--ramp", str(RAMP), "--sources", str(SOURCES),
          "--max-seconds", str(REQUEST_TIMEOUT * 3 + 10)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -465,7 +466,7 @@ def test_real_users_get_in_during_a_connection_flood(make_node):
     attacker = subprocess.Popen(
         [sys.executable, HOSTILE, "slowloris", str(node.svc.port), "--cafile", node.cert,
          "--per-kind", str(FLOOD_PER_KIND), "--period", "1", "--ramp", "1", "--max-seconds", "30",
-         "--connect-first"],
+         "--connect-first", "--sources", str(SOURCES)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         logins = []                    # (start, seconds)

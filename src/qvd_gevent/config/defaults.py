@@ -118,10 +118,14 @@ _TABLE = [
     ("l7r.loadbalancer.plugin.default.weight.cpu", 1.0, "float", "weight of usable CPU in node choice"),
     ("l7r.loadbalancer.plugin.default.weight.random", 1.0, "float", "random part of node choice"),
     ("l7r.timeout.request", 30, "int", "ours: seconds a client has to send one whole request"),
-    ("l7r.timeout.idle", 300, "int", "ours: seconds an idle keep-alive connection is kept"),
+    ("l7r.timeout.idle", 300, "int", "ours: seconds an idle keep-alive connection is kept once it has logged in"),
+    ("l7r.timeout.idle.unauthenticated", 10, "int", "ours: seconds an idle keep-alive connection that has not "
+     "logged in (yet) is kept"),
     ("l7r.limits.request_line", 8190, "int", "ours: longest request line accepted (414 beyond)"),
     ("l7r.limits.headers", 16384, "int", "ours: largest header block accepted (431 beyond)"),
     ("l7r.limits.connections", 20000, "int", "ours: most client connections held at once"),
+    ("l7r.limits.connections_per_address", 256, "int", "ours: most connections one source address may hold "
+     "before they become sessions (TLS handshake, requests); more are closed at once"),
     ("l7r.web.enable", True, "bool", "ours: serve the browser client (page, web login, WebSocket) on the L7R port"),
     ("l7r.web.token.lifetime", 120, "int", "ours: seconds a web login's single-use desktop token is valid"),
     ("l7r.web.max_message", 262144, "int", "ours: longest WebSocket message from a browser, in bytes (close 1009 beyond)"),

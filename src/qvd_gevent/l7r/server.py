@@ -105,6 +105,8 @@ class L7RService:
         self._unsubscribe = []
         self._draining = False
         self._limits_cache = None
+        self._pending = {}          # source address -> its connections that are not sessions (yet)
+        self._capped = set()        # addresses at the cap (one warning each)
         self.host = NodeHost(cfg, db, listener)
         self.counters = Counters(db, self.host)
         self.registry = Sessions(cfg, db, listener, self.host, self.counters)
@@ -218,22 +220,36 @@ class L7RService:
 
     # --- connections ------------------------------------------------------------------------
     def _limits(self):
-        """(request timeout, idle timeout, request-line limit, header limit), read once per
+        """(request timeout, idle timeout, request-line limit, header limit, idle timeout before
+        login, connections per address), read once per
         configuration generation rather than four lookups per connection."""
         cfg = self.cfg
         cached = self._limits_cache
         if cached is None or cached[0] != cfg.generation:
             cached = self._limits_cache = (cfg.generation, (
                 cfg.get_float("l7r.timeout.request"), cfg.get_float("l7r.timeout.idle"),
-                cfg.get_int("l7r.limits.request_line"), cfg.get_int("l7r.limits.headers")))
+                cfg.get_int("l7r.limits.request_line"), cfg.get_int("l7r.limits.headers"),
+                cfg.get_float("l7r.timeout.idle.unauthenticated"),
+                cfg.get_int("l7r.limits.connections_per_address")))
         return cached[1]
 
     def _handle(self, raw, address):
         peer_ip = address[0] if isinstance(address, tuple) else str(address)
+        request_timeout, idle_timeout, max_line, max_headers, short_idle, per_address = self._limits()
+        # a cap per source address on connections that are not sessions yet: one address
+        # cannot hold the node's connection slots with idle or half-open connections
+        pending = self._pending.get(peer_ip, 0)
+        if pending >= per_address:
+            if peer_ip not in self._capped:
+                self._capped.add(peer_ip)
+                log.warning("connections from %s refused: l7r.limits.connections_per_address (%d) reached",
+                            peer_ip, pending)
+            raw.close()
+            return
+        self._pending[peer_ip] = pending + 1
         self.counters.connections_open += 1
         handed_over = False
         sock = raw
-        request_timeout, idle_timeout, max_line, max_headers = self._limits()
         try:
             tune_socket(raw, keepalive=True)
             ctx = self.ssl_context
@@ -241,7 +257,8 @@ class L7RService:
                 sock = tls.TlsStream(raw, ctx)
             else:
                 sock = gevent.socket.socket(raw.family, raw.type, raw.proto, fileno=raw.detach())
-            conn = HttpConnection(sock, request_timeout, idle_timeout, max_line, max_headers)
+            # until the connection has logged in it waits only the short idle between requests
+            conn = HttpConnection(sock, request_timeout, short_idle, max_line, max_headers)
             # one timer from the accept bounds the handshake and the whole first request
             timer = gevent.Timeout(request_timeout)
             timer.start()
@@ -277,6 +294,8 @@ class L7RService:
                 handed_over = endpoints.dispatch(self.ctx, conn, request, peer_ip, cache)
                 if handed_over or not conn.can_continue or (self._draining and conn.requests):
                     return
+                if "auth" in cache:
+                    conn.idle_timeout = idle_timeout
                 try:
                     request = conn.read_request()
                 except HttpError as exc:
@@ -286,6 +305,12 @@ class L7RService:
         except (OSError, ValueError) as exc:
             log.debug("connection from %s ended: %s", peer_ip, exc)
         finally:
+            left = self._pending.get(peer_ip, 1) - 1
+            if left > 0:
+                self._pending[peer_ip] = left
+            else:
+                self._pending.pop(peer_ip, None)
+                self._capped.discard(peer_ip)
             if not handed_over:
                 self.counters.connections_open -= 1
                 try:
