@@ -158,6 +158,8 @@ def test_node_serves_metrics_and_drains_sessions_on_sigterm(provisioned, tmp_pat
         assert db.query("SELECT user_state, l7r_host_id, vm_state, host_id FROM vm_runtimes") == \
             [("disconnected", None, "stopped", None)]
         assert db.query("SELECT state FROM host_runtimes") == [("stopped",)]
+        # the session the drain ended was counted after the last periodic flush: the stop flushes it
+        assert db.query("SELECT nx_ok, short_sessions FROM host_counters") == [(1, 1)]
     finally:
         db.close()
     text = open(log.name).read()

@@ -146,8 +146,21 @@ class EmbeddedPostgres:
         return self
 
     def stop(self, mode="fast"):
-        if self.is_initialized() and self.is_running():
-            self._run([_bin("pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "stop"], check=False)
+        """Stop the server; a fast stop that fails (or hangs past its timeout) is followed by an
+        immediate one, and a server still running after that is an EmbeddedPostgresError."""
+        if not (self.is_initialized() and self.is_running()):
+            return
+        tried = []
+        for how in dict.fromkeys((mode, "immediate")):
+            try:
+                proc = self._run([_bin("pg_ctl"), "-D", str(self.pgdata), "-m", how, "-w", "stop"], check=False)
+            except subprocess.TimeoutExpired:
+                tried.append(f"-m {how}: timed out")
+                continue
+            if proc.returncode == 0 or not self.is_running():
+                return
+            tried.append(f"-m {how}: {proc.stdout.strip()[-500:]}")
+        raise EmbeddedPostgresError(f"PostgreSQL in {self.pgdata} did not stop ({'; '.join(tried)})")
 
     def restart(self):
         self.stop()

@@ -57,11 +57,12 @@ class Counters:
         metrics.register_gauge_function("qvd_l7r_connections_open", lambda: {(): self.connections_open})
         self._flusher = gevent.spawn(self._flush_loop)
 
-    def stop(self):
+    def stop(self, flush=True):
         if self._flusher is not None:
             self._flusher.kill()
             self._flusher = None
-        self.flush()
+        if flush:
+            self.flush()
 
     def _flush_loop(self):
         while True:

@@ -192,7 +192,7 @@ class L7RService:
             self.server.close()
         self.registry.drain(grace_seconds)
 
-    def stop(self):
+    def stop(self, flush_counters=True):
         if not self._draining:
             self.drain(0)
         if self.server is not None:
@@ -201,7 +201,7 @@ class L7RService:
             unsub()
         self._unsubscribe = []
         self.registry.stop()
-        self.counters.stop()
+        self.counters.stop(flush=flush_counters)
         self.auth.close()
         self.host.close()
 

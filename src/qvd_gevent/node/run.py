@@ -156,6 +156,10 @@ class Node:
                 self.hkd.stop()
             if draining is not None:
                 draining.join(timeout=20)
+            if self.l7r is not None:
+                # the counts since the last periodic flush (sessions the drain just ended) reach
+                # host_counters; a fenced node has no database to write them to
+                self.l7r.stop(flush_counters=not fence)
         finally:
             if self.watcher is not None:
                 self.watcher.stop()
