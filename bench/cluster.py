@@ -32,6 +32,7 @@ process, also after a failure.
 import os
 import secrets
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -49,15 +50,16 @@ UNHEARD = "bench_unheard"           # a channel nobody listens to: the sender's 
 
 def sizes(quick, levels=None):
     if quick:
-        base = {"levels": (2, 5), "floor_s": 5, "idle_s": 10, "notify": 200, "notify_rate": 100, "config_changes": 2,
-                "connect_users": 20, "connect_s": 5, "connect_count": 300, "held": 20, "rows": 2000,
+        base = {"levels": (2, 5), "floor_s": 5, "idle_s": 10, "notify": 200, "notify_rate": 100, "notify_rounds": 1,
+                "config_changes": 2, "connect_users": 20, "connect_s": 5, "connect_count": 300, "held": 20,
+                "rows": 2000, "hosts": 20,
                 # CI: the first cluster pass 3 s after start instead of 45 s, so the quick run
                 # reaches steady state in seconds (every other timer at its default)
                 "node_extra": {"internal.hkd.agent.cluster_monitor.long_delay": 3}}
     else:
         base = {"levels": (10, 25, 50), "floor_s": 30, "idle_s": 60, "notify": 2000, "notify_rate": 200,
-                "config_changes": 5, "connect_users": 100, "connect_s": 20, "connect_count": 5000, "held": 1000,
-                "rows": 100000, "node_extra": {}}
+                "notify_rounds": 2, "config_changes": 5, "connect_users": 100, "connect_s": 20, "connect_count": 5000,
+                "held": 1000, "rows": 100000, "hosts": 1000, "node_extra": {}}
     if levels:
         base["levels"] = tuple(levels)
     return base
@@ -233,6 +235,18 @@ class ClusterBench:
                                          ([node_name(i) for i in range(len(self.fleet))],))]
         now = int(time.time())
         with self.super, self.super.cursor() as cur:
+            # the hosts table of a larger cluster: the other rows are stopped nodes (no heartbeat
+            # to write; the cluster monitor reads them on every pass)
+            cur.execute("SELECT count(*) FROM hosts")
+            missing = self.size["hosts"] - cur.fetchone()[0]
+            if missing > 0:
+                cur.execute("INSERT INTO hosts (name, address, frontend, backend) "
+                            "SELECT 'bench-h' || g, '127.74.' || (g / 250) || '.' || (g %% 250 + 1), true, true "
+                            "FROM generate_series(1, %s) g RETURNING id", (missing,))
+                extra = [r[0] for r in cur.fetchall()]
+                cur.execute("INSERT INTO host_runtimes (host_id, state, blocked) SELECT unnest(%s), 'stopped', false",
+                            (extra,))
+                cur.execute("INSERT INTO host_counters (host_id) SELECT unnest(%s)", (extra,))
             cur.execute("INSERT INTO users (login, password, tenant_id) VALUES ('bench-many', '!', 1) RETURNING id")
             user_id = cur.fetchone()[0]
             cur.execute("INSERT INTO vms (name, user_id, osf_id, di_tag) SELECT 'many-' || g, %s, %s, 'default' "
@@ -346,7 +360,7 @@ def run(quick, say=print, levels=None):
     bench = ClusterBench(quick, say, levels)
     size = bench.size
     out = {"sizes": {k: v for k, v in size.items() if k != "node_extra"}, "node_extra": size["node_extra"],
-           "farm_address": FARM_ADDRESS}
+           "farm_address": FARM_ADDRESS, "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     try:
         say(f"cluster: PostgreSQL, farm, {max(size['levels'])} host rows")
         bench.start()
@@ -377,6 +391,7 @@ def run(quick, say=print, levels=None):
                 f"{level['fanout']['node_us_per_delivery']:.1f} µs node CPU per notification per listener")
             level["config_change"] = config_fanout(bench, nodes, idle_rate, node_idle_rate)
             out["levels"].append(level)
+        out["fanout_fit"] = fanout_fit(out["levels"])
         top = out["levels"][-1]
         idle_rate = top["idle"]["pg_cpu_ms_per_node_min_raw"] * top["nodes"] / 60000.0
         node_idle_rate = top["idle"]["node_cpu_ms_per_node_min"] * top["nodes"] / 60000.0
@@ -399,39 +414,75 @@ def run(quick, say=print, levels=None):
 
 
 def fanout(bench, nodes, idle_rate, node_idle_rate):
+    """K notifications on qvd_vm_runtime (every L7R listens, and the bench, to count them) and K
+    on a channel nobody listens to, interleaved, `notify_rounds` of each; every window net of
+    the level's idle rate, the median per kind. PostgreSQL wakes every listening backend of
+    the database for every NOTIFY, whatever its channel: the unheard kind shows that part."""
     size = bench.size
     count, rate = size["notify"], size["notify_rate"]
-    # the bench listens too, to count what was delivered: one more listener than nodes
+    runs = {"heard": [], "unheard": []}
+    received = 0
     watcher = psycopg2.connect(**bench.pg.superuser_dsn("qvd"))
     watcher.autocommit = True
     try:
         with watcher.cursor() as cur:
             cur.execute("LISTEN qvd_vm_runtime")
-        unheard, sent0 = bench.measure(count / rate + 3, lambda: bench.notify_burst(UNHEARD, count, rate))
-        heard, sent1 = bench.measure(count / rate + 3, lambda: bench.notify_burst("qvd_vm_runtime", count, rate))
-        received = 0
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            watcher.poll()
-            received += len(watcher.notifies)
-            watcher.notifies.clear()
-            if received >= sent1:
-                break
-            time.sleep(0.1)
+        for _ in range(size["notify_rounds"]):
+            for kind, channel in (("unheard", UNHEARD), ("heard", "qvd_vm_runtime")):
+                win, sent = bench.measure(count / rate + 3, lambda ch=channel: bench.notify_burst(ch, count, rate))
+                runs[kind].append({
+                    "sent": sent, "window_s": win["seconds"], "pg_cpu_s": win["pg_cpu_s"],
+                    "node_cpu_s": win["node_cpu_s"], "load_average": win["load_average"],
+                    "pg_us_per_notification": (win["pg_cpu_s"] - idle_rate * win["seconds"]) * 1e6 / max(sent, 1),
+                    "node_us_per_notification": (win["node_cpu_s"] - node_idle_rate * win["seconds"]) * 1e6
+                    / max(sent, 1)})
+                if kind == "heard":
+                    received += _drain(watcher, sent)
     finally:
         watcher.close()
     listeners = nodes + 1
-    extra_pg = (heard["pg_cpu_s"] - idle_rate * heard["seconds"]) - (unheard["pg_cpu_s"] - idle_rate * unheard["seconds"])
-    extra_node = ((heard["node_cpu_s"] - node_idle_rate * heard["seconds"])
-                  - (unheard["node_cpu_s"] - node_idle_rate * unheard["seconds"]))
-    return {"notifications": sent1, "control_notifications": sent0, "rate_per_s": rate, "listeners": listeners,
-            "received_by_bench": received, "window_s": heard["seconds"],
-            "pg_cpu_s": heard["pg_cpu_s"], "pg_cpu_control_s": unheard["pg_cpu_s"],
-            "node_cpu_s": heard["node_cpu_s"], "node_cpu_control_s": unheard["node_cpu_s"],
-            "node_statements": heard["statements"], "load_average": heard["load_average"],
-            "pg_us_per_notification": extra_pg * 1e6 / max(sent1, 1),
-            "pg_us_per_delivery": extra_pg * 1e6 / max(sent1, 1) / listeners,
-            "node_us_per_delivery": extra_node * 1e6 / max(sent1, 1) / nodes}
+
+    def median(kind, key):
+        return statistics.median(r[key] for r in runs[kind])
+    heard, unheard = median("heard", "pg_us_per_notification"), median("unheard", "pg_us_per_notification")
+    return {"runs": runs, "rate_per_s": rate, "listeners": listeners, "received_by_bench": received,
+            "notifications": sum(r["sent"] for r in runs["heard"]),
+            "control_notifications": sum(r["sent"] for r in runs["unheard"]),
+            "pg_us_per_notification_heard": heard, "pg_us_per_notification_unheard": unheard,
+            "pg_us_per_delivery": (heard - unheard) / listeners,
+            "node_us_per_delivery": (median("heard", "node_us_per_notification")
+                                     - median("unheard", "node_us_per_notification")) / nodes,
+            "load_average": [min(r["load_average"][0] for rs in runs.values() for r in rs),
+                             max(r["load_average"][1] for rs in runs.values() for r in rs)]}
+
+
+def _drain(conn, expected, timeout=10):
+    got = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn.poll()
+        got += len(conn.notifies)
+        conn.notifies.clear()
+        if got >= expected:
+            break
+        time.sleep(0.1)
+    return got
+
+
+def fanout_fit(levels):
+    """Least squares of PostgreSQL µs per notification against the listening backends, for
+    notifications heard and unheard: the slope is the cost per listener, the intercept the
+    sender's own (its statement and commit)."""
+    out = {}
+    for kind in ("heard", "unheard"):
+        xs = [lv["fanout"]["listeners"] for lv in levels]
+        ys = [lv["fanout"][f"pg_us_per_notification_{kind}"] for lv in levels]
+        if len(xs) < 2 or len(set(xs)) < 2:
+            continue
+        mx, my = statistics.mean(xs), statistics.mean(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        out[kind] = {"us_per_listener": slope, "us_fixed": my - slope * mx, "points": list(zip(xs, ys))}
+    return out
 
 
 def config_fanout(bench, nodes, idle_rate, node_idle_rate):
@@ -459,12 +510,23 @@ def connects(bench, idle_rate, node_idle_rate):
     target = {"kind": "l7r", "host": "127.0.0.1", "port": ports[0], "ca": str(bench.cert), "auth": None, "vm_ids": []}
     specs = [{"job": "connect", "target": target, "users": users[i * per:(i + 1) * per], "seconds": size["connect_s"],
               "count": size["connect_count"] // workers} for i in range(workers)]
-    with Crew(specs) as crew, ConnectionSampler(bench.pg, "qvd", ROLE, max_seconds=size["connect_s"] + 180) as sampler:
+    hosts = [r[0] for r in bench._sql("SELECT id FROM hosts WHERE name = ANY(%s)",
+                                      ([node_name(i) for i in range(len(ports))],))]
+    # every channel a connect may notify on: the vm_runtimes triggers' and the nodes' command channels
+    channels = ["qvd_vm_runtime", "vm_changed", "desktop_changed", "vm_blocked_or_unblocked"]
+    channels += [f"qvd_cmd_for_user_on_host{h}" for h in hosts] + [f"qvd_cmd_for_vm_on_host{h}" for h in hosts]
+    with Crew(specs) as crew, ConnectionSampler(bench.pg, "qvd", ROLE, max_seconds=size["connect_s"] + 180,
+                                                channels=channels) as sampler:
         crew.ready(60)
-        win, results = bench.measure(0, lambda: (crew.go(), crew.results(size["connect_s"] + 120))[1])
+
+        def burst():
+            crew.go()
+            results = crew.results(size["connect_s"] + 120)
+            # the last sessions' releases belong to their connects: the window ends after them
+            return results, bench.wait_released()
+        win, (results, left) = bench.measure(0, burst)
     done = sum(len(r["latencies"]) for r in results)
     lat = sorted(x for r in results for x in r["latencies"])
-    left = bench.wait_released()
     pg_net = win["pg_cpu_s"] - idle_rate * win["seconds"]
     node_net = win["node_cpu_s"] - node_idle_rate * win["seconds"]
     return {"users": len(users), "nodes": len(ports), "connects": done, "errors": sum(r["errors"] for r in results),
@@ -479,6 +541,8 @@ def connects(bench, idle_rate, node_idle_rate):
             "transactions_per_connect": win["transactions"] / max(done, 1),
             "wal_bytes_per_connect": win["wal_bytes"] / max(done, 1),
             "peak_connections": sampler.peak, "peak_connections_per_node": sampler.peak / len(ports),
+            "notifications": sampler.notifications,
+            "notifications_per_connect": sum(sampler.notifications.values()) / max(done, 1),
             "rows_left_held": left,
             "top_statements": [dict(s, per_connect=s["calls"] / max(done, 1)) for s in win["top_statements"]]}
 
@@ -520,53 +584,77 @@ def statement_growth(before, after):
             for s in after["top_statements"]]
 
 
+# not in the schema: what one partial index would change (the cluster monitor's last step
+# looks for connected sessions on stopped VMs, which a healthy cluster has none of)
+WHAT_IF_INDEX = ("CREATE INDEX bench_what_if_connected_on_stopped ON vm_runtimes (vm_id) "
+                 "WHERE user_state = 'connected' AND vm_state = 'stopped'")
+
+
 def seeded_sessions(bench, top, floor_rate):
     """The vm_runtimes table grown to R rows of running VMs with connected sessions held by the
-    nodes' hosts: the nodes' idle cost with that many sessions in the cluster."""
+    nodes' hosts, and the hosts table to the size of a larger cluster: the nodes' idle cost
+    with that many sessions; then the same with one partial index more (a what-if)."""
     rows_before = bench._sql("SELECT count(*) FROM vm_runtimes")[0][0]
     rows = bench._seed_sessions(bench.size["rows"])
+    hosts = bench._sql("SELECT count(*) FROM hosts")[0][0]
     bench._vacuum()
     time.sleep(2)
     win, _ = bench.measure(bench.size["idle_s"])
     figures = idle_figures(win, top["nodes"], floor_rate)
     plans = {stmt["query"]: bench.probe.explain(stmt["query"]) for stmt in figures["top_statements"][:6]}
-    return {"vm_rows_before": rows_before, "vm_rows": rows, "sessions": rows - rows_before, "idle": figures,
-            "plans": plans, "load_average": win["load_average"],
-            "statement_growth": statement_growth(top["idle"], figures)}
+    bench._sql(WHAT_IF_INDEX)
+    bench._sql("ANALYZE vm_runtimes")
+    time.sleep(2)
+    indexed, _ = bench.measure(bench.size["idle_s"])
+    with_index = idle_figures(indexed, top["nodes"], floor_rate)
+    return {"vm_rows_before": rows_before, "vm_rows": rows, "sessions": rows - rows_before, "hosts": hosts,
+            "idle": figures, "plans": plans, "load_average": win["load_average"],
+            "statement_growth": statement_growth(top["idle"], figures),
+            "what_if_index": {"sql": WHAT_IF_INDEX, "idle": with_index, "load_average": indexed["load_average"],
+                              "statement_growth": statement_growth(figures, with_index)}}
 
 
 def rows(out):
     levels = out["levels"]
     la = lambda w: f"load {w['load_average'][0]:.1f}-{w['load_average'][1]:.1f}"  # noqa: E731
-    idle = " / ".join(f"{lv['nodes']}: {lv['idle']['pg_cpu_ms_per_node_min']:.1f}" for lv in levels)
-    stm = " / ".join(f"{lv['nodes']}: {lv['idle']['statements_per_node_min']:.0f}" for lv in levels)
+    per_level = lambda fmt: " / ".join(f"{lv['nodes']}: {fmt(lv)}" for lv in levels)  # noqa: E731
     top = levels[-1]
-    fan = " / ".join(f"{lv['nodes']}: {lv['fanout']['pg_us_per_delivery']:.1f}" for lv in levels)
-    fan_node = " / ".join(f"{lv['nodes']}: {lv['fanout']['node_us_per_delivery']:.0f}" for lv in levels)
-    cfg = " / ".join(f"{lv['nodes']}: {lv['config_change']['pg_ms_per_change']:.1f}" for lv in levels)
     c, h, b = out["connect"], out["held"], out["sessions"]
+    fit = out.get("fanout_fit", {})
+    slope = (f"; fitted {fit['heard']['us_per_listener']:.1f} µs per listener heard, "
+             f"{fit['unheard']['us_per_listener']:.1f} unheard" if "heard" in fit and "unheard" in fit else "")
+    w = b["what_if_index"]
     return [
         ("cluster idle: PostgreSQL CPU per node per minute, net of the server's floor (ms; nodes: value)",
-         idle, "(no reference)", "-", f"{stm} statements per node-minute; {la(top['idle'])}"),
+         per_level(lambda lv: f"{lv['idle']['pg_cpu_ms_per_node_min']:.1f}"), "(no reference)", "-",
+         per_level(lambda lv: f"{lv['idle']['statements_per_node_min']:.0f}") + " statements per node-minute; "
+         + la(top["idle"])),
         (f"cluster idle at {top['nodes']} nodes: WAL, connections, node CPU per node",
          f"{top['idle']['wal_bytes_per_node_min'] / 1024:.1f} KB WAL/min, {top['idle']['connections_per_node']:.1f} "
          f"connections, node {top['idle']['node_cpu_ms_per_node_min']:.0f} ms CPU/min, "
          f"{top['node_rss_mb']:.0f} MB RSS", "(no reference)", "-", la(top["idle"])),
-        (f"cluster connect_to_vm over {c['nodes']} nodes: cost per connect",
+        (f"cluster connect_to_vm over {c['nodes']} nodes: cost per connect (connect, 101, close, release)",
          f"PostgreSQL {c['pg_ms_per_connect']:.2f} ms, nodes {c['node_ms_per_connect']:.2f} ms CPU, "
-         f"{c['statements_per_connect']:.1f} statements, {c['transactions_per_connect']:.1f} transactions "
-         f"({c['connects']} connects, {c['rate_per_s']:.0f}/s)", "(no reference)", "-",
+         f"{c['statements_per_connect']:.1f} statements, {c['transactions_per_connect']:.1f} transactions, "
+         f"{c['notifications_per_connect']:.1f} NOTIFYs ({c['connects']} connects, {c['rate_per_s']:.0f}/s)",
+         "(no reference)", "-",
          f"{c['errors']} errors; peak {c['peak_connections_per_node']:.1f} connections per node; {la(c)}"),
-        ("cluster NOTIFY fan-out: PostgreSQL CPU per notification per listener (µs; nodes: value)",
-         fan, "(no reference)", "-", f"node CPU per delivery (µs) {fan_node}; {la(top['fanout'])}"),
+        ("cluster NOTIFY: PostgreSQL CPU per notification, heard by every L7R / on a channel nobody hears "
+         "(µs; nodes: value)",
+         per_level(lambda lv: f"{lv['fanout']['pg_us_per_notification_heard']:.0f} / "
+                   f"{lv['fanout']['pg_us_per_notification_unheard']:.0f}"), "(no reference)", "-",
+         "node CPU per delivery (µs) " + per_level(lambda lv: f"{lv['fanout']['node_us_per_delivery']:.0f}")
+         + slope + "; " + la(top["fanout"])),
         ("cluster config change (qvd-admin config set): PostgreSQL CPU per change (ms; nodes: value)",
-         cfg, "(no reference)", "-",
+         per_level(lambda lv: f"{lv['config_change']['pg_ms_per_change']:.1f}"), "(no reference)", "-",
          f"{top['config_change']['reload_statements_per_change_per_node']:.1f} statements and "
          f"{top['config_change']['node_ms_per_change_per_node']:.1f} ms CPU per node per change"),
         (f"cluster held idle sessions ({h['sessions']} over {top['nodes']} nodes): PostgreSQL CPU per session "
          "per minute (ms)", f"{h['pg_cpu_ms_per_session_min']:.3f}", "(no reference)", "-",
          f"{h['statements_per_session_min']:.3f} statements per session-minute; {la(h)}"),
-        (f"cluster idle with {b['sessions']} more sessions held ({b['vm_rows']} vm_runtimes rows): PostgreSQL CPU "
-         "per node per minute (ms)", f"{b['idle']['pg_cpu_ms_per_node_min']:.1f} (vs "
-         f"{top['idle']['pg_cpu_ms_per_node_min']:.1f} at {b['vm_rows_before']} rows)", "(no reference)", "-", la(b)),
+        (f"cluster idle with {b['sessions']} more sessions held ({b['vm_rows']} vm_runtimes rows, {b['hosts']} "
+         "hosts): PostgreSQL CPU per node per minute (ms)",
+         f"{b['idle']['pg_cpu_ms_per_node_min']:.1f} (vs {top['idle']['pg_cpu_ms_per_node_min']:.1f} at "
+         f"{b['vm_rows_before']} rows); with one partial index more: {w['idle']['pg_cpu_ms_per_node_min']:.1f}",
+         "(no reference)", "-", f"{la(b)}; {la(w)}"),
     ]

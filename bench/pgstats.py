@@ -15,6 +15,7 @@ import threading
 import time
 
 import psycopg2
+import psycopg2.extensions
 
 from .procstat import tree_cpu_seconds
 
@@ -116,11 +117,15 @@ def window(before, after, top=12):
 
 class ConnectionSampler:
     """The highest number of the role's connections seen, sampled every interval seconds on a
-    connection of its own, until stop() (or max_seconds, whichever comes first)."""
+    connection of its own, until stop() (or max_seconds, whichever comes first); with
+    channels, that connection also LISTENs to them and counts what arrives per channel
+    (one more listening backend meanwhile)."""
 
-    def __init__(self, pg, dbname, role, interval=0.5, max_seconds=600):
+    def __init__(self, pg, dbname, role, interval=0.5, max_seconds=600, channels=()):
         self.pg, self.dbname, self.role = pg, dbname, role
         self.interval, self.max_seconds = interval, max_seconds
+        self.channels = list(channels)
+        self.notifications = {}
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -131,13 +136,29 @@ class ConnectionSampler:
         deadline = time.monotonic() + self.max_seconds
         try:
             with conn.cursor() as cur:
-                while not self._stop.is_set() and time.monotonic() < deadline:
+                for channel in self.channels:
+                    cur.execute("LISTEN " + psycopg2.extensions.quote_ident(channel, cur))
+                while True:
                     cur.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND datname = %s",
                                 (self.role, self.dbname))
                     self.peak = max(self.peak, cur.fetchone()[0])
+                    self._count(conn)
+                    if self._stop.is_set() or time.monotonic() >= deadline:
+                        break
                     self._stop.wait(self.interval)
+                end = time.monotonic() + 2          # what was sent just before the stop
+                while time.monotonic() < end:
+                    time.sleep(0.2)
+                    self._count(conn)
         finally:
             conn.close()
+
+    def _count(self, conn):
+        conn.poll()
+        for note in conn.notifies:
+            family = note.channel.rstrip("0123456789")
+            self.notifications[family] = self.notifications.get(family, 0) + 1
+        conn.notifies.clear()
 
     def __enter__(self):
         self._thread.start()

@@ -41,7 +41,8 @@ def test_quick_cluster_bench_measures_every_phase(tmp_path):
         # a pooled connection and the LISTEN connection, at least, per node
         assert idle["connections_per_node"] >= 2
         fanout = level["fanout"]
-        assert fanout["notifications"] == fanout["control_notifications"] == data["sizes"]["notify"]
+        sent = data["sizes"]["notify"] * data["sizes"]["notify_rounds"]
+        assert fanout["notifications"] == fanout["control_notifications"] == sent
         assert fanout["received_by_bench"] == fanout["notifications"] and fanout["listeners"] == nodes + 1
         change = level["config_change"]
         assert change["changes"] == data["sizes"]["config_changes"]
@@ -55,12 +56,16 @@ def test_quick_cluster_bench_measures_every_phase(tmp_path):
     assert connect["connects"] > 0 and connect["errors"] == 0, connect["last_error"]
     assert connect["statements_per_connect"] > 0 and connect["transactions_per_connect"] > 0
     assert connect["peak_connections"] >= 2 * connect["nodes"] and connect["rows_left_held"] == 0
+    # a session row goes connecting, connected, disconnected: three notifications every L7R hears
+    assert connect["notifications"]["qvd_vm_runtime"] >= 3 * connect["connects"]
     held = data["held"]
     assert held["sessions"] == data["sizes"]["held"] and held["failures"] == 0
     assert held["connected_rows"] >= held["sessions"] and held["rows_left_held"] == 0
     sessions = data["sessions"]
     assert sessions["vm_rows"] == data["sizes"]["rows"] and sessions["sessions"] > 0
+    assert sessions["hosts"] == data["sizes"]["hosts"]
     assert sessions["idle"]["statements_per_node_min"] > 0
+    assert sessions["what_if_index"]["idle"]["statements_per_node_min"] > 0
 
     # default timers, five nodes on a busy machine: nobody fenced, nobody called lost
     assert data["node_log"] == {"Traceback": 0, "marked as lost": 0, "fencing": 0}
