@@ -48,6 +48,11 @@ ROLE = "qvd"
 UNHEARD = "bench_unheard"           # a channel nobody listens to: the sender's own cost
 
 
+def client_address(index):
+    """The loopback address client index connects from (127.73.0.0/16)."""
+    return f"127.73.{index // 250}.{index % 250 + 1}"
+
+
 def sizes(quick, levels=None):
     if quick:
         base = {"levels": (2, 5), "floor_s": 5, "idle_s": 10, "notify": 200, "notify_rate": 100, "notify_rounds": 1,
@@ -390,14 +395,16 @@ def run(quick, say=print, levels=None):
             say(f"{nodes} nodes fan-out: {level['fanout']['pg_us_per_delivery']:.1f} µs PostgreSQL, "
                 f"{level['fanout']['node_us_per_delivery']:.1f} µs node CPU per notification per listener")
             level["config_change"] = config_fanout(bench, nodes, idle_rate, node_idle_rate)
+            level["connect"] = connects(bench, idle_rate, node_idle_rate)
+            say(f"{nodes} nodes connect: {level['connect']['connects']} in {level['connect']['window_s']:.0f} s; per "
+                f"connect PostgreSQL {level['connect']['pg_ms_per_connect']:.2f} ms, nodes "
+                f"{level['connect']['node_ms_per_connect']:.2f} ms")
             out["levels"].append(level)
         out["fanout_fit"] = fanout_fit(out["levels"])
+        out["connect_fit"] = fit([lv["connect"]["nodes"] for lv in out["levels"]],
+                                 [lv["connect"]["pg_ms_per_connect"] for lv in out["levels"]])
         top = out["levels"][-1]
-        idle_rate = top["idle"]["pg_cpu_ms_per_node_min_raw"] * top["nodes"] / 60000.0
-        node_idle_rate = top["idle"]["node_cpu_ms_per_node_min"] * top["nodes"] / 60000.0
-        out["connect"] = connects(bench, idle_rate, node_idle_rate)
-        say(f"connect: {out['connect']['connects']} in {out['connect']['window_s']:.0f} s; per connect "
-            f"PostgreSQL {out['connect']['pg_ms_per_connect']:.2f} ms, nodes {out['connect']['node_ms_per_connect']:.2f} ms")
+        out["connect"] = top["connect"]
         out["held"] = held_sessions(bench, top, floor_rate)
         say(f"held: {out['held']['sessions']} sessions; PostgreSQL "
             f"{out['held']['pg_cpu_ms_per_session_min']:.3f} ms per session per minute")
@@ -469,19 +476,25 @@ def _drain(conn, expected, timeout=10):
     return got
 
 
+def fit(xs, ys):
+    """Least squares y = fixed + slope * x, with the points; None with fewer than two x."""
+    if len(set(xs)) < 2:
+        return None
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return {"slope": slope, "fixed": my - slope * mx, "points": list(zip(xs, ys))}
+
+
 def fanout_fit(levels):
-    """Least squares of PostgreSQL µs per notification against the listening backends, for
-    notifications heard and unheard: the slope is the cost per listener, the intercept the
-    sender's own (its statement and commit)."""
+    """PostgreSQL µs per notification against the listening backends, for notifications heard
+    and unheard: the slope is the cost per listener, the intercept the sender's own (its
+    statement and commit)."""
     out = {}
     for kind in ("heard", "unheard"):
-        xs = [lv["fanout"]["listeners"] for lv in levels]
-        ys = [lv["fanout"][f"pg_us_per_notification_{kind}"] for lv in levels]
-        if len(xs) < 2 or len(set(xs)) < 2:
-            continue
-        mx, my = statistics.mean(xs), statistics.mean(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-        out[kind] = {"us_per_listener": slope, "us_fixed": my - slope * mx, "points": list(zip(xs, ys))}
+        line = fit([lv["fanout"]["listeners"] for lv in levels],
+                   [lv["fanout"][f"pg_us_per_notification_{kind}"] for lv in levels])
+        if line is not None:
+            out[kind] = {"us_per_listener": line["slope"], "us_fixed": line["fixed"], "points": line["points"]}
     return out
 
 
@@ -503,7 +516,9 @@ def config_fanout(bench, nodes, idle_rate, node_idle_rate):
 
 def connects(bench, idle_rate, node_idle_rate):
     size, ports = bench.size, bench.fleet.ports
-    users = [{"auth": auth, "vm_ids": vms, "port": ports[u % len(ports)]}
+    # each user from a loopback address of its own: the L7R throttles logins per source address,
+    # and a hundred users of one address are not what a cluster sees
+    users = [{"auth": auth, "vm_ids": vms, "port": ports[u % len(ports)], "source": client_address(u)}
              for u, (auth, vms) in enumerate(zip(bench.connect_auth, bench.connect_vms))]
     workers = 2
     per = (len(users) + workers - 1) // workers
@@ -553,7 +568,8 @@ def held_sessions(bench, top, floor_rate):
     size, ports = bench.size, bench.fleet.ports
     count, nodes = size["held"], top["nodes"]
     target = {"kind": "l7r", "host": "127.0.0.1", "port": ports[0], "ports": ports, "ca": str(bench.cert),
-              "auth": bench.held_auth, "vm_ids": bench.held_vms}
+              "auth": bench.held_auth, "vm_ids": bench.held_vms,
+              "sources": [client_address(i) for i in range(min(count, 200))]}
     before, _ = bench.measure(size["idle_s"])
     with Crew([{"job": "idle", "target": target, "parallel": 20}]) as crew:
         crew.ready(30)
@@ -633,7 +649,12 @@ def rows(out):
          f"{top['idle']['wal_bytes_per_node_min'] / 1024:.1f} KB WAL/min, {top['idle']['connections_per_node']:.1f} "
          f"connections, node {top['idle']['node_cpu_ms_per_node_min']:.0f} ms CPU/min, "
          f"{top['node_rss_mb']:.0f} MB RSS", "(no reference)", "-", la(top["idle"])),
-        (f"cluster connect_to_vm over {c['nodes']} nodes: cost per connect (connect, 101, close, release)",
+        ("cluster connect_to_vm: PostgreSQL CPU per connect (connect, 101, close, release; ms; nodes: value)",
+         per_level(lambda lv: f"{lv['connect']['pg_ms_per_connect']:.1f}")
+         + (f" (fitted {out['connect_fit']['slope']:.2f} ms more per node)" if out.get("connect_fit") else ""),
+         "(no reference)", "-", per_level(lambda lv: f"{lv['connect']['rate_per_s']:.0f}") + " connects/s; "
+         + la(c)),
+        (f"cluster connect_to_vm over {c['nodes']} nodes: cost per connect",
          f"PostgreSQL {c['pg_ms_per_connect']:.2f} ms, nodes {c['node_ms_per_connect']:.2f} ms CPU, "
          f"{c['statements_per_connect']:.1f} statements, {c['transactions_per_connect']:.1f} transactions, "
          f"{c['notifications_per_connect']:.1f} NOTIFYs ({c['connects']} connects, {c['rate_per_s']:.0f}/s)",

@@ -22,8 +22,10 @@ def client_context(cafile):
     return ctx
 
 
-def open_connection(host, port, context=None, timeout=30.0):
-    raw = socket.create_connection((host, port), timeout=timeout)
+def open_connection(host, port, context=None, timeout=30.0, source=None):
+    """source: the local address to connect from (the cluster bench gives each user a loopback
+    address of its own, as users come from their own addresses)."""
+    raw = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0) if source else None)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if context is None:
         return raw
@@ -141,6 +143,7 @@ class Target:
         self.port = int(spec["port"])
         # the cluster bench spreads sessions over many L7Rs: session i goes to ports[i % len]
         self.ports = [int(port) for port in spec.get("ports") or [self.port]]
+        self.sources = spec.get("sources") or [None]           # session i from sources[i % len]
         self.auth = spec.get("auth")
         self.vm_ids = spec.get("vm_ids", [])
         self.tokens = spec.get("tokens", [])         # web: a single-use token per VM of vm_ids
@@ -153,7 +156,7 @@ class Target:
         """An open stream to the backend; returns (socket, early bytes). For web, the socket
         carries WebSocket frames and the early bytes are the desktop's payload."""
         port = self.ports[index % len(self.ports)]
-        sock = open_connection(self.host, port, self.context, timeout)
+        sock = open_connection(self.host, port, self.context, timeout, self.sources[index % len(self.sources)])
         try:
             rest = b""
             if self.kind == "l7r":

@@ -168,8 +168,9 @@ def job_handshake(spec, target):
 def job_connect(spec, target):
     """Virtual users, each with its own token and VMs: connect_to_vm -> 101 -> close, again
     (round robin over the user's VMs), until spec['count'] or spec['seconds']. Latency from
-    the TCP connect to the 101. A user with a "port" of its own goes to that L7R (the
-    cluster bench spreads users over its nodes)."""
+    the TCP connect to the 101. A user with a "port" of its own goes to that L7R, and one with
+    a "source" connects from that address (the cluster bench spreads users over its nodes
+    and gives each an address of its own)."""
     users, limit, count = spec["users"], float(spec["seconds"]), int(spec["count"])
     emit("ready", len(users))
     wait_line("go")
@@ -184,7 +185,8 @@ def job_connect(spec, target):
             vm_id = user["vm_ids"][i % len(user["vm_ids"])]
             t = time.monotonic()
             try:
-                sock = open_connection(target.host, user.get("port", target.port), target.context, timeout=30)
+                sock = open_connection(target.host, user.get("port", target.port), target.context, timeout=30,
+                                       source=user.get("source"))
                 try:
                     connect_to_vm(sock, vm_id, user["auth"], target.host)
                     latencies.append(time.monotonic() - t)

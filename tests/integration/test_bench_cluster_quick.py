@@ -52,12 +52,14 @@ def test_quick_cluster_bench_measures_every_phase(tmp_path):
     assert top["pg_cpu_ms_per_node_min_raw"] > 0 and top["node_cpu_ms_per_node_min"] > 0
     assert top["wal_bytes_per_node_min"] > 0        # heartbeats are writes
 
-    connect = data["connect"]
-    assert connect["connects"] > 0 and connect["errors"] == 0, connect["last_error"]
-    assert connect["statements_per_connect"] > 0 and connect["transactions_per_connect"] > 0
-    assert connect["peak_connections"] >= 2 * connect["nodes"] and connect["rows_left_held"] == 0
-    # a session row goes connecting, connected, disconnected: three notifications every L7R hears
-    assert connect["notifications"]["qvd_vm_runtime"] >= 3 * connect["connects"]
+    for level in data["levels"]:
+        connect = level["connect"]
+        assert connect["nodes"] == level["nodes"]
+        assert connect["connects"] > 0 and connect["errors"] == 0, connect["last_error"]
+        assert connect["statements_per_connect"] > 0 and connect["transactions_per_connect"] > 0
+        assert connect["peak_connections"] >= 2 * connect["nodes"] and connect["rows_left_held"] == 0
+        # a session row goes connecting, connected, disconnected: three notifications every L7R hears
+        assert connect["notifications"]["qvd_vm_runtime"] >= 3 * connect["connects"]
     held = data["held"]
     assert held["sessions"] == data["sizes"]["held"] and held["failures"] == 0
     assert held["connected_rows"] >= held["sessions"] and held["rows_left_held"] == 0
