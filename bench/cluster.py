@@ -656,7 +656,7 @@ def rows(out):
          + la(c)),
         (f"cluster connect_to_vm over {c['nodes']} nodes: cost per connect",
          f"PostgreSQL {c['pg_ms_per_connect']:.2f} ms, nodes {c['node_ms_per_connect']:.2f} ms CPU, "
-         f"{c['statements_per_connect']:.1f} statements, {c['transactions_per_connect']:.1f} transactions, "
+         f"{c['statements_per_connect']:.1f} statements, {c['wal_bytes_per_connect'] / 1024:.1f} KB WAL, "
          f"{c['notifications_per_connect']:.1f} NOTIFYs ({c['connects']} connects, {c['rate_per_s']:.0f}/s)",
          "(no reference)", "-",
          f"{c['errors']} errors; peak {c['peak_connections_per_node']:.1f} connections per node; {la(c)}"),

@@ -9,7 +9,10 @@
   the NOTIFY queue's fill (pg_notification_queue_usage).
 
 pg_stat_statements must be in shared_preload_libraries (bench/cluster.py starts the
-server so); without it the statement figures are missing and say so.
+server so); without it the statement figures are missing and say so. Statements are what
+a client sent (pg_stat_statements.track = top): the statements inside a server-side
+function are its call's cost, not statements of their own. Transactions are the
+measured database's commits and rollbacks (pg_stat_database).
 """
 import threading
 import time
@@ -19,8 +22,9 @@ import psycopg2.extensions
 
 from .procstat import tree_cpu_seconds
 
-# statements that only delimit a transaction: counted apart from the work inside it
-TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SET TRANSACTION", "SAVEPOINT", "RELEASE")
+# statements that only delimit a transaction or set a session variable: counted apart from
+# the work they frame
+TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SET ", "RESET ", "SAVEPOINT", "RELEASE")
 
 
 def lsn_bytes(lsn):
@@ -33,21 +37,26 @@ def is_transaction_control(query):
 
 
 class Snapshot:
-    def __init__(self, at, cpu, statements, wal, connections, node_cpu=0.0):
+    def __init__(self, at, cpu, statements, wal, connections, xacts, node_cpu=0.0):
         self.at = at
         self.cpu = cpu
         self.statements = statements        # queryid -> (query, calls, total ms, rows)
         self.wal = wal
         self.connections = connections
+        self.xacts = xacts                  # commits + rollbacks in the measured database
         self.node_cpu = node_cpu
 
 
 class PgProbe:
+    """Reads the statistics from the `postgres` database, so that its own queries are not
+    transactions of the measured one."""
+
     def __init__(self, pg, dbname, role):
+        self.pg = pg
         self.pid = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
         self.role = role
         self.dbname = dbname
-        self.conn = psycopg2.connect(**pg.superuser_dsn(dbname))
+        self.conn = psycopg2.connect(**pg.superuser_dsn("postgres"))
         self.conn.autocommit = True
         self.has_statements = True
         try:
@@ -79,14 +88,24 @@ class PgProbe:
                              "WHERE r.rolname = %s AND d.datname = %s", (self.role, self.dbname))
             statements = {qid: (query, calls, ms, nrows) for qid, query, calls, ms, nrows in rows}
         wal = lsn_bytes(self._run("SELECT pg_current_wal_lsn()::text")[0][0])
-        return Snapshot(time.monotonic(), tree_cpu_seconds(self.pid), statements, wal, self.connections(), node_cpu)
+        # a backend reports its counts at most once a second: the figure trails by up to that
+        xacts = self._run("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s",
+                          (self.dbname,))[0][0]
+        return Snapshot(time.monotonic(), tree_cpu_seconds(self.pid), statements, wal, self.connections(), xacts,
+                        node_cpu)
 
     def explain(self, query):
         """The plan PostgreSQL would use for a normalised statement ($1 ... left as parameters)."""
+        conn = psycopg2.connect(**self.pg.superuser_dsn(self.dbname))
+        conn.autocommit = True
         try:
-            return [r[0] for r in self._run("EXPLAIN (GENERIC_PLAN) " + query)]
+            with conn.cursor() as cur:
+                cur.execute("EXPLAIN (GENERIC_PLAN) " + query)
+                return [r[0] for r in cur.fetchall()]
         except psycopg2.Error as exc:
             return [f"(no plan: {str(exc).strip().splitlines()[0]})"]
+        finally:
+            conn.close()
 
 
 def window(before, after, top=12):
@@ -106,7 +125,7 @@ def window(before, after, top=12):
         "node_cpu_s": after.node_cpu - before.node_cpu,
         "statements": calls,
         "queries": calls - sum(s["calls"] for s in control),
-        "transactions": sum(s["calls"] for s in control if s["query"].upper().startswith("BEGIN")),
+        "transactions": after.xacts - before.xacts,
         "exec_ms": sum(s["exec_ms"] for s in per),
         "wal_bytes": after.wal - before.wal,
         "connections": after.connections,
@@ -131,27 +150,32 @@ class ConnectionSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        conn = psycopg2.connect(**self.pg.superuser_dsn(self.dbname))
-        conn.autocommit = True
+        # counts from the postgres database; the measured one sees only the LISTENs
+        counter = psycopg2.connect(**self.pg.superuser_dsn("postgres"))
+        counter.autocommit = True
+        listener = psycopg2.connect(**self.pg.superuser_dsn(self.dbname))
+        listener.autocommit = True
         deadline = time.monotonic() + self.max_seconds
         try:
-            with conn.cursor() as cur:
+            with listener.cursor() as lcur:
                 for channel in self.channels:
-                    cur.execute("LISTEN " + psycopg2.extensions.quote_ident(channel, cur))
+                    lcur.execute("LISTEN " + psycopg2.extensions.quote_ident(channel, lcur))
+            with counter.cursor() as cur:
                 while True:
                     cur.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND datname = %s",
                                 (self.role, self.dbname))
                     self.peak = max(self.peak, cur.fetchone()[0])
-                    self._count(conn)
+                    self._count(listener)
                     if self._stop.is_set() or time.monotonic() >= deadline:
                         break
                     self._stop.wait(self.interval)
-                end = time.monotonic() + 2          # what was sent just before the stop
-                while time.monotonic() < end:
-                    time.sleep(0.2)
-                    self._count(conn)
+            end = time.monotonic() + 2          # what was sent just before the stop
+            while time.monotonic() < end:
+                time.sleep(0.2)
+                self._count(listener)
         finally:
-            conn.close()
+            counter.close()
+            listener.close()
 
     def _count(self, conn):
         conn.poll()
