@@ -1,7 +1,7 @@
 """Cluster scale (issue 16): what PostgreSQL spends on a cluster of N nodes, from one run.
 
-    python -m bench --only cluster [--cluster-levels 10,25,50]     (about 15 minutes)
-    python -m bench --quick --only cluster                          (levels 2,5; about 2 minutes)
+    python -m bench --only cluster [--cluster-levels 10,25,50]     (about 18 minutes)
+    python -m bench --quick --only cluster                          (levels 2,5; about 2.5 minutes)
 
 One embedded PostgreSQL (pg_stat_statements loaded), the farm (bench/farm.py: the stand-in
 VMs every session goes to) and N `qvd-node` processes (bench/fleet.py: HKD + L7R each,
