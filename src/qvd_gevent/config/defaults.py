@@ -117,7 +117,7 @@ _TABLE = [
     ("l7r.loadbalancer.plugin.default.weight.ram", 1.0, "float", "weight of usable RAM in node choice"),
     ("l7r.loadbalancer.plugin.default.weight.cpu", 1.0, "float", "weight of usable CPU in node choice"),
     ("l7r.loadbalancer.plugin.default.weight.random", 1.0, "float", "random part of node choice"),
-    ("l7r.timeout.request", 30, "int", "ours: seconds a client has to send one whole request"),
+    ("l7r.timeout.request", 30, "int", "ours: seconds a client has to send one whole request (and to take an answer once a write to it waits)"),
     ("l7r.timeout.idle", 300, "int", "ours: seconds an idle keep-alive connection is kept once it has logged in"),
     ("l7r.timeout.idle.unauthenticated", 10, "int", "ours: seconds an idle keep-alive connection that has not "
      "logged in (yet) is kept"),

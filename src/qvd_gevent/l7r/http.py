@@ -19,9 +19,11 @@ change the framing or the connection (Content-Length, Transfer-Encoding, Connect
 Upgrade, Expect). ``simple_request`` reads such a head with one pattern per line taken
 from h11's own grammar and gives exactly what h11 would (tests/unit/test_http_fast_path.py
 checks that against h11 on generated heads); the answer is then written as h11 writes
-it. Anything else (connect_to_vm's Upgrade among them) goes through h11. That saves about
-40 µs of CPU per request (an h11.Connection, its state machine and its header checks),
-which is most of what a ping costs besides the TLS handshake.
+it. Anything else (connect_to_vm's Upgrade among them) goes through h11, a fresh
+h11.Connection per such request: bytes the client sent behind it come back to our buffer,
+so a pipelined request is checked and read like any other, by either parser. The fast
+path saves about 40 µs of CPU per request (an h11.Connection, its state machine and its
+header checks), which is most of what a ping costs besides the TLS handshake.
 """
 import re
 import time
@@ -209,6 +211,12 @@ class HttpConnection:
         self.buf = b""
         self.requests = 0
         self._held = None           # output kept back by hold_output()
+        # an answer must be taken within request_timeout too: a client that stops reading is
+        # cut like one that stops sending. A TLS stream keeps that deadline itself (armed only
+        # when a write would block; its other writers, error answers among them, get it too)
+        self._send_timer = not hasattr(sock, "send_timeout")
+        if not self._send_timer:
+            sock.send_timeout = request_timeout
 
     # --- reading ---------------------------------------------------------------------
     def _recv(self):
@@ -222,8 +230,13 @@ class HttpConnection:
         """Wait for a request. first_deadline (seconds from now) bounds the whole of the very
         first one: the wait for its first byte and the reading of all of it, together.
         timed=False: the caller's own timer bounds it (no timer of ours)."""
-        if self.h11 is not None and self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-            self.h11.start_next_cycle()
+        if self.h11 is not None:
+            # what the client sent behind the last request (pipelined) sits in h11's buffer:
+            # back into ours, so the next head is checked and read like any other (h11
+            # would keep it for itself and this loop wait for bytes that already came)
+            if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+                self.buf = bytes(self.h11.trailing_data[0]) + self.buf
+            self.h11 = None
         self.simple = self.answered = False
         if not timed:
             while not self.buf.lstrip(b"\r\n"):
@@ -235,10 +248,12 @@ class HttpConnection:
             self.buf = self.buf.lstrip(b"\r\n")
             return self._read_whole_request()
         first_end = time.monotonic() + first_deadline if (self.requests == 0 and first_deadline is not None) else None
-        # idle wait for the first byte of the next request
+        # idle wait for the first byte of the next request; blank lines do not restart it (a
+        # CRLF every few seconds would hold a connection that never asks anything for ever)
+        idle_end = first_end if first_end is not None else time.monotonic() + self.idle_timeout
         while not self.buf.lstrip(b"\r\n"):
             self.buf = b""
-            wait = max(0.001, first_end - time.monotonic()) if first_end is not None else self.idle_timeout
+            wait = max(0.001, idle_end - time.monotonic())
             timeout = gevent.Timeout(wait)
             timeout.start()
             try:
@@ -280,21 +295,19 @@ class HttpConnection:
         head = check_head(self.buf[:end], self.max_line, self.max_headers)
         rest = self.buf[end:]
         self.requests += 1
-        h = self.h11
-        if h is None or (h.their_state is h11.IDLE and h.our_state is h11.IDLE and not h.trailing_data[0]):
-            simple = simple_request(head)
-            if simple is not None:
-                # what follows stays in our buffer: a pipelined request is read next
-                self.buf = rest
-                self.simple = True
-                self.method = b"GET"
-                target, headers = simple
-                return Request("GET", target.decode("latin-1"),
-                               [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers])
+        simple = simple_request(head)
+        if simple is not None:
+            # what follows stays in our buffer: a pipelined request is read next
+            self.buf = rest
+            self.simple = True
+            self.method = b"GET"
+            target, headers = simple
+            return Request("GET", target.decode("latin-1"),
+                           [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers])
         self.buf = b""
-        if h is None:
-            h = self.h11 = h11.Connection(h11.SERVER)
-        h.receive_data(head + rest)
+        # a fresh h11 per request it reads: it never holds bytes of a request behind this one
+        self.h11 = h11.Connection(h11.SERVER)
+        self.h11.receive_data(head + rest)
         request = None
         while True:
             try:
@@ -336,10 +349,24 @@ class HttpConnection:
         if self._held is not None:
             self._held.append(data)
             return
+        if not self._send_timer:
+            try:
+                self.sock.sendall(data)
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
+            return
+        timer = gevent.Timeout(self.request_timeout)
+        timer.start()
         try:
             self.sock.sendall(data)
+        except gevent.Timeout as t:
+            if t is not timer:
+                raise
+            raise ClientGone("the client took no data for l7r.timeout.request seconds") from None
         except OSError as exc:
             raise ClientGone(str(exc)) from None
+        finally:
+            timer.close()
 
     def hold_output(self):
         """Keep what is sent until flush(): lines sent between two waits go out in one

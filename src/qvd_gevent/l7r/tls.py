@@ -15,6 +15,7 @@ import logging
 import os
 import ssl
 import stat
+import time
 
 import _socket
 import gevent
@@ -158,9 +159,14 @@ class TlsStream:
     theirs). The request loop uses ``do_handshake``, ``recv`` and ``sendall``, which
     wait on the hub like any gevent socket (so ``gevent.Timeout`` bounds them); the splice
     reads and writes ``tls`` directly. EOF without close_notify reads as EOF (the context
-    sets OP_IGNORE_UNEXPECTED_EOF; the QVD client just closes)."""
+    sets OP_IGNORE_UNEXPECTED_EOF; the QVD client just closes).
 
-    __slots__ = ("raw", "tls", "_events", "_nonblocking", "__weakref__")
+    ``send_timeout`` (seconds, None: no limit) bounds each ``sendall``: a client that stops
+    reading would otherwise hold its connection, its greenlet and the unsent answer for
+    ever (a slow-read attack needs no login: the browser client's files are public). The
+    clock starts at the first write that would block, so a write that fits costs nothing."""
+
+    __slots__ = ("raw", "tls", "_events", "_nonblocking", "send_timeout", "__weakref__")
 
     def __init__(self, raw, context):
         raw.setblocking(False)
@@ -168,6 +174,7 @@ class TlsStream:
         self.tls = context._wrap_socket(raw, server_side=True)
         self._events = None          # (read watcher, write watcher), made at the first wait
         self._nonblocking = False    # settimeout(0.0): recv_into/send never wait (a relay on watchers)
+        self.send_timeout = None
 
     def fileno(self):
         return self.raw.fileno()
@@ -181,12 +188,19 @@ class TlsStream:
     def getpeername(self):
         return self.raw.getpeername()
 
-    def _wait(self, writing):
+    def _wait(self, writing, deadline=None):
         if self._events is None:
             loop = gevent.get_hub().loop
             fd = self.raw.fileno()
             self._events = (loop.io(fd, 1), loop.io(fd, 2))
-        gevent.get_hub().wait(self._events[1 if writing else 0])
+        if deadline is None:
+            gevent.get_hub().wait(self._events[1 if writing else 0])
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the client took no data for send_timeout seconds")
+        with gevent.Timeout(left, TimeoutError("the client took no data for send_timeout seconds")):
+            gevent.get_hub().wait(self._events[1 if writing else 0])
 
     def do_handshake(self):
         tls = self.tls
@@ -212,16 +226,21 @@ class TlsStream:
                 return b""
 
     def sendall(self, data):
+        """All of data, or TimeoutError (an OSError) once send_timeout has passed."""
         # no partial writes: a write that would block is retried with the same bytes
         tls = self.tls
+        deadline = None
         while True:
             try:
                 tls.write(data)
                 return
             except ssl.SSLWantWriteError:
-                self._wait(True)
+                writing = True
             except ssl.SSLWantReadError:
-                self._wait(False)
+                writing = False
+            if deadline is None and self.send_timeout is not None:
+                deadline = time.monotonic() + self.send_timeout
+            self._wait(writing, deadline)
 
     # --- what a relay driven by watchers uses (ws_relay), as gevent's SSLSocket with timeout 0 ---
     def settimeout(self, timeout):
