@@ -15,7 +15,7 @@ import urllib.parse
 
 import pytest
 from qvd_gevent.db.runtime import token_digest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from helpers.hostile import HubErrors, live_greenlets, open_fds, raise_nofile, tls_node, wait_until
@@ -205,8 +205,13 @@ def request_strategy(vm_ids):
     return st.lists(st.one_of(realistic(), one()), min_size=1, max_size=4)
 
 
-def split_responses(data):
-    """Status codes of the HTTP/1.1 responses in data, up to a 101 (bytes after it are the VM's)."""
+def split_responses(data, head_sent=False):
+    """Status codes of the HTTP/1.1 responses in data, up to a 101 (bytes after it are the VM's).
+
+    The answer to a HEAD has a Content-Length and no body (RFC 9110 9.3.2). Which answers
+    are to a HEAD is the server's reading of mutated bytes, so when a HEAD was sent an
+    answer followed at once by the next status line (or by nothing) is taken to have no
+    body: no body the node writes starts with a status line."""
     codes = []
     while data:
         assert data.startswith(b"HTTP/1.1 "), data[:120]
@@ -226,7 +231,10 @@ def split_responses(data):
                 length = int(v)
         if code < 200:
             length = 0
-        data = data[head_end + 4 + length:]
+        rest = data[head_end + 4:]
+        if head_sent and (not rest or rest.startswith(b"HTTP/1.1 ")):
+            length = 0
+        data = rest[length:]
     return codes
 
 
@@ -255,13 +263,16 @@ def test_10000_generated_requests_no_crash_no_leak(fuzz_node, caplog):
     t0 = time.monotonic()
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
-              phases=(Phase.generate, Phase.shrink), suppress_health_check=list(HealthCheck))
+              phases=(Phase.explicit, Phase.generate, Phase.shrink), suppress_health_check=list(HealthCheck))
     @given(request_strategy([node.vm_id, node.app_id, node.bob_vm, node.blocked_vm, 999999]))
+    # a HEAD's answer (headers only) followed by the 400 of the bytes behind it (a CI failure)
+    @example([b"GET /qvd/ping HTTP/1.1\r\nAuthorization: Basic YWxpY2U6YWxpY2UtcHc=\r\nAuth-: \r\n\r\n",
+              b"HEAD /qvd/ping HTTP/1.1\r\n\r\n5\r\nhello\r\n0\r\n\r\n"])
     def exchange(raws):
         sent["examples"] += 1
         sent["requests"] += len(raws)
         data = tls_exchange(port, ctx, b"".join(raws))
-        for code in split_responses(data):
+        for code in split_responses(data, head_sent=any(b"HEAD" in raw for raw in raws)):
             seen[code] = seen.get(code, 0) + 1
             assert code in ALLOWED, (code, data[:300], raws)
     with caplog.at_level(logging.ERROR, logger="qvd"), HubErrors() as hub:
