@@ -1,6 +1,6 @@
 """Cluster scale (issue 16): what PostgreSQL spends on a cluster of N nodes, from one run.
 
-    python -m bench --only cluster [--cluster-levels 10,25,50]     (about 18 minutes)
+    python -m bench --only cluster [--cluster-levels 10,25,50]     (about 16 minutes)
     python -m bench --quick --only cluster                          (levels 2,5; about 2.5 minutes)
 
 One embedded PostgreSQL (pg_stat_statements loaded), the farm (bench/farm.py: the stand-in
@@ -18,10 +18,13 @@ cost is their own CPU. In order:
      delivering to the listeners;
    - config change: `qvd-admin config set` M times (NOTIFY `qvd_config_changed`: every
      node reloads its configuration and its TLS material);
-3. at the top level: connect_to_vm bursts spread over the nodes (new TLS connection, 101,
-   close: claim, mark connected, release); H idle sessions held across the nodes; then
-   the vm_runtimes table grown to R rows (a large installation's VMs, stopped) and the
-   idle window again.
+   - connect_to_vm bursts spread over the nodes (new TLS connection, 101, close: claim,
+     mark connected, release), each user from a loopback address of its own; the farm
+     checks the VMs' agent keys and the one-time display key as a VM's VMA does;
+3. at the top level: H idle sessions held across the nodes (a window before, one with
+   them); then vm_runtimes grown to R rows of running VMs with sessions held by the nodes'
+   hosts and `hosts` to a larger cluster's rows, an idle window, and the same with one
+   partial index more (a what-if).
 
 Every window's cost is also given net of the server's floor and of the idle rate at that
 level, so a figure per node, per connect, per listener or per session is what the nodes
@@ -174,6 +177,23 @@ class ClusterBench:
                                      stdout=subprocess.PIPE, text=True, cwd=repo,
                                      env=dict(os.environ, QVD_VMA_SECRET=self.farm_key))
         self.farm_ports = json.loads(self.farm.stdout.readline())
+        self.farm_vma_answers = self._farm_vma_answers()
+
+    def _farm_vma_answers(self):
+        """The HTTP status of the farm VMA's ping without the agent key and with it: 401 and
+        200 when it checks keys as a VM's VMA does, so the connects measure that path."""
+        import http.client
+        answers = {}
+        for name, headers in (("without_key", {}), ("with_key", {"Authorization": f"Bearer {self.farm_key}"})):
+            conn = http.client.HTTPConnection(FARM_ADDRESS, self.farm_ports["rpc"], timeout=10)
+            try:
+                conn.request("GET", "/vma/ping", headers=headers)
+                answers[name] = conn.getresponse().status
+            finally:
+                conn.close()
+        if answers != {"without_key": 401, "with_key": 200}:
+            raise RuntimeError(f"the farm's VMA does not check the agent key: {answers}")
+        return answers
 
     def _seed(self, top):
         """Node host rows, the farm host, users with running farm VMs, bearer tokens."""
@@ -372,6 +392,7 @@ def run(quick, say=print, levels=None):
         out["timers"] = bench.timers
         out["pg_settings"] = bench.pg.settings
         out["pg_version"] = bench._sql("SHOW server_version")[0][0]
+        out["farm_vma_answers"] = bench.farm_vma_answers
         floor, _ = bench.measure(size["floor_s"])
         floor_rate = floor["pg_cpu_s"] / floor["seconds"]
         out["floor"] = {"window_s": floor["seconds"], "pg_cpu_s": floor["pg_cpu_s"],

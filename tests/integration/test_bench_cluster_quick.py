@@ -1,6 +1,7 @@
 """`python -m bench --quick --only cluster`: node processes on one PostgreSQL, measured end to end.
 
-The quick form of the cluster-scale bench (issue 16): 2
+The quick form of the cluster-scale bench (issue 16; the full run and the model built on it:
+docs/scale.md): 2
 then 5 `qvd-node` processes with the default timers (the first cluster-monitor pass
 aside) on the embedded PostgreSQL with pg_stat_statements, the farm's stand-in VMs,
 10 s windows. Not a speed test: it asserts that every phase ran and counted what a
@@ -33,6 +34,8 @@ def test_quick_cluster_bench_measures_every_phase(tmp_path):
 
     assert [level["nodes"] for level in data["levels"]] == [2, 5]
     assert data["timers"]["internal.hkd.agent.ticker.delay"] == 5      # the default heartbeat
+    # the farm's VMs check the agent key as a VM's VMA does: connects take the real path
+    assert data["farm_vma_answers"] == {"without_key": 401, "with_key": 200}
     for level in data["levels"]:
         nodes, idle = level["nodes"], level["idle"]
         # every node heartbeats (12 a minute) and runs its cluster monitor: statements in every window
