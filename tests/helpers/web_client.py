@@ -122,10 +122,11 @@ class Desktop:
         self.sock.close()
 
 
-def open_desktop(port, cert, vm_id, token, origin="default", extra_query="", protocols=None, headers=()):
-    """(status, headers, Desktop or the refusal's body) of the WebSocket handshake."""
+def open_desktop(port, cert, vm_id, token, origin="default", extra_query="", protocols=None, headers=(), sock=None):
+    """(status, headers, Desktop or the refusal's body) of the WebSocket handshake (on sock, a
+    TLS connection to the node, else a new one)."""
     origin = f"https://127.0.0.1:{port}" if origin == "default" else origin
-    sock = tls_connect(port, cert)
+    sock = sock or tls_connect(port, cert)
     key = base64.b64encode(os.urandom(16)).decode()
     offered = protocols if protocols is not None else (["binary", f"qvd-token.{token}"] if token else ["binary"])
     lines = [f"GET /qvd/web/desktop?id={vm_id}{extra_query} HTTP/1.1", f"Host: 127.0.0.1:{port}",

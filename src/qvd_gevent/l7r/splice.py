@@ -15,6 +15,17 @@ Half-close: EOF from one side is passed on as ``shutdown(SHUT_WR)`` to the other
 pending chunk is written; the session ends when both directions are finished, on any
 error, or on ``close()`` (takeover, drain). ``on_done(reason)`` is called once, on the
 hub: it must not block (spawn a greenlet for database work).
+
+A TLS leg is one OpenSSL object read by one pump and written by the other, and TLS 1.3
+lets the client ask for key updates, which OpenSSL answers with a write of its own made
+inside a later read. Two rules keep that safe (docs/design.md#the-splice-and-tls):
+
+- a pump does not read a TLS source while the other pump's write into the same object is
+  half done (its pending chunk): OpenSSL fails the connection ("bad length") when such a
+  read has a key update to answer (openssl/openssl#8677);
+- a read that wants to write (the key update's answer does not fit the socket now) waits
+  for the socket to take data, not for more to read: the socket stays readable, so
+  waiting for that would call the read again at once, for ever, at full CPU.
 """
 import errno
 import logging
@@ -88,16 +99,16 @@ def _leg(sock):
 class _Pump:
     """One direction, src -> dst."""
 
-    __slots__ = ("splice", "src", "dst", "raw_dst", "src_tls", "dst_tls", "label", "reader", "writer",
-                 "pending", "pipe", "in_pipe", "eof", "finished", "moved")
+    __slots__ = ("splice", "src", "dst", "raw_src", "raw_dst", "src_tls", "dst_tls", "label", "reader", "writer",
+                 "pending", "pipe", "in_pipe", "eof", "finished", "moved", "sibling", "paused", "waker")
 
     def __init__(self, splice, src, dst, label, use_pipe):
         self.splice = splice
-        self.src, raw_src, self.src_tls = _leg(src)
+        self.src, self.raw_src, self.src_tls = _leg(src)
         self.dst, self.raw_dst, self.dst_tls = _leg(dst)
         self.label = label
         loop = gevent.get_hub().loop
-        self.reader = loop.io(raw_src.fileno(), 1)
+        self.reader = loop.io(self.raw_src.fileno(), 1)
         self.writer = loop.io(self.raw_dst.fileno(), 2)
         self.pending = None          # bytes not yet taken by dst (user-space path)
         self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) if use_pipe else None
@@ -105,6 +116,9 @@ class _Pump:
         self.eof = False
         self.finished = False
         self.moved = 0
+        self.sibling = None          # the pump writing into this one's source (one TLS object)
+        self.paused = False          # not reading: the sibling's write into our TLS source is half done
+        self.waker = None            # (TLS source) waits for the source to take data: a read wants to write
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self, initial=b""):
@@ -117,9 +131,10 @@ class _Pump:
                 gevent.get_hub().loop.run_callback(self._on_readable)
 
     def close(self):
-        for w in (self.reader, self.writer):
-            w.stop()
-            w.close()
+        for w in (self.reader, self.writer, self.waker):
+            if w is not None:
+                w.stop()
+                w.close()
         if self.pipe:
             for fd in self.pipe:
                 try:
@@ -146,6 +161,10 @@ class _Pump:
         try:
             if self.splice.closed or self.eof or self.pending is not None or self.in_pipe:
                 return
+            if self.src_tls and self.sibling.pending is not None and self.sibling.dst_tls:
+                self.paused = True               # until the sibling's write is whole (see the module doc)
+                self.reader.stop()
+                return
             if self.pipe is not None:
                 for _ in range(_BURST):
                     if not self._splice_in() or self.in_pipe:
@@ -154,7 +173,7 @@ class _Pump:
                 return
             src, dst, tls_src = self.src, self.dst, self.src_tls
             for _ in range(_BURST):
-                filled, more, eof = 0, False, False
+                filled, more, eof, wants_write = 0, False, False, False
                 try:
                     if tls_src:
                         while True:
@@ -172,6 +191,8 @@ class _Pump:
                         filled = src.recv_into(_SCRATCH)
                         eof = not filled
                         more = filled == _SCRATCH_SIZE
+                except ssl.SSLWantWriteError:
+                    wants_write = True           # a TLS read with a write of its own to finish
                 except _WOULD_BLOCK:
                     pass
                 except _TLS_EOF:
@@ -197,12 +218,39 @@ class _Pump:
                 if eof:
                     self._on_eof()
                     return
+                if wants_write and self.pending is None:
+                    self._read_when_writable()
+                    return
                 if not more or self.pending is not None:
                     return
             # more may wait inside the TLS object (already read off the fd): come back soon
             gevent.get_hub().loop.run_callback(self._on_readable)
         except Exception as exc:
             self.splice._finish(f"error: {exc}")
+
+    def _read_when_writable(self):
+        """The TLS source's read must write first and the socket takes nothing now: read
+        again once it does (its fd stays readable meanwhile, the reader would spin)."""
+        self.reader.stop()
+        if self.waker is None:
+            self.waker = gevent.get_hub().loop.io(self.raw_src.fileno(), 2)
+        self.waker.start(self._on_src_writable)
+
+    def _on_src_writable(self):
+        try:
+            self.waker.stop()
+            self._resume()
+        except Exception as exc:
+            self.splice._finish(f"error: {exc}")
+
+    def _resume(self):
+        """Read again (after a pause for the sibling, or a read that had to write first)."""
+        self.paused = False
+        if self.splice.closed or self.eof or self.pending is not None or self.in_pipe:
+            return
+        self.reader.start(self._on_readable)
+        # what the TLS object holds, or the write it owes, does not show on the fd: try now
+        gevent.get_hub().loop.run_callback(self._on_readable)
 
     def _splice_in(self):
         try:
@@ -291,6 +339,8 @@ class _Pump:
             if self.splice.closed or not drained:
                 return
             self.writer.stop()
+            if self.sibling.paused:
+                self.sibling._resume()
             if self.eof:
                 self._shutdown_dst()
             else:
@@ -329,6 +379,7 @@ class Splice:
             tune_socket(raw)
         self.up = _Pump(self, client, vm, "to_vm", use_pipe)
         self.down = _Pump(self, vm, client, "to_client", use_pipe)
+        self.up.sibling, self.down.sibling = self.down, self.up
         self.uses_os_splice = use_pipe
         _live.add(self)
 

@@ -16,6 +16,12 @@ Backpressure, both ways, with at most one pending chunk per direction:
 A message longer than ``max_message`` bytes ends the session (close code 1009); text
 frames end it too (1003): noVNC speaks binary only.
 
+A TLS browser connection is one OpenSSL object read and written here, and TLS 1.3 lets
+the browser ask for key updates, answered by a write OpenSSL makes inside a read: the
+browser is not read while a frame to it is half written, and a read that must write first
+waits for the socket to take data, not for more to read (the rules of the splice:
+docs/design.md#the-splice-and-tls).
+
 ``close(reason)`` (a takeover, a drain, an admin's disconnect) sends a close frame with
 code 4000 and the reason, if the connection can take it at once, then closes both sides.
 ``on_done(reason)`` is called once, on the hub; it must not block.
@@ -57,6 +63,8 @@ class WsRelay:
         self._to_client = None       # (bytes, offset) not yet taken by the browser
         self._control = 0
         self._to_vm = None           # (bytes, offset) not yet taken by the VM
+        self._client_tls = getattr(client, "pending", None) is not None   # tls.TlsStream, gevent's SSLSocket
+        self._read_owes_write = False    # a read of the browser's TLS must write first: wait for the socket to take data
         self._message = 0
         self._grace = None
         for s in (client, vm):
@@ -73,8 +81,7 @@ class WsRelay:
         if leftover:
             self._safe(self._from_client, bytes(leftover))
         self._update()
-        pending = getattr(self.client, "pending", None)     # a TLS stream (tls.TlsStream, gevent's SSLSocket)
-        if not self.closed and pending is not None and pending():
+        if not self.closed and self._client_tls and self.client.pending():
             gevent.get_hub().loop.run_callback(self._safe, self._on_client_readable)
         return self
 
@@ -121,10 +128,9 @@ class WsRelay:
         if self.closed:
             return
         reading_allowed = self.closing is None
-        self._want(self._client_in, reading_allowed and self._to_vm is None and self._control < CONTROL_BACKLOG,
-                   self._on_client_readable)
+        self._want(self._client_in, reading_allowed and self._may_read_client(), self._on_client_readable)
         self._want(self._vm_in, reading_allowed and self._to_client is None, self._on_vm_readable)
-        self._want(self._client_out, self._to_client is not None, self._on_client_writable)
+        self._want(self._client_out, self._to_client is not None or self._read_owes_write, self._on_client_writable)
         self._want(self._vm_out, self._to_vm is not None, self._on_vm_writable)
 
     def _want(self, watcher, on, callback):
@@ -150,9 +156,16 @@ class WsRelay:
         self._grace.start(self._finish, reason)
 
     # --- browser -> VM -------------------------------------------------------------------
+    def _may_read_client(self):
+        # a TLS browser is not read while a frame to it is half written (OpenSSL fails a read
+        # that has a key update to answer then) nor while a read waits to write first
+        if self._client_tls and (self._to_client is not None or self._read_owes_write):
+            return False
+        return self._to_vm is None and self._control < CONTROL_BACKLOG
+
     def _on_client_readable(self):
         for _ in range(_BURST):
-            if self.closed or self.closing is not None or self._to_vm is not None or self._control >= CONTROL_BACKLOG:
+            if self.closed or self.closing is not None or not self._may_read_client():
                 break
             filled, state = self._fill(self.client, len(_VIEW) - 16384)
             if filled:
@@ -160,6 +173,9 @@ class WsRelay:
             if state == "eof":
                 self._finish("the browser closed the connection")
                 return
+            if state == "owes-write":
+                self._read_owes_write = True
+                break
             if state != "more":
                 break
         else:
@@ -232,22 +248,30 @@ class WsRelay:
             self._control += len(frame)
 
     def _on_client_writable(self):
-        data, offset = self._to_client
-        self._to_client = self._write(self.client, data, offset, "to browser")
-        if self._to_client is None:
-            self._control = 0
-            if self.closing is not None:
-                self._finish(self.closing)
-                return
+        if self._read_owes_write:
+            # the read that had to write first is tried again (the write it owes does not
+            # show on the fd as readable)
+            self._read_owes_write = False
+            gevent.get_hub().loop.run_callback(self._safe, self._on_client_readable)
+        if self._to_client is not None:
+            data, offset = self._to_client
+            self._to_client = self._write(self.client, data, offset, "to browser")
+            if self._to_client is None:
+                self._control = 0
+                if self.closing is not None:
+                    self._finish(self.closing)
+                    return
         self._update()
 
     # --- socket I/O ----------------------------------------------------------------------
     def _fill(self, sock, limit):
-        """Read into the scratch buffer until nearly full or dry: (bytes, more|dry|eof|error)."""
+        """Read into the scratch buffer until nearly full or dry: (bytes, more|dry|owes-write|eof|error)."""
         filled = 0
         while filled <= limit:
             try:
                 n = sock.recv_into(_VIEW[filled:])
+            except ssl.SSLWantWriteError:
+                return filled, "owes-write"
             except _WOULD_BLOCK:
                 return filled, "dry"
             except OSError as exc:
