@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .procstat import cpu_seconds, tree_cpu_seconds
+
 FARM_ADDRESS = "127.77.0.1"
 COLD_USER = "bench-cold"
 
@@ -80,6 +82,7 @@ class BenchEnv:
         self.keep_logs = None        # a folder: node.log and haproxy.log are copied there on stop
         # a command the node runs under (bench/profile.py: valgrind, py-spy) and how long
         # its start may then take
+        self.l7r_workers = 1        # l7r.workers of the node (bench/scenarios.py workers: 1 and 2)
         self.node_wrapper = []
         self.node_python_options = []
         self.node_start_timeout = 60
@@ -146,7 +149,7 @@ class BenchEnv:
             *self.pg.node_conf_lines("qvd", "qvd", self.db_password),
             f"path.run = {self.dir}/run", f"path.log = {self.dir}/log", f"path.storage.root = {self.dir}/storage",
             "log.preset = stderr",
-            "l7r.address = 127.0.0.1", f"l7r.port = {self.l7r_port}",
+            "l7r.address = 127.0.0.1", f"l7r.port = {self.l7r_port}", f"l7r.workers = {self.l7r_workers}",
             f"l7r.metrics.address = 127.0.0.1:{free_port()}",
             "internal.hkd.address_check.enabled = 0", "vm.network.use_dhcp = 0",
             "vm.process.address.base = auto",        # a range of its own: other nodes may run here
@@ -378,6 +381,13 @@ backend sink
 
     def postgres_pid(self):
         return int((self.pg.pgdata / "postmaster.pid").read_text().split()[0])
+
+    def proxy_cpu_seconds(self, kind):
+        """CPU seconds of a proxy so far: HAProxy's process, the node's with its L7R workers."""
+        if kind == "l7r":
+            return tree_cpu_seconds(self.node.pid)
+        pid = self.proxy_pid(kind)
+        return cpu_seconds(pid) if pid else 0.0
 
     def proxy_pid(self, kind):
         proc = {"l7r": self.node, "haproxy": self.haproxy}.get(kind)

@@ -58,6 +58,7 @@ class NodeFleet:
             "path.run": home / "run", "path.log": home / "log", "path.storage.root": home / "storage",
             "log.preset": "stderr",
             "l7r.address": "127.0.0.1", "l7r.port": port, "l7r.metrics.address": "",
+            "l7r.workers": 1,               # one process per node: what the cluster run counts
             "l7r.drain.grace": 1,
             "vm.hypervisor": "process",
             "internal.hkd.address_check.enabled": 0, "vm.network.use_dhcp": 0,

@@ -80,6 +80,7 @@ def run(quick, hypervisor="netns", say=print):
             "database.user": "qvd", "database.password": password,
             "path.storage.root": tmp / "storage", "path.log": tmp / "log", "log.preset": "stderr",
             "l7r.use_ssl": "0", "l7r.address": "127.0.0.1", "l7r.port": "18443", "l7r.metrics.address": "",
+            "l7r.workers": "1",             # the HKD's CPU is this process's
         })
         conf = tmp / "node.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -136,6 +136,7 @@ def main(argv=None):
                              "(handshake only) bench/tls_libs.py's minimal gevent TLS server (a floor for Python)")
     parser.add_argument("--count", type=int, default=400, help="handshakes")
     parser.add_argument("--no-ping", action="store_true", help="handshake and close, no request (as HAProxy's)")
+    parser.add_argument("--workers", type=int, default=1, help="l7r.workers of the node (cpu and perf tools)")
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--out", default=None, help="folder for the callgrind dump / py-spy stacks")
@@ -144,6 +145,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     env = BenchEnv(farm_vms=max(20, args.sessions), connect_users=1, log=lambda *a: None)
     env.keep_logs = out                          # node.log (and haproxy.log) of the run
+    env.l7r_workers = args.workers
     dump = out / f"callgrind.{args.proxy}.{args.job}.out"
     wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dump}"]
     if args.tool == "callgrind" and args.proxy == "l7r":
@@ -202,10 +204,12 @@ def main(argv=None):
                                         "--format", "raw", "-o", str(out / f"pyspy.{args.job}.txt"),
                                         "--pid", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1)
-            cpu0, us0, t0 = cpu_seconds(pid), user_system_seconds(pid), time.monotonic()
+            def cpu():
+                return cpu_seconds(pid) if args.proxy == "tlslib" else env.proxy_cpu_seconds(args.proxy)
+            cpu0, us0, t0 = cpu(), user_system_seconds(pid), time.monotonic()
             crew.go()
             results = crew.results(3600)
-            cpu1, us1, t1 = cpu_seconds(pid), user_system_seconds(pid), time.monotonic()
+            cpu1, us1, t1 = cpu(), user_system_seconds(pid), time.monotonic()
             if args.tool == "callgrind":
                 subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True)
                 subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)

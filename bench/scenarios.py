@@ -36,13 +36,12 @@ def _verdict(ok):
 
 def _measured(env, kind, specs, ready_timeout, run_timeout):
     """Run a crew; return (results, proxy CPU seconds, wall seconds) of the go->results window."""
-    pid = env.proxy_pid(kind)
     with Crew(specs) as crew:
         crew.ready(ready_timeout)
-        cpu0, t0 = (cpu_seconds(pid) if pid else 0.0), time.monotonic()
+        cpu0, t0 = env.proxy_cpu_seconds(kind), time.monotonic()
         crew.go()
         results = crew.results(run_timeout)
-        cpu1, t1 = (cpu_seconds(pid) if pid else 0.0), time.monotonic()
+        cpu1, t1 = env.proxy_cpu_seconds(kind), time.monotonic()
     return results, cpu1 - cpu0, t1 - t0
 
 

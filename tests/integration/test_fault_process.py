@@ -106,6 +106,21 @@ def test_vm_process_killed_under_a_session_is_noticed_and_corrected(env):
     assert vm_processes(env.run_dir) == {}
 
 
+def l7r_workers(node_pid):
+    """pids of the L7R worker processes of a node (l7r.workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if ppid == node_pid and b"l7r_worker" in fh.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 @pytest.mark.timeout(180)
 def test_node_sigkill_under_a_session_then_restart_adopts_and_cleans(env):
     keep, crash, idle = env.vms
@@ -121,6 +136,8 @@ def test_node_sigkill_under_a_session_then_restart_adopts_and_cleans(env):
     pids = vm_processes(env.run_dir)
     assert set(pids) == set(env.vms)
     old_node_pid = env.node.pid
+    holder = _row(env.db, keep)["l7r_pid"]
+    assert holder in {old_node_pid, *l7r_workers(old_node_pid)}     # the node's own L7R, or a worker of it
 
     env.node.kill9()
     # the client's connection died with the node
@@ -131,7 +148,8 @@ def test_node_sigkill_under_a_session_then_restart_adopts_and_cleans(env):
         pass
     sock.close()
     # nothing cleaned it: the row still claims a session held by the dead process
-    assert _row(env.db, keep)["user_state"] == "connected" and _row(env.db, keep)["l7r_pid"] == old_node_pid
+    assert _row(env.db, keep)["user_state"] == "connected" and _row(env.db, keep)["l7r_pid"] == holder
+    wait_for(lambda: not pid_alive(holder), 5, what="the node's L7R gone with it")
     assert all(pid_alive(p) for p in pids.values()), "VMs must survive the node's death"
     os.killpg(pids[crash], signal.SIGKILL)                     # died while the node was down
     wait_for(lambda: not pid_alive(pids[crash]), 5, what="crashed VM gone")

@@ -111,6 +111,42 @@ def test_release_host_sessions_spares_the_current_process(db):
     assert runtime.release_host_sessions(db, me) == 1
 
 
+def test_release_host_sessions_spares_every_live_worker_of_the_node(db):
+    """A node of several L7R workers: a worker's start-up sweep releases the rows of dead
+    processes of its host (an earlier run, a worker that died), never its live siblings'."""
+    me = running_host(db, "me")
+    other = running_host(db, "other", "127.0.0.2")
+    dead, sibling, mine, elsewhere = add_vms(db, count=4)
+    for vm_id, host, pid in ((dead, me, 1), (sibling, me, 2), (mine, me, 3), (elsewhere, other, 1)):
+        assert runtime.claim_session(db, vm_id, host, pid, owner(db, vm_id), False)[0] == "claim"
+    assert runtime.release_host_sessions(db, me, except_pid=3, keep_pids=[2]) == 1
+    assert [row(db, v)[:3] for v in (dead, sibling, mine, elsewhere)] == [
+        ("disconnected", None, None), ("connecting", me, 2), ("connecting", me, 3), ("connecting", other, 1)]
+
+
+def test_a_live_worker_of_the_same_node_is_asked_to_let_go_and_a_dead_one_is_taken_over(db):
+    """Across the workers of one node as across nodes: a claim on a VM held by a live sibling
+    worker asks it to let go (abort + NOTIFY on the node's channel); one held by a pid that
+    is no live worker of this node is taken at once."""
+    me = running_host(db, "me")
+    held, orphan = add_vms(db, count=2)
+    user = owner(db, held)
+    assert runtime.claim_session(db, held, me, 100, user, False)[0] == "claim"
+    assert runtime.claim_session(db, orphan, me, 100, owner(db, orphan), False)[0] == "claim"
+    conn = listen(db, runtime.user_commands_channel(me))
+    try:
+        outcome, holder, _, _ = runtime.claim_session(db, held, me, 200, user, False, live_pids=[100])
+        assert (outcome, holder) == ("abort", (me, 100))
+        assert notified(conn) == [(runtime.user_commands_channel(me), str(held))]
+        assert row(db, held) == ("connecting", me, 100, "abort")
+    finally:
+        conn.close()
+    # worker 100 died: the node's live workers are now 200 and 300
+    outcome, holder, _, _ = runtime.claim_session(db, orphan, me, 200, owner(db, orphan), False, live_pids=[300])
+    assert (outcome, holder) == ("claim", (me, 100))
+    assert row(db, orphan) == ("connecting", me, 200, None)
+
+
 def test_the_claim_checks_access_and_brings_the_row_it_wrote(db):
     me = running_host(db, "me")
     (vm_id,) = add_vms(db)
@@ -139,20 +175,25 @@ def test_the_claim_checks_access_and_brings_the_row_it_wrote(db):
 
 
 @pytest.mark.parametrize("user_state", ["disconnected", "connecting", "connected"])
-@pytest.mark.parametrize("holder", ["none", "me", "my_other_pid", "other_host"])
+@pytest.mark.parametrize("holder", ["none", "me", "my_other_pid", "my_live_worker", "other_host"])
 @pytest.mark.parametrize("user_cmd", [None, "abort"])
 @pytest.mark.parametrize("live_here", [False, True])
-def test_the_claim_in_the_database_follows_decide_claim(db, user_state, holder, user_cmd, live_here):
-    """One rule: the server-side claim (db/functions.sql) decides as decide_claim does."""
+@pytest.mark.parametrize("live_pids", [(), (12,), (11, 12)], ids=["one-process", "worker-12", "workers-11-12"])
+def test_the_claim_in_the_database_follows_decide_claim(db, user_state, holder, user_cmd, live_here, live_pids):
+    """One rule: the server-side claim (db/functions.sql) decides as decide_claim does, for
+    a node of one process and for one of several workers (live_pids: its other live ones)."""
     me = running_host(db, "me")
     other = running_host(db, "other", "127.0.0.2")
     (vm_id,) = add_vms(db)
     user = owner(db, vm_id)
-    held = {"none": (None, None), "me": (me, 10), "my_other_pid": (me, 11), "other_host": (other, 20)}[holder]
+    held = {"none": (None, None), "me": (me, 10), "my_other_pid": (me, 11), "my_live_worker": (me, 12),
+            "other_host": (other, 20)}[holder]
     db.execute("UPDATE vm_runtimes SET user_state = %s, l7r_host_id = %s, l7r_pid = %s, user_cmd = %s "
                "WHERE vm_id = %s", (user_state, held[0], held[1], user_cmd, vm_id))
-    expected = runtime.decide_claim((user_state, held[0], held[1], user_cmd), me, 10, live_here)
-    outcome, got_holder, _, _ = runtime.claim_session(db, vm_id, me, 10, user, live_here)
+    expected = runtime.decide_claim((user_state, held[0], held[1], user_cmd), me, 10, live_here, live_pids)
+    if user_state != "disconnected" and held[0] == me and held[1] in live_pids:
+        assert expected in ("abort", "wait")          # a live sibling is asked, never taken over
+    outcome, got_holder, _, _ = runtime.claim_session(db, vm_id, me, 10, user, live_here, live_pids)
     assert (outcome, got_holder) == (expected, held)
     after = db.query_one("SELECT user_state, l7r_host_id, l7r_pid, user_cmd FROM vm_runtimes WHERE vm_id = %s",
                          (vm_id,))

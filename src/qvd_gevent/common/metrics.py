@@ -117,4 +117,44 @@ def render():
     return prometheus_client.generate_latest(REGISTRY).decode()
 
 
+# Samples of a node's processes (its own and its L7R workers', README Operations) that are
+# not added up: the node's own value is the node's.
+_NOT_SUMMED = frozenset(("process_start_time_seconds", "process_max_fds", "python_info"))
+
+
+def merge(texts):
+    """One exposition for a node of several processes: texts[0] is this (the node's) process,
+    the others its L7R workers'. Every sample with the same name and labels is added up
+    (sessions, connections, requests, histogram buckets, CPU seconds, memory), but those of
+    _NOT_SUMMED, which are the node process's own."""
+    from prometheus_client.parser import text_string_to_metric_families
+    families, order = {}, []
+    for position, text in enumerate(texts):
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = (family, {})
+                order.append(family.name)
+            target, values = merged
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in values:
+                    values[key] = sample
+                elif sample.name not in _NOT_SUMMED or position == 0:
+                    old = values[key]
+                    value = old.value + sample.value if sample.name not in _NOT_SUMMED else sample.value
+                    values[key] = old._replace(value=value)
+    registry = CollectorRegistry(auto_describe=False)
+
+    class _Merged:
+        def collect(self):
+            for name in order:
+                family, values = families[name]
+                family.samples = list(values.values())
+                yield family
+
+    registry.register(_Merged())
+    return prometheus_client.generate_latest(registry).decode()
+
+
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST

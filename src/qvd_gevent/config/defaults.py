@@ -65,6 +65,9 @@ _TABLE = [
     ("l7r.options.SSL_version", "TLSv1_2:!SSLv3:!SSLv2:!TLSv1", "str", "lowest TLS version (TLS 1.2 or 1.3 only)"),
     ("l7r.options.SSL_cipher_list", "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!MD5:!DSS", "str",
      "OpenSSL cipher list for TLS 1.2 (suites without forward secrecy are always removed from it)"),
+    ("l7r.workers", "auto", "str", "ours: L7R processes of qvd-node on one listening port, beside the process that "
+     "runs the HKD: a number (0 or 1: the L7R runs in the node's own process), or auto: one per core, at most 8 "
+     "(each has its own PostgreSQL connections and LISTEN backend; README Operations)"),
     ("l7r.tls.session_tickets", 0, "int", "ours: TLS 1.3 session tickets sent after each full handshake (QVD clients "
      "never resume a session, and each ticket costs an encryption per connection)"),
     ("l7r.auth.plugins", "", "list", "authentication plugins before the tail list"),

@@ -98,9 +98,10 @@ class Database:
         self._closed = False
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, size=None):
+        """size: the pool's, instead of internal.database.pool.size (an L7R worker's share)."""
         return cls(cfg.dsn_kwargs(),
-                   size=cfg.get_int("internal.database.pool.size"),
+                   size=size or cfg.get_int("internal.database.pool.size"),
                    acquire_timeout=cfg.get_int("internal.database.pool.connection.timeout"),
                    statement_timeout=cfg.get_int("internal.database.client.statement.timeout"),
                    retries=cfg.get_int("internal.database.transaction.retries"))

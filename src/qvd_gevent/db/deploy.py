@@ -23,6 +23,7 @@ DROP FUNCTION IF EXISTS qvd_notify_plain(), qvd_notify_tenant(), qvd_notify_vm_t
     qvd_notify_vm_runtime(), qvd_notify_vm_id(),
     qvd_claim_session_v1(integer, integer, integer, integer, boolean, integer),
     qvd_claim_session_v2(integer, integer, integer, integer, boolean, integer),
+    qvd_claim_session_v3(integer, integer, integer, integer, boolean, integer, integer[]),
     qvd_session_params_v1(integer, integer, integer, varchar, integer, json, boolean) CASCADE;
 DROP TYPE IF EXISTS language_enum, administrator_and_tenant_views_setups_qvd_object_enum,
     di_generation_state_enum CASCADE;

@@ -78,6 +78,66 @@ BEGIN
 END
 $$;
 
+-- v3: a node with several L7R processes (l7r.workers) names the live ones in p_live_pids;
+-- a holder on this host is dead only if its pid is none of them (v2: any other pid).
+CREATE OR REPLACE FUNCTION qvd_claim_session_v3(p_vm integer, p_host integer, p_pid integer, p_user integer,
+                                                p_live_here boolean, p_now integer, p_live_pids integer[])
+RETURNS TABLE (outcome text, holder_host integer, holder_pid integer, generation bigint,
+               vm_state varchar, vm_cmd varchar, user_state varchar, user_cmd varchar, host_id integer,
+               l7r_host_id integer, l7r_pid integer, vm_address varchar, vm_vma_port integer, vm_x_port integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+BEGIN
+    SELECT v.user_id AS owner, vr.blocked AS blocked, vr.user_state AS us, vr.l7r_host_id AS hh,
+           vr.l7r_pid AS hp, vr.user_cmd AS uc
+      INTO r FROM vms v JOIN vm_runtimes vr ON vr.vm_id = v.id WHERE v.id = p_vm FOR UPDATE OF vr;
+    IF NOT FOUND THEN
+        outcome := 'gone';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    IF r.owner <> p_user THEN
+        outcome := 'forbidden';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    IF r.blocked THEN
+        outcome := 'blocked';
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    holder_host := r.hh;
+    holder_pid := r.hp;
+    IF r.us = 'disconnected' OR r.hh IS NULL
+       OR (r.hh = p_host AND r.hp IS DISTINCT FROM p_pid AND NOT coalesce(r.hp = ANY(p_live_pids), false))
+       OR (r.hh = p_host AND r.hp = p_pid AND NOT p_live_here) THEN
+        IF r.us <> 'disconnected' THEN
+            DELETE FROM user_tokens t WHERE t.vm_id = p_vm;      -- the dead holder's session ends here
+        END IF;
+        UPDATE vm_runtimes SET user_state = 'connecting', user_state_ts = p_now, l7r_pid = p_pid,
+                               l7r_host_id = p_host, user_cmd = NULL, real_user_id = p_user
+         WHERE vm_runtimes.vm_id = p_vm;
+        outcome := 'claim';
+        generation := txid_current();
+        SELECT vr.vm_state, vr.vm_cmd, vr.user_state, vr.user_cmd, vr.host_id, vr.l7r_host_id, vr.l7r_pid,
+               vr.vm_address, vr.vm_vma_port, vr.vm_x_port
+          INTO vm_state, vm_cmd, user_state, user_cmd, host_id, l7r_host_id, l7r_pid, vm_address, vm_vma_port,
+               vm_x_port
+          FROM vm_runtimes vr WHERE vr.vm_id = p_vm;
+    ELSIF r.uc = 'abort' THEN
+        outcome := 'wait';
+        -- re-announce: the holder may have missed the first NOTIFY (LISTEN reconnect)
+        PERFORM pg_notify('qvd_cmd_for_user_on_host' || r.hh, p_vm::text);
+    ELSE
+        outcome := 'abort';
+        UPDATE vm_runtimes SET user_cmd = 'abort' WHERE vm_runtimes.vm_id = p_vm;
+        PERFORM pg_notify('qvd_cmd_for_user_on_host' || r.hh, p_vm::text);
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
 -- What x_start gets from the database: this node's address, the VM's agent key (unless
 -- p_with_key is false), the VM's combined properties (OSF < current DI < user < VM), and the
 -- session's token stored (its digest; its login parameters only when p_params is not null).

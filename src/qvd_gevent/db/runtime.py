@@ -68,16 +68,20 @@ _RELEASE = ("UPDATE vm_runtimes SET user_state = 'disconnected', user_state_ts =
             "l7r_host_id = NULL, l7r_pid = NULL")
 
 
-def decide_claim(row, me_host, me_pid, live_here):
+def decide_claim(row, me_host, me_pid, live_here, live_pids=()):
     """row = (user_state, l7r_host_id, l7r_pid, user_cmd). Returns 'claim', 'abort' or 'wait'.
 
-    'claim' also when the holder is provably dead: this host held it from another process
-    (a previous run), or from this process with no live session (a lost greenlet).
+    'claim' also when the holder is provably dead: this host held it from a process that is
+    none of its live L7R processes (an earlier run, a worker that died; live_pids names the
+    node's other live L7R workers, empty for a node of one process), or from this process
+    with no live session (a lost greenlet).
     """
     user_state, holder_host, holder_pid, user_cmd = row
     if user_state == "disconnected":
         return "claim"
-    if holder_host == me_host and (holder_pid != me_pid or not live_here):
+    if holder_host == me_host and holder_pid != me_pid and holder_pid not in live_pids:
+        return "claim"
+    if holder_host == me_host and holder_pid == me_pid and not live_here:
         return "claim"
     if holder_host is None:
         return "claim"
@@ -93,9 +97,10 @@ ACCESS_DENIED = {
 }
 
 
-def claim_session(db, vm_id, host_id, pid, user_id, live_here):
+def claim_session(db, vm_id, host_id, pid, user_id, live_here, live_pids=()):
     """Take the VM's session for (host_id, pid), or ask its holder to let go, in one round
-    trip (functions.sql, qvd_claim_session_v1: decide_claim's rule, with the access check).
+    trip (functions.sql, qvd_claim_session_v3: decide_claim's rule, with the access check;
+    live_pids: the node's other live L7R processes).
 
     Returns (outcome, (holder_host, holder_pid), row, generation): outcome 'claim' (ours
     now, user_state 'connecting'; row is session_row's columns after the claim; generation
@@ -103,8 +108,9 @@ def claim_session(db, vm_id, host_id, pid, user_id, live_here):
     gate), 'abort' (the holder was asked to let go: wait and retry), 'wait' (it was asked
     already), or a refusal of ACCESS_DENIED ('gone', 'forbidden': not user_id's VM,
     'blocked'); row and generation are None then."""
-    rows = db.statement("SELECT * FROM qvd_claim_session_v2(%s, %s, %s, %s, %s, %s)",
-                        (vm_id, host_id, pid, user_id, live_here, now_epoch()), retries=CLAIM_RETRIES)
+    rows = db.statement("SELECT * FROM qvd_claim_session_v3(%s, %s, %s, %s, %s, %s, %s::integer[])",
+                        (vm_id, host_id, pid, user_id, live_here, now_epoch(), sorted(live_pids)),
+                        retries=CLAIM_RETRIES)
     outcome, holder_host, holder_pid, generation, *row = rows[0]
     claimed = outcome == "claim"
     return outcome, (holder_host, holder_pid), (tuple(row) if claimed else None), (generation if claimed else None)
@@ -142,17 +148,31 @@ def release_aborted_session(db, vm_id, host_id, pid):
     return db.transaction(_release_aborted_tx, vm_id, host_id, pid)
 
 
-def release_host_sessions(db, host_id, except_pid=None):
-    """Release every session row held by host_id (but those of except_pid): rows left by an
-    earlier run of that node, which no process holds any more. Returns rows released."""
+def release_host_sessions(db, host_id, except_pid=None, keep_pids=()):
+    """Release every session row held by host_id but those of except_pid and keep_pids (the
+    node's live L7R processes): rows left by an earlier run of that node, or by a worker
+    that died, which no process holds any more. Returns rows released."""
     sql = _RELEASE + " WHERE l7r_host_id = %s"
     params = [now_epoch(), host_id]
-    if except_pid is not None:
-        sql += " AND l7r_pid IS DISTINCT FROM %s"
-        params.append(except_pid)
+    keep = sorted(set(keep_pids) | ({except_pid} if except_pid is not None else set()))
+    if keep:
+        sql += " AND NOT coalesce(l7r_pid = ANY(%s::integer[]), false)"
+        params.append(keep)
 
     def tx(cur):
         cur.execute(sql + " RETURNING vm_id", params)
+        released = [r[0] for r in cur.fetchall()]
+        _revoke_session_tokens(cur, released)
+        return len(released)
+    return db.transaction(tx)
+
+
+def release_process_sessions(db, host_id, pid):
+    """Release the session rows of one process of host_id that died (an L7R worker the node
+    restarts): no live session is behind them. Returns rows released."""
+    def tx(cur):
+        read_committed(cur)
+        cur.execute(_RELEASE + " WHERE l7r_host_id = %s AND l7r_pid = %s RETURNING vm_id", (now_epoch(), host_id, pid))
         released = [r[0] for r in cur.fetchall()]
         _revoke_session_tokens(cur, released)
         return len(released)
@@ -553,8 +573,14 @@ def install_functions(db):
     """Create or replace the server-side steps of functions.sql unless the database has this
     very version already (its digest is the comment of qvd_claim_session_v2). Nodes starting
     together take turns (an advisory lock): concurrent CREATE OR REPLACE of one function
-    fails with "tuple concurrently updated". Returns whether it installed."""
-    return db.transaction(install_functions_tx)
+    fails with "tuple concurrently updated". Returns whether it installed.
+    READ COMMITTED: the digest is read after the lock is ours, so it shows what the one
+    before us installed (a SERIALIZABLE snapshot would be as old as the wait for the lock,
+    and a second installer would install again)."""
+    def tx(cur):
+        read_committed(cur)
+        return install_functions_tx(cur)
+    return db.transaction(tx)
 
 
 def issue_token(cur, user_id, params, lifetime, vm_id=None, multi_use=True):

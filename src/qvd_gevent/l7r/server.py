@@ -93,11 +93,50 @@ class L7RConfigError(L7RError):
     """The L7R cannot start until its configuration changes (certificate, key, TLS settings)."""
 
 
+def check_material(cfg, db):
+    """What an L7R needs from the database before it serves, checked (L7RConfigError: one
+    line): this version's connect steps installed, the TLS context (None for plain HTTP)."""
+    legacy_unauthenticated(cfg, "L7R")
+    try:
+        runtime.install_functions(db)      # an older database gets this version's steps
+    except psycopg2.Error as exc:
+        raise L7RConfigError("cannot install the connect steps of db/functions.sql in the database "
+                             f"({str(exc).strip().splitlines()[0]}); run them as the database's owner") from None
+    if not cfg.get_bool("l7r.use_ssl"):
+        return None
+    try:
+        return tls.context_from_database(cfg, db)
+    except (tls.TlsError, OSError) as exc:
+        raise L7RConfigError(str(exc)) from None
+
+
+def reuse_port_listener(address, port, backlog):
+    """A listening socket that other processes of this user may bind too (SO_REUSEPORT): the
+    kernel spreads new connections over the L7R workers of one node, each accepting on its
+    own socket (no worker woken for a connection another takes)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class L7RService:
-    def __init__(self, cfg, db, listener):
+    """node_pids() -> the pids of this node's other live L7R processes (l7r.workers; empty for
+    a node of one process): a session row one of them holds is live, not a dead run's.
+    reuse_port: listen on a socket of its own beside the node's other workers."""
+
+    def __init__(self, cfg, db, listener, node_pids=None, reuse_port=False):
         self.cfg = cfg
         self.db = db
         self.listener = listener
+        self.reuse_port = reuse_port
         self.port = None
         self.server = None
         self._address = None
@@ -109,7 +148,7 @@ class L7RService:
         self._capped = set()        # addresses at the cap (one warning each)
         self.host = NodeHost(cfg, db, listener)
         self.counters = Counters(db, self.host)
-        self.registry = Sessions(cfg, db, listener, self.host, self.counters)
+        self.registry = Sessions(cfg, db, listener, self.host, self.counters, node_pids)
         throttle = Throttle(cfg.get_int("l7r.auth.throttle.max_failures"), cfg.get_int("l7r.auth.throttle.window"),
                             cfg.get_int("l7r.auth.throttle.burst"),
                             cfg.get_int("l7r.auth.throttle.max_failures_per_login"))
@@ -150,23 +189,17 @@ class L7RService:
         this before the HKD touches the host, so a missing certificate or a taken port stops
         it with nothing to undo."""
         cfg = self.cfg
-        legacy_unauthenticated(cfg, "L7R")
-        try:
-            runtime.install_functions(self.db)      # an older database gets this version's steps
-        except psycopg2.Error as exc:
-            raise L7RConfigError("cannot install the connect steps of db/functions.sql in the database "
-                                 f"({str(exc).strip().splitlines()[0]}); run them as the database's owner") from None
+        self.ssl_context = check_material(cfg, self.db)
         self.host.lookup()
-        if cfg.get_bool("l7r.use_ssl"):
-            try:
-                self.ssl_context = tls.context_from_database(cfg, self.db)
-            except (tls.TlsError, OSError) as exc:
-                raise L7RConfigError(str(exc)) from None
         address = cfg.get_str("l7r.address")
         address = "0.0.0.0" if address in ("*", "") else address
         try:
-            self.server = _Acceptor((address, cfg.get_int("l7r.port")), self._handle,
-                                    cfg.get_int("l7r.limits.connections"), cfg.get_int("l7r.listen.backlog"))
+            if self.reuse_port:
+                listening = reuse_port_listener(address, cfg.get_int("l7r.port"), cfg.get_int("l7r.listen.backlog"))
+                self.server = _Acceptor(listening, self._handle, cfg.get_int("l7r.limits.connections"), None)
+            else:
+                self.server = _Acceptor((address, cfg.get_int("l7r.port")), self._handle,
+                                        cfg.get_int("l7r.limits.connections"), cfg.get_int("l7r.listen.backlog"))
             self.server.init_socket()
         except OSError as exc:
             raise L7RError(f"cannot listen on {address}:{cfg.get_int('l7r.port')}: {exc.strerror or exc}") from None

@@ -85,8 +85,9 @@ def abort_decision(registered_before, registered_now):
 
 
 class Sessions:
-    def __init__(self, cfg, db, listener, host, counters):
+    def __init__(self, cfg, db, listener, host, counters, node_pids=None):
         self.cfg = cfg
+        self.node_pids = node_pids or (lambda: ())      # the node's other live L7R processes
         self.db = db
         self.listener = listener
         self.host = host
@@ -129,8 +130,9 @@ class Sessions:
 
     def _host_found(self, host_id):
         self._unsubscribe.append(self.listener.subscribe(runtime.user_commands_channel(host_id), self._on_user_cmd))
-        # rows this host held from an earlier run of the node are stale
-        swept = runtime.release_host_sessions(self.db, host_id, except_pid=self.pid)
+        # rows this host held from an earlier run of the node (or a worker of it that died) are
+        # stale; the node's other live workers hold theirs
+        swept = runtime.release_host_sessions(self.db, host_id, except_pid=self.pid, keep_pids=self.node_pids())
         if swept:
             log.info("released %d session rows left by an earlier run of this node", swept)
 
@@ -153,8 +155,10 @@ class Sessions:
             with entry[0]:
                 other = self.live.get(vm_id)
                 live_here = other is not None and other is not session
+                siblings = self.node_pids()
+                workers = (siblings,) if siblings else ()      # a node of one process names none
                 outcome, holder, row, generation = runtime.claim_session(self.db, vm_id, self.host.id, self.pid,
-                                                                         user_id, live_here)
+                                                                         user_id, live_here, *workers)
                 if outcome == "claim":
                     session.claimed = True
                     self.live[vm_id] = session

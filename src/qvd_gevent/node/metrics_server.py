@@ -26,11 +26,26 @@ def parse_address(text):
     return host.strip("[]"), int(port)
 
 
-def start_metrics_server(address_text):
-    """Start and return the server, or None when the address is empty."""
+def _node_app(expositions):
+    """/metrics of a node with L7R workers: this process's samples and every worker's, added up
+    (common/metrics.py merge)."""
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") != "/metrics" or environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+        body = metrics.merge([metrics.render(), *expositions()]).encode()
+        start_response("200 OK", [("Content-Type", metrics.CONTENT_TYPE), ("Content-Length", str(len(body)))])
+        return [body if environ["REQUEST_METHOD"] == "GET" else b""]
+    return app
+
+
+def start_metrics_server(address_text, workers_expositions=None):
+    """Start and return the server, or None when the address is empty. workers_expositions()
+    -> the L7R workers' metrics texts, added to this process's."""
     if not address_text:
         return None
-    server = WSGIServer(parse_address(address_text), _app, log=None, error_log=log)
+    app = _app if workers_expositions is None else _node_app(workers_expositions)
+    server = WSGIServer(parse_address(address_text), app, log=None, error_log=log)
     server.start()
     log.info("metrics on http://%s:%d/metrics", server.server_host, server.server_port)
     return server

@@ -8,6 +8,10 @@ the LISTEN connection and the live configuration from the ``configs`` table.
 SIGTERM drains: stop accepting, let live sessions finish up to l7r.drain.grace seconds,
 stop the VMs by the HKD's rules, mark the host stopped. SIGINT stops without grace.
 SIGHUP re-reads node.conf.
+
+With ``l7r.workers`` above 1, ``run_node`` runs the L7R in that many worker processes
+(node/workers.py, node/l7r_worker.py) beside this one, which keeps the HKD, LISTEN, the
+configuration and /metrics (the workers' samples added up), and passes the signals on.
 """
 import logging
 import os
@@ -25,6 +29,7 @@ from ..db import Database, DatabaseUnavailable, make_green
 from ..db.listen import Listener
 from . import systemd
 from .metrics_server import start_metrics_server
+from .workers import L7RWorkers, WorkerError, worker_count
 
 log = logging.getLogger("qvd.node")
 
@@ -78,12 +83,22 @@ class Node:
     """The parts of one node in this process: ``start()`` returns once they run (or raises),
     ``stop()`` drains and stops them, ``run_forever()`` serves until a signal stops it."""
 
-    def __init__(self, cfg, parts=ALL):
+    def __init__(self, cfg, parts=ALL, workers=0, l7r_options=None, pool_size=None, worker_index=None):
+        """workers: L7R worker processes to run (the L7R is then not one of parts);
+        l7r_options: L7RService keywords, pool_size: the database pool's, worker_index: the
+        number of the worker this process is (node/l7r_worker.py)."""
         unknown = set(parts) - ALL
         if unknown:
             raise ValueError(f"unknown node parts {sorted(unknown)}; the parts are {sorted(ALL)}")
+        if workers and L7R in parts:
+            raise ValueError("the L7R runs either here or in workers")
         self.cfg = cfg
         self.parts = frozenset(parts)
+        self.workers_count = workers
+        self.workers = None
+        self.l7r_options = l7r_options or {}
+        self.pool_size = pool_size
+        self.worker_index = worker_index
         self.db = None
         self.listener = None
         self.watcher = None
@@ -98,7 +113,7 @@ class Node:
     def start(self):
         cfg = self.cfg
         make_green()
-        self.db = Database.from_config(cfg)
+        self.db = Database.from_config(cfg, size=self.pool_size)
         wait_for_database(self.db, cfg.get_int("internal.database.pool.connection.delay"),
                           cfg.get_int("internal.database.pool.connection.retries"))
         self.listener = Listener(self.db).start()
@@ -108,7 +123,18 @@ class Node:
         if L7R in self.parts:
             # certificate, key and port before the HKD's start changes the host (bridge, dnsmasq)
             from ..l7r.server import L7RService
-            self.l7r = L7RService(cfg, self.db, self.listener).prepare()
+            self.l7r = L7RService(cfg, self.db, self.listener, **self.l7r_options).prepare()
+        elif self.workers_count:
+            from ..l7r.host import NodeHost
+            from ..l7r.server import L7RError, check_material
+            check_material(cfg, self.db)
+            host = NodeHost(cfg, self.db)
+            self.workers = L7RWorkers(cfg, self.db, self.workers_count, host.lookup)
+            try:
+                self.workers.prepare()
+            except OSError as exc:
+                raise L7RError(f"cannot listen on {cfg.get_str('l7r.address')}:{cfg.get_int('l7r.port')}: "
+                               f"{exc.strerror or exc}") from None
         if HKD in self.parts:
             from ..hkd import HKD as HouseKeeper
             self.hkd = HouseKeeper(cfg, self.db, self.listener)
@@ -118,12 +144,21 @@ class Node:
         if self.l7r is not None:
             self.l7r.start()
         if METRICS in self.parts:
+            # before the workers: the port serves once the first of them does, /metrics with it
             try:
-                self.metrics_server = start_metrics_server(cfg.get_str("l7r.metrics.address"))
+                self.metrics_server = start_metrics_server(cfg.get_str("l7r.metrics.address"),
+                                                           self.workers.expositions if self.workers else None)
             except (OSError, ValueError) as exc:
                 log.warning("metrics endpoint not started: %s", exc)
-        log.info("node %s running (pid %d, qvd-gevent %s)", cfg.get("nodename"), os.getpid(), __version__)
+        if self.workers is not None:
+            self.workers.start()
+        if self.worker_index is not None:
+            log.info("L7R worker %d of node %s serving (pid %d)", self.worker_index, cfg.get("nodename"), os.getpid())
+        else:
+            log.info("node %s running (pid %d, qvd-gevent %s)", cfg.get("nodename"), os.getpid(), __version__)
         serving = [f"serving on port {self.l7r.port}"] if self.l7r is not None else []
+        if self.workers is not None:
+            serving = [f"serving on port {self.workers.port} ({self.workers.count} L7R workers)"]
         serving += [f"{len(self.hkd.vms)} VMs"] if self.hkd is not None else []
         systemd.notify("READY=1", "STATUS=" + ", ".join(serving or ["running"]))
         self.watchdog = systemd.start_watchdog()
@@ -139,7 +174,9 @@ class Node:
         self.fenced = fence
         systemd.notify("STOPPING=1", "STATUS=stopping: draining sessions, then stopping VMs")
         grace = 0 if fence else self.cfg.get_int("l7r.drain.grace") if grace is None else grace
-        if fence:
+        if self.worker_index is not None:
+            log.info("L7R worker %d stopping: draining sessions (grace %s s)", self.worker_index, grace)
+        elif fence:
             log.info("stopping at once: VMs stopped while sessions are closed")
         else:
             log.info("stopping: draining sessions (grace %s s), then stopping VMs", grace)
@@ -150,6 +187,11 @@ class Node:
                     draining = gevent.spawn(self.l7r.drain, 0)
                 else:
                     self.l7r.drain(grace)
+            if self.workers is not None:
+                if fence:
+                    draining = gevent.spawn(self.workers.stop, 0)
+                else:
+                    self.workers.stop(grace)
             if self.metrics_server is not None:
                 self.metrics_server.stop(timeout=1)
             if self.hkd is not None:
@@ -169,7 +211,10 @@ class Node:
                 self.db.close()
             if self.watchdog is not None:
                 self.watchdog.kill(block=False)
-            log.info("node stopped")
+            if self.worker_index is not None:
+                log.info("L7R worker %d stopped", self.worker_index)
+            else:
+                log.info("node stopped")
             self.stopped.set()
 
     def reload(self):
@@ -178,6 +223,8 @@ class Node:
             log.info("configuration file re-read")
         except ConfigError as exc:
             log.error("configuration file not reloaded: %s", exc)
+        if self.workers is not None:
+            self.workers.signal(signal.SIGHUP)
 
     def install_signal_handlers(self):
         gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self.stop))
@@ -196,34 +243,52 @@ def _first_line(exc):
 
 def run_node(cfg, parts=ALL, on_ready=None, prog="qvd-node"):
     """Start the parts of a node for cfg and serve until a signal stops them. Returns an exit
-    code: 0 after a stop, 1 when the node cannot start (one line on stderr, prefixed by prog)
-    or fenced itself (no heartbeat: a supervisor should start it again to rejoin).
     code: 0 after a stop, 78 (EX_CONFIG) when the configuration stops it from starting, 1 when
-    anything else does (one line on stderr, prefixed by prog).
-    on_ready() is called once every part runs."""
+    anything else does (one line on stderr, prefixed by prog) or it fenced itself (no
+    heartbeat: a supervisor should start it again to rejoin).
+    on_ready() is called once every part runs. With l7r.workers above 1 (and node.conf on
+    disk for the workers to read), the L7R runs in that many worker processes."""
+    try:
+        workers = worker_count(cfg) if L7R in parts else 0
+    except ConfigError as exc:
+        say_error(prog, exc)
+        return systemd.EXIT_CONFIG
+    if workers > 1 and cfg.path:
+        node = Node(cfg, frozenset(parts) - {L7R}, workers=workers)
+    else:
+        node = Node(cfg, parts)
+    return serve(node, prog, on_ready)
+
+
+def serve(node, prog="qvd-node", on_ready=None, on_failure=None):
+    """Start node and serve until a signal stops it: run_node's exit codes. on_failure(message,
+    exit code) is told why it could not start (an L7R worker tells its node)."""
     from ..hkd import HkdConfigError
     from ..l7r.server import L7RConfigError
-    node = Node(cfg, parts)
     try:
         node.start()
     except (ConfigError, HkdConfigError, L7RConfigError) as exc:
         # systemd must not restart a node every few seconds for this (RestartPreventExitStatus=78)
-        log.error("cannot start: %s", exc)
-        say_error(prog, exc)
-        node.stop(0)
-        return systemd.EXIT_CONFIG
+        return _failed(node, prog, exc, systemd.EXIT_CONFIG, on_failure)
+    except WorkerError as exc:
+        return _failed(node, prog, exc, exc.exit_code, on_failure)
     except Exception as exc:
         # ours are one line already; a part's own error (HkdError ...) may carry more
         known = isinstance(exc, (NodeError, ConfigError, DatabaseUnavailable))
-        message = exc if known else _first_line(exc)
-        log.error("cannot start: %s", message)
-        say_error(prog, message)
-        node.stop(0)
-        return 1
+        return _failed(node, prog, exc if known else _first_line(exc), 1, on_failure)
     if on_ready is not None:
         on_ready()
     node.run_forever()
     return 1 if node.fenced else 0
+
+
+def _failed(node, prog, message, code, on_failure):
+    log.error("cannot start: %s", message)
+    say_error(prog, message)
+    if on_failure is not None:
+        on_failure(str(message), code)
+    node.stop(0)
+    return code
 
 
 def run_node_from_file(path, parts=ALL, on_ready=None, prog="qvd-node"):
