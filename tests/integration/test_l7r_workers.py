@@ -185,3 +185,30 @@ def test_two_workers_share_sessions_takeover_metrics_signals_and_a_restart(node)
     assert node.workers() == []
     assert node.db.query("SELECT user_state, l7r_host_id FROM vm_runtimes") == [("disconnected", None)]
     assert "Traceback" not in node.log_text()
+
+
+def test_signals_while_the_workers_start_reload_or_drain_the_node(node):
+    """The port serves from the first worker on, seconds before the second serves: a SIGHUP
+    then re-reads node.conf (Python's default would end the node), and a SIGTERM then stops
+    the node cleanly (exit 0, no worker left, no row held)."""
+    wait_for(lambda: _port_open(node.port), 60, "the first L7R worker")
+    node.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "configuration file re-read" in node.log_text(), 10, "the node's re-read line")
+    wait_for(lambda: "node " in node.log_text() and " running (pid" in node.log_text(), 60, "the node running")
+    assert node.proc.poll() is None and len(node.workers()) == 2
+    sock = node.connect()
+    assert echo(sock) == b"ping\n"
+    sock.close()
+    node.proc.send_signal(signal.SIGTERM)
+    assert node.proc.wait(60) == 0
+    assert node.workers() == []
+    assert "Traceback" not in node.log_text()
+
+
+def test_sigterm_while_the_workers_start_stops_the_node_cleanly(node):
+    wait_for(lambda: _port_open(node.port), 60, "the first L7R worker")
+    node.proc.send_signal(signal.SIGTERM)
+    assert node.proc.wait(60) == 0, node.log_text()[-3000:]
+    assert node.workers() == []
+    assert "cannot start" not in node.log_text() and "Traceback" not in node.log_text()
+    assert node.db.query("SELECT user_state, l7r_host_id FROM vm_runtimes") == [("disconnected", None)]

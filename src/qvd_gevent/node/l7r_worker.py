@@ -14,7 +14,8 @@ talks to the node over two pipes, one JSON object per line:
 - fd 4, to the node: ``{"op": "ready", "port": P}`` once it serves, ``{"op": "error",
   "message": ...}`` when it cannot start, the answers.
 
-Signals as the node's: SIGTERM drains, SIGINT stops, SIGHUP re-reads node.conf. When the
+Signals as the node's: SIGTERM drains, SIGINT stops, SIGHUP re-reads node.conf (blocked
+until the worker serves, so one sent while it starts waits instead of ending it). When the
 node process dies the kernel kills the worker (PR_SET_PDEATHSIG), as the node's own L7R
 would die with it: the node's next start releases their rows.
 """
@@ -93,6 +94,15 @@ class Link:
             self.on_gone()
 
 
+def ready(node, link):
+    """Serving: the signal handlers in place, then SIGHUP unblocked (the node starts its
+    workers with it blocked: one sent while this one started, which Python's default would
+    have ended, is handled now and re-reads node.conf), then the node told."""
+    node.install_signal_handlers()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    link.send({"op": "ready", "port": node.l7r.port})
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="qvd-node l7r worker")
     parser.add_argument("--config", required=True)
@@ -115,7 +125,7 @@ def main(argv=None):
                     pool_size=worker_pool_size(cfg), worker_index=args.index)
     link.on_gone = lambda: gevent.spawn(node.stop, 0)
     link.start()
-    code = run.serve(node, prog, on_ready=lambda: link.send({"op": "ready", "port": node.l7r.port}),
+    code = run.serve(node, prog, on_ready=lambda: ready(node, link),
                      on_failure=lambda message, exit_code: link.send({"op": "error", "message": message,
                                                                       "exit": exit_code}))
     return code

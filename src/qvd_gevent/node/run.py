@@ -108,6 +108,7 @@ class Node:
         self.watchdog = None
         self.stopped = gevent.event.Event()
         self._stopping = False
+        self._signals_installed = False
         self.fenced = False
 
     def start(self):
@@ -151,7 +152,12 @@ class Node:
             except (OSError, ValueError) as exc:
                 log.warning("metrics endpoint not started: %s", exc)
         if self.workers is not None:
+            # the port serves from the first worker on, seconds before the last one does: a
+            # signal meanwhile must drain or reload, not end the node (Python's default)
+            self.install_signal_handlers()
             self.workers.start()
+            if self._stopping:
+                return self
         if self.worker_index is not None:
             log.info("L7R worker %d of node %s serving (pid %d)", self.worker_index, cfg.get("nodename"), os.getpid())
         else:
@@ -227,6 +233,9 @@ class Node:
             self.workers.signal(signal.SIGHUP)
 
     def install_signal_handlers(self):
+        if self._signals_installed:
+            return
+        self._signals_installed = True
         gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self.stop))
         gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(self.stop, 0))
         gevent.signal_handler(signal.SIGHUP, self.reload)

@@ -111,8 +111,11 @@ class Worker:
                 "--index", str(self.index), "--parent", str(os.getpid()),
                 "--siblings", ",".join(str(p) for p in sorted(siblings))]
         try:
+            # SIGHUP blocked until the worker handles it (l7r_worker.ready): one the node passes
+            # on while the worker starts waits for it instead of ending it
             self.pid = os.posix_spawn(sys.executable, argv, env, file_actions=[
-                (os.POSIX_SPAWN_DUP2, ctl_read, 3), (os.POSIX_SPAWN_DUP2, rep_write, 4)])
+                (os.POSIX_SPAWN_DUP2, ctl_read, 3), (os.POSIX_SPAWN_DUP2, rep_write, 4)],
+                setsigmask={signal.SIGHUP})
         finally:
             os.close(ctl_read)
             os.close(rep_write)
@@ -217,8 +220,15 @@ class L7RWorkers:
         worker's start-up sweep must know every sibling that may hold a row). Raises
         WorkerError with the first failure."""
         for index in range(self.count):
+            if self._stopping:          # a signal stopped the node while its workers started
+                return self
             worker = self._spawn(index)
-            self._await_ready(worker)
+            try:
+                self._await_ready(worker)
+            except WorkerError:
+                if self._stopping:
+                    return self
+                raise
         log.info("%d L7R workers serving on port %s (pids %s)", self.count, self.port,
                  " ".join(str(p) for p in self.live_pids()))
         return self
