@@ -39,7 +39,9 @@ class _Acceptor(StreamServer):
       does not hand over to a session: no gevent socket made, detached and thrown away;
     - each connection runs in a raw greenlet, counted here against ``limit`` (accepting
       pauses while that many are open), instead of a gevent Pool's Greenlet, semaphore
-      and links."""
+      and links. It is counted when it is accepted, not when its greenlet first runs:
+      gevent accepts up to ``max_accept`` connections per wake-up, checking ``full()``
+      before each, and none of their greenlets has run by then."""
 
     def __init__(self, address, handle, limit, backlog):
         super().__init__(address, handle, backlog=backlog)
@@ -58,11 +60,10 @@ class _Acceptor(StreamServer):
         return tls.AcceptedSocket(listener.family, socket.SOCK_STREAM, 0, fd), address
 
     def do_handle(self, sock, address):
-        gevent.spawn_raw(self._run, sock, address)
+        self.handlers.add(gevent.spawn_raw(self._run, sock, address))
 
     def _run(self, sock, address):
         me = gevent.getcurrent()
-        self.handlers.add(me)
         try:
             self.handle(sock, address)
         except gevent.GreenletExit:
@@ -83,6 +84,8 @@ class _Acceptor(StreamServer):
         for handler in list(self.handlers):
             gevent.kill(handler)
         gevent.sleep(0)
+        # one killed before it first ran never reached its finally (its socket goes with it)
+        self.handlers = {handler for handler in self.handlers if not handler.dead}
 
 
 class L7RError(Exception):
