@@ -18,7 +18,7 @@ from . import report
 from .procstat import machine
 
 # browser before idle: idle's 10,000 sessions leave the node memory that later sessions reuse
-ORDER = ("bulk", "relay", "handshake", "connect", "cold", "browser", "idle", "tlslib", "hkd", "cluster")
+ORDER = ("bulk", "relay", "handshake", "workers", "connect", "cold", "browser", "idle", "tlslib", "hkd", "cluster")
 # scenarios with an environment of their own (the others share one node, farm and HAProxy)
 STANDALONE = ("hkd", "cluster")
 

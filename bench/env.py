@@ -149,10 +149,14 @@ class BenchEnv:
             *self.pg.node_conf_lines("qvd", "qvd", self.db_password),
             f"path.run = {self.dir}/run", f"path.log = {self.dir}/log", f"path.storage.root = {self.dir}/storage",
             "log.preset = stderr",
-            "l7r.address = 127.0.0.1", f"l7r.port = {self.l7r_port}", f"l7r.workers = {self.l7r_workers}",
+            "l7r.address = 127.0.0.1", f"l7r.port = {self.l7r_port}",
+            f"l7r.workers = {self.l7r_workers}",
             f"l7r.metrics.address = 127.0.0.1:{free_port()}",
             "internal.hkd.address_check.enabled = 0", "vm.network.use_dhcp = 0",
             "vm.process.address.base = auto",        # a range of its own: other nodes may run here
+            # the cold VM's qvd-vm-init imports qvd_gevent: this checkout's, as the node does (the
+            # sandbox builds a VM's environment from scratch, and an installed copy may be another)
+            "vm.environment.pass = PYTHONPATH",
             # the node runs in the machine's own network namespace: no nftables table there that a
             # killed run would leave behind (docs/hkd.md#process-vms)
             "internal.vm.network.firewall.enable = 0",
@@ -316,15 +320,41 @@ class BenchEnv:
     def farm_heartbeat(self):
         self.db.execute("UPDATE host_runtimes SET ok_ts = now() WHERE host_id = %s", (self.farm_host,))
 
-    def _start_node(self):
+    def _start_node(self, log_mode="w"):
         command = [script("qvd-node")]
         if self.node_wrapper:       # a wrapper (valgrind) wants the interpreter, not a script
             command = [*self.node_wrapper, sys.executable, *self.node_python_options, "-m", "qvd_gevent.node.main"]
-        self.node_log = open(self.dir / "node.log", "w")
+        self.node_log = open(self.dir / "node.log", log_mode)
+        mark = self.node_log.tell()
         self.node = subprocess.Popen([*command, "--config", str(self.conf)], stdout=self.node_log,
                                      stderr=subprocess.STDOUT)
         self.procs.append(self.node)
         wait_port("127.0.0.1", self.l7r_port, self.node_start_timeout, self.node)
+        # the port serves once the first L7R worker does: wait for all of them
+        deadline = time.monotonic() + self.node_start_timeout
+        while time.monotonic() < deadline and self.node.poll() is None:
+            with open(self.dir / "node.log", "rb") as fh:
+                fh.seek(mark)
+                if b"node bench-node running" in fh.read():
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"the node did not start within {self.node_start_timeout} s (see node.log)")
+
+    def restart_node(self, workers):
+        """Stop the node (SIGTERM, as systemd does) and start it again with l7r.workers = workers."""
+        self.node.send_signal(signal.SIGTERM)
+        try:
+            self.node.wait(60)
+        except subprocess.TimeoutExpired:
+            self.node.kill()
+            self.node.wait(10)
+        self.procs.remove(self.node)
+        self.node_log.close()
+        self.l7r_workers = workers
+        text = self.conf.read_text()
+        self.conf.write_text("\n".join(f"l7r.workers = {workers}" if line.startswith("l7r.workers") else line
+                                       for line in text.splitlines()) + "\n")
+        self._start_node(log_mode="a")
 
     def _start_haproxy(self):
         binary = shutil.which("haproxy") or "/usr/sbin/haproxy"

@@ -37,6 +37,25 @@ def tree_cpu_seconds(pid):
     return total
 
 
+def children(pid, needle=b""):
+    """pids of pid's live children whose command line holds needle."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+            if parent != pid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if needle in fh.read():
+                    found.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(found)
+
+
 def rss_bytes(pid):
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
