@@ -53,15 +53,19 @@ from .workers import Crew
 # part of the path -> patterns on a collapsed stack's frames (first match from the leaf up wins)
 CATEGORIES = [
     ("TLS handshake (OpenSSL)", ("do_handshake",)),
+    ("TLS close (close_notify, shutdown)", ("TlsStream.close",)),
     ("TLS record crypto (OpenSSL read/write)", ("_ssl__SSLSocket_read", "_ssl__SSLSocket_write", "SSL_read",
-                                                "SSL_write", "ssl3_read", "ssl3_write")),
+                                                "SSL_write", "ssl3_read", "ssl3_write", "TlsStream.recv",
+                                                "TlsStream.sendall")),
+    ("TLS object set-up (TlsStream)", ("TlsStream.__init__",)),
     ("database (ping's host row)", ("psycopg", "db/__init__.py", "wait_callback", "db/connect.py", "runtime.py")),
-    ("h11 parse and answer", ("h11/",)),
-    ("http.py (limits, Request)", ("l7r/http.py",)),
+    ("HTTP parse and answer (http.py, h11, endpoints)", ("h11/", "l7r/http.py", "l7r/endpoints.py")),
     ("metrics (prometheus_client)", ("prometheus_client", "common/metrics.py")),
-    ("endpoints", ("l7r/endpoints.py",)),
     ("splice (relay callbacks)", ("l7r/splice.py",)),
-    ("accept, wrap, greenlet (server.py, gevent)", ("l7r/server.py", "gevent/")),
+    # a sample whose innermost Python frame is the hub's loop: libev, accept(), epoll and the
+    # kernel's socket work, in C (before gevent/ below, which the same frame matches)
+    ("event loop in C under Hub.run (libev, accept, epoll, kernel)", ("Hub.run",)),
+    ("accept and greenlet (server.py, gevent)", ("l7r/server.py", "gevent/")),
 ]
 
 
