@@ -256,7 +256,10 @@ def workers(env, quick):
                 figures[n]["relay"].append(dict(_relay_run(env, sessions, trips), worker_processes=processes))
     finally:
         if env.l7r_workers != 1:
-            env.restart_node(1)       # the scenarios after this one measure the node of one process
+            # the scenarios after this one measure a node of one process, warmed up as before
+            env.restart_node(1)
+            _handshake_run(env, "l7r", 2)
+            _relay_run(env, 20, 5)
     rows = []
     for n in counts:
         hs, rl = figures[n]["handshake"], figures[n]["relay"]
