@@ -212,3 +212,17 @@ def test_sigterm_while_the_workers_start_stops_the_node_cleanly(node):
     assert node.workers() == []
     assert "cannot start" not in node.log_text() and "Traceback" not in node.log_text()
     assert node.db.query("SELECT user_state, l7r_host_id FROM vm_runtimes") == [("disconnected", None)]
+
+
+def test_sigint_stops_every_worker_at_once(node):
+    """SIGINT: no drain; the workers close their sessions now and the node exits 0 with the
+    rows released."""
+    wait_for(lambda: " running (pid" in node.log_text() and len(node.workers()) == 2, 60, "the node running")
+    sock = node.connect()
+    assert echo(sock) == b"ping\n"
+    node.proc.send_signal(signal.SIGINT)
+    assert closed(sock, 10), "the session was not closed at once"
+    assert node.proc.wait(30) == 0
+    assert node.workers() == []
+    assert node.db.query("SELECT user_state, l7r_host_id FROM vm_runtimes") == [("disconnected", None)]
+    assert "draining sessions (grace 0 s)" in node.log_text() and "Traceback" not in node.log_text()
