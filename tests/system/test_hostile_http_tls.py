@@ -7,6 +7,7 @@ Every loop is bounded by count and time.
 """
 import ctypes
 import fcntl
+import os
 import resource
 import socket
 import ssl
@@ -17,7 +18,7 @@ import time
 import gevent
 import pytest
 
-from helpers.hostile import HubErrors, live_greenlets, open_fds, wait_until
+from helpers.hostile import HubErrors, live_greenlets, wait_until
 from helpers.l7r_env import AUTH, UPGRADE, Reader, client_context, get, open_conn, read_to_close, session_row
 from helpers.nodes import seeded_nodes
 from helpers.web_client import open_desktop, web_login
@@ -46,8 +47,36 @@ def quiet_cpu(seconds=1.0):
 
 def settled(node, fds, greenlets, timeout=5):
     """No connection, no handler, no fd and no greenlet left beyond the baseline."""
-    return wait_until(lambda: (node.svc.connections_open == 0 and not node.svc.server.handlers
-                               and open_fds() <= fds and live_greenlets() <= greenlets), timeout, step=0.1)
+    if wait_until(lambda: (node.svc.connections_open == 0 and not node.svc.server.handlers
+                           and fds_but_database(node) <= fds and live_greenlets() <= greenlets), timeout, step=0.1):
+        return True
+    print(f"left: {node.svc.connections_open} connections, {len(node.svc.server.handlers)} handlers, "
+          f"{fds_but_database(node)} fds (baseline {fds}), {live_greenlets()} greenlets (baseline {greenlets})")
+    return False
+
+
+def fds_but_database(node):
+    """This process's open fds, its PostgreSQL connections aside: the node's pool opens one
+    more when two statements overlap (on a busy machine) and keeps it, which is no leak."""
+    port = int(node.cfg.get_str("database.port").split(",")[0])
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                count += 1
+                continue
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue                         # (the fd of listdir itself, gone)
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = None
+        finally:
+            sock.close()
+        if not (isinstance(peer, tuple) and peer[1] == port):
+            count += 1
+    return count
 
 
 def small_window_conn(node, tls=True, rcvbuf=4096):
@@ -71,7 +100,7 @@ def test_a_client_that_stops_reading_its_answers_is_cut(make_node, tls):
     sock = small_window_conn(node, tls)
     get(sock, "/qvd/ping")
     assert Reader(sock).response().status == 200
-    fds, greenlets = open_fds(), live_greenlets()
+    fds, greenlets = fds_but_database(node), live_greenlets()
     request = f"GET {LARGEST_PUBLIC_FILE} HTTP/1.1\r\n\r\n".encode()
     with HubErrors() as hub:
         sock.sendall(request * PIPELINED)
@@ -208,7 +237,7 @@ def baseline(node):
     assert reader.recv_exact(4) == b"warm"
     sock.close()
     assert released(node)
-    return open_fds(), live_greenlets()
+    return fds_but_database(node), live_greenlets()
 
 
 class SessionEnded(AssertionError):
