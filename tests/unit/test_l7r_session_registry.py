@@ -110,3 +110,59 @@ def test_a_late_abort_never_runs_a_failed_setups_cleanup_twice():
     setup.join(2)
     gevent.sleep(0.1)
     assert runs == ["started", "done"]
+
+
+def test_an_abort_during_a_setup_write_comes_when_the_write_is_done():
+    """Cut off on our side, a statement still runs at the server: an aborted setup's
+    mark_connected landed after the next claim of this process and marked that one
+    connected (the row names the process). The abort waits for the write, then comes."""
+    events = []
+
+    def setup(session):
+        try:
+            with session.whole_statement():
+                gevent.sleep(0.05)                 # the statement's round trip
+                events.append("written")
+            events.append("went on")
+        except sessions.SessionAborted as exc:
+            events.append(f"aborted: {exc}")
+    session = Session(7, "u", "peer")
+    g = gevent.spawn(setup, session)
+    session.greenlet = g
+    gevent.sleep(0.01)
+    session.abort("Aborted by contending session VM_ID: 7")
+    g.join(2)
+    assert events == ["written", "aborted: Aborted by contending session VM_ID: 7"]
+    # outside a statement an abort comes at once, as before
+    events.clear()
+    session = Session(7, "u", "peer")
+    g = gevent.spawn(lambda: (gevent.sleep(5), events.append("slept")))
+    session.greenlet = g
+    gevent.sleep(0.01)
+    session.abort("node draining")
+    g.join(2)
+    assert g.dead and events == [] and isinstance(g.exception, sessions.SessionAborted)
+
+
+def test_an_abort_during_the_claim_lets_the_claim_finish_and_register(registry, monkeypatch):
+    """The claim's statement is whole too: a claim that took the row is registered (so the
+    setup's cleanup releases it) before the abort is raised."""
+    def claim_session(db, vm_id, host_id, pid, user_id, live_here):
+        gevent.sleep(0.05)
+        return "claim", (None, None), None, 42
+    monkeypatch.setattr(runtime, "claim_session", claim_session)
+    outcome = []
+
+    def setup(session):
+        try:
+            outcome.append(registry.claim(session, 1))
+        except sessions.SessionAborted:
+            outcome.append("aborted")
+    session = Session(7, "u", "peer")
+    g = gevent.spawn(setup, session)
+    session.greenlet = g
+    gevent.sleep(0.01)
+    session.abort("node draining")
+    g.join(2)
+    assert outcome == ["aborted"]
+    assert session.claimed and registry.live == {7: session}

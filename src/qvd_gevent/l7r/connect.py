@@ -536,6 +536,10 @@ class NativeFront:
 
 
 # --- the runner ----------------------------------------------------------------------------
+# the setup's database writes; the claim's own statement is whole in Sessions.claim
+_DATABASE_WRITES = (RequestStart, BuildParams, MarkConnected)
+
+
 def open_session(ctx, front, session, auth, client_params, auth_vars, began):
     """Set the session up, telling the front (102 lines for a native client), then its 101
     and its pump: True. On failure the front's failure (a 503) and the row released: False.
@@ -623,6 +627,12 @@ class ConnectRunner:
 
     def _execute(self, command):
         """Run one command; its answer event, or None for a fire-and-forget one."""
+        if isinstance(command, _DATABASE_WRITES):
+            with self.session.whole_statement():
+                return self._execute_one(command)
+        return self._execute_one(command)
+
+    def _execute_one(self, command):
         ctx = self.ctx
         if isinstance(command, SendInfo):
             self.front.info(command.text)

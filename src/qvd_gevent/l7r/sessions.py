@@ -15,6 +15,7 @@ released by a slow sweep (``reconcile``).
 import logging
 import os
 import time
+from contextlib import contextmanager
 
 import gevent
 import gevent.event
@@ -36,7 +37,8 @@ class SessionAborted(BaseException):
 class Session:
     """One connect_to_vm, from claim to the end of its splice."""
 
-    __slots__ = ("vm_id", "login", "greenlet", "splice", "claimed", "started", "ended", "peer", "__weakref__")
+    __slots__ = ("vm_id", "login", "greenlet", "splice", "claimed", "started", "ended", "peer", "in_statement",
+                 "deferred_abort", "__weakref__")
 
     def __init__(self, vm_id, login, peer):
         self.vm_id = vm_id
@@ -47,12 +49,33 @@ class Session:
         self.claimed = False
         self.started = None
         self.ended = False
+        self.in_statement = False
+        self.deferred_abort = None
 
     def abort(self, reason):
         if self.splice is not None:
             self.splice.close(reason)
         elif self.greenlet is not None and not self.greenlet.dead:
-            gevent.kill(self.greenlet, SessionAborted(reason))     # a raw greenlet too
+            if self.in_statement:
+                self.deferred_abort = reason                      # raised when the statement is done
+            else:
+                gevent.kill(self.greenlet, SessionAborted(reason))     # a raw greenlet too
+
+    @contextmanager
+    def whole_statement(self):
+        """A database write of the setup runs whole: an abort that comes meanwhile is raised
+        when it is done. Cut off on our side, the statement would still run at the server
+        (waiting there for the row's lock, say), and land late: a mark_connected or a claim
+        of an aborted setup would then act on the next claim of this process, since the row
+        names the process, not the session (a VM left with no live session)."""
+        self.in_statement = True
+        try:
+            yield
+        finally:
+            self.in_statement = False
+        if self.deferred_abort is not None:
+            reason, self.deferred_abort = self.deferred_abort, None
+            raise SessionAborted(reason)
 
 
 def shielded(fn, *args):
@@ -157,11 +180,12 @@ class Sessions:
                 live_here = other is not None and other is not session
                 siblings = self.node_pids()
                 workers = (siblings,) if siblings else ()      # a node of one process names none
-                outcome, holder, row, generation = runtime.claim_session(self.db, vm_id, self.host.id, self.pid,
-                                                                         user_id, live_here, *workers)
-                if outcome == "claim":
-                    session.claimed = True
-                    self.live[vm_id] = session
+                with session.whole_statement():
+                    outcome, holder, row, generation = runtime.claim_session(self.db, vm_id, self.host.id, self.pid,
+                                                                             user_id, live_here, *workers)
+                    if outcome == "claim":
+                        session.claimed = True
+                        self.live[vm_id] = session
         finally:
             entry[1] -= 1
             if entry[1] == 0 and self._claim_locks.get(vm_id) is entry:
