@@ -1,8 +1,8 @@
 """TLS for the L7R: key material from ssl_configs, file permission checks, SSLContext.
 
 Why the standard-library ``ssl`` module and not pyOpenSSL: memory per idle TLS
-connection is the figure this node is built around: about 22-27 KB with ``ssl`` against
-57-61 KB with pyOpenSSL (docs/design.md#tls-library). CPython also sets
+connection is the figure this node is built around: about 24 KB with ``ssl`` against
+37 KB with pyOpenSSL, handshake CPU at par (docs/design.md#tls-library). CPython also sets
 SSL_MODE_RELEASE_BUFFERS, so an idle connection gives its record buffers back. A client
 connection is a ``TlsStream`` (below), not gevent's heavier SSLSocket.
 
