@@ -44,6 +44,7 @@ log = logging.getLogger("qvd.node.worker")
 
 CONTROL_FD, REPORT_FD = 3, 4
 PR_SET_PDEATHSIG = 1
+NODE_GONE_GRACE = 0.5        # s: the kernel's SIGKILL to a worker whose node died comes well before
 
 
 def die_with_parent(parent):
@@ -94,6 +95,20 @@ class Link:
             self.on_gone()
 
 
+def node_gone(node, parent):
+    """The node closed its end of the control pipe. A node that stops its workers signals
+    them first, so this is mostly the node dying: its exit closes its files before the
+    kernel sends the SIGKILL of PR_SET_PDEATHSIG, and a stop begun in between would send
+    session releases that land after the kill (the node's next start releases those rows
+    itself; a test saw the row of a live session released by the dying worker). So wait
+    for that SIGKILL; a worker whose node is gone and which is still alive leaves at once
+    without a database write; one whose node is alive stops."""
+    gevent.sleep(NODE_GONE_GRACE)
+    if os.getppid() != parent:
+        os._exit(1)
+    node.stop(0)
+
+
 def ready(node, link):
     """Serving: the signal handlers in place, then SIGHUP unblocked (the node starts its
     workers with it blocked: one sent while this one started, which Python's default would
@@ -123,7 +138,7 @@ def main(argv=None):
     run.raise_file_limit()
     node = run.Node(cfg, {run.L7R}, l7r_options={"node_pids": link.node_pids, "reuse_port": True},
                     pool_size=worker_pool_size(cfg), worker_index=args.index)
-    link.on_gone = lambda: gevent.spawn(node.stop, 0)
+    link.on_gone = lambda: gevent.spawn(node_gone, node, args.parent)
     link.start()
     code = run.serve(node, prog, on_ready=lambda: ready(node, link),
                      on_failure=lambda message, exit_code: link.send({"op": "error", "message": message,
