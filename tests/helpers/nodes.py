@@ -8,6 +8,7 @@
   seeded database (certificate, host, user qvd/qvd and a VM), the set-up of every L7R suite.
 """
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -132,3 +133,38 @@ def seeded_nodes(tmp_path, pg_server, dbname):
     finally:
         for node in made:
             node.close()
+
+
+def provisioned_process_node(tmp_path, pg_server, dbname, **extra):
+    """node.conf of a node to run as `qvd-node` in a subprocess: the demo's provisioning
+    (echo desktop, `process` VMs), the HKD's fast test timers, the L7R and /metrics on free
+    loopback ports; extra settings on top. Returns (conf, port, metrics_port, vm_id)."""
+    from qvd_gevent.node import demo
+
+    from .cluster import free_port
+    from .database import write_node_conf
+    from .hkd_env import fast_hkd_settings
+    port, metrics_port = free_port(), free_port()
+    values = fast_hkd_settings(tmp_path)
+    values.pop("nodename")
+    values.update({"l7r.port": port, "l7r.address": "127.0.0.1", "l7r.metrics.address": f"127.0.0.1:{metrics_port}",
+                   "internal.hkd.address_check.enabled": 0, "vm.network.use_dhcp": 0, "l7r.drain.grace": 2,
+                   "log.preset": "stderr", **extra})
+    conf = write_node_conf(tmp_path / "node.conf", pg_server, dbname, values)
+    demo.provision(tmp_path, conf, "echo")
+    return conf, port, metrics_port, demo.demo_vm_id(conf)
+
+
+def l7r_workers(node_pid):
+    """pids of the L7R worker processes of a node (l7r.workers), sorted."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if ppid == node_pid and b"l7r_worker" in fh.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return sorted(found)

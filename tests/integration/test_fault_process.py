@@ -26,7 +26,7 @@ from helpers.cluster import (
     vm_processes,
     write_conf,
 )
-from helpers.nodes import wait_for
+from helpers.nodes import l7r_workers, wait_for
 from helpers.hkd_env import pid_alive
 
 from qvd_gevent.config import Config
@@ -104,21 +104,6 @@ def test_vm_process_killed_under_a_session_is_noticed_and_corrected(env):
     assert "Traceback" not in env.node.log_text()
     assert env.node.terminate() == 0
     assert vm_processes(env.run_dir) == {}
-
-
-def l7r_workers(node_pid):
-    """pids of the L7R worker processes of a node (l7r.workers)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                if ppid == node_pid and b"l7r_worker" in fh.read():
-                    found.append(int(entry))
-        except (OSError, ValueError):
-            continue
-    return found
 
 
 @pytest.mark.timeout(180)

@@ -19,34 +19,20 @@ from qvd_gevent.config import Config
 from qvd_gevent.db import Database
 from qvd_gevent.node import demo
 
-from helpers.hkd_env import fast_hkd_settings
-from helpers.nodes import wait_for
+from helpers.nodes import l7r_workers, provisioned_process_node, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def node(tmp_path, pg_server, fresh_db_name):
-    from helpers.database import write_node_conf
-    port, metrics_port = _free_port(), _free_port()
-    values = fast_hkd_settings(tmp_path)
-    values.pop("nodename")
-    values.update({"l7r.port": port, "l7r.address": "127.0.0.1", "l7r.metrics.address": f"127.0.0.1:{metrics_port}",
-                   "internal.hkd.address_check.enabled": 0, "vm.network.use_dhcp": 0, "l7r.drain.grace": 2,
-                   "log.preset": "stderr", "l7r.workers": 2})
-    conf = write_node_conf(tmp_path / "node.conf", pg_server, fresh_db_name, values)
-    demo.provision(tmp_path, conf, "echo")
+    conf, port, metrics_port, vm_id = provisioned_process_node(tmp_path, pg_server, fresh_db_name,
+                                                               **{"l7r.workers": 2})
     log = open(str(conf) + ".log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "qvd_gevent.node.main", "--config", str(conf)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     db = Database.from_config(Config.load(str(conf)))
-    node = Node(proc, log, db, port, metrics_port, demo.demo_vm_id(conf), str(tmp_path / "ssl" / "cert.pem"))
+    node = Node(proc, log, db, port, metrics_port, vm_id, str(tmp_path / "ssl" / "cert.pem"))
     try:
         yield node
     finally:
@@ -63,18 +49,7 @@ class Node:
 
     def workers(self):
         """pids of the node's L7R workers."""
-        found = []
-        for entry in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    cmdline = fh.read()
-            except (OSError, ValueError):
-                continue
-            if ppid == self.proc.pid and b"l7r_worker" in cmdline:
-                found.append(int(entry))
-        return sorted(found)
+        return l7r_workers(self.proc.pid)
 
     def holder(self):
         return self.db.query_one("SELECT user_state, l7r_pid FROM vm_runtimes WHERE vm_id = %s", (self.vm_id,))

@@ -16,10 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qvd_gevent.config import Config
 from qvd_gevent.db import Database
-from qvd_gevent.node import demo
 
-from helpers.hkd_env import fast_hkd_settings
-from helpers.nodes import wait_for
+from helpers.cluster import free_port
+from helpers.nodes import provisioned_process_node, wait_for
 
 
 DASHBOARD = pathlib.Path(__file__).resolve().parents[2] / "etc" / "grafana-qvd-node.json"
@@ -37,24 +36,9 @@ def _samples(body):
             for family in text_string_to_metric_families(body) for s in family.samples}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def provisioned(tmp_path, pg_server, fresh_db_name):
-    from helpers.database import write_node_conf
-    port, metrics_port = _free_port(), _free_port()
-    values = fast_hkd_settings(tmp_path)
-    values.pop("nodename")
-    values.update({"l7r.port": port, "l7r.address": "127.0.0.1", "l7r.metrics.address": f"127.0.0.1:{metrics_port}",
-                   "internal.hkd.address_check.enabled": 0, "vm.network.use_dhcp": 0, "l7r.drain.grace": 2,
-                   "log.preset": "stderr"})
-    conf = write_node_conf(tmp_path / "node.conf", pg_server, fresh_db_name, values)
-    demo.provision(tmp_path, conf, "echo")
-    return conf, port, metrics_port, demo.demo_vm_id(conf)
+    return provisioned_process_node(tmp_path, pg_server, fresh_db_name)
 
 
 def _start_node(conf, env=None):
@@ -178,7 +162,7 @@ def test_unregistered_node_refuses_to_start_with_one_line(tmp_path, pg_server, f
     from helpers.cluster import make_cert, seed_ssl
     from helpers.database import write_node_conf
     conf = write_node_conf(tmp_path / "node.conf", pg_server, fresh_db_name,
-                           {"l7r.port": _free_port(), "l7r.metrics.address": "", "path.run": tmp_path / "run"})
+                           {"l7r.port": free_port(), "l7r.metrics.address": "", "path.run": tmp_path / "run"})
     db = Database.from_config(Config.load(str(conf)))
     try:
         seed_ssl(db, *make_cert(tmp_path / "ssl"))
